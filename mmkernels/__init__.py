@@ -1,0 +1,42 @@
+"""mmkernels: fused kernels and balancers for balanced multimodal learning.
+
+Operators (SPEC §2): frm, band_energy, band_ratio, modality_scores, decision_fuse, grad_scale, scale_grads_.
+Policies (SPEC §3): mmkernels.policies. Balancers (SPEC §4): mmkernels.balance.
+
+Ops are imported lazily on first use, so ``import mmkernels`` stays cheap and does not import triton.
+"""
+from importlib import import_module
+
+from mmkernels._backend import get_backend, set_backend, use_backend
+
+__version__ = "0.1.0"
+
+# public name -> module that defines it
+_LAZY = {
+    "frm": "mmkernels.ops.frm",
+    "frm_ref": "mmkernels.ops.frm",
+    "band_energy": "mmkernels.ops.band_energy",
+    "band_energy_ref": "mmkernels.ops.band_energy",
+    "band_ratio": "mmkernels.ops.band_energy",
+    "modality_scores": "mmkernels.ops.modality_scores",
+    "modality_scores_ref": "mmkernels.ops.modality_scores",
+    "decision_fuse": "mmkernels.ops.decision_fuse",
+    "decision_fuse_ref": "mmkernels.ops.decision_fuse",
+    "grad_scale": "mmkernels.ops.grad_scale",
+    "scale_grads_": "mmkernels.ops.scale_grads",
+    "scale_grads_ref_": "mmkernels.ops.scale_grads",
+    "policies": "mmkernels.policies",
+    "balance": "mmkernels.balance",
+}
+
+__all__ = ["get_backend", "set_backend", "use_backend", *_LAZY]
+
+
+def __getattr__(name):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'mmkernels' has no attribute {name!r}")
+    mod = import_module(module)
+    value = mod if module.endswith("." + name) else getattr(mod, name)
+    globals()[name] = value
+    return value

@@ -1,0 +1,1 @@
+"""Benchmark harness and per-op cases (``python -m mmkernels bench``)."""

