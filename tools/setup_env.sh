@@ -10,13 +10,16 @@ VENV=${VENV:-.venv}
 BASE_PY=${PYTHON:-python3}
 if [ ! -x "$VENV/bin/python" ]; then
   echo "[setup] creating $VENV"
-  "$BASE_PY" -m venv "$VENV"
   if "$BASE_PY" -c "import torch" >/dev/null 2>&1; then
+    # No pip of its own: the parent environment's pip (seen through the .pth below) installs into .venv.
+    "$BASE_PY" -m venv --without-pip "$VENV"
     parent=$("$BASE_PY" -c "import site; print('\n'.join(site.getsitepackages()))")
     site_dir=$("$VENV/bin/python" -c "import site; print(site.getsitepackages()[0])")
     echo "$parent" > "$site_dir/_mmkernels_parent_env.pth"
     dirname "$("$BASE_PY" -c 'import sys; print(sys.executable)')" > "$VENV/.parent_bin"
     echo "[setup] reusing the torch of $BASE_PY"
+  else
+    "$BASE_PY" -m venv "$VENV"
   fi
 fi
 PY="$VENV/bin/python"
