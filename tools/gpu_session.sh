@@ -13,7 +13,7 @@ tail -3 "$OUT/setup.log"; cp build_ext.log "$OUT/" 2>/dev/null
 PY=.venv/bin/python
 $PY -c "import mmkernels._ext as e; print('extension:', e.load() is not None, 'cuda:', e.has_cuda(), e.why_missing() or '')"
 if [[ $what == tests || $what == all ]]; then
-  timeout ${TEST_TIMEOUT:-420} $PY -m pytest tests -q -x --maxfail=20 -p no:cacheprovider ${PYTEST_ARGS:-} 2>&1 | tee "$OUT/tests.log" | tail -40
+  timeout ${TEST_TIMEOUT:-420} $PY -m pytest tests -q --maxfail=40 -p no:cacheprovider ${PYTEST_ARGS:-} 2>&1 | tee "$OUT/tests.log" | tail -40
 fi
 if [[ $what == bench || $what == all ]]; then
   timeout ${BENCH_TIMEOUT:-420} $PY -m mmkernels bench --device cuda ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log" | tail -60
