@@ -1,0 +1,306 @@
+"""``frm``: MWAM's Frequency Ratio Metric (SPEC §2.1).
+
+For every sample, channel and non-overlapping ``p×p`` patch ``P`` of a modality's raw input, take the
+orthonormal 2-D DCT-II ``Y = D P Dᵀ`` and sum ``|Y[a, d] / (Y[p-1-a, p-1-d] + eps)|`` over the top-left
+``q×q`` block (``q = window``). This is exactly what the released MWAM code computes: ``torch_dct.dct_2d``
+of every patch with ``norm='ortho'``, a top-left ``q×q`` mask, the bottom-right ``q×q`` block flipped in
+both axes (so the DC term pairs with ``Y[p-1, p-1]``), then ``(low / (high + 1e-6)).abs().sum()``.
+
+Only ``2q`` rows of ``D`` are needed (``Y_low = D[:q] P D[:q]ᵀ``, ``Y_high = D[p-q:] P D[p-q:]ᵀ``), so
+neither implementation ever forms a full transform:
+
+- ``frm_ref`` (CPU path and ``reference`` backend): two small matmuls over views of ``x``.
+- the Triton kernel reads ``x`` once through its own strides (no host-side copy), accumulates in fp32
+  (fp64 for fp64 input, computed in fp64 in the kernel), and writes one partial sum per program; a tiny
+  deterministic second reduction (``partial.sum``) gives the ``B`` numbers. No float atomics, so results
+  are bitwise reproducible run to run.
+
+The metric is a statistic of the input and is not differentiable: the op is called on ``x.detach()``, so
+the result never requires grad, even for an input that does.
+
+Numerics: natural images have tiny high-frequency coefficients, so the ratio is ill-conditioned where
+``Y_high ≈ -eps``; values of 1e8–1e10 are normal and fp32 results can differ from a float64 evaluation by
+far more than fp32 rounding wherever a denominator nearly cancels. That is a property of the metric, not
+of the kernel.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from mmkernels._backend import use_triton
+
+__all__ = ["frm", "frm_ref"]
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_REDUCTIONS = ("none", "sum")
+
+
+# --------------------------------------------------------------------------------------------------
+# validation (shared by frm and frm_ref)
+# --------------------------------------------------------------------------------------------------
+def _validate(x, patch_size, window, eps, reduction) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"frm: x must be a torch.Tensor of shape (B, C, H, W), got {type(x).__name__}")
+    if x.dim() != 4:
+        raise ValueError(
+            f"frm: x must have shape (B, C, H, W), got rank {x.dim()} shape {tuple(x.shape)}; "
+            "add the missing axes, e.g. x[None] for one (C, H, W) image or x[:, None] for (B, H, W) maps"
+        )
+    if x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(
+            f"frm: x must be a real floating tensor (float16, bfloat16, float32 or float64), got {x.dtype}; "
+            "convert it first, e.g. x.float()"
+        )
+    if isinstance(patch_size, bool) or not isinstance(patch_size, int) or patch_size < 2:
+        raise ValueError(f"frm: patch_size must be an int >= 2, got {patch_size!r}")
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1 or window > patch_size // 2:
+        raise ValueError(
+            f"frm: window must be an int with 1 <= window <= patch_size // 2 = {patch_size // 2} (otherwise the "
+            f"low and high q×q blocks of a {patch_size}×{patch_size} patch overlap), got {window!r}"
+        )
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps):
+        raise ValueError(f"frm: eps must be a finite Python number, got {eps!r}")
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"frm: reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    H, W = x.shape[-2], x.shape[-1]
+    if H % patch_size != 0 or W % patch_size != 0:
+        raise ValueError(
+            f"frm: H and W of x (shape {tuple(x.shape)}) must be multiples of patch_size={patch_size}; "
+            f"crop or pad x, e.g. x[..., :{(H // patch_size) * patch_size}, :{(W // patch_size) * patch_size}], "
+            "or choose a patch_size that divides both"
+        )
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _dct_matrix64(p: int) -> torch.Tensor:
+    """Orthonormal DCT-II matrix ``D[k, n] = s_k cos(π (2n+1) k / (2p))`` in float64 (SPEC §2.1)."""
+    k = torch.arange(p, dtype=torch.float64)[:, None]
+    n = torch.arange(p, dtype=torch.float64)[None, :]
+    d = torch.cos(math.pi * (2 * n + 1) * k / (2 * p)) * math.sqrt(2.0 / p)
+    d[0] = d[0] / math.sqrt(2.0)
+    return d
+
+
+_ROWS_CACHE: dict = {}
+
+
+def _dct_rows(p: int, q: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``(2q, p)``: rows ``D[0..q-1]`` then ``D[p-1], D[p-2], ..., D[p-q]`` (the flipped high block)."""
+    key = (p, q, dtype, device)
+    rows = _ROWS_CACHE.get(key)
+    if rows is None:
+        d = _dct_matrix64(p)
+        rows = torch.cat([d[:q], d.flip(0)[:q]]).to(dtype=dtype, device=device)
+        _ROWS_CACHE[key] = rows
+    return rows
+
+
+# --------------------------------------------------------------------------------------------------
+# reference (pure PyTorch; the CPU path)
+# --------------------------------------------------------------------------------------------------
+def _frm_ref_impl(x: torch.Tensor, p: int, q: int, eps: float, reduction: str) -> torch.Tensor:
+    B, C, H, W = x.shape
+    acc = _acc_dtype(x.dtype)
+    nph, npw = H // p, W // p
+    if x.numel() == 0:
+        out = torch.zeros((B,), dtype=acc, device=x.device)
+        return out if reduction == "none" else out.sum()
+    xf = x.to(acc)
+    rows = _dct_rows(p, q, acc, x.device)  # (2q, p)
+    # Stage 1 contracts the patch columns (last axis); splitting W into (npw, p) is always a view.
+    z = torch.matmul(xf.view(B, C, H, npw, p), rows.t())  # (B, C, H, npw, 2q), contiguous
+    # Stage 2 contracts the patch rows; low rows pair with low columns, flipped-high with flipped-high.
+    y = torch.matmul(rows, z.view(B, C, nph, p, npw * 2 * q))  # (B, C, nph, 2q, npw*2q)
+    y = y.view(B, C, nph, 2, q, npw, 2, q)
+    low = y[:, :, :, 0, :, :, 0, :]
+    high = y[:, :, :, 1, :, :, 1, :]
+    ratio = (low / (high + eps)).abs_()
+    out = ratio.reshape(B, -1).sum(dim=1)
+    return out if reduction == "none" else out.sum()
+
+
+def frm_ref(x: torch.Tensor, patch_size: int = 8, window: int = 2, eps: float = 1e-6,
+            reduction: str = "none") -> torch.Tensor:
+    """Pure-PyTorch Frequency Ratio Metric; same contract as :func:`frm`."""
+    _validate(x, patch_size, window, eps, reduction)
+    return _frm_ref_impl(x.detach(), patch_size, window, float(eps), reduction)
+
+
+# --------------------------------------------------------------------------------------------------
+# Triton kernel
+# --------------------------------------------------------------------------------------------------
+_kernel = None
+
+
+def _get_kernel():
+    """Build the kernel on first use, so importing mmkernels.ops.frm does not import triton."""
+    global _kernel
+    if _kernel is not None:
+        return _kernel
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _frm_kernel(x_ptr, tab_ptr, part_ptr,
+                    n_ph, n_pw, n_pwb, items, per_prog, chunks,
+                    s_b, s_c, s_h, s_w,
+                    P: tl.constexpr, Q: tl.constexpr, QP: tl.constexpr,
+                    BLOCK_P: tl.constexpr, BLOCK_PW: tl.constexpr, ACC: tl.constexpr):
+        # One program: sample b, a contiguous run of work items; an item is one strip of P image rows of
+        # one channel (a patch row) restricted to BLOCK_PW patches along W.
+        pid = tl.program_id(0)
+        b = pid // chunks
+        chunk = pid - b * chunks
+        r = tl.arange(0, QP)  # index into the q low rows / q flipped high rows of D
+        j = tl.arange(0, BLOCK_PW)  # patch along W within the item
+        n = tl.arange(0, BLOCK_P)  # column inside a patch
+        r_ok = r < Q
+        n_ok = n < P
+        # eps is stored after the p*p table, in the accumulation dtype, so fp64 input gets an fp64 eps
+        # (a Python float kernel argument would be rounded to fp32).
+        eps = tl.load(tab_ptr + P * P)
+        x_b = x_ptr + b.to(tl.int64) * s_b
+        acc = tl.zeros((QP, BLOCK_PW), dtype=ACC)
+        start = chunk * per_prog
+        end = tl.minimum(start + per_prog, items)
+        for w in range(start, end):
+            strip = w // n_pwb
+            pwb = w - strip * n_pwb
+            c = strip // n_ph
+            ph = strip - c * n_ph
+            pw = pwb * BLOCK_PW + j
+            pw_ok = pw < n_pw
+            col = (pw[:, None] * P + n[None, :]).to(tl.int64) * s_w  # (BLOCK_PW, BLOCK_P)
+            m = pw_ok[:, None] & n_ok[None, :]
+            base = x_b + c.to(tl.int64) * s_c + (ph * P).to(tl.int64) * s_h
+            zl = tl.zeros((QP, BLOCK_PW, BLOCK_P), dtype=ACC)
+            zh = tl.zeros((QP, BLOCK_PW, BLOCK_P), dtype=ACC)
+            # Row transform as P rank-1 updates: each image row is read once, coalesced along W, and the
+            # contraction over patch rows stays in registers (no cross-thread reduction).
+            for i in tl.static_range(P):
+                row = tl.load(base + i * s_h + col, mask=m, other=0.0).to(ACC)
+                dl = tl.load(tab_ptr + r * P + i, mask=r_ok, other=0.0)  # D[a, i]
+                dh = tl.load(tab_ptr + (P - 1 - r) * P + i, mask=r_ok, other=0.0)  # D[p-1-a, i]
+                zl += dl[:, None, None] * row[None, :, :]
+                zh += dh[:, None, None] * row[None, :, :]
+            valid = r_ok[:, None] & pw_ok[None, :]
+            for d in tl.static_range(Q):
+                cl = tl.load(tab_ptr + d * P + n, mask=n_ok, other=0.0)  # D[d, n]
+                chh = tl.load(tab_ptr + (P - 1 - d) * P + n, mask=n_ok, other=0.0)  # D[p-1-d, n]
+                yl = tl.sum(zl * cl[None, None, :], axis=2)  # Y[a, d]            (QP, BLOCK_PW)
+                yh = tl.sum(zh * chh[None, None, :], axis=2)  # Y[p-1-a, p-1-d]
+                # Padding lanes give 0/(0+eps) (NaN when eps == 0): drop them explicitly.
+                acc += tl.where(valid, tl.abs(yl / (yh + eps)), 0.0)
+        total = tl.sum(tl.sum(acc, axis=1), axis=0)
+        tl.store(part_ptr + pid, total)
+
+    _kernel = _frm_kernel
+    return _kernel
+
+
+_TABLE_CACHE: dict = {}
+_SM_COUNT: dict = {}
+
+
+def _table(p: int, eps: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Flattened ``D`` (p*p) followed by ``eps``, cached per device so no per-call host→device copy."""
+    key = (p, eps, dtype, device)
+    tab = _TABLE_CACHE.get(key)
+    if tab is None:
+        if len(_TABLE_CACHE) > 64:
+            _TABLE_CACHE.clear()
+        flat = torch.cat([_dct_matrix64(p).flatten(), torch.tensor([eps], dtype=torch.float64)])
+        tab = flat.to(dtype=dtype, device=device)
+        _TABLE_CACHE[key] = tab
+    return tab
+
+
+def _target_programs(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 8  # interpreter: a few programs, so the two-stage path is exercised in CI
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    sms = _SM_COUNT.get(idx)
+    if sms is None:
+        sms = _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return 8 * sms  # several resident programs per SM hide DRAM latency
+
+
+def _next_pow2(v: int) -> int:
+    return 1 << max(0, (v - 1).bit_length())
+
+
+def _frm_triton(x: torch.Tensor, p: int, q: int, eps: float, reduction: str,
+                target_programs: int | None = None, max_tile: int = 4096) -> torch.Tensor:
+    B, C, H, W = x.shape
+    acc = _acc_dtype(x.dtype)
+    nph, npw = H // p, W // p
+    if x.numel() == 0:
+        out = torch.zeros((B,), dtype=acc, device=x.device)
+        return out if reduction == "none" else out.sum()
+    import triton.language as tl
+
+    kernel = _get_kernel()
+    block_p = _next_pow2(p)
+    # Heuristic: as many patches along W per item as fit a tile of ~max_tile elements (p rows each).
+    block_pw = max(1, min(_next_pow2(npw), max_tile // (block_p * block_p)))
+    n_pwb = triton_cdiv(npw, block_pw)
+    items = C * nph * n_pwb  # work items per sample
+    target = target_programs or _target_programs(x.device)
+    # Split every sample into `chunks` programs so B * chunks fills the device, each doing per_prog items.
+    per_prog = max(1, triton_cdiv(B * items, target))
+    chunks = triton_cdiv(items, per_prog)
+    partial = torch.empty((B, chunks), dtype=acc, device=x.device)
+    tile = block_p * block_pw * block_p
+    num_warps = max(1, min(8, tile // 256))
+    kernel[(B * chunks,)](
+        x, _table(p, eps, acc, x.device), partial,
+        nph, npw, n_pwb, items, per_prog, chunks,
+        x.stride(0), x.stride(1), x.stride(2), x.stride(3),
+        P=p, Q=q, QP=_next_pow2(q), BLOCK_P=block_p, BLOCK_PW=block_pw,
+        ACC=tl.float64 if acc == torch.float64 else tl.float32,
+        num_warps=num_warps,
+    )
+    if reduction == "sum":
+        return partial.sum()
+    return partial.view(B) if chunks == 1 else partial.sum(dim=1)
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+# --------------------------------------------------------------------------------------------------
+# registration and public entry point
+# --------------------------------------------------------------------------------------------------
+@torch.library.custom_op("mmkernels::frm", mutates_args=())
+def _frm_op(x: torch.Tensor, patch_size: int, window: int, eps: float, reduction: str) -> torch.Tensor:
+    if use_triton(x):
+        return _frm_triton(x, patch_size, window, eps, reduction)
+    return _frm_ref_impl(x, patch_size, window, eps, reduction)
+
+
+@_frm_op.register_fake
+def _frm_fake(x, patch_size, window, eps, reduction):
+    shape = (x.shape[0],) if reduction == "none" else ()
+    return x.new_empty(shape, dtype=_acc_dtype(x.dtype))
+
+
+def frm(x: torch.Tensor, patch_size: int = 8, window: int = 2, eps: float = 1e-6,
+        reduction: str = "none") -> torch.Tensor:
+    """MWAM's Frequency Ratio Metric of a modality's raw input ``x`` ``(B, C, H, W)`` (SPEC §2.1).
+
+    Returns ``(B,)`` per-sample values (``reduction="none"``) or their sum (``"sum"``, the scalar the
+    released MWAM code uses), float32 (float64 for float64 input). ``H`` and ``W`` must be multiples of
+    ``patch_size``; ``1 <= window <= patch_size // 2``. An empty batch gives an empty ``(0,)`` tensor
+    (``0.`` for ``"sum"``). Not differentiable: the result never requires grad.
+
+    Backends: Triton kernel for CUDA tensors (or CPU under ``TRITON_INTERPRET=1`` with backend
+    ``"triton"``), :func:`frm_ref` otherwise.
+    """
+    _validate(x, patch_size, window, eps, reduction)
+    return _frm_op(x.detach(), patch_size, window, float(eps), reduction)
