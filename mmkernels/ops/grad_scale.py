@@ -1,0 +1,77 @@
+"""``grad_scale(x, coeff)``: identity forward, gradient multiplied by ``coeff`` in backward (SPEC §2.5).
+
+Scaling the gradient at encoder m's output scales the gradient of every parameter of encoder m by the same
+factor (chain rule), so gradient modulation costs one elementwise op on activations instead of a pass over
+all parameters.
+
+Design choices
+--------------
+* An ``autograd.Function``, not a ``torch.library.custom_op``: a custom op may not return an alias of its
+  input, and the forward must not copy. ``torch.compile`` traces autograd.Functions (fullgraph works).
+* OGM-GE computes the coefficient from the logits of the *same* forward pass, i.e. after ``grad_scale`` has
+  run. The backward therefore reads the coefficient tensor when it runs. The tensor object is kept on
+  ``ctx`` (not ``save_for_backward``: the latter checks the version counter and would reject the in-place
+  fill ``coeff.fill_(k)`` / ``coeff.copy_(k)`` that this op exists to allow). Fill it in place; rebinding
+  the Python name to a new tensor has no effect on a forward that already ran.
+* Backward multiply: plain PyTorch. It is one elementwise op; in fp32 math with a single rounding to the
+  gradient's dtype (``coeff`` fp32, gradient bf16 -> bf16). A ``()`` coefficient uses PyTorch's opmath
+  (one kernel, result in the gradient's dtype). A ``(B,)`` coefficient with a lower-precision gradient
+  multiplies in the promoted dtype and casts back (two kernels eager, one under torch.compile); we did not
+  write a Triton kernel for it because a Triton launch would save at most one elementwise pass, which is
+  not where the time of a training step goes.
+* ``coeff`` gets no gradient.
+"""
+from __future__ import annotations
+
+import torch
+
+__all__ = ["grad_scale"]
+
+
+class _GradScale(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, coeff):
+        # Read at backward time on purpose (see module docstring): the caller may fill it in place later.
+        ctx.coeff = coeff
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        coeff = ctx.coeff
+        if coeff.dim() == 0:
+            out = grad * coeff
+            if out.dtype != grad.dtype:  # e.g. fp64 coefficient with an fp32 gradient
+                out = out.to(grad.dtype)
+            return out, None
+        c = coeff.view((coeff.shape[0],) + (1,) * (grad.dim() - 1))
+        return (grad * c).to(grad.dtype), None
+
+
+def grad_scale(x: torch.Tensor, coeff) -> torch.Tensor:
+    """Return ``x`` unchanged (a view, no copy); in backward the incoming gradient is multiplied by ``coeff``.
+
+    Args:
+        x: activation of any shape; for a per-sample coefficient its dimension 0 is the batch.
+        coeff: ``()`` tensor (per modality) or ``(B,)`` tensor (per sample, broadcast over dimension 0 of
+            ``x``), floating point, on ``x``'s device (a 0-d CPU tensor is accepted too); or a Python float.
+            It may be filled in place between forward and backward.
+    """
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"grad_scale: x must be a torch.Tensor, got {type(x).__name__}")
+    if isinstance(coeff, (int, float)) and not isinstance(coeff, bool):
+        coeff = torch.tensor(float(coeff), dtype=torch.float32, device=x.device)
+    if not isinstance(coeff, torch.Tensor):
+        raise TypeError(f"grad_scale: coeff must be a tensor or a float, got {type(coeff).__name__}")
+    if not coeff.is_floating_point():
+        raise TypeError(f"grad_scale: coeff must be floating point, got dtype {coeff.dtype}; pass e.g. coeff.float()")
+    if coeff.dim() == 1:
+        if x.dim() == 0 or coeff.shape[0] != x.shape[0]:
+            raise ValueError(
+                f"grad_scale: a per-sample coeff of shape {tuple(coeff.shape)} needs x with batch dimension 0 of the "
+                f"same size, got x of shape {tuple(x.shape)}"
+            )
+    elif coeff.dim() != 0:
+        raise ValueError(f"grad_scale: coeff must have shape () or (B,), got {tuple(coeff.shape)}")
+    if coeff.device != x.device and not (coeff.dim() == 0 and coeff.device.type == "cpu"):
+        raise ValueError(f"grad_scale: coeff is on {coeff.device} but x is on {x.device}; move coeff to {x.device}")
+    return _GradScale.apply(x, coeff)
