@@ -1,0 +1,210 @@
+"""Terminal table, PNG plots and the README section of the demo, all generated from the results JSON."""
+from __future__ import annotations
+
+import json
+import os
+
+PLOTS = {
+    "accuracy": "accuracy_per_modality.png",
+    "coefficients": "coefficients.png",
+    "missing": "missing_modality.png",
+}
+
+
+def _pct(ms, digits=1):
+    return f"{100 * ms['mean']:.{digits}f} ± {100 * ms['std']:.{digits}f}"
+
+
+def _rows(results):
+    views = results["config"]["views"]
+    rows = []
+    for name, m in results["methods"].items():
+        s = m["summary"]
+        row = {"method": name, "fused": _pct(s["test_acc"])}
+        for v in views:
+            row[v] = _pct(s["unimodal_acc"][v])
+        row["missing avg"] = _pct(s["missing_avg"])
+        ratio = s.get("step_time_vs_baseline")
+        row["step ms"] = f"{s['step_time_ms']['mean']:.2f}" + (f" ({ratio:.2f}x)" if ratio is not None else "")
+        rows.append(row)
+    return rows
+
+
+def format_table(results) -> str:
+    """Plain-text table of the summaries (mean ± std over seeds, test split, percent)."""
+    views = results["config"]["views"]
+    rows = _rows(results)
+    cols = ["method", "fused"] + [f"{v}" for v in views] + ["missing avg", "step ms"]
+    heads = {"method": "method", "fused": "fused acc %", "missing avg": "missing-avg %",
+             "step ms": "ms/step (vs base)", **{v: f"{v} uni %" for v in views}}
+    width = {c: max(len(heads[c]), *(len(r[c]) for r in rows)) for c in cols}
+    line = "  ".join(heads[c].ljust(width[c]) for c in cols)
+    out = [line, "-" * len(line)]
+    for r in rows:
+        out.append("  ".join(r[c].ljust(width[c]) for c in cols))
+    uni = results.get("unimodal_models", {})
+    if uni:
+        out.append("")
+        out.append("standalone unimodal models (own encoder + head; val acc is PDMP's ranking input): " + ", ".join(
+            f"{v} val {100 * uni[v]['val_mean']['mean']:.1f} / test {100 * uni[v]['test_mean']['mean']:.1f}"
+            for v in views))
+    n = len(results["config"]["seeds"])
+    out.append(f"test split, mean ± std over {n} seed(s); 'uni' = accuracy of the modality's head-split logits "
+               f"with all views present; 'missing-avg' = mean fused accuracy over the "
+               f"{len(results['config']['missing_subsets'])} non-empty proper subsets of views present.")
+    return "\n".join(out)
+
+
+# ----------------------------------------------------------------------------------------------------------
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_accuracy(results, path):
+    plt = _plt()
+    import numpy as np
+
+    views = results["config"]["views"]
+    methods = list(results["methods"])
+    series = ["fused"] + views
+    x = np.arange(len(methods))
+    w = 0.8 / len(series)
+    fig, ax = plt.subplots(figsize=(max(7.0, 1.1 * len(methods) + 2), 4.2), dpi=90)
+    colors = plt.get_cmap("tab10")
+    for j, s in enumerate(series):
+        means, stds = [], []
+        for m in methods:
+            summ = results["methods"][m]["summary"]
+            ms = summ["test_acc"] if s == "fused" else summ["unimodal_acc"][s]
+            means.append(100 * ms["mean"])
+            stds.append(100 * ms["std"])
+        ax.bar(x - 0.4 + w * (j + 0.5), means, w, yerr=stds, capsize=2, label=s if s == "fused" else f"{s} (head split)",
+               color="black" if s == "fused" else colors(j), alpha=0.85 if s == "fused" else 1.0)
+    uni = results.get("unimodal_models", {})
+    for j, v in enumerate(views):
+        if v in uni:
+            ax.axhline(100 * uni[v]["test_mean"]["mean"], color=colors(j + 1), ls="--", lw=1)
+    ax.set_xticks(x, methods, rotation=20, ha="right")
+    lo = min(100 * results["methods"][m]["summary"]["unimodal_acc"][v]["mean"] for m in methods for v in views)
+    ax.set_ylim(max(0, lo - 10), 100)
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title("Fused and per-modality accuracy (dashed: the view trained alone)")
+    ax.legend(loc="lower left", fontsize=8, ncol=len(series))
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def plot_coefficients(results, path):
+    plt = _plt()
+    views = results["config"]["views"]
+    bal = [m for m, d in results["methods"].items() if d["runs"][0]["coefficients"]]
+    if not bal:
+        return False
+    ncol = min(3, len(bal))
+    nrow = (len(bal) + ncol - 1) // ncol
+    fig, axes = plt.subplots(nrow, ncol, figsize=(4.2 * ncol, 2.9 * nrow), dpi=90, squeeze=False)
+    colors = plt.get_cmap("tab10")
+    for i, m in enumerate(bal):
+        ax = axes[i // ncol][i % ncol]
+        runs = results["methods"][m]["runs"]
+        keys = list(runs[0]["coefficients"][0])
+        for j, k in enumerate(keys):
+            for r_i, r in enumerate(runs):
+                ys = [e.get(k, float("nan")) for e in r["coefficients"]]
+                ci = views.index(k) + 1 if k in views else j + 1
+                ax.plot(range(1, len(ys) + 1), ys, color=colors(ci), alpha=1.0 if r_i == 0 else 0.35,
+                        lw=1.5 if r_i == 0 else 0.8, label=k if r_i == 0 else None)
+        ax.set_title(m, fontsize=10)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    for i in range(len(bal), nrow * ncol):
+        axes[i // ncol][i % ncol].axis("off")
+    fig.suptitle("Per-modality coefficients (mean over each epoch's steps; faint: other seeds)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return True
+
+
+def plot_missing(results, path):
+    plt = _plt()
+    import numpy as np
+
+    methods = list(results["methods"])
+    subsets = results["config"]["missing_subsets"]
+    cols = subsets + ["average"]
+    data = np.array([[100 * results["methods"][m]["summary"]["missing_acc"][s]["mean"] for s in subsets]
+                     + [100 * results["methods"][m]["summary"]["missing_avg"]["mean"]] for m in methods])
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.95 * len(cols) + 2.5), 0.45 * len(methods) + 1.8), dpi=90)
+    im = ax.imshow(data, cmap="viridis", aspect="auto", vmin=max(0, data.min() - 5), vmax=100)
+    for i in range(data.shape[0]):
+        best = data[:, :].max(0)
+        for j in range(data.shape[1]):
+            ax.text(j, i, f"{data[i, j]:.1f}", ha="center", va="center", fontsize=8,
+                    color="black" if data[i, j] > data.min() + 0.6 * (100 - data.min()) else "white",
+                    fontweight="bold" if data[i, j] >= best[j] - 1e-9 else "normal")
+    ax.set_xticks(range(len(cols)), [c.replace("+", "+\n") if c != "average" else "average" for c in cols], fontsize=8)
+    ax.set_yticks(range(len(methods)), methods, fontsize=9)
+    ax.set_xlabel("views present at test time (the others zeroed + masked)")
+    ax.set_title("Missing-modality test accuracy (%), mean over seeds; bold = best per column", fontsize=10)
+    fig.colorbar(im, ax=ax, fraction=0.03)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def write_plots(results, out_dir) -> list[str]:
+    paths = []
+    p = os.path.join(out_dir, PLOTS["accuracy"])
+    plot_accuracy(results, p)
+    paths.append(p)
+    p = os.path.join(out_dir, PLOTS["coefficients"])
+    if plot_coefficients(results, p):
+        paths.append(p)
+    p = os.path.join(out_dir, PLOTS["missing"])
+    plot_missing(results, p)
+    paths.append(p)
+    return paths
+
+
+# ----------------------------------------------------------------------------------------------------------
+def readme_section(json_path: str, plot_dir: str | None = None) -> str:
+    """Markdown for the README's demo section (table + plot link), generated from a recorded results JSON.
+
+    ``plot_dir``: the folder of the PNGs relative to the README (default: the JSON's folder).
+    """
+    with open(json_path) as f:
+        results = json.load(f)
+    cfg = results["config"]
+    views = cfg["views"]
+    plot_dir = os.path.dirname(json_path) if plot_dir is None else plot_dir
+    lines = []
+    lines.append(f"Recorded with `{cfg.get('command', 'python -m mmkernels demo')}` on {cfg['device']} "
+                 f"({cfg['date'][:10]}, {cfg.get('wall_s', '?')} s): views {', '.join(f'`{v}`' for v in views)}, "
+                 f"{cfg['train']['epochs']} epochs, {len(cfg['seeds'])} seeds, test split "
+                 f"({cfg['data']['n_test']} digits). Mean ± std over seeds, accuracy in %.")
+    lines.append("")
+    uni = results.get("unimodal_models", {})
+    if uni:
+        lines.append("Each view alone (own encoder + head): " + ", ".join(
+            f"`{v}` {100 * uni[v]['test_mean']['mean']:.1f}" for v in views) + " (test); chance is 10.")
+        lines.append("")
+    head = ["method", "fused"] + [f"`{v}` (head split)" for v in views] + ["missing-modality avg", "ms / step"]
+    lines.append("| " + " | ".join(head) + " |")
+    lines.append("|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|")
+    for r in _rows(results):
+        lines.append("| " + " | ".join([f"`{r['method']}`", r["fused"]] + [r[v] for v in views]
+                                       + [r["missing avg"], r["step ms"]]) + " |")
+    lines.append("")
+    lines.append(f"![per-modality accuracy]({plot_dir}/{PLOTS['accuracy']}) "
+                 f"(more: [coefficients]({plot_dir}/{PLOTS['coefficients']}), "
+                 f"[missing modalities]({plot_dir}/{PLOTS['missing']}), [all figures]({plot_dir}/results.json))")
+    return "\n".join(lines)

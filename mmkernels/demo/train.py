@@ -1,0 +1,210 @@
+"""Training and evaluation loops of the demo (plain PyTorch; the balancers add their three lines)."""
+from __future__ import annotations
+
+import copy
+import itertools
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+
+from mmkernels.demo.data import Dataset, Split
+from mmkernels.demo.models import ConcatFusion, Unimodal
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 30
+    batch_size: int = 64
+    # SGD with momentum, as in OGM-GE's released code: a per-encoder gradient coefficient changes an SGD
+    # step proportionally, whereas Adam's per-parameter normalisation would largely undo it.
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    device: str = "cpu"
+
+    def as_dict(self):
+        return asdict(self)
+
+
+def _optimizer(model, cfg: TrainConfig):
+    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(cfg.epochs, 1))
+    return opt, sched
+
+
+def _batches(n, batch_size, generator, device):
+    perm = torch.randperm(n, generator=generator).to(device)
+    for i in range(0, n, batch_size):
+        yield perm[i:i + batch_size]
+
+
+def subsets(names):
+    """Every non-empty proper subset of ``names`` (the MWAM paper's missing-modality protocol)."""
+    names = tuple(names)
+    return [s for r in range(1, len(names)) for s in itertools.combinations(names, r)]
+
+
+def availability(names, present, batch, device):
+    """The (B, M) availability matrix: 1 where the modality is in ``present``."""
+    m = torch.tensor([1.0 if n in present else 0.0 for n in names], device=device)
+    return m.expand(batch, len(names)).contiguous()
+
+
+@torch.no_grad()
+def evaluate(model: ConcatFusion, split: Split, fuse=None, present=None, batch_size: int = 1000):
+    """Fused accuracy and per-modality unimodal accuracy (argmax of the head-split logits).
+
+    ``present``: names available at test time (others are zeroed at the input and masked);
+    ``fuse(unimodal, mask) -> logits``: the method's decision rule (default: the sum of the split head).
+    """
+    model.eval()
+    names = model.names
+    present = names if present is None else tuple(present)
+    n = len(split)
+    correct = 0
+    uni_correct = {k: 0 for k in names}
+    for i in range(0, n, batch_size):
+        x, y = split.batch(slice(i, i + batch_size))
+        B = y.shape[0]
+        mask = availability(names, present, B, y.device)
+        if len(present) < len(names):
+            x = {k: (v if k in present else torch.zeros_like(v)) for k, v in x.items()}
+        fused, uni = model(x, mask if len(present) < len(names) else None)
+        if fuse is not None:
+            fused = fuse(uni, mask)
+        correct += int((fused.argmax(1) == y).sum())
+        for k in names:
+            uni_correct[k] += int((uni[k].argmax(1) == y).sum())
+    model.train()
+    return correct / n, {k: c / n for k, c in uni_correct.items()}
+
+
+def train_unimodal(split_train: Split, split_val: Split, split_test: Split | None, view: str, cfg: TrainConfig,
+                   seed: int, progress=None):
+    """An encoder of one view with its own head; returns (best val acc, test acc at that epoch)."""
+    torch.manual_seed(seed)
+    x_tr, y_tr = split_train.x[view], split_train.y
+    model = Unimodal(x_tr.shape[1:]).to(cfg.device)
+    opt, sched = _optimizer(model, cfg)
+    g = torch.Generator().manual_seed(seed)
+
+    @torch.no_grad()
+    def acc(split):
+        model.eval()
+        a = float((model(split.x[view]).argmax(1) == split.y).float().mean())
+        model.train()
+        return a
+
+    best = (-1.0, None)
+    for _ in range(cfg.epochs):
+        for idx in _batches(len(y_tr), cfg.batch_size, g, cfg.device):
+            loss = F.cross_entropy(model(x_tr[idx]), y_tr[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        sched.step()
+        va = acc(split_val)
+        if va > best[0]:
+            best = (va, acc(split_test) if split_test is not None else None)
+        if progress is not None:
+            progress(_, va)
+    return best
+
+
+class Method:
+    """How one training method plugs into the loop. Subclasses hold the balancers."""
+
+    name = "baseline"
+    balanced = False
+
+    def __init__(self, model: ConcatFusion, ds: Dataset, cfg: TrainConfig, seed: int, context: dict):
+        self.model = model
+
+    def loss(self, x, y, epoch):
+        fused, uni = self.model(x)
+        return F.cross_entropy(fused, y)
+
+    def after_backward(self):
+        pass
+
+    def fuse(self):
+        """Decision rule at evaluation, ``(unimodal, mask) -> logits``; None = sum of the split head."""
+        return None
+
+    def state(self):
+        """Balancer state to restore with the best checkpoint (decision-level EMAs matter at test time)."""
+        return None
+
+    def load_state(self, state):
+        pass
+
+    def coefficients(self) -> dict:
+        """Per-modality coefficients of the last step, for the trajectory plots ({} for none)."""
+        return {}
+
+
+def train_joint(ds: Dataset, method_cls, cfg: TrainConfig, seed: int, context: dict, progress=None):
+    """Train one fused model with a method; model selection by validation fused accuracy only."""
+    torch.manual_seed(seed)
+    train, val, test = ds.train.to(cfg.device), ds.val.to(cfg.device), ds.test.to(cfg.device)
+    model = ConcatFusion(ds.info["shapes"], 10).to(cfg.device)
+    method = method_cls(model, ds, cfg, seed, context)
+    opt, sched = _optimizer(model, cfg)
+    g = torch.Generator().manual_seed(seed)
+    sync = torch.cuda.synchronize if cfg.device.startswith("cuda") else (lambda: None)
+
+    step_times, trajectory, val_curve = [], [], []
+    best_val, best_state, best_epoch = -1.0, None, -1
+    for epoch in range(cfg.epochs):
+        coeff_sum, coeff_n = {}, 0
+        for idx in _batches(len(train), cfg.batch_size, g, cfg.device):
+            x, y = train.batch(idx)
+            sync()
+            t0 = time.perf_counter()
+            loss = method.loss(x, y, epoch)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            method.after_backward()
+            opt.step()
+            sync()
+            step_times.append(time.perf_counter() - t0)
+            for k, v in method.coefficients().items():
+                coeff_sum[k] = coeff_sum.get(k, 0.0) + float(v)
+            coeff_n += 1
+        sched.step()
+        if coeff_sum:
+            trajectory.append({k: v / coeff_n for k, v in coeff_sum.items()})
+        va, _ = evaluate(model, val, method.fuse())
+        val_curve.append(va)
+        if va > best_val:
+            best_val, best_epoch = va, epoch
+            best_state = copy.deepcopy(model.state_dict())
+            best_method_state = method.state()
+        if progress is not None:
+            progress(epoch, va)
+    model.load_state_dict(best_state)
+    method.load_state(best_method_state)
+    fuse = method.fuse()
+    test_acc, uni_acc = evaluate(model, test, fuse)
+    missing = {}
+    for present in subsets(model.names):
+        a, _ = evaluate(model, test, fuse, present)
+        missing["+".join(present)] = a
+    # the first epoch includes one-off costs (allocations, caches); steady-state steps are the later ones
+    steady = step_times[len(step_times) // max(cfg.epochs, 1):] or step_times
+    steady = sorted(steady)
+    return {
+        "seed": seed,
+        "best_epoch": best_epoch,
+        "val_acc": best_val,
+        "test_acc": test_acc,
+        "unimodal_acc": uni_acc,
+        "missing_acc": missing,
+        "missing_avg": sum(missing.values()) / max(len(missing), 1),
+        "step_time_ms_median": 1e3 * steady[len(steady) // 2],
+        "step_time_ms_mean": 1e3 * sum(steady) / len(steady),
+        "val_curve": val_curve,
+        "coefficients": trajectory,
+    }
