@@ -1,0 +1,711 @@
+"""``band_energy(x, cutoffs, ndim)`` / ``band_ratio(x, cutoff, ndim, eps)``: FFT band energies (SPEC §2.2).
+
+Method: the energy of a set of DFT bins is the squared norm of the projection of ``x`` onto the cos/sin
+basis of those bins, so a few low-frequency bands need a small GEMM, never a full FFT. Parseval gives the
+total (``N·Σx²`` or ``H·W·Σx²``), and the last band is ``total − Σ other bands``, so only bins below the
+last cutoff need a basis.
+
+* 1-D: bins ``k = 0..⌊N/2⌋`` at ``rfftfreq(N)[k]``; the one-sided doubling is baked into the basis as
+  ``sqrt(w_k)`` (``w = 1`` for DC and the even-N Nyquist bin, else 2), so ``E = Σ_cols (x·b)²``.
+* 2-D: ``X[u, v] = Σ_h Σ_w x[h, w] e^{-2πi(uh/H + vw/W)}`` is separable. Stage 1 projects rows onto the
+  ``v``-basis (``Yc = x Cvᵀ``, ``Ys = x Svᵀ``, only ``v ≤ W/2`` with ``fv < c_last``: the real-input
+  symmetry ``|X[-u,-v]| = |X[u,v]|`` with equal radius gives weight 2 to ``0 < v < W/2``), stage 2 onto
+  the ``u``-basis of every ``u`` with ``|fu| < c_last`` (both signs): ``Re = Cu Yc − Su Ys``,
+  ``Im' = Su Yc + Cu Ys`` (``Im' = −Im X``; only ``|X|²`` matters). A radial band id per ``(u, v)``
+  (``−1`` outside every non-last band) then sums ``Re² + Im'²`` into bands.
+* Band ``j`` is ``[c_{j−1}, c_j)`` with ``c_0 = 0``; the last band runs to the highest frequency inclusive.
+  Frequencies and radii are computed exactly as ``torch.fft.(r)fftfreq`` in float64, so bin membership at a
+  cutoff that hits a bin exactly agrees with an ``fft``-based reference.
+
+Numerics. Bases are built in float64 from exact integer phases ``(k·n mod N)/N`` and rounded once to the
+compute dtype. fp16/bf16/fp32 inputs compute in fp32 with ``tl.dot(..., input_precision="ieee")`` (no TF32:
+a TF32 projection has ~1e-3 relative error per coefficient, over SPEC's 1e-5·E_total budget); float64 inputs
+compute in float64. The last band is a difference ``total − others``: when it is tiny its *relative* error
+grows (absolute error stays ~1e-7·E_total in fp32, inside SPEC's 1e-5·E_total + 1e-4·E_band).
+
+Output dtype: float32, float64 for float64 input.
+
+Gradient. ``E_j = |B_j x|²`` for ``j < last`` and ``E_last = S·Σx² − Σ_{j<last} E_j`` (``S`` = ``N`` or
+``H·W``), so ``∂L/∂x = 2·g_last·S·x + 2·Σ_{j<last} (g_j − g_last)·B_jᵀ(B_j x)``. The forward saves the
+projections ``B x`` (small: ``(M, 2K)`` or ``(M, 2, U, V)``) when ``x`` needs a gradient, and the backward
+kernel reuses them: one read of ``x``, one GEMM with the same basis, one write.
+
+CPU path (``band_energy_ref``): the same projection in PyTorch (``matmul``). Measured on this 2-core CPU it
+beats ``torch.fft`` by a wide margin for a few low bands (see ``benchmarks/results/band_energy_cpu.json``);
+when the needed bins approach the whole spectrum the projection costs ``O(N²)`` per row and the reference
+switches to ``torch.fft.rfft``/``rfft2`` (cost model in :func:`_use_fft_ref`).
+"""
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+
+import torch
+import triton
+import triton.language as tl
+
+from mmkernels._backend import use_triton
+
+__all__ = ["band_energy", "band_energy_ref", "band_ratio"]
+
+# Precision of every tl.dot on fp32 data. "ieee" is exact fp32 FMA; "tf32x3" (3xTF32 split) would use tensor
+# cores at ~fp32 accuracy on GPUs where ieee proves too slow. float64 inputs always use ieee.
+DOT_PRECISION = "ieee"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Host-side plans: bases and band ids, built once per (shape, cutoffs, device, dtype) and cached.
+# ----------------------------------------------------------------------------------------------------------
+
+def _band_of(freq: torch.Tensor, cutoffs: tuple) -> torch.Tensor:
+    """Band index of each frequency: number of cutoffs <= f (so band j covers [c_{j-1}, c_j))."""
+    c = torch.tensor(cutoffs, dtype=torch.float64)
+    return torch.searchsorted(c, freq.contiguous(), right=True)
+
+
+def _cos_sin(k: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin(2π k m / n) for m = 0..n-1 as (len(k), n) float64, from the exact integer phase (k·m mod n)."""
+    m = torch.arange(n, dtype=torch.int64)
+    phase = (k.to(torch.int64)[:, None] * m[None, :]) % n
+    ang = phase.to(torch.float64) * (2.0 * math.pi / n)
+    return torch.cos(ang), torch.sin(ang)
+
+
+def _next_pow2(v: int, lo: int = 16) -> int:
+    return max(lo, triton.next_power_of_2(max(int(v), 1)))
+
+
+@lru_cache(maxsize=256)
+def _plan1d_cpu(n: int, cutoffs: tuple) -> dict:
+    freq = torch.fft.rfftfreq(n, dtype=torch.float64)
+    band = _band_of(freq, cutoffs)
+    last = len(cutoffs)
+    k = torch.nonzero(band < last).flatten()  # a prefix 0..K-1: frequencies increase with k
+    kk = int(k.numel())
+    w = torch.full((kk,), 2.0, dtype=torch.float64)
+    w[k == 0] = 1.0
+    if n % 2 == 0:
+        w[k == n // 2] = 1.0
+    c, s = _cos_sin(k, n)
+    sw = w.sqrt()[:, None]
+    basis = torch.cat([c * sw, s * sw], 0)  # (F = 2K, N)
+    col_band = torch.cat([band[k], band[k]]).to(torch.int32)  # (F,)
+    return {"K": kk, "F": 2 * kk, "basis": basis, "col_band": col_band}
+
+
+@lru_cache(maxsize=256)
+def _plan2d_cpu(h: int, w: int, cutoffs: tuple) -> dict:
+    last = len(cutoffs)
+    cl = cutoffs[-1]
+    fu_all = torch.fft.fftfreq(h, dtype=torch.float64)
+    fv_all = torch.fft.fftfreq(w, dtype=torch.float64)
+    u = torch.nonzero(fu_all.abs() < cl).flatten()
+    v = torch.arange(w // 2 + 1)
+    v = v[fv_all[v].abs() < cl]
+    fu, fv = fu_all[u], fv_all[v]
+    r = torch.sqrt(fu[:, None] ** 2 + fv[None, :] ** 2)  # same expression as the reference radius
+    band = _band_of(r.flatten(), cutoffs).view(r.shape)
+    band = torch.where(band < last, band, torch.full_like(band, -1)).to(torch.int32)
+    wv = torch.full((v.numel(),), 2.0, dtype=torch.float64)
+    wv[v == 0] = 1.0
+    if w % 2 == 0:
+        wv[v == w // 2] = 1.0
+    cu, su = _cos_sin(u, h)  # (U, H)
+    cv, sv = _cos_sin(v, w)  # (V, W)
+    sw = wv.sqrt()[:, None]
+    return {"U": int(u.numel()), "V": int(v.numel()), "cu": cu, "su": su, "cv": cv * sw, "sv": sv * sw, "band": band}
+
+
+_DEV_CACHE: dict = {}
+
+
+def _cached(key, build):
+    out = _DEV_CACHE.get(key)
+    if out is None:
+        out = build()
+        _DEV_CACHE[key] = out
+    return out
+
+
+def _ref_tensors1d(n, cutoffs, device, dtype):
+    def build():
+        p = _plan1d_cpu(n, cutoffs)
+        basis = p["basis"].to(dtype)
+        onehot = torch.nn.functional.one_hot(p["col_band"].long(), len(cutoffs)).to(dtype) if p["F"] else None
+        return {"F": p["F"], "bt": basis.t().contiguous().to(device),  # (N, F)
+                "b": basis.to(device), "col_band": p["col_band"].long().to(device),
+                "onehot": None if onehot is None else onehot.to(device)}
+    return _cached(("r1", n, cutoffs, str(device), dtype), build)
+
+
+def _ref_tensors2d(h, w, cutoffs, device, dtype):
+    def build():
+        p = _plan2d_cpu(h, w, cutoffs)
+        U, V, J = p["U"], p["V"], len(cutoffs)
+        csv_t = torch.cat([p["cv"], p["sv"]], 0).t().contiguous()  # (W, 2V): stage 1
+        csu = torch.cat([p["cu"], p["su"]], 0)  # (2U, H): stage 2
+        band = p["band"].long().flatten()
+        valid = band >= 0
+        onehot = torch.nn.functional.one_hot(band.clamp(min=0), J).to(torch.float64) * valid[:, None]
+        return {"U": U, "V": V, "csv_t": csv_t.to(dtype).to(device), "csu": csu.to(dtype).to(device),
+                "csu_t": csu.t().contiguous().to(dtype).to(device),
+                "onehot": onehot.to(dtype).to(device), "band": band.clamp(min=0).to(device),
+                "valid": valid.to(dtype).to(device)}
+    return _cached(("r2", h, w, cutoffs, str(device), dtype), build)
+
+
+def _tri_tensors1d(n, cutoffs, device, dtype, block_f):
+    def build():
+        p = _plan1d_cpu(n, cutoffs)
+        F = p["F"]
+        fp = max(block_f, triton.cdiv(F, block_f) * block_f)
+        basis = torch.zeros(n, fp, dtype=torch.float64)
+        basis[:, :F] = p["basis"].t()
+        cb = torch.full((fp,), -1, dtype=torch.int32)
+        cb[:F] = p["col_band"]
+        return {"F": F, "F_pad": fp, "basis": basis.to(dtype).to(device), "col_band": cb.to(device)}
+    return _cached(("t1", n, cutoffs, str(device), dtype, block_f), build)
+
+
+def _tri_tensors2d(h, w, cutoffs, device, dtype, bu, bv, bh, bw):
+    def build():
+        p = _plan2d_cpu(h, w, cutoffs)
+        U, V = p["U"], p["V"]
+        up = max(bu, triton.cdiv(U, bu) * bu)
+        vp = max(bv, triton.cdiv(V, bv) * bv)
+        hp = triton.cdiv(h, bh) * bh
+        wp = triton.cdiv(w, bw) * bw
+        cu = torch.zeros(up, hp, dtype=torch.float64)
+        su = torch.zeros(up, hp, dtype=torch.float64)
+        cu[:U, :h], su[:U, :h] = p["cu"], p["su"]
+        cv = torch.zeros(wp, vp, dtype=torch.float64)  # (W_pad, V_pad): stage-1 operand x @ cv
+        sv = torch.zeros(wp, vp, dtype=torch.float64)
+        cv[:w, :V], sv[:w, :V] = p["cv"].t(), p["sv"].t()
+        band = torch.full((up, vp), -1, dtype=torch.int32)
+        band[:U, :V] = p["band"]
+        t = lambda a: a.to(dtype).to(device)  # noqa: E731
+        return {"U": U, "V": V, "U_pad": up, "V_pad": vp, "H_pad": hp, "W_pad": wp,
+                "cu": t(cu), "su": t(su), "cv": t(cv), "sv": t(sv), "band": band.to(device)}
+    return _cached(("t2", h, w, cutoffs, str(device), dtype, bu, bv, bh, bw), build)
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _proj_shape(x_shape, cutoffs: tuple, ndim: int) -> tuple:
+    m = x_shape[0]
+    if ndim == 1:
+        return (m, _plan1d_cpu(int(x_shape[-1]), cutoffs)["F"])
+    p = _plan2d_cpu(int(x_shape[-2]), int(x_shape[-1]), cutoffs)
+    return (m, 2, p["U"], p["V"])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Reference (PyTorch): the CPU path users get.
+# ----------------------------------------------------------------------------------------------------------
+
+def _use_fft_ref(x_shape, cutoffs: tuple, ndim: int) -> bool:
+    """Projection costs ~F·N multiply-adds per row (1-D) or ~2V·W + 4U·V per image row (2-D); an FFT costs
+    ~c·N·log2(N) with a larger constant. Pick the projection while it needs fewer than ~4·log2 basis
+    functions per element (measured crossover on a 2-core CPU is around there)."""
+    if ndim == 1:
+        n = int(x_shape[-1])
+        return _plan1d_cpu(n, cutoffs)["F"] > 4 * max(1.0, math.log2(n)) + 8
+    h, w = int(x_shape[-2]), int(x_shape[-1])
+    p = _plan2d_cpu(h, w, cutoffs)
+    per_elem = 2 * p["V"] + 4 * p["U"] * p["V"] / max(w, 1)
+    return per_elem > 4 * max(1.0, math.log2(h * w)) + 8
+
+
+def _fwd_ref(x: torch.Tensor, cutoffs: tuple, ndim: int, save_proj: bool):
+    cd = _compute_dtype(x)
+    J = len(cutoffs)
+    m = x.shape[0]
+    xc = x.to(cd)
+    if ndim == 1:
+        n = x.shape[-1]
+        t = _ref_tensors1d(n, cutoffs, x.device, cd)
+        total = torch.linalg.vector_norm(xc, dim=-1).square() * n
+        if t["F"] == 0:
+            part = xc.new_zeros(m, J)
+            proj = xc.new_zeros(m, 0)
+        elif _use_fft_ref(x.shape, cutoffs, 1) and not save_proj:
+            spec = torch.fft.rfft(xc, dim=-1)[:, : t["F"] // 2]
+            sq = spec.real.square() + spec.imag.square()
+            sq = sq * t["b"][: t["F"] // 2, 0].square()  # w_k: first basis column is sqrt(w_k)·cos(0)
+            part = sq @ t["onehot"][: t["F"] // 2]
+            proj = None
+        else:
+            proj = xc @ t["bt"]  # (M, F)
+            part = proj.square() @ t["onehot"]
+    else:
+        h, w = x.shape[-2], x.shape[-1]
+        t = _ref_tensors2d(h, w, cutoffs, x.device, cd)
+        U, V = t["U"], t["V"]
+        total = torch.linalg.vector_norm(xc.reshape(m, -1), dim=-1).square() * (h * w)
+        if U == 0 or V == 0:
+            part = xc.new_zeros(m, J)
+            proj = xc.new_zeros(m, 2, U, V)
+        else:
+            y = xc @ t["csv_t"]  # (M, H, 2V): stage 1 along W
+            z = t["csu"] @ y  # (M, 2U, 2V): stage 2 along H
+            re = z[:, :U, :V] - z[:, U:, V:]
+            im = z[:, U:, :V] + z[:, :U, V:]
+            sq = (re.square() + im.square()).reshape(m, U * V)
+            part = sq @ t["onehot"]
+            proj = torch.stack([re, im], 1) if save_proj else None
+    out = torch.cat([part, (total - part.sum(-1)).unsqueeze(-1)], -1)
+    if not save_proj:
+        proj = x.new_empty(0, dtype=cd)
+    return out, proj
+
+
+def _bwd_ref(grad: torch.Tensor, x: torch.Tensor, proj: torch.Tensor, cutoffs: tuple, ndim: int):
+    cd = _compute_dtype(x)
+    J = len(cutoffs)
+    g = grad.to(cd)
+    g_last = g[:, J]
+    xc = x.to(cd)
+    if ndim == 1:
+        n = x.shape[-1]
+        t = _ref_tensors1d(n, cutoffs, x.device, cd)
+        gx = (2.0 * n) * g_last[:, None] * xc
+        if t["F"]:
+            gcol = g[:, :J][:, t["col_band"]] - g_last[:, None]  # (M, F)
+            gx = gx + (2.0 * gcol * proj.to(cd)) @ t["b"]
+    else:
+        h, w = x.shape[-2], x.shape[-1]
+        t = _ref_tensors2d(h, w, cutoffs, x.device, cd)
+        U, V = t["U"], t["V"]
+        gx = (2.0 * h * w) * g_last[:, None, None] * xc
+        if U and V:
+            m = x.shape[0]
+            gm = ((g[:, :J][:, t["band"]] - g_last[:, None]) * t["valid"]).view(m, U, V)
+            re, im = proj[:, 0].to(cd) * gm, proj[:, 1].to(cd) * gm
+            # ∂Re/∂x = cu·cv − su·sv, ∂Im'/∂x = su·cv + cu·sv  (Re, Im' as in the module docstring)
+            csv = t["csv_t"].t()  # (2V, W)
+            t1 = torch.cat([re, im], -1) @ csv  # R'Cv + I'Sv      (M, U, W)
+            t2 = torch.cat([im, -re], -1) @ csv  # I'Cv − R'Sv     (M, U, W)
+            gx = gx + 2.0 * (t["csu_t"] @ torch.cat([t1, t2], 1))  # Cuᵀ T1 + Suᵀ T2
+    return gx.to(x.dtype)
+
+
+def band_energy_ref(x: torch.Tensor, cutoffs, ndim: int = 1) -> torch.Tensor:
+    """Pure-PyTorch band energies (same contract as :func:`band_energy`; differentiable by autograd)."""
+    cut = _validate(x, cutoffs, ndim)
+    lead, flat = _flatten(x, ndim)
+    out = _ref_autograd(flat, cut, ndim)
+    return out.reshape(*lead, len(cut) + 1)
+
+
+def _ref_autograd(flat, cut, ndim):
+    # Autograd through the projection formulas (the FFT branch is also differentiable).
+    out, _ = _fwd_ref(flat, cut, ndim, save_proj=False)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Triton kernels
+# ----------------------------------------------------------------------------------------------------------
+
+@triton.jit
+def _band1d_fwd_kernel(x_ptr, basis_ptr, colband_ptr, out_ptr, proj_ptr,
+                       M, N, F, stride_xm, stride_xn, scale_total,
+                       F_PAD: tl.constexpr, NUM_CUT: tl.constexpr, SAVE_PROJ: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_F: tl.constexpr,
+                       BLOCK_J: tl.constexpr, PRECISION: tl.constexpr):
+    pid = tl.program_id(0)
+    rm = (pid * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    mmask = rm < M
+    rn0 = tl.arange(0, BLOCK_N)
+    rf0 = tl.arange(0, BLOCK_F)
+    jj = tl.arange(0, BLOCK_J)
+    cdt = basis_ptr.dtype.element_ty
+    energy = tl.zeros((BLOCK_M, BLOCK_J), dtype=cdt)
+    sumsq = tl.zeros((BLOCK_M,), dtype=cdt)
+    for f0 in range(0, F_PAD, BLOCK_F):
+        rf = f0 + rf0
+        acc = tl.zeros((BLOCK_M, BLOCK_F), dtype=cdt)
+        for n0 in range(0, N, BLOCK_N):
+            rn = n0 + rn0
+            nmask = rn < N
+            xt = tl.load(x_ptr + rm[:, None] * stride_xm + rn[None, :] * stride_xn,
+                         mask=mmask[:, None] & nmask[None, :], other=0.0).to(cdt)
+            bt = tl.load(basis_ptr + rn[:, None] * F_PAD + rf[None, :], mask=nmask[:, None], other=0.0)
+            acc += tl.dot(xt, bt, input_precision=PRECISION)
+            # Parseval total, accumulated while x is in registers anyway (first basis tile only).
+            sumsq += tl.where(f0 == 0, tl.sum(xt * xt, axis=1), 0.0)
+        if SAVE_PROJ:
+            tl.store(proj_ptr + rm[:, None] * F + rf[None, :], acc, mask=mmask[:, None] & (rf < F)[None, :])
+        sq = acc * acc
+        cb = tl.load(colband_ptr + rf)
+        for j in tl.static_range(NUM_CUT):
+            e_j = tl.sum(tl.where(cb[None, :] == j, sq, 0.0), axis=1)
+            energy += tl.where(jj[None, :] == j, e_j[:, None], 0.0)
+    last = scale_total * sumsq - tl.sum(energy, axis=1)
+    energy = tl.where(jj[None, :] == NUM_CUT, last[:, None], energy)
+    tl.store(out_ptr + rm[:, None] * (NUM_CUT + 1) + jj[None, :], energy,
+             mask=mmask[:, None] & (jj <= NUM_CUT)[None, :])
+
+
+@triton.jit
+def _band1d_bwd_kernel(g_ptr, x_ptr, proj_ptr, basis_ptr, colband_ptr, gx_ptr,
+                       M, N, F, stride_xm, stride_xn, scale_total,
+                       F_PAD: tl.constexpr, NUM_CUT: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_F: tl.constexpr,
+                       BLOCK_J: tl.constexpr, PRECISION: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mmask = rm < M
+    nmask = rn < N
+    jj = tl.arange(0, BLOCK_J)
+    rf0 = tl.arange(0, BLOCK_F)
+    cdt = basis_ptr.dtype.element_ty
+    g = tl.load(g_ptr + rm[:, None] * (NUM_CUT + 1) + jj[None, :],
+                mask=mmask[:, None] & (jj <= NUM_CUT)[None, :], other=0.0).to(cdt)
+    g_last = tl.sum(tl.where(jj[None, :] == NUM_CUT, g, 0.0), axis=1)
+    xt = tl.load(x_ptr + rm[:, None] * stride_xm + rn[None, :] * stride_xn,
+                 mask=mmask[:, None] & nmask[None, :], other=0.0).to(cdt)
+    acc = (2.0 * scale_total) * g_last[:, None] * xt
+    for f0 in range(0, F_PAD, BLOCK_F):
+        rf = f0 + rf0
+        cb = tl.load(colband_ptr + rf)
+        gcol = tl.zeros((BLOCK_M, BLOCK_F), dtype=cdt)
+        for j in tl.static_range(NUM_CUT):
+            g_j = tl.sum(tl.where(jj[None, :] == j, g, 0.0), axis=1)
+            gcol += tl.where(cb[None, :] == j, (g_j - g_last)[:, None], 0.0)
+        p = tl.load(proj_ptr + rm[:, None] * F + rf[None, :], mask=mmask[:, None] & (rf < F)[None, :], other=0.0)
+        q = 2.0 * gcol * p
+        bt = tl.load(basis_ptr + rn[None, :] * F_PAD + rf[:, None], mask=nmask[None, :], other=0.0)  # (F, N)
+        acc += tl.dot(q, bt, input_precision=PRECISION)
+    tl.store(gx_ptr + rm[:, None] * N + rn[None, :], acc.to(gx_ptr.dtype.element_ty),
+             mask=mmask[:, None] & nmask[None, :])
+
+
+@triton.jit
+def _band2d_fwd_kernel(x_ptr, cu_ptr, su_ptr, cv_ptr, sv_ptr, band_ptr, out_ptr, proj_ptr,
+                       H, W, U, V, stride_xm, stride_xh, stride_xw, scale_total,
+                       U_PAD: tl.constexpr, V_PAD: tl.constexpr, H_PAD: tl.constexpr,
+                       NUM_CUT: tl.constexpr, SAVE_PROJ: tl.constexpr,
+                       BLOCK_U: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+                       BLOCK_W: tl.constexpr, BLOCK_J: tl.constexpr, PRECISION: tl.constexpr):
+    m = tl.program_id(0).to(tl.int64)
+    ru0 = tl.arange(0, BLOCK_U)
+    rv0 = tl.arange(0, BLOCK_V)
+    rh0 = tl.arange(0, BLOCK_H)
+    rw0 = tl.arange(0, BLOCK_W)
+    jj = tl.arange(0, BLOCK_J)
+    cdt = cu_ptr.dtype.element_ty
+    energy = tl.zeros((BLOCK_J,), dtype=cdt)
+    sumsq = tl.zeros((BLOCK_H,), dtype=cdt)
+    xbase = x_ptr + m * stride_xm
+    for u0 in range(0, U_PAD, BLOCK_U):
+        ru = u0 + ru0
+        for v0 in range(0, V_PAD, BLOCK_V):
+            rv = v0 + rv0
+            first = (u0 == 0) & (v0 == 0)
+            re = tl.zeros((BLOCK_U, BLOCK_V), dtype=cdt)
+            im = tl.zeros((BLOCK_U, BLOCK_V), dtype=cdt)
+            for h0 in range(0, H, BLOCK_H):
+                rh = h0 + rh0
+                hmask = rh < H
+                yc = tl.zeros((BLOCK_H, BLOCK_V), dtype=cdt)
+                ys = tl.zeros((BLOCK_H, BLOCK_V), dtype=cdt)
+                for w0 in range(0, W, BLOCK_W):
+                    rw = w0 + rw0
+                    wmask = rw < W
+                    xt = tl.load(xbase + rh[:, None] * stride_xh + rw[None, :] * stride_xw,
+                                 mask=hmask[:, None] & wmask[None, :], other=0.0).to(cdt)
+                    cvt = tl.load(cv_ptr + rw[:, None] * V_PAD + rv[None, :])  # basis padded: no mask
+                    svt = tl.load(sv_ptr + rw[:, None] * V_PAD + rv[None, :])
+                    yc += tl.dot(xt, cvt, input_precision=PRECISION)
+                    ys += tl.dot(xt, svt, input_precision=PRECISION)
+                    sumsq += tl.where(first, tl.sum(xt * xt, axis=1), 0.0)
+                cut = tl.load(cu_ptr + ru[:, None] * H_PAD + rh[None, :])
+                sut = tl.load(su_ptr + ru[:, None] * H_PAD + rh[None, :])
+                re += tl.dot(cut, yc, input_precision=PRECISION) - tl.dot(sut, ys, input_precision=PRECISION)
+                im += tl.dot(sut, yc, input_precision=PRECISION) + tl.dot(cut, ys, input_precision=PRECISION)
+            if SAVE_PROJ:
+                pmask = (ru < U)[:, None] & (rv < V)[None, :]
+                pbase = proj_ptr + m * (2 * U * V) + ru[:, None] * V + rv[None, :]
+                tl.store(pbase, re, mask=pmask)
+                tl.store(pbase + U * V, im, mask=pmask)
+            sq = re * re + im * im
+            bd = tl.load(band_ptr + ru[:, None] * V_PAD + rv[None, :])
+            for j in tl.static_range(NUM_CUT):
+                e_j = tl.sum(tl.sum(tl.where(bd == j, sq, 0.0), axis=1), axis=0)
+                energy += tl.where(jj == j, e_j, 0.0)
+    last = scale_total * tl.sum(sumsq, axis=0) - tl.sum(energy, axis=0)
+    energy = tl.where(jj == NUM_CUT, last, energy)
+    tl.store(out_ptr + m * (NUM_CUT + 1) + jj, energy, mask=jj <= NUM_CUT)
+
+
+@triton.jit
+def _band2d_bwd_kernel(g_ptr, x_ptr, proj_ptr, cu_ptr, su_ptr, cv_ptr, sv_ptr, band_ptr, gx_ptr,
+                       H, W, U, V, stride_xm, stride_xh, stride_xw, scale_total,
+                       U_PAD: tl.constexpr, V_PAD: tl.constexpr, H_PAD: tl.constexpr,
+                       NUM_CUT: tl.constexpr,
+                       BLOCK_U: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+                       BLOCK_W: tl.constexpr, BLOCK_J: tl.constexpr, PRECISION: tl.constexpr):
+    m = tl.program_id(0).to(tl.int64)
+    ru0 = tl.arange(0, BLOCK_U)
+    rv0 = tl.arange(0, BLOCK_V)
+    rh0 = tl.arange(0, BLOCK_H)
+    rw0 = tl.arange(0, BLOCK_W)
+    jj = tl.arange(0, BLOCK_J)
+    cdt = cu_ptr.dtype.element_ty
+    g = tl.load(g_ptr + m * (NUM_CUT + 1) + jj, mask=jj <= NUM_CUT, other=0.0).to(cdt)
+    g_last = tl.sum(tl.where(jj == NUM_CUT, g, 0.0), axis=0)
+    xbase = x_ptr + m * stride_xm
+    pbase = proj_ptr + m * (2 * U * V)
+    for h0 in range(0, H, BLOCK_H):
+        rh = h0 + rh0
+        hmask = rh < H
+        for w0 in range(0, W, BLOCK_W):
+            rw = w0 + rw0
+            wmask = rw < W
+            xt = tl.load(xbase + rh[:, None] * stride_xh + rw[None, :] * stride_xw,
+                         mask=hmask[:, None] & wmask[None, :], other=0.0).to(cdt)
+            acc = (2.0 * scale_total) * g_last * xt
+            for u0 in range(0, U_PAD, BLOCK_U):
+                ru = u0 + ru0
+                t1 = tl.zeros((BLOCK_U, BLOCK_W), dtype=cdt)
+                t2 = tl.zeros((BLOCK_U, BLOCK_W), dtype=cdt)
+                for v0 in range(0, V_PAD, BLOCK_V):
+                    rv = v0 + rv0
+                    bd = tl.load(band_ptr + ru[:, None] * V_PAD + rv[None, :])
+                    gm = tl.zeros((BLOCK_U, BLOCK_V), dtype=cdt)
+                    for j in tl.static_range(NUM_CUT):
+                        g_j = tl.sum(tl.where(jj == j, g, 0.0), axis=0)
+                        gm += tl.where(bd == j, 2.0 * (g_j - g_last), 0.0)
+                    pmask = (ru < U)[:, None] & (rv < V)[None, :]
+                    poff = ru[:, None] * V + rv[None, :]
+                    re = gm * tl.load(pbase + poff, mask=pmask, other=0.0)
+                    im = gm * tl.load(pbase + U * V + poff, mask=pmask, other=0.0)
+                    cvt = tl.load(cv_ptr + rw[None, :] * V_PAD + rv[:, None])  # (V, W)
+                    svt = tl.load(sv_ptr + rw[None, :] * V_PAD + rv[:, None])
+                    t1 += tl.dot(re, cvt, input_precision=PRECISION) + tl.dot(im, svt, input_precision=PRECISION)
+                    t2 += tl.dot(im, cvt, input_precision=PRECISION) - tl.dot(re, svt, input_precision=PRECISION)
+                cut = tl.load(cu_ptr + ru[None, :] * H_PAD + rh[:, None])  # (H, U)
+                sut = tl.load(su_ptr + ru[None, :] * H_PAD + rh[:, None])
+                acc += tl.dot(cut, t1, input_precision=PRECISION) + tl.dot(sut, t2, input_precision=PRECISION)
+            tl.store(gx_ptr + m * (H * W) + rh[:, None] * W + rw[None, :], acc.to(gx_ptr.dtype.element_ty),
+                     mask=hmask[:, None] & wmask[None, :])
+
+
+def _prec(cd):
+    return "ieee" if cd == torch.float64 else DOT_PRECISION
+
+
+def _blocks1d(m, n, f):
+    block_f = min(64, _next_pow2(f))
+    block_n = min(64, _next_pow2(n))
+    # Enough programs to fill the GPU when rows are few: shrink the row tile before anything else.
+    block_m = 64
+    while block_m > 16 and triton.cdiv(m, block_m) < 264:
+        block_m //= 2
+    return block_m, block_n, block_f
+
+
+def _blocks2d(h, w, U, V):
+    return (min(64, _next_pow2(U)), min(64, _next_pow2(V)), min(64, _next_pow2(h)), min(64, _next_pow2(w)))
+
+
+def _fwd_triton(x: torch.Tensor, cutoffs: tuple, ndim: int, save_proj: bool):
+    cd = _compute_dtype(x)
+    J = len(cutoffs)
+    m = x.shape[0]
+    out = torch.empty(m, J + 1, device=x.device, dtype=cd)
+    block_j = _next_pow2(J + 1, lo=2)
+    if ndim == 1:
+        n = x.shape[1]
+        F = _plan1d_cpu(n, cutoffs)["F"]
+        bm, bn, bf = _blocks1d(m, n, F)
+        t = _tri_tensors1d(n, cutoffs, x.device, cd, bf)
+        proj = torch.empty(m, F, device=x.device, dtype=cd) if save_proj else out
+        _band1d_fwd_kernel[(triton.cdiv(m, bm),)](
+            x, t["basis"], t["col_band"], out, proj, m, n, F, x.stride(0), x.stride(1), float(n),
+            F_PAD=t["F_pad"], NUM_CUT=J, SAVE_PROJ=save_proj, BLOCK_M=bm, BLOCK_N=bn, BLOCK_F=bf,
+            BLOCK_J=block_j, PRECISION=_prec(cd), num_warps=4)
+    else:
+        h, w = x.shape[1], x.shape[2]
+        p = _plan2d_cpu(h, w, cutoffs)
+        bu, bv, bh, bw = _blocks2d(h, w, p["U"], p["V"])
+        t = _tri_tensors2d(h, w, cutoffs, x.device, cd, bu, bv, bh, bw)
+        proj = torch.empty(m, 2, t["U"], t["V"], device=x.device, dtype=cd) if save_proj else out
+        _band2d_fwd_kernel[(m,)](
+            x, t["cu"], t["su"], t["cv"], t["sv"], t["band"], out, proj, h, w, t["U"], t["V"],
+            x.stride(0), x.stride(1), x.stride(2), float(h * w),
+            U_PAD=t["U_pad"], V_PAD=t["V_pad"], H_PAD=t["H_pad"], NUM_CUT=J, SAVE_PROJ=save_proj,
+            BLOCK_U=bu, BLOCK_V=bv, BLOCK_H=bh, BLOCK_W=bw, BLOCK_J=block_j, PRECISION=_prec(cd), num_warps=4)
+    if not save_proj:
+        proj = x.new_empty(0, dtype=cd)
+    return out, proj
+
+
+def _bwd_triton(grad, x, proj, cutoffs, ndim):
+    cd = _compute_dtype(x)
+    J = len(cutoffs)
+    m = x.shape[0]
+    grad = grad.contiguous()
+    proj = proj.to(cd).contiguous()
+    gx = torch.empty(x.shape, device=x.device, dtype=x.dtype)
+    block_j = _next_pow2(J + 1, lo=2)
+    if ndim == 1:
+        n = x.shape[1]
+        F = _plan1d_cpu(n, cutoffs)["F"]
+        bm, bn, bf = _blocks1d(m, n, F)
+        t = _tri_tensors1d(n, cutoffs, x.device, cd, bf)
+        _band1d_bwd_kernel[(triton.cdiv(m, bm), triton.cdiv(n, bn))](
+            grad, x, proj, t["basis"], t["col_band"], gx, m, n, F, x.stride(0), x.stride(1), float(n),
+            F_PAD=t["F_pad"], NUM_CUT=J, BLOCK_M=bm, BLOCK_N=bn, BLOCK_F=bf, BLOCK_J=block_j,
+            PRECISION=_prec(cd), num_warps=4)
+    else:
+        h, w = x.shape[1], x.shape[2]
+        p = _plan2d_cpu(h, w, cutoffs)
+        bu, bv, bh, bw = _blocks2d(h, w, p["U"], p["V"])
+        t = _tri_tensors2d(h, w, cutoffs, x.device, cd, bu, bv, bh, bw)
+        _band2d_bwd_kernel[(m,)](
+            grad, x, proj, t["cu"], t["su"], t["cv"], t["sv"], t["band"], gx, h, w, t["U"], t["V"],
+            x.stride(0), x.stride(1), x.stride(2), float(h * w),
+            U_PAD=t["U_pad"], V_PAD=t["V_pad"], H_PAD=t["H_pad"], NUM_CUT=J,
+            BLOCK_U=bu, BLOCK_V=bv, BLOCK_H=bh, BLOCK_W=bw, BLOCK_J=block_j, PRECISION=_prec(cd), num_warps=4)
+    return gx
+
+
+# ----------------------------------------------------------------------------------------------------------
+# torch.library registration
+# ----------------------------------------------------------------------------------------------------------
+
+@torch.library.custom_op("mmkernels::band_energy_fwd", mutates_args=())
+def _band_energy_fwd(x: torch.Tensor, cutoffs: list[float], ndim: int, save_proj: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    cut = tuple(cutoffs)
+    if x.shape[0] == 0:
+        cd = _compute_dtype(x)
+        proj = torch.zeros(_proj_shape(x.shape, cut, ndim) if save_proj else (0,), device=x.device, dtype=cd)
+        return x.new_zeros(0, len(cut) + 1, dtype=cd), proj
+    if use_triton(x):
+        return _fwd_triton(x, cut, ndim, save_proj)
+    return _fwd_ref(x, cut, ndim, save_proj)
+
+
+@_band_energy_fwd.register_fake
+def _(x, cutoffs, ndim, save_proj):
+    cd = _compute_dtype(x)
+    out = x.new_empty(x.shape[0], len(cutoffs) + 1, dtype=cd)
+    proj = x.new_empty(_proj_shape(x.shape, tuple(cutoffs), ndim) if save_proj else (0,), dtype=cd)
+    return out, proj
+
+
+@torch.library.custom_op("mmkernels::band_energy_bwd", mutates_args=())
+def _band_energy_bwd(grad: torch.Tensor, x: torch.Tensor, proj: torch.Tensor, cutoffs: list[float], ndim: int) -> torch.Tensor:
+    cut = tuple(cutoffs)
+    if x.shape[0] == 0:
+        return torch.zeros_like(x)
+    if use_triton(x):
+        return _bwd_triton(grad, x, proj, cut, ndim)
+    return _bwd_ref(grad, x, proj, cut, ndim)
+
+
+@_band_energy_bwd.register_fake
+def _(grad, x, proj, cutoffs, ndim):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+def _setup_context(ctx, inputs, output):
+    x, cutoffs, ndim, save_proj = inputs
+    ctx.cutoffs, ctx.ndim, ctx.save_proj = list(cutoffs), ndim, save_proj
+    ctx.save_for_backward(x, output[1])
+
+
+def _backward(ctx, grad_out, grad_proj):
+    x, proj = ctx.saved_tensors
+    if not ctx.save_proj:
+        raise RuntimeError("band_energy: backward through a forward that did not save its projections; "
+                           "call band_energy with x.requires_grad=True and grad mode enabled")
+    return _band_energy_bwd(grad_out.contiguous(), x, proj, ctx.cutoffs, ctx.ndim), None, None, None
+
+
+torch.library.register_autograd("mmkernels::band_energy_fwd", _backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Public API
+# ----------------------------------------------------------------------------------------------------------
+
+def _validate(x, cutoffs, ndim) -> tuple:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"band_energy: x must be a torch.Tensor, got {type(x).__name__}")
+    if isinstance(ndim, bool) or ndim not in (1, 2):
+        raise ValueError(f"band_energy: ndim must be 1 (last dim) or 2 (last two dims), got {ndim!r}")
+    if not x.is_floating_point():
+        raise TypeError(f"band_energy: x must be a floating tensor (fp16/bf16/fp32/fp64), got dtype {x.dtype}; "
+                        "convert with x.float()")
+    if x.dim() < ndim:
+        raise ValueError(f"band_energy: x must have at least {ndim} dimension(s) for ndim={ndim}, got shape "
+                         f"{tuple(x.shape)}")
+    if any(s == 0 for s in x.shape[x.dim() - ndim:]):
+        raise ValueError(f"band_energy: the transformed dimension(s) of x must be non-empty, got shape {tuple(x.shape)}")
+    if isinstance(cutoffs, torch.Tensor):
+        raise TypeError("band_energy: cutoffs must be a Python float or a list of floats, not a tensor "
+                        "(they select DFT bins at trace time); pass cutoffs.tolist()")
+    if isinstance(cutoffs, (int, float)) and not isinstance(cutoffs, bool):
+        cutoffs = [cutoffs]
+    try:
+        cut = tuple(float(c) for c in cutoffs)
+    except (TypeError, ValueError):
+        raise TypeError(f"band_energy: cutoffs must be a float or a list of floats, got {cutoffs!r}") from None
+    if not cut:
+        raise ValueError("band_energy: cutoffs must be non-empty, e.g. [0.1]")
+    hi, hi_name = (0.5, "0.5") if ndim == 1 else (math.sqrt(0.5), "sqrt(0.5)")
+    for c in cut:
+        if not (0.0 < c <= hi):  # also rejects NaN
+            raise ValueError(f"band_energy: cutoff {c!r} is out of range; for ndim={ndim} every cutoff must lie in "
+                             f"(0, {hi_name}] (cycles per sample)")
+    for a, b in zip(cut, cut[1:]):
+        if not b > a:
+            raise ValueError(f"band_energy: cutoffs must be strictly increasing, got {list(cut)} ({a!r} then {b!r})")
+    return cut
+
+
+def _flatten(x, ndim):
+    lead = tuple(x.shape[: x.dim() - ndim])
+    flat = x.reshape((-1,) + tuple(x.shape[x.dim() - ndim:]))
+    return lead, flat
+
+
+def band_energy(x: torch.Tensor, cutoffs, ndim: int = 1) -> torch.Tensor:
+    """Spectral energy of ``x`` in frequency bands (SPEC §2.2).
+
+    Args:
+        x: ``(..., N)`` for ``ndim=1`` (one-sided spectrum of the last dim) or ``(..., H, W)`` for ``ndim=2``
+            (radial frequency ``sqrt(fu² + fv²)``); any leading dims, fp16/bf16/fp32/fp64, any strides.
+        cutoffs: a float or an increasing list of floats, in ``(0, 0.5]`` (ndim 1) or ``(0, sqrt(0.5)]``
+            (ndim 2), cycles per sample. Band ``j`` covers ``[c_{j−1}, c_j)`` with ``c_0 = 0``; the last band
+            runs to the highest frequency inclusive.
+        ndim: 1 or 2.
+
+    Returns:
+        ``(..., len(cutoffs) + 1)`` energies ``Σ|X|²`` per band (summing to ``N·Σx²`` or ``H·W·Σx²``),
+        float32 (float64 for float64 input). Differentiable with respect to ``x``. Empty leading dims give an
+        empty result.
+    """
+    cut = _validate(x, cutoffs, ndim)
+    lead, flat = _flatten(x, ndim)
+    save = bool(torch.is_grad_enabled() and x.requires_grad)
+    out, _ = _band_energy_fwd(flat, list(cut), ndim, save)
+    return out.reshape(*lead, len(cut) + 1)
+
+
+def band_ratio(x: torch.Tensor, cutoff, ndim: int = 1, eps: float = 1e-12) -> torch.Tensor:
+    """High/low energy ratio ``E[f >= cutoff] / (E[f < cutoff] + eps)`` per leading index, shape ``x.shape[:-ndim]``."""
+    if isinstance(cutoff, (list, tuple)):
+        if len(cutoff) != 1:
+            raise ValueError(f"band_ratio: cutoff must be a single frequency, got {cutoff!r}; use band_energy for "
+                             "several bands")
+        cutoff = cutoff[0]
+    e = band_energy(x, [cutoff], ndim)
+    return e[..., 1] / (e[..., 0] + eps)
