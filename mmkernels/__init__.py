@@ -37,6 +37,7 @@ def __getattr__(name):
     if module is None:
         raise AttributeError(f"module 'mmkernels' has no attribute {name!r}")
     mod = import_module(module)
-    value = mod if module.endswith("." + name) else getattr(mod, name)
+    # an op file may share its public function's name (mmkernels/ops/frm.py defines frm): prefer the attribute
+    value = getattr(mod, name) if hasattr(mod, name) else mod
     globals()[name] = value
     return value
