@@ -1,0 +1,260 @@
+import math
+
+import pytest
+import torch
+
+import mmkernels
+from mmkernels import modality_scores
+from tests.helpers import assert_close
+
+TOL = {torch.float32: (1e-5, 1e-5), torch.float64: (1e-6, 1e-6), torch.float16: (2e-3, 2e-3), torch.bfloat16: (2e-3, 2e-3)}
+
+
+def oracle(logits, labels, mask=None):
+    """The formula written out per row in float64 Python: softmax probability of the label, first-index argmax."""
+    xs = [x.double().cpu() for x in (logits.unbind(0) if isinstance(logits, torch.Tensor) else logits)]
+    labels = labels.cpu().tolist()
+    scores, correct = [], []
+    for m, x in enumerate(xs):
+        s = c = 0.0
+        for i, y in enumerate(labels):
+            if y == -100 or (mask is not None and float(mask[i, m]) == 0.0):
+                continue
+            row = x[i].tolist()
+            top = max(row)
+            total = sum(math.exp(v - top) for v in row)
+            s += math.exp(row[y] - top) / total
+            c += float(row.index(top) == y)
+        scores.append(s)
+        correct.append(c)
+    return torch.tensor(scores, dtype=torch.float64), torch.tensor(correct, dtype=torch.float64)
+
+
+def make(M, B, K, dtype, device, ignore=True):
+    x = (3 * torch.randn(M, B, K, device=device)).to(dtype)
+    y = torch.randint(0, K, (B,), device=device)
+    if ignore and B > 2:
+        y[1] = -100
+    return x, y
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 1), (2, 5, 6), (3, 7, 33), (2, 3, 130)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+def test_matches_formula(backend, device, shape, dtype):
+    M, B, K = shape
+    x, y = make(M, B, K, dtype, device)
+    mask = torch.rand(B, M, device=device) > 0.3
+    scores, correct = modality_scores(x, y, mask)
+    assert scores.dtype == correct.dtype == torch.float32 and scores.shape == correct.shape == (M,)
+    want_s, want_c = oracle(x, y, mask)
+    rtol, atol = TOL[dtype]
+    assert_close(scores, want_s.float(), rtol, atol * B, "scores")
+    assert_close(correct, want_c.float(), 0, 0, "correct")
+
+
+def test_sequence_form_and_noncontiguous(backend, device):
+    M, B, K = 3, 6, 11
+    # non-contiguous in every way: each modality's (B, K) is a transpose, the stacked form is a permute
+    xs = [torch.randn(K, B, device=device).t() for _ in range(M)]
+    stacked = torch.randn(B, M, K, device=device).permute(1, 0, 2)
+    y = torch.randint(0, K, (2 * B,), device=device)[::2]
+    mask = (torch.rand(M, B, device=device) > 0.3).t()
+    for logits in (xs, tuple(xs), stacked):
+        scores, correct = modality_scores(logits, y, mask)
+        want_s, want_c = oracle(logits, y, mask)
+        assert_close(scores, want_s.float(), 1e-5, 1e-5, "scores")
+        assert_close(correct, want_c.float(), 0, 0, "correct")
+    # the sequence form gives what the stacked form gives (bit for bit in the kernel: same per-row math)
+    a = modality_scores(xs, y, mask)
+    b = modality_scores(torch.stack(xs), y, mask)
+    if backend == "triton":
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert_close(a[0], b[0], 1e-6, 1e-6, "sequence vs stacked")
+    assert torch.equal(a[1], b[1])
+
+
+def test_float_mask_is_availability(backend, device):
+    x, y = make(2, 8, 5, torch.float32, device)
+    bmask = torch.rand(8, 2, device=device) > 0.5
+    fmask = bmask.float() * 0.37  # non-zero means available, not a weight
+    a, b = modality_scores(x, y, bmask), modality_scores(x, y, fmask)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    # no mask == all-ones mask
+    c, d = modality_scores(x, y), modality_scores(x, y, torch.ones(8, 2, device=device, dtype=torch.bool))
+    assert torch.equal(c[0], d[0]) and torch.equal(c[1], d[1])
+
+
+def test_argmax_ties_take_first_index(backend, device):
+    # rows whose maximum is attained several times, also across K blocks
+    K = 9
+    x = torch.zeros(1, 4, K, device=device)
+    x[0, 0, [2, 5]] = 1.0
+    x[0, 1, [0, 8]] = 3.0
+    x[0, 2] = 0.5  # all equal: argmax is 0
+    x[0, 3, [4, 7]] = -1.0
+    y = torch.tensor([2, 8, 0, 0], device=device)
+    _, correct = modality_scores(x, y)
+    # row 0 -> 2 (hit), row 1 -> 0 (miss: label 8), row 2 -> 0 (hit), row 3 -> argmax 0 (hit)
+    assert correct.tolist() == [3.0]
+    assert int(torch.argmax(x[0], dim=1).eq(y).sum()) == 3  # agrees with torch.argmax
+
+
+def test_large_k_online_softmax(backend, device):
+    # K spans several blocks; large magnitudes would overflow a naive exp
+    M, B, K = 2, 3, 5000
+    x = 40 * torch.randn(M, B, K, device=device)
+    y = torch.randint(0, K, (B,), device=device)
+    y[0] = int(x[0, 0].argmax())  # a row with p close to 1
+    scores, correct = modality_scores(x, y)
+    want_s, want_c = oracle(x, y)
+    assert_close(scores, want_s.float(), 1e-5, 1e-6, "scores")
+    assert_close(correct, want_c.float(), 0, 0, "correct")
+    # argmax tie across block boundary (4096 is the largest block)
+    x = torch.zeros(1, 1, K, device=device)
+    x[0, 0, [4095, 4096, 4999]] = 2.0
+    assert modality_scores(x, torch.tensor([4095], device=device))[1].tolist() == [1.0]
+    assert modality_scores(x, torch.tensor([4096], device=device))[1].tolist() == [0.0]
+
+
+def test_ignore_and_missing_give_zero(backend, device):
+    x, y = make(2, 4, 3, torch.float32, device)
+    s, c = modality_scores(x, torch.full_like(y, -100))
+    assert s.tolist() == [0.0, 0.0] and c.tolist() == [0.0, 0.0]
+    s, c = modality_scores(x, y, torch.zeros(4, 2, device=device))
+    assert s.tolist() == [0.0, 0.0] and c.tolist() == [0.0, 0.0]
+
+
+def test_empty_batch_gives_zeros(backend, device):
+    x = torch.randn(2, 0, 5, device=device)
+    s, c = modality_scores(x, torch.empty(0, dtype=torch.long, device=device))
+    assert s.tolist() == [0.0, 0.0] and c.tolist() == [0.0, 0.0]
+
+
+def test_bad_label_kernel_writes_nan(backend, device):
+    # bypass the eager check: the op itself marks a bad label with NaN (this is the CUDA behaviour)
+    x, y = make(2, 5, 4, torch.float32, device, ignore=False)
+    y[3] = 4
+    s, c = torch.ops.mmkernels.modality_scores([x], y, None)
+    assert torch.isnan(s).all() and torch.isnan(c).all()
+    y[3] = -7
+    s, c = torch.ops.mmkernels.modality_scores(list(x.unbind(0)), y, None)
+    assert torch.isnan(s).all() and torch.isnan(c).all()
+
+
+def test_bad_label_raises_on_cpu():
+    x = torch.randn(2, 5, 4)
+    for bad in (4, -1, -101):
+        y = torch.zeros(5, dtype=torch.long)
+        y[2] = bad
+        with pytest.raises(ValueError, match=rf"\[0, 4\).*\[{bad}\]"):
+            modality_scores(x, y)
+    y = torch.zeros(5, dtype=torch.long)
+    y[2] = 9
+    s, _ = modality_scores(x, y, check_labels=False)  # unchecked: NaN signals it
+    assert torch.isnan(s).all()
+
+
+@pytest.mark.parametrize("form", ["stacked", "sequence"])
+def test_opcheck(backend, device, form):
+    x, y = make(2, 5, 7, torch.float32, device)
+    mask = torch.rand(5, 2, device=device) > 0.5
+    logits = [x] if form == "stacked" else list(x.unbind(0))
+    torch.library.opcheck(torch.ops.mmkernels.modality_scores.default, (logits, y, mask))
+    torch.library.opcheck(torch.ops.mmkernels.modality_scores.default, (logits, y, None))
+
+
+@pytest.mark.parametrize("form", ["stacked", "sequence"])
+def test_compile_fullgraph(device, form):
+    torch._dynamo.reset()
+    x, y = make(2, 6, 5, torch.float32, device)
+    mask = torch.rand(6, 2, device=device) > 0.4
+    logits = x if form == "stacked" else list(x.unbind(0))
+    fn = torch.compile(lambda l, t, k: modality_scores(l, t, k), fullgraph=True)
+    s, c = fn(logits, y, mask)
+    want_s, want_c = oracle(x, y, mask)
+    assert_close(s, want_s.float(), 1e-5, 1e-5, "compiled scores")
+    assert_close(c, want_c.float(), 0, 0, "compiled correct")
+
+
+def test_logits_requiring_grad_are_accepted(device):
+    x, y = make(2, 4, 3, torch.float32, device)
+    s, _ = modality_scores(x.requires_grad_(), y)
+    assert not s.requires_grad
+
+
+def test_bad_inputs():
+    x = torch.randn(2, 4, 3)
+    y = torch.randint(0, 3, (4,))
+    cases = [
+        (lambda: modality_scores(torch.randn(4, 3), y), ValueError, "got a tensor of shape"),
+        (lambda: modality_scores([], y), ValueError, "empty sequence"),
+        (lambda: modality_scores([torch.randn(4, 3), torch.randn(4, 4)], y), ValueError, "share shape"),
+        (lambda: modality_scores([torch.randn(4, 3), torch.randn(4, 3).half()], y), ValueError, "share shape"),
+        (lambda: modality_scores([torch.randn(4, 3, 1)], y), ValueError, r"logits\[0\] must have shape"),
+        (lambda: modality_scores([torch.randn(4, 3), 5], y), TypeError, r"logits\[1\]"),
+        (lambda: modality_scores("x", y), TypeError, "list/tuple"),
+        (lambda: modality_scores(x.long(), y), TypeError, "float16"),
+        (lambda: modality_scores(torch.randn(2, 4, 0), y), ValueError, "one class"),
+        (lambda: modality_scores(torch.randn(0, 4, 3), y), ValueError, "one modality"),
+        (lambda: modality_scores(x, y.int()), TypeError, "labels.long"),
+        (lambda: modality_scores(x, y.float()), TypeError, "int64"),
+        (lambda: modality_scores(x, y[:3]), ValueError, r"\(B,\) = \(4,\)"),
+        (lambda: modality_scores(x, y[:, None]), ValueError, "labels must have shape"),
+        (lambda: modality_scores(x, [0, 1, 2, 0]), TypeError, "labels must be a torch.Tensor"),
+        (lambda: modality_scores(x, y, torch.ones(4, 3)), ValueError, r"mask must have shape \(B, M\) = \(4, 2\)"),
+        (lambda: modality_scores(x, y, torch.ones(2, 4)), ValueError, "mask must have shape"),
+        (lambda: modality_scores(x, y, torch.ones(4, 2, dtype=torch.long)), TypeError, "mask.bool"),
+        (lambda: modality_scores(x, y, [[1, 1]] * 4), TypeError, "mask must be a torch.Tensor"),
+    ]
+    for fn, exc, msg in cases:
+        with pytest.raises(exc, match=msg):
+            fn()
+
+
+@pytest.mark.gpu
+def test_gpu_device_mismatch():
+    x = torch.randn(2, 4, 3, device="cuda")
+    with pytest.raises(ValueError, match="labels are on cpu"):
+        modality_scores(x, torch.zeros(4, dtype=torch.long))
+    with pytest.raises(ValueError, match="mask is on cpu"):
+        modality_scores(x, torch.zeros(4, dtype=torch.long, device="cuda"), torch.ones(4, 2))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_gpu_large_k(dtype):
+    M, B, K = 2, 64, 100_000
+    x = (4 * torch.randn(M, B, K, device="cuda")).to(dtype)
+    y = torch.randint(0, K, (B,), device="cuda")
+    y[:8] = x[0, :8].float().argmax(dim=1)
+    y[9] = -100
+    mask = torch.rand(B, M, device="cuda") > 0.2
+    s, c = modality_scores(x, y, mask)
+    xd = x.double()
+    p = torch.softmax(xd, dim=-1).gather(2, y.clamp(min=0)[None, :, None].expand(M, B, 1))[..., 0]
+    avail = mask.t() & (y != -100)[None]
+    assert_close(s, (p * avail).sum(1).float(), 1e-4, 1e-6, "scores")
+    want_c = ((xd.argmax(-1) == y[None]) & avail).sum(1).float()
+    assert_close(c, want_c, 0, 0, "correct")
+
+
+@pytest.mark.gpu
+def test_gpu_deterministic_and_sequence_form():
+    M, B, K = 3, 4096, 8192
+    xs = [torch.randn(B, K, device="cuda", dtype=torch.bfloat16) for _ in range(M)]
+    y = torch.randint(0, K, (B,), device="cuda")
+    a = modality_scores(xs, y)
+    b = modality_scores(xs, y)
+    c = modality_scores(torch.stack(xs), y)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[0], c[0]) and torch.equal(a[1], c[1])
+    ref = mmkernels.modality_scores_ref(xs, y)
+    assert_close(a[0], ref[0], 1e-4, 1e-4, "scores vs reference")
+
+
+@pytest.mark.gpu
+def test_gpu_bad_label_is_nan_without_sync():
+    x = torch.randn(2, 16, 10, device="cuda")
+    y = torch.randint(0, 10, (16,), device="cuda")
+    y[5] = 10
+    s, c = modality_scores(x, y)  # default: no check on CUDA, NaN marks it
+    assert torch.isnan(s).all() and torch.isnan(c).all()
