@@ -197,7 +197,7 @@ class Balancer:
 
     def after_backward(self) -> torch.Tensor | None:
         """Parameter mode: modulate the encoders' parameter gradients in place (``scale_grads_``, GE noise);
-        returns a 0-d flag tensor, nonzero when some gradient was non-finite (left unchanged). Activation
+        returns a 0-d bool tensor, True when some gradient was non-finite (left unchanged). Activation
         mode: nothing to do (returns None). Ends a gradient-accumulation window either way."""
         self._end_accumulation()
         if not self.modulates_gradients or self.mode != "parameter" or not self._active:
@@ -213,7 +213,7 @@ class Balancer:
             flags.append(mmkernels.scale_grads_(grads, k, noise=self.noise, generator=gen))
         if not flags:
             return None
-        flag = torch.stack([f.reshape(()).to(torch.float32) for f in flags]).amax()
+        flag = torch.stack([f.any() for f in flags]).any()  # per-tensor flags -> one 0-d bool
         self.stats["nonfinite_grads"] = flag
         return flag
 
