@@ -203,7 +203,8 @@ def _bwd_ref(grad, weights, scales, mask, grad_coeff):
         c = grad_coeff.to(acc)
         f = f * (c[:, None, None] if c.dim() == 1 else c[:, :, None])
     w_hat = _normalised_weights(weights, mask, B, acc)
-    return (w_hat * f * grad.to(acc)[None]).to(grad.dtype)
+    # contiguous (M, B, K), the layout the fake implementation promises
+    return (w_hat * f * grad.to(acc)[None]).to(grad.dtype).contiguous()
 
 
 # --------------------------------------------------------------------------------------------------------

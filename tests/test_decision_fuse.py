@@ -1,0 +1,247 @@
+import pytest
+import torch
+
+from mmkernels import decision_fuse
+from tests.helpers import assert_close
+
+TOL = {torch.float32: (1e-5, 1e-6), torch.float64: (1e-12, 1e-12), torch.float16: (2e-3, 2e-3), torch.bfloat16: (1.6e-2, 1e-2)}
+
+
+def oracle(logits, weights, scales, mask, grad_coeff, grad_out):
+    """SPEC §2.4 written out with explicit loops over modalities, in float64: (z, dlogits)."""
+    x = logits.double().cpu()
+    M, B, K = x.shape
+    w = weights.double().cpu()
+    s = scales.double().cpu()
+    a = torch.ones(B, M, dtype=torch.float64) if mask is None else mask.double().cpu()
+    g = grad_out.double().cpu()
+    den = torch.zeros(B, K, dtype=torch.float64)
+    for j in range(M):
+        den += a[:, j : j + 1] * w[j][None, :]
+    z = torch.zeros(B, K, dtype=torch.float64)
+    dx = torch.zeros(M, B, K, dtype=torch.float64)
+    for m in range(M):
+        w_hat = a[:, m : m + 1] * w[m][None, :] / den
+        z += w_hat * x[m] / s[m]
+        if grad_coeff is None:
+            c = torch.ones(B, 1, dtype=torch.float64)
+        elif grad_coeff.dim() == 1:
+            c = grad_coeff[m].double().cpu().expand(B, 1)
+        else:
+            c = grad_coeff[m].double().cpu()[:, None]
+        dx[m] = w_hat / s[m] * g * c
+    return z, dx
+
+
+def inputs(M, B, K, dtype, device, mask_kind="bool", coeff_kind="none"):
+    x = torch.randn(M, B, K, device=device).to(dtype)
+    w = torch.rand(M, K, device=device) + 0.1
+    s = torch.rand(M, device=device) + 0.5
+    if mask_kind == "none":
+        mask = None
+    else:
+        mask = torch.rand(B, M, device=device) > 0.4
+        mask[torch.arange(B), torch.randint(0, M, (B,))] = True  # at least one modality per sample
+        if mask_kind == "float":
+            mask = mask.float() * (0.5 + torch.rand(B, M, device=device))
+    coeff = {"none": None, "m": torch.rand(M, device=device) * 2, "mb": torch.rand(M, B, device=device) * 2}[coeff_kind]
+    return x, w, s, mask, coeff
+
+
+def run(x, w, s, mask, coeff, g, **kw):
+    x = x.detach().requires_grad_()
+    z = decision_fuse(x, w, s, mask, coeff, **kw)
+    (dx,) = torch.autograd.grad(z, x, g)
+    return z, dx
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 1), (2, 5, 6), (3, 7, 33), (4, 3, 2100)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+def test_matches_formula(backend, device, shape, dtype):
+    M, B, K = shape
+    x, w, s, mask, c = inputs(M, B, K, dtype, device, "bool", "mb")
+    g = torch.randn(B, K, device=device).to(dtype)
+    z, dx = run(x, w, s, mask, c, g)
+    assert z.dtype == dtype and dx.dtype == dtype and z.shape == (B, K) and dx.shape == (M, B, K)
+    want_z, want_dx = oracle(x, w, s, mask, c, g)
+    rtol, atol = TOL[dtype]
+    assert_close(z, want_z.to(z.dtype), rtol, atol, "z")
+    assert_close(dx, want_dx.to(dx.dtype), rtol, atol, "dlogits")
+
+
+@pytest.mark.parametrize("mask_kind", ["none", "bool", "float"])
+@pytest.mark.parametrize("coeff_kind", ["none", "m", "mb"])
+def test_mask_and_coeff_variants(backend, device, mask_kind, coeff_kind):
+    x, w, s, mask, c = inputs(3, 6, 10, torch.float32, device, mask_kind, coeff_kind)
+    g = torch.randn(6, 10, device=device)
+    z, dx = run(x, w, s, mask, c, g)
+    want_z, want_dx = oracle(x, w, s, mask, c, g)
+    assert_close(z, want_z.float(), 1e-5, 1e-6, "z")
+    assert_close(dx, want_dx.float(), 1e-5, 1e-6, "dlogits")
+
+
+def test_missing_modality_gets_no_weight(backend, device):
+    # a present modality alone gives exactly its calibrated logits; a missing one gets zero gradient
+    x, w, s, _, _ = inputs(2, 4, 5, torch.float64, device, "none")
+    mask = torch.tensor([[1, 0], [0, 1], [1, 1], [1, 0]], dtype=torch.bool, device=device)
+    z, dx = run(x, w, s, mask, None, torch.ones(4, 5, dtype=torch.float64, device=device))
+    assert_close(z[0], (x[0, 0] / s[0]).double(), 1e-12, 1e-12, "single modality")
+    assert_close(z[1], (x[1, 1] / s[1]).double(), 1e-12, 1e-12, "single modality")
+    assert dx[1, 0].abs().max() == 0 and dx[0, 1].abs().max() == 0
+
+
+def test_noncontiguous(backend, device):
+    M, B, K = 3, 5, 9
+    x = torch.randn(B, K, M, device=device).permute(2, 0, 1)  # (M, B, K) view with stride_k = M
+    w = torch.rand(K, M, device=device).t() + 0.1
+    s = (torch.rand(2 * M, device=device) + 0.5)[::2]
+    mask = (torch.rand(M, B, device=device) > 0.3).t()
+    mask[:, 0] = True
+    c = torch.rand(B, M, device=device).t()
+    g = torch.randn(K, B, device=device).t()
+    z, dx = run(x, w, s, mask, c, g)
+    want_z, want_dx = oracle(x, w, s, mask, c, g)
+    assert_close(z, want_z.float(), 1e-5, 1e-6, "z")
+    assert_close(dx, want_dx.float(), 1e-5, 1e-6, "dlogits")
+
+
+def test_gradcheck(backend, device):
+    x, w, s, mask, _ = inputs(3, 4, 5, torch.float64, device, "float")
+    w, s, mask = w.double(), s.double(), mask.double()
+    x.requires_grad_()
+    assert torch.autograd.gradcheck(lambda t: decision_fuse(t, w, s, mask), (x,))
+    assert torch.autograd.gradgradcheck is not None  # second order is not supported (backward is its own op)
+
+
+def test_grad_coeff_scales_each_modality(backend, device):
+    # with coefficients the gradient is the true gradient times c[m] (it is not the gradient of the output)
+    x, w, s, mask, _ = inputs(2, 3, 4, torch.float64, device, "bool")
+    w, s = w.double(), s.double()
+    c = torch.tensor([0.25, 3.0], dtype=torch.float64, device=device)
+    g = torch.randn(3, 4, dtype=torch.float64, device=device)
+    _, plain = run(x, w, s, mask, None, g)
+    z, scaled = run(x, w, s, mask, c, g)
+    assert_close(scaled, plain * c[:, None, None], 1e-12, 1e-12, "coefficient")
+    assert_close(z, decision_fuse(x, w, s, mask), 0, 0, "forward does not see the coefficient")
+
+
+def test_no_gradient_for_weights_scales_coeff(backend, device):
+    x, w, s, mask, c = inputs(2, 3, 4, torch.float32, device, "float", "m")
+    for t in (w, s, mask, c):
+        t.requires_grad_()
+    x.requires_grad_()
+    decision_fuse(x, w, s, mask, c).sum().backward()
+    assert x.grad is not None
+    assert w.grad is None and s.grad is None and mask.grad is None and c.grad is None
+
+
+def test_all_missing_sample_raises_on_cpu():
+    x, w, s, _, _ = inputs(3, 6, 4, torch.float32, "cpu")
+    mask = torch.ones(6, 3, dtype=torch.bool)
+    mask[2] = False
+    mask[5] = False
+    with pytest.raises(ValueError, match=r"samples \[2, 5\] have every modality missing"):
+        decision_fuse(x, w, s, mask)
+    with pytest.raises(ValueError, match=r"samples \[2, 5\]"):
+        decision_fuse(x, w, s, mask.float())
+
+
+def test_all_missing_sample_is_nan_unchecked(backend, device):
+    # the CUDA behaviour (no host sync): that sample's row is NaN, the others are unaffected
+    x, w, s, _, _ = inputs(2, 4, 3, torch.float32, device)
+    mask = torch.ones(4, 2, dtype=torch.bool, device=device)
+    mask[1] = False
+    z, dx = run(x, w, s, mask, None, torch.ones(4, 3, device=device), check_mask=False)
+    assert torch.isnan(z[1]).all() and torch.isnan(dx[:, 1]).all()
+    assert torch.isfinite(z[[0, 2, 3]]).all() and torch.isfinite(dx[:, [0, 2, 3]]).all()
+
+
+def test_empty_batch(backend, device):
+    x, w, s, _, _ = inputs(2, 0, 5, torch.float32, device, "none")
+    mask = torch.ones(0, 2, dtype=torch.bool, device=device)
+    z, dx = run(x, w, s, mask, torch.ones(2, 0, device=device), torch.ones(0, 5, device=device))
+    assert z.shape == (0, 5) and dx.shape == (2, 0, 5)
+
+
+def test_opcheck(backend, device):
+    x, w, s, mask, c = inputs(3, 4, 6, torch.float32, device, "bool", "mb")
+    x.requires_grad_()
+    torch.library.opcheck(torch.ops.mmkernels.decision_fuse.default, (x, w, s, mask, c))
+    torch.library.opcheck(torch.ops.mmkernels.decision_fuse.default, (x, w, s, None, None))
+    g = torch.randn(4, 6, device=device)
+    torch.library.opcheck(torch.ops.mmkernels.decision_fuse_backward.default, (g, w, s, mask, c))
+    torch.library.opcheck(torch.ops.mmkernels.decision_fuse_backward.default, (g, w, s, None, c[:, 0]))
+
+
+@pytest.mark.parametrize("coeff_kind", ["m", "mb"])
+def test_compile_fullgraph(device, coeff_kind):
+    torch._dynamo.reset()
+    x, w, s, mask, c = inputs(3, 5, 7, torch.float32, device, "bool", coeff_kind)
+    g = torch.randn(5, 7, device=device)
+
+    def step(x, w, s, mask, c):
+        return (decision_fuse(x, w, s, mask, c) * g).sum()
+
+    xc = x.clone().requires_grad_()
+    torch.compile(step, fullgraph=True)(xc, w, s, mask, c).backward()
+    want_z, want_dx = oracle(x, w, s, mask, c, g)
+    assert_close(xc.grad, want_dx.float(), 1e-5, 1e-6, "compiled dlogits")
+
+
+def test_bad_inputs():
+    x, w, s, mask, c = inputs(2, 4, 3, torch.float32, "cpu", "bool", "m")
+    cases = [
+        (lambda: decision_fuse(x[0], w, s), ValueError, r"\(M, B, K\)"),
+        (lambda: decision_fuse(x.long(), w, s), TypeError, "logits must have a floating dtype"),
+        (lambda: decision_fuse(x.numpy(), w, s), TypeError, "logits must be a torch.Tensor"),
+        (lambda: decision_fuse(torch.randn(0, 4, 3), torch.rand(0, 3), torch.rand(0)), ValueError, "at least one modality"),
+        (lambda: decision_fuse(torch.randn(2, 4, 0), torch.rand(2, 0), s), ValueError, "one class"),
+        (lambda: decision_fuse(x, w[:, :2], s), ValueError, r"weights must have shape \(M, K\) = \(2, 3\)"),
+        (lambda: decision_fuse(x, w.t(), s), ValueError, "weights must have shape"),
+        (lambda: decision_fuse(x, w.long(), s), TypeError, "weights"),
+        (lambda: decision_fuse(x, w, s[:1]), ValueError, r"scales must have shape \(M,\) = \(2,\)"),
+        (lambda: decision_fuse(x, w, s[:, None]), ValueError, "scales must have shape"),
+        (lambda: decision_fuse(x, w, torch.tensor([1.0, 0.0])), ValueError, "scales must be non-zero"),
+        (lambda: decision_fuse(x, w, s, mask.t()), ValueError, r"mask must have shape \(B, M\) = \(4, 2\)"),
+        (lambda: decision_fuse(x, w, s, mask.long()), TypeError, "mask.bool"),
+        (lambda: decision_fuse(x, w, s, [[True, True]] * 4), TypeError, "mask must be a torch.Tensor"),
+        (lambda: decision_fuse(x, w, s, mask, torch.rand(3)), ValueError, r"grad_coeff must have shape \(M,\)"),
+        (lambda: decision_fuse(x, w, s, mask, torch.rand(4, 2)), ValueError, r"\(M, B\) = \(2, 4\)"),
+        (lambda: decision_fuse(x, w, s, mask, torch.ones(2, dtype=torch.long)), TypeError, "grad_coeff"),
+    ]
+    for fn, exc, msg in cases:
+        with pytest.raises(exc, match=msg):
+            fn()
+
+
+@pytest.mark.gpu
+def test_gpu_device_mismatch():
+    x = torch.randn(2, 4, 3, device="cuda")
+    with pytest.raises(ValueError, match="weights is on cpu"):
+        decision_fuse(x, torch.rand(2, 3), torch.rand(2, device="cuda"))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_realistic(dtype):
+    M, B, K = 3, 512, 32000
+    x, w, s, mask, c = inputs(M, B, K, dtype, "cuda", "bool", "mb")
+    g = torch.randn(B, K, device="cuda").to(dtype)
+    z, dx = run(x, w, s, mask, c, g)
+    xd = x.double()
+    w_hat = mask.double().t()[:, :, None] * w.double()[:, None, :]
+    w_hat = w_hat / w_hat.sum(0, keepdim=True)
+    want_z = (w_hat * xd / s.double()[:, None, None]).sum(0)
+    want_dx = w_hat / s.double()[:, None, None] * g.double()[None] * c.double()[:, :, None]
+    rtol, atol = TOL[dtype]
+    assert_close(z, want_z.to(dtype), rtol, atol, "z")
+    assert_close(dx, want_dx.to(dtype), rtol, atol, "dlogits")
+
+
+@pytest.mark.gpu
+def test_gpu_all_missing_is_nan_without_sync():
+    x, w, s, _, _ = inputs(2, 8, 5, torch.float32, "cuda")
+    mask = torch.ones(8, 2, dtype=torch.bool, device="cuda")
+    mask[3] = False
+    z = decision_fuse(x, w, s, mask)  # default on CUDA: no check, NaN row
+    assert torch.isnan(z[3]).all() and torch.isfinite(z[:3]).all()
