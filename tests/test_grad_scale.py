@@ -1,0 +1,154 @@
+import pytest
+import torch
+
+from mmkernels import grad_scale
+from tests.helpers import assert_close
+
+
+def test_forward_is_identity_without_copy(device):
+    base = torch.randn(6, 8, 5, device=device)
+    for x in (base, base[:, ::2], base.transpose(0, 2), base[1:4, :, 3]):
+        y = grad_scale(x, torch.tensor(0.5, device=device))
+        assert y.data_ptr() == x.data_ptr() and y.stride() == x.stride() and y.shape == x.shape
+        assert torch.equal(y, x)
+
+
+@pytest.mark.parametrize("per_sample", [False, True])
+@pytest.mark.parametrize("layout", ["contiguous", "strided", "transposed"])
+def test_backward_multiplies_gradient(device, per_sample, layout):
+    B = 5
+    leaf = torch.randn(B, 6, 4, device=device, dtype=torch.float64, requires_grad=True)
+    x = {"contiguous": leaf, "strided": leaf[:, ::2], "transposed": leaf.transpose(1, 2)}[layout]
+    coeff = torch.rand(B, device=device, dtype=torch.float64) if per_sample else torch.tensor(0.3, device=device, dtype=torch.float64)
+    g = torch.randn(x.shape, device=device, dtype=torch.float64)
+    (got,) = torch.autograd.grad(grad_scale(x, coeff), leaf, g)
+    c = coeff.view(-1, *([1] * (x.dim() - 1))) if per_sample else coeff
+    (want,) = torch.autograd.grad(x, leaf, g * c)
+    assert_close(got, want, 1e-15, 0, "gradient")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("per_sample", [False, True])
+def test_amp_dtypes(device, dtype, per_sample):
+    # coefficient in fp32, activation gradient in bf16/fp16: the result keeps the gradient's dtype and is
+    # the fp32 product rounded once
+    B = 7
+    x = torch.randn(B, 33, device=device, dtype=dtype, requires_grad=True)
+    coeff = torch.rand(B, device=device) * 3 if per_sample else torch.tensor(0.7071, device=device)
+    g = torch.randn(B, 33, device=device, dtype=dtype)
+    (got,) = torch.autograd.grad(grad_scale(x, coeff), x, g)
+    assert got.dtype == dtype
+    c = coeff[:, None] if per_sample else coeff
+    want = (g.float() * c).to(dtype)
+    assert torch.equal(got, want)
+
+
+def _coeff_filled_after_forward(fn, device, per_sample):
+    B = 4
+    w = torch.randn(3, 5, device=device, requires_grad=True)
+    x = torch.randn(B, 3, device=device)
+    coeff = torch.ones(B if per_sample else (), device=device)
+    out = fn(x, w, coeff)
+    k = torch.arange(1.0, B + 1, device=device) / 8 if per_sample else torch.tensor(0.125, device=device)
+    coeff.copy_(k)  # after forward, before backward: what OGM-GE does
+    out.sum().backward()
+    got = w.grad.clone()
+    w.grad = None
+    h = torch.tanh(x @ w)
+    (h * (k[:, None] if per_sample else k)).sum().backward()
+    assert_close(got, w.grad, 1e-6, 1e-7, "gradient with coefficient filled after forward")
+
+
+def _forward(x, w, coeff):
+    return grad_scale(torch.tanh(x @ w), coeff)
+
+
+@pytest.mark.parametrize("per_sample", [False, True])
+@pytest.mark.parametrize("compiled", [False, True])
+def test_coeff_filled_after_forward(device, per_sample, compiled):
+    torch._dynamo.reset()
+    fn = torch.compile(_forward, fullgraph=True) if compiled else _forward
+    _coeff_filled_after_forward(fn, device, per_sample)
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_coeff_computed_from_same_forward_inside_compiled_step(device, compiled):
+    # OGM-GE inside one compiled step: the coefficient comes from logits produced downstream of grad_scale
+    torch._dynamo.reset()
+    w = torch.randn(4, 3, device=device, requires_grad=True)
+    x = torch.randn(5, 4, device=device)
+
+    def step(x, w, coeff):
+        logits = 2 * grad_scale(torch.tanh(x @ w), coeff)
+        with torch.no_grad():
+            coeff.copy_(torch.sigmoid(logits.mean()))
+        return logits.sum()
+
+    coeff = torch.ones((), device=device)
+    fn = torch.compile(step, fullgraph=True) if compiled else step
+    fn(x, w, coeff).backward()
+    got = w.grad.clone()
+    w.grad = None
+    h = 2 * torch.tanh(x @ w)
+    k = torch.sigmoid(h.mean()).detach()
+    (h * k).sum().backward()
+    assert coeff.item() == pytest.approx(k.item(), rel=1e-6)
+    assert_close(got, w.grad, 1e-6, 1e-7, "compiled step gradient")
+
+
+def test_rebinding_is_not_filling(device):
+    # documented: replacing the Python name does not change a forward that already ran
+    x = torch.randn(3, 2, device=device, requires_grad=True)
+    coeff = torch.tensor(2.0, device=device)
+    y = grad_scale(x, coeff)
+    coeff = torch.tensor(5.0, device=device)  # noqa: F841 - a new tensor, not an in-place fill
+    y.sum().backward()
+    assert torch.equal(x.grad, torch.full_like(x, 2.0))
+
+
+def test_float_coeff_and_no_coeff_gradient(device):
+    x = torch.randn(3, 2, device=device, requires_grad=True)
+    grad_scale(x, 0.5).sum().backward()
+    assert torch.equal(x.grad, torch.full_like(x, 0.5))
+    c = torch.tensor(3.0, device=device, requires_grad=True)
+    x.grad = None
+    grad_scale(x, c).sum().backward()
+    assert torch.equal(x.grad, torch.full_like(x, 3.0)) and c.grad is None
+
+
+def test_bad_inputs():
+    x = torch.randn(4, 3)
+    cases = [
+        (lambda: grad_scale([1.0], 0.5), TypeError, "x must be a torch.Tensor"),
+        (lambda: grad_scale(x, "a"), TypeError, "coeff must be a tensor or a float"),
+        (lambda: grad_scale(x, torch.tensor(1)), TypeError, "coeff must be floating point"),
+        (lambda: grad_scale(x, torch.ones(3)), ValueError, r"per-sample coeff of shape \(3,\)"),
+        (lambda: grad_scale(torch.tensor(1.0), torch.ones(1)), ValueError, "batch dimension 0"),
+        (lambda: grad_scale(x, torch.ones(4, 1)), ValueError, r"shape \(\) or \(B,\)"),
+    ]
+    for fn, exc, msg in cases:
+        with pytest.raises(exc, match=msg):
+            fn()
+
+
+@pytest.mark.gpu
+def test_gpu_device_rules():
+    x = torch.randn(8, 4, device="cuda", requires_grad=True)
+    with pytest.raises(ValueError, match="coeff is on cpu"):
+        grad_scale(x, torch.ones(8))
+    grad_scale(x, torch.tensor(0.5)).sum().backward()  # a 0-d CPU coefficient is allowed
+    assert torch.equal(x.grad, torch.full_like(x, 0.5))
+
+
+@pytest.mark.gpu
+def test_gpu_bf16_activation_compiled():
+    torch._dynamo.reset()
+    x = torch.randn(4096, 1024, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    coeff = torch.ones(4096, device="cuda")
+    fn = torch.compile(lambda t, c: grad_scale(t * 2, c), fullgraph=True)
+    y = fn(x, coeff)
+    coeff.copy_(torch.rand(4096, device="cuda"))
+    g = torch.randn_like(y)
+    y.backward(g)
+    want = (g.float() * coeff[:, None] * 2).to(torch.bfloat16)
+    assert_close(x.grad.float(), want.float(), 1e-2, 1e-2, "bf16 gradient")
