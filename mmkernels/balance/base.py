@@ -33,11 +33,11 @@ noise generator is seeded with the same ``seed`` on every rank (parameter mode r
 all-reduce, so the gradients, the noise and hence the replicas stay bit-identical). Build the balancer
 from the *inner* encoders (``ddp_model.module.audio_encoder``); hooks on them work under DDP.
 
-FSDP: activation mode only touches encoder outputs and works unchanged with FSDP2 ``fully_shard`` (the
-statistics are all-reduced the same way). Parameter mode under FSDP scales the local gradient shards:
-the coefficient is exact, but the GE noise std is computed per local shard rather than per full
-parameter, so it differs from the unsharded released semantics. See ``tests/test_ddp.py`` for what is
-tested (DDP on gloo; FSDP status is documented there).
+FSDP: activation mode only touches encoder outputs and works unchanged with FSDP2 ``fully_shard``
+(tested: 2 ranks, gloo, CPU, equal to a single-process run). Parameter mode under FSDP scales the local
+gradient shards: the coefficient is exact, but the GE noise std is computed per local shard rather than
+per full parameter, so it differs from the unsharded released semantics (untested). FSDP1
+(``FullyShardedDataParallel`` with flat parameters) is untested. See ``tests/test_ddp.py``.
 """
 from __future__ import annotations
 
