@@ -143,36 +143,39 @@ def _triton_scores(logits: list[torch.Tensor], labels, mask):
     return sums[0].clone(), sums[1].clone()
 
 
-def _ref_rows(x: torch.Tensor, labels: torch.Tensor, avail_m: Optional[torch.Tensor]):
-    """Per-row (score, correct) of one modality's (B, K) logits, in the reference's math dtype."""
+def _ref_sums(x: torch.Tensor, labels: torch.Tensor, avail: torch.Tensor):
+    """(score, correct) sums over dim -1 for logits ``x`` (..., B, K) and per-row weights ``avail`` (..., B)."""
     K = x.shape[-1]
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    x = x.to(acc)
-    in_range = (labels >= 0) & (labels < K)
-    bad = (labels != IGNORE_INDEX) & ~in_range
-    y = labels.clamp(0, K - 1)[:, None]
-    p = torch.exp(x.gather(1, y)[:, 0] - torch.logsumexp(x, dim=1))
-    hit = (x.argmax(dim=1) == y[:, 0]).to(acc)
-    avail = in_range if avail_m is None else in_range & avail_m
-    nan = torch.full((), float("nan"), dtype=acc, device=x.device)
-    score = torch.where(bad, nan, torch.where(avail, p, 0.0))
-    hit = torch.where(bad, nan, torch.where(avail, hit, 0.0))
-    return score, hit
+    y = labels.clamp(0, K - 1)
+    logp = torch.log_softmax(x, dim=-1)
+    idx = y.view(*([1] * (x.dim() - 2)), -1, 1).expand(*x.shape[:-1], 1)
+    p = logp.gather(-1, idx).squeeze(-1).exp_()
+    hit = (x.argmax(dim=-1) == y).to(avail.dtype)
+    return (p * avail).sum(-1), (hit * avail).sum(-1)
 
 
 def modality_scores_ref(logits, labels: torch.Tensor, mask: Optional[torch.Tensor] = None):
-    """Pure-PyTorch ``modality_scores`` (logsumexp, gather, argmax per modality); no argument checks.
+    """Pure-PyTorch ``modality_scores`` (log_softmax, gather, argmax); no argument checks.
 
     Bad labels give NaN like the kernel does; the public function's eager check normally stops them first.
     """
-    xs = list(logits.unbind(0)) if isinstance(logits, torch.Tensor) else list(logits)
-    scores, correct = [], []
-    for m, x in enumerate(xs):
-        avail_m = None if mask is None else mask[:, m] != 0
-        s, c = _ref_rows(x, labels, avail_m)
-        scores.append(s.sum())
-        correct.append(c.sum())
-    return torch.stack(scores).float(), torch.stack(correct).float()
+    stacked = isinstance(logits, torch.Tensor)
+    first = logits if stacked else logits[0]
+    K = first.shape[-1]
+    acc = torch.float64 if first.dtype == torch.float64 else torch.float32
+    # per-row weight: 1 available, 0 ignored/missing, NaN for a bad label (poisons the sums, as the kernel does)
+    in_range = (labels >= 0) & (labels < K)
+    bad = (labels != IGNORE_INDEX) & ~in_range
+    w = torch.where(bad, float("nan"), in_range.to(acc))
+    if mask is not None:
+        w = w * (mask != 0).t().to(acc)  # (M, B)
+    if stacked:
+        s, c = _ref_sums(logits.to(acc), labels, w)
+    else:
+        # per modality, no stacking copy of the logits
+        pairs = [_ref_sums(x.to(acc), labels, w if mask is None else w[m]) for m, x in enumerate(logits)]
+        s, c = torch.stack([q[0] for q in pairs]), torch.stack([q[1] for q in pairs])
+    return s.float(), c.float()
 
 
 @torch.library.custom_op("mmkernels::modality_scores", mutates_args=())
