@@ -81,7 +81,7 @@ def _get_kernel():
             run_max = new_max
 
         in_range = (y >= 0) & (y < K)
-        bad = rmask & (y != -100) & (~in_range)
+        bad = rmask & (y != -100) & ((y < 0) | (y >= K))
         avail = rmask & in_range
         if HAS_MASK:
             a = tl.load(mask_ptr + rows64 * smk_b + m * smk_m, mask=rmask, other=0).to(tl.float32)
