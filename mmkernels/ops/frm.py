@@ -176,19 +176,22 @@ def _get_kernel():
             ph = strip - c * n_ph
             pw = pwb * BLOCK_PW + j
             pw_ok = pw < n_pw
-            col = (pw[:, None] * P + n[None, :]).to(tl.int64) * s_w  # (BLOCK_PW, BLOCK_P)
-            m = pw_ok[:, None] & n_ok[None, :]
-            base = x_b + c.to(tl.int64) * s_c + (ph * P).to(tl.int64) * s_h
+            # Image rows are loaded directly as (1, BLOCK_PW, BLOCK_P) tiles so the rank-1 updates below
+            # broadcast without re-laying out the loaded data.
+            col = (pw[None, :, None] * P + n[None, None, :]).to(tl.int64) * s_w
+            m = pw_ok[None, :, None] & n_ok[None, None, :]
+            base = x_b + c.to(tl.int64) * s_c
             zl = tl.zeros((QP, BLOCK_PW, BLOCK_P), dtype=ACC)
             zh = tl.zeros((QP, BLOCK_PW, BLOCK_P), dtype=ACC)
             # Row transform as P rank-1 updates: each image row is read once, coalesced along W, and the
             # contraction over patch rows stays in registers (no cross-thread reduction).
             for i in tl.static_range(P):
-                row = tl.load(base + i * s_h + col, mask=m, other=0.0).to(ACC)
+                row_h = (ph * P + i).to(tl.int64) * s_h  # 64-bit: strides of huge or permuted inputs
+                row = tl.load(base + row_h + col, mask=m, other=0.0).to(ACC)
                 dl = tl.load(tab_ptr + r * P + i, mask=r_ok, other=0.0)  # D[a, i]
                 dh = tl.load(tab_ptr + (P - 1 - r) * P + i, mask=r_ok, other=0.0)  # D[p-1-a, i]
-                zl += dl[:, None, None] * row[None, :, :]
-                zh += dh[:, None, None] * row[None, :, :]
+                zl += dl[:, None, None] * row
+                zh += dh[:, None, None] * row
             valid = r_ok[:, None] & pw_ok[None, :]
             for d in tl.static_range(Q):
                 cl = tl.load(tab_ptr + d * P + n, mask=n_ok, other=0.0)  # D[d, n]
