@@ -37,7 +37,7 @@ def bench(argv: list[str]) -> int:
         print(f"== {op} on {args.device}", flush=True)
         rows = mod.run(args.device, args.quick)
         print_rows(rows)
-        if not args.quick:
+        if rows and not args.quick:
             print("wrote", write_results(op, rows, args.device, args.out))
     if not args.quick:
         from mmkernels.bench.report import update_readme
