@@ -602,3 +602,14 @@ def test_compiled_model_with_activation_hooks():
         F.cross_entropy(fused, y).backward()
         _check_scaled(model, g0, _grads(model), [0.25, 0.5], model.names)
     assert min(ks[0]) < 1
+
+
+def test_mwam_custom_statistic_for_non_image_modality():
+    names = ["image", "vector"]
+    bal = MWAM(names, apply="loss", statistic={"vector": lambda x: x.abs().sum(1)})
+    img = torch.randn(4, 1, 8, 8, dtype=torch.float64)
+    vec = torch.randn(4, 7)
+    mask = torch.tensor([[1, 1], [1, 0], [1, 1], [0, 1]], dtype=torch.bool)
+    bal.step(inputs={"image": img, "vector": vec}, mask=mask)
+    want = [(_frm64(img) * mask[:, 0]).sum().item(), (vec.abs().sum(1) * mask[:, 1]).sum().item()]
+    assert bal.stats["frm"].tolist() == pytest.approx(want, rel=1e-5)

@@ -177,9 +177,9 @@ class Balancer:
         for t in self._k:
             t.data = t.data.to(device)  # keep tensor identity: hooks and compiled graphs hold these objects
         if self._generator is not None and self._generator.device != device:
-            state = self._generator.get_state()
+            # generator states are not portable across device types: restart the stream from the seed
             self._generator = torch.Generator(device=device)
-            self._generator.set_state(state) if device.type == "cpu" else self._generator.manual_seed(self.seed)
+            self._generator.manual_seed(self.seed)
         self._device = device
         return self
 

@@ -30,6 +30,9 @@ class MWAM(Balancer):
             ``warm_start`` override the preset (the paper uses γ=1, λ=4 for batch sizes 1-4).
         omega: bank momentum ω (0.5).
         patch_size, window, frm_eps: FRM parameters (8, 2, 1e-6). sigma: σ in ``T_m`` (1e-6).
+        statistic: optional ``{name: fn}`` replacing FRM for some modalities (e.g. inputs that are not
+            images): ``fn(x)`` returns per-sample values ``(B,)`` (masked and summed like FRM) or a 0-d sum.
+            Orientation as FRM: a larger statistic gives a smaller weight.
         mode, params, noise, epochs, ...: see :class:`~mmkernels.balance.base.Balancer`.
 
     Attributes:
@@ -45,8 +48,8 @@ class MWAM(Balancer):
     def __init__(self, encoders: Mapping[str, nn.Module] | Sequence[str], *, apply: str = "both",
                  preset: str = "paper", alpha=None, beta=None, lam=None, gamma=None, warm_start=None,
                  omega: float = 0.5, patch_size: int = 8, window: int = 2, frm_eps: float = 1e-6,
-                 sigma: float = 1e-6, mode: str = "activation", params: str = "all", noise=None,
-                 epochs=(0, None), sync="auto", process_group=None, seed: int = 0, device=None):
+                 sigma: float = 1e-6, statistic: Mapping | None = None, mode: str = "activation", params: str = "all",
+                 noise=None, epochs=(0, None), sync="auto", process_group=None, seed: int = 0, device=None):
         if apply not in _APPLY:
             raise ValueError(f"apply must be one of {_APPLY}, got {apply!r}")
         if preset not in policies.MWAM_PRESETS:
@@ -63,6 +66,7 @@ class MWAM(Balancer):
         self.omega = float(omega)
         self.patch_size, self.window, self.frm_eps, self.sigma = int(patch_size), int(window), float(frm_eps), float(sigma)
         self.modulates_gradients = apply != "loss"
+        self.statistic = dict(statistic or {})
         self.bank: torch.Tensor | None = None
         super().__init__(encoders, mode=mode, params=params, noise=noise, epochs=epochs, sync=sync,
                          process_group=process_group, seed=seed, device=device)
@@ -89,12 +93,17 @@ class MWAM(Balancer):
         xs = [inputs[n] for n in self.names]
         mask_t = self._mask_tensor(mask, xs[0].shape[0], xs[0].device)
         sums = []
-        for m, x in enumerate(xs):
-            f = mmkernels.frm(x.detach(), patch_size=self.patch_size, window=self.window, eps=self.frm_eps,
-                              reduction="none" if mask_t is not None else "sum")
-            if mask_t is not None:
-                f = (f * (mask_t[:, m] != 0).to(f.dtype)).sum()
-            sums.append(f.to(torch.float32).reshape(()))
+        for m, (name, x) in enumerate(zip(self.names, xs)):
+            x = x.detach()
+            fn = self.statistic.get(name)
+            if fn is not None:
+                f = fn(x)
+            else:
+                f = mmkernels.frm(x, patch_size=self.patch_size, window=self.window, eps=self.frm_eps,
+                                  reduction="none" if mask_t is not None else "sum")
+            if f.dim() == 1 and mask_t is not None:
+                f = f * (mask_t[:, m] != 0).to(f.dtype)
+            sums.append(f.sum().to(torch.float32).reshape(()))
         frm = self._all_reduce(torch.stack(sums))
         hp = self.hparams
         self.bank = policies.mwam_update_bank(self.bank, frm, self.omega, hp["warm_start"])
