@@ -25,7 +25,7 @@ def _rows(results):
             row[v] = _pct(s["unimodal_acc"][v])
         row["missing avg"] = _pct(s["missing_avg"])
         ratio = s.get("step_time_vs_baseline")
-        row["step ms"] = f"{s['step_time_ms']['mean']:.2f}" + (f" ({ratio:.2f}x)" if ratio is not None else "")
+        row["step ms"] = f"{s['step_time_ms']['median']:.2f}" + (f" ({ratio:.2f}x)" if ratio is not None else "")
         rows.append(row)
     return rows
 
@@ -53,6 +53,15 @@ def format_table(results) -> str:
                f"with all views present; 'missing-avg' = mean fused accuracy over the "
                f"{len(results['config']['missing_subsets'])} non-empty proper subsets of views present.")
     return "\n".join(out)
+
+
+def format_unimodal(results) -> str:
+    uni = results["unimodal_models"]
+    lines = ["view  val acc %     test acc %    description"]
+    for v in results["config"]["views"]:
+        lines.append(f"{v:<5} {_pct(uni[v]['val_mean']):<13} {_pct(uni[v]['test_mean']):<13} "
+                     f"{results['config']['view_descriptions'][v]}")
+    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -93,8 +102,8 @@ def plot_accuracy(results, path):
     lo = min(100 * results["methods"][m]["summary"]["unimodal_acc"][v]["mean"] for m in methods for v in views)
     ax.set_ylim(max(0, lo - 10), 100)
     ax.set_ylabel("test accuracy (%)")
-    ax.set_title("Fused and per-modality accuracy (dashed: the view trained alone)")
-    ax.legend(loc="lower left", fontsize=8, ncol=len(series))
+    ax.set_title("Fused and per-modality test accuracy (dashed: the view trained alone)", pad=22)
+    ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), fontsize=8, ncol=len(series), frameon=False)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path)
@@ -109,7 +118,7 @@ def plot_coefficients(results, path):
         return False
     ncol = min(3, len(bal))
     nrow = (len(bal) + ncol - 1) // ncol
-    fig, axes = plt.subplots(nrow, ncol, figsize=(4.2 * ncol, 2.9 * nrow), dpi=90, squeeze=False)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(max(7.0, 4.2 * ncol), 2.9 * nrow + 0.4), dpi=90, squeeze=False)
     colors = plt.get_cmap("tab10")
     for i, m in enumerate(bal):
         ax = axes[i // ncol][i % ncol]
@@ -121,8 +130,10 @@ def plot_coefficients(results, path):
                 ci = views.index(k) + 1 if k in views else j + 1
                 ax.plot(range(1, len(ys) + 1), ys, color=colors(ci), alpha=1.0 if r_i == 0 else 0.35,
                         lw=1.5 if r_i == 0 else 0.8, label=k if r_i == 0 else None)
-        ax.set_title(m, fontsize=10)
+        label = results["methods"][m].get("coefficient_label", "")
+        ax.set_title(m + (f"\n{label}" if label else ""), fontsize=9)
         ax.set_xlabel("epoch")
+        ax.xaxis.get_major_locator().set_params(integer=True)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     for i in range(len(bal), nrow * ncol):
@@ -192,10 +203,23 @@ def readme_section(json_path: str, plot_dir: str | None = None) -> str:
                  f"{cfg['train']['epochs']} epochs, {len(cfg['seeds'])} seeds, test split "
                  f"({cfg['data']['n_test']} digits). Mean ± std over seeds, accuracy in %.")
     lines.append("")
+    all_views = os.path.join(os.path.dirname(json_path), "unimodal.json")
+    if os.path.exists(all_views):
+        with open(all_views) as f:
+            u = json.load(f)
+        uv = u["config"]["views"]
+        lines.append(f"Each view trained alone (own encoder + head, {len(u['config']['seeds'])} seeds, "
+                     f"`{u['config'].get('command', '')}`), validation / test accuracy in %:")
+        lines.append("")
+        lines.append("| " + " | ".join(f"`{v}`" for v in uv) + " |")
+        lines.append("|" + "|".join(["---:"] * len(uv)) + "|")
+        lines.append("| " + " | ".join(f"{100 * u['unimodal_models'][v]['val_mean']['mean']:.1f} / "
+                                       f"{100 * u['unimodal_models'][v]['test_mean']['mean']:.1f}" for v in uv) + " |")
+        lines.append("")
     uni = results.get("unimodal_models", {})
     if uni:
-        lines.append("Each view alone (own encoder + head): " + ", ".join(
-            f"`{v}` {100 * uni[v]['test_mean']['mean']:.1f}" for v in views) + " (test); chance is 10.")
+        lines.append("The demo's views alone in this run (test): " + ", ".join(
+            f"`{v}` {_pct(uni[v]['test_mean'])}" for v in views) + "; chance is 10.")
         lines.append("")
     head = ["method", "fused"] + [f"`{v}` (head split)" for v in views] + ["missing-modality avg", "ms / step"]
     lines.append("| " + " | ".join(head) + " |")

@@ -118,6 +118,7 @@ class Method:
 
     name = "baseline"
     balanced = False
+    coefficient_label = ""
 
     def __init__(self, model: ConcatFusion, ds: Dataset, cfg: TrainConfig, seed: int, context: dict):
         self.model = model
@@ -208,3 +209,53 @@ def train_joint(ds: Dataset, method_cls, cfg: TrainConfig, seed: int, context: d
         "val_curve": val_curve,
         "coefficients": trajectory,
     }
+
+
+def time_steps(ds: Dataset, methods: dict, cfg: TrainConfig, context: dict, rounds: int = 6, steps: int = 10,
+               warmup: int = 3):
+    """Time one training step of every method, interleaved round-robin so that a shared, busy CPU slows
+    every method alike (timings taken during the training runs are not comparable across methods there).
+
+    Returns ``{name: {"median": ms, "q25": ms, "q75": ms}}`` over ``rounds * steps`` timed steps each.
+    """
+    train = ds.train.to(cfg.device)
+    sync = torch.cuda.synchronize if cfg.device.startswith("cuda") else (lambda: None)
+    g = torch.Generator().manual_seed(1234)
+    batches = [torch.randperm(len(train), generator=g)[:cfg.batch_size].to(cfg.device) for _ in range(steps)]
+    state = {}
+    for name, cls in methods.items():
+        torch.manual_seed(0)
+        model = ConcatFusion(ds.info["shapes"], 10).to(cfg.device)
+        method = cls(model, ds, cfg, 0, context)
+        opt, _ = _optimizer(model, cfg)
+        state[name] = (model, method, opt)
+
+    def one(name, idx):
+        model, method, opt = state[name]
+        x, y = train.batch(idx)
+        sync()
+        t0 = time.perf_counter()
+        loss = method.loss(x, y, 0)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        method.after_backward()
+        opt.step()
+        sync()
+        return time.perf_counter() - t0
+
+    names = list(methods)
+    for name in names:
+        for i in range(warmup):
+            one(name, batches[i % steps])
+    times = {n: [] for n in names}
+    for r in range(rounds):
+        order = names[r % len(names):] + names[:r % len(names)]
+        for name in order:
+            for idx in batches:
+                times[name].append(one(name, idx))
+    out = {}
+    for n, ts in times.items():
+        ts = sorted(ts)
+        q = lambda f: 1e3 * ts[min(len(ts) - 1, int(f * len(ts)))]  # noqa: E731
+        out[n] = {"median": q(0.5), "q25": q(0.25), "q75": q(0.75)}
+    return out
