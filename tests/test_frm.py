@@ -204,12 +204,12 @@ def test_released_transcription_without_torch_dct():
     assert_close(released_frm(x), want.sum(), rtol=1e-7, atol=0, what="own FFT-DCT transcription")
 
 
-@pytest.mark.parametrize("max_tile,target", [(64, 1), (64, 1000), (128, 7)])
+@pytest.mark.parametrize("max_tile,target", [(8, 1), (8, 1000), (16, 7)])
 def test_triton_work_split(device, max_tile, target):
     # Several W-blocks per patch row, one program per sample, and many programs per sample (two-stage sum).
     x = well_conditioned((3, 2, 16, 40), 8, 2, torch.float32, device)
     want, _ = oracle(x)
-    got = _frm_triton(x, 8, 2, 1e-6, "none", target_programs=target, max_tile=max_tile)
+    got = _frm_triton(x, 8, 2, 1e-6, "none", target_programs=target, max_row_tile=max_tile)
     assert_close(got, want, rtol=3e-5, atol=0, what=f"tile={max_tile} target={target}")
 
 
