@@ -22,7 +22,7 @@ if os.environ.get("MMKERNELS_NO_EXT", "0") != "1" and glob.glob("csrc/*.cpp"):
     cuda_sources = sorted(glob.glob("csrc/cuda/*.cu") + glob.glob("csrc/cuda/*.cpp"))
     nvcc = cpp_extension.CUDA_HOME and os.path.exists(os.path.join(cpp_extension.CUDA_HOME, "bin", "nvcc"))
     with_cuda = torch.version.cuda is not None and bool(nvcc or shutil.which("nvcc")) and bool(cuda_sources)
-    extra = {"cxx": ["-O3", "-std=c++17", "-fopenmp"]}
+    extra = {"cxx": ["-O3", "-std=c++17", "-fopenmp", "-fno-math-errno"]}
     libraries = ["gomp"]
     define_macros = []
     if with_cuda:

@@ -11,6 +11,8 @@
 // without -mfma) plain operators round the same way. log and sin/cos are our own branch-free
 // polynomials instead of libm, so the CPU loop vectorises and both devices compute bit-identical noise.
 #pragma once
+// Constants are hex float literals (exact float32 values) so the PyTorch mirror in
+// mmkernels/ops/scale_grads.py can use bit-identical ones (float.fromhex).
 #include <stdint.h>
 
 #if defined(__CUDACC__)
@@ -95,46 +97,48 @@ MMK_HD U4 philox4x32_10(U4 c, uint32_t k0, uint32_t k1) {
 // atanh series 2(s + s^3/3 + ... + s^9/9) with s = (m-1)/(m+1), |s| <= 0.172 (truncation < 3e-9).
 MMK_HD float log_unit(float u) {
   const uint32_t b = float_bits(u);
-  int e = (int)((b >> 23) & 0xffu) - 127;
-  float m = bits_float((b & 0x7fffffu) | 0x3f800000u);
-  const bool big = m > 1.41421356f;
-  m = big ? fmul(m, 0.5f) : m;
-  e = big ? e + 1 : e;
+  const uint32_t mant = b & 0x7fffffu;
+  const uint32_t big = mant > 0x3504f3u ? 1u : 0u;  // mantissa above sqrt(2): halve it
+  const int e = (int)((b >> 23) & 0xffu) - 127 + (int)big;
+  const float m = bits_float(mant | (0x3f800000u - (big << 23)));
   const float s = fdiv(fadd(m, -1.0f), fadd(m, 1.0f));
   const float s2 = fmul(s, s);
-  float p = fadd(fmul(s2, 0.11111111f), 0.14285715f);
-  p = fadd(fmul(s2, p), 0.2f);
-  p = fadd(fmul(s2, p), 0.33333334f);
+  float p = fadd(fmul(s2, 0x1.c71c72p-4f), 0x1.24924ap-3f);
+  p = fadd(fmul(s2, p), 0x1.99999ap-3f);
+  p = fadd(fmul(s2, p), 0x1.555556p-2f);
   p = fadd(fmul(s2, p), 1.0f);
-  return fadd(fmul((float)e, 0.69314718f), fmul(fmul(2.0f, s), p));
+  return fadd(fmul((float)e, 0x1.62e43p-1f), fmul(fmul(2.0f, s), p));
 }
 
 // sin and cos of 2*pi*t for t in [0, 1): quadrant q = round(4t) is split off exactly (t has 23
 // fraction bits), the rest x in [-pi/4, pi/4] goes through Taylor polynomials (error < 3e-8).
 MMK_HD void sincos_turns(float t, float* sn, float* cs) {
   const int q = (int)fadd(fmul(t, 4.0f), 0.5f);  // t >= 0, so truncation rounds half up
-  const float x = fmul(fadd(t, fmul((float)q, -0.25f)), 6.28318531f);
+  const float x = fmul(fadd(t, fmul((float)q, -0.25f)), 0x1.921fb6p+2f);
   const float x2 = fmul(x, x);
-  float ps = fadd(fmul(x2, 2.7557319e-6f), -1.98412698e-4f);
-  ps = fadd(fmul(x2, ps), 8.33333333e-3f);
-  ps = fadd(fmul(x2, ps), -0.166666667f);
+  float ps = fadd(fmul(x2, 0x1.71de3ap-19f), -0x1.a01a02p-13f);
+  ps = fadd(fmul(x2, ps), 0x1.111112p-7f);
+  ps = fadd(fmul(x2, ps), -0x1.555556p-3f);
   const float s = fadd(x, fmul(fmul(x, x2), ps));
-  float pc = fadd(fmul(x2, 2.48015873e-5f), -1.38888889e-3f);
-  pc = fadd(fmul(x2, pc), 4.16666667e-2f);
+  float pc = fadd(fmul(x2, 0x1.a01a02p-16f), -0x1.6c16c2p-10f);
+  pc = fadd(fmul(x2, pc), 0x1.555556p-5f);
   pc = fadd(fmul(x2, pc), -0.5f);
   const float c = fadd(1.0f, fmul(x2, pc));
-  const int qq = q & 3;
-  const float a = (qq & 1) ? c : s;  // sin(x + q*pi/2)
-  const float b = (qq & 1) ? s : c;  // |cos(x + q*pi/2)|
-  *sn = (qq & 2) ? -a : a;
-  *cs = (qq == 1 || qq == 2) ? -b : b;
+  // rotate by q quarter turns with bit selects (branch-free, so the CPU loop vectorises)
+  const uint32_t qq = (uint32_t)q & 3u;
+  const uint32_t odd = 0u - (qq & 1u);
+  const uint32_t sb = float_bits(s), cb = float_bits(c);
+  const uint32_t a = (cb & odd) | (sb & ~odd);  // sin(x + q*pi/2) up to sign
+  const uint32_t b = (sb & odd) | (cb & ~odd);  // cos(x + q*pi/2) up to sign
+  *sn = bits_float(a ^ ((qq >> 1) << 31));
+  *cs = bits_float(b ^ (((qq ^ (qq >> 1)) & 1u) << 31));
 }
 
 // Box-Muller on two 32-bit words: 23 random bits each, u1 in (0, 1) never 0 (tail cut at 5.77 sigma,
 // probability 8e-9), t in [0, 1).
 MMK_HD void box_muller(uint32_t a, uint32_t b, float* z0, float* z1) {
-  const float u1 = fmul(fadd((float)(a >> 9), 0.5f), 1.1920929e-7f);
-  const float t = fmul((float)(b >> 9), 1.1920929e-7f);
+  const float u1 = fmul(fadd((float)(a >> 9), 0.5f), 0x1p-23f);
+  const float t = fmul((float)(b >> 9), 0x1p-23f);
   const float r = fsqrt(fmul(-2.0f, log_unit(u1)));
   float sn, cs;
   sincos_turns(t, &sn, &cs);

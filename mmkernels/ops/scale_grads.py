@@ -1,0 +1,274 @@
+"""``scale_grads_(tensors, coeff, noise=None, generator=None)``: fused in-place gradient modulation (SPEC §2.6).
+
+For every tensor ``g`` of the list, in place: ``g <- g*coeff + N(0, std(g) + 1e-8)`` with ``noise="ge"``
+(OGM-GE's generalisation enhancement; ``std`` is the unbiased std of the *unmodulated* ``g``, per tensor),
+``g <- g*coeff`` otherwise.
+
+Design choices (where the SPEC is silent)
+-----------------------------------------
+* Return value: a ``torch.bool`` tensor of shape ``(len(tensors),)`` on the tensors' device; ``True`` marks a
+  tensor that held a NaN or an Inf. Such a tensor is left unchanged (its std is undefined), in both modes, so
+  the semantics do not depend on ``noise``; the other tensors of the call are still processed. Reading the
+  flags is the caller's business (reading them on the host is a sync, so we never do).
+* One-element tensors: the unbiased std is undefined (PyTorch returns NaN); we use ``std = 0``, so the
+  tensor gets ``g*coeff + N(0, 1e-8)``. Zero-element tensors are untouched and never flagged.
+* Results are rounded to nearest in each tensor's dtype and *saturated* to its finite range: a finite fp16
+  gradient plus noise stays finite (±65504) instead of overflowing to Inf. Arithmetic is fp32 for
+  fp16/bf16/fp32 tensors (fp64 for fp64 tensors); statistics are accumulated in fp64.
+* Noise is counter-based: Philox4x32-10 keyed by a 64-bit seed, counter = (element group, list index), then
+  Box-Muller with our own polynomial log/sin/cos (``csrc/noise.h``). The seed is drawn *from the user's
+  generator* with one ``torch.randint`` on the tensors' device (for a CUDA generator that is a device-side
+  draw: no host sync, CUDA-graph safe). Hence: the same generator state gives bit-identical results, every
+  call advances the generator, and every DDP rank with the same generator state adds the same noise. The
+  noise of element ``i`` of list entry ``t`` does not depend on threads, chunking or device: the C++ CPU
+  kernel, the CUDA kernel and the PyTorch reference below compute the same bits for the same seed.
+* Paths: the C++/CUDA extension ``mmkernels._C`` (CPU: OpenMP two-pass kernel; CUDA: two multi-tensor
+  launches) when built, else :func:`scale_grads_ref_`-style PyTorch code (same noise, per tensor). Backend
+  ``reference`` forces the PyTorch path. Non-contiguous tensors are processed through a contiguous copy that
+  is written back (noise index = logical row-major element index).
+* Registered as the custom op ``mmkernels::scale_grads_`` (mutates ``tensors``), so it is opaque to
+  ``torch.compile``. With ``torch.compile(fullgraph=True)`` pass ``generator=None`` (the default generator
+  is used); a ``torch.Generator`` object cannot be traced.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+from mmkernels import _backend, _ext
+
+__all__ = ["scale_grads_", "scale_grads_ref_", "philox_normal_ref"]
+
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_EPS = 1e-8
+_MASK = 0xFFFFFFFF
+_H = float.fromhex  # constants below are the exact float32 values of csrc/noise.h's hex literals
+
+
+# ----------------------------------------------------------------------------------------------------------
+# PyTorch mirror of csrc/noise.h. Every float op is a separate elementwise fp32 op (no FMA contraction), so it
+# rounds exactly like the C++ and CUDA kernels.
+# ----------------------------------------------------------------------------------------------------------
+def _philox4x32_10(c0, c1, c2, c3, k0, k1):
+    # int64 tensors holding uint32 values; the 32x32 product wraps in int64 and keeps its low 64 bits.
+    for _ in range(10):
+        p0 = c0 * 0xD2511F53
+        p1 = c2 * 0xCD9E8D57
+        hi0, lo0 = (p0 >> 32) & _MASK, p0 & _MASK
+        hi1, lo1 = (p1 >> 32) & _MASK, p1 & _MASK
+        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+        k0 = (k0 + 0x9E3779B9) & _MASK
+        k1 = (k1 + 0xBB67AE85) & _MASK
+    return c0, c1, c2, c3
+
+
+def _f32(x):
+    return torch.tensor(x, dtype=torch.float32)
+
+
+def _log_unit(u):
+    b = u.view(torch.int32).to(torch.int64) & _MASK
+    mant = b & 0x7FFFFF
+    big = (mant > 0x3504F3).to(torch.int64)
+    e = ((b >> 23) & 0xFF) - 127 + big
+    m = (mant | (0x3F800000 - (big << 23))).to(torch.int32).view(torch.float32)
+    s = (m + -1.0) / (m + 1.0)
+    s2 = s * s
+    p = s2 * _H("0x1.c71c72p-4") + _H("0x1.24924ap-3")
+    p = s2 * p + _H("0x1.99999ap-3")
+    p = s2 * p + _H("0x1.555556p-2")
+    p = s2 * p + 1.0
+    return e.to(torch.float32) * _H("0x1.62e43p-1") + (s * 2.0) * p
+
+
+def _sincos_turns(t):
+    q = (t * 4.0 + 0.5).to(torch.int32)
+    x = (t + q.to(torch.float32) * -0.25) * _H("0x1.921fb6p+2")
+    x2 = x * x
+    ps = x2 * _H("0x1.71de3ap-19") + -_H("0x1.a01a02p-13")
+    ps = x2 * ps + _H("0x1.111112p-7")
+    ps = x2 * ps + -_H("0x1.555556p-3")
+    s = x + (x * x2) * ps
+    pc = x2 * _H("0x1.a01a02p-16") + -_H("0x1.6c16c2p-10")
+    pc = x2 * pc + _H("0x1.555556p-5")
+    pc = x2 * pc + -0.5
+    c = 1.0 + x2 * pc
+    qq = q & 3
+    odd = (qq & 1).bool()
+    a = torch.where(odd, c, s)
+    b = torch.where(odd, s, c)
+    sn = torch.where((qq & 2).bool(), -a, a)
+    cs = torch.where((qq == 1) | (qq == 2), -b, b)
+    return sn, cs
+
+
+def _box_muller(a, b):
+    u1 = ((a >> 9).to(torch.float32) + 0.5) * _H("0x1p-23")
+    t = (b >> 9).to(torch.float32) * _H("0x1p-23")
+    # torch.sqrt on CPU float32 is not correctly rounded; fp64 sqrt rounded once to fp32 is (53 >= 2*24+2)
+    r = torch.sqrt((_log_unit(u1) * -2.0).to(torch.float64)).to(torch.float32)
+    sn, cs = _sincos_turns(t)
+    return r * cs, r * sn
+
+
+def philox_normal_ref(seed, tensor: int, numel: int, device=None) -> torch.Tensor:
+    """The ``numel`` standard normals that list entry ``tensor`` gets for ``seed`` (an int or a 1-element int64
+    tensor; a tensor stays on its device, no host sync), computed with PyTorch ops. Matches ``csrc/noise.h``."""
+    if isinstance(seed, torch.Tensor):
+        device = seed.device
+        seed = seed.reshape(()).to(torch.int64)
+        k0, k1 = seed & _MASK, (seed >> 32) & _MASK
+    else:
+        seed = int(seed) & ((1 << 64) - 1)
+        k0, k1 = seed & _MASK, seed >> 32
+    groups = (numel + 3) // 4
+    g = torch.arange(groups, dtype=torch.int64, device=device)
+    c2 = torch.full_like(g, int(tensor) & _MASK)
+    c3 = torch.full_like(g, 0x5CA1E5)
+    r0, r1, r2, r3 = _philox4x32_10(g & _MASK, g >> 32, c2, c3, k0, k1)
+    z0, z1 = _box_muller(r0, r1)
+    z2, z3 = _box_muller(r2, r3)
+    return torch.stack((z0, z1, z2, z3), dim=1).reshape(-1)[:numel]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# PyTorch path (also the CPU/CUDA fallback when mmkernels._C was not built)
+# ----------------------------------------------------------------------------------------------------------
+def _finite_max(dtype):
+    return torch.finfo(dtype).max
+
+
+def _apply_ref(tensors: Sequence[torch.Tensor], coeff: torch.Tensor, seed: Optional[torch.Tensor]) -> torch.Tensor:
+    flags = []
+    for i, g in enumerate(tensors):
+        n = g.numel()
+        if n == 0:
+            flags.append(torch.zeros((), dtype=torch.bool, device=g.device))
+            continue
+        bad = ~torch.isfinite(g).all()
+        flags.append(bad)
+        acc = torch.float64 if g.dtype == torch.float64 else torch.float32
+        x = g.to(acc)
+        y = x * coeff.to(acc)
+        if seed is not None:
+            # unbiased std in fp64; n == 1 -> 0 (documented above)
+            sd = g.to(torch.float64).std() if n > 1 else torch.zeros((), dtype=torch.float64, device=g.device)
+            sd = torch.nan_to_num(sd, nan=0.0)  # only for flagged tensors, which are not written
+            sd = (sd + _EPS).to(torch.float32)
+            z = philox_normal_ref(seed, i, n).view(g.shape)
+            y = y + (sd * z).to(acc)
+        m = _finite_max(g.dtype)
+        y = y.clamp(-m, m).to(g.dtype)
+        g.copy_(torch.where(bad, g, y))
+    if not flags:
+        return torch.zeros(0, dtype=torch.bool, device=coeff.device)
+    return torch.stack(flags)
+
+
+def _use_extension(device: torch.device) -> bool:
+    if _backend.get_backend() == "reference":
+        return False
+    ext = _ext.load()
+    if ext is None:
+        _ext.warn_missing_once()
+        return False
+    if device.type == "cuda":
+        return _ext.has_cuda()
+    return device.type == "cpu"
+
+
+@torch.library.custom_op("mmkernels::scale_grads_", mutates_args={"tensors"})
+def _scale_grads_op(tensors: list[torch.Tensor], coeff: torch.Tensor, seed: Optional[torch.Tensor]) -> torch.Tensor:
+    if len(tensors) == 0:
+        return torch.zeros(0, dtype=torch.bool, device=coeff.device)
+    device = tensors[0].device
+    if not _use_extension(device):
+        return _apply_ref(tensors, coeff, seed)
+    work = [t if t.is_contiguous() else t.contiguous() for t in tensors]
+    flags = _ext.load().scale_grads_(work, coeff, seed)
+    for t, w in zip(tensors, work):
+        if w is not t:
+            t.copy_(w)
+    return flags
+
+
+@_scale_grads_op.register_fake
+def _(tensors, coeff, seed):
+    return torch.empty(len(tensors), dtype=torch.bool, device=coeff.device)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# public API
+# ----------------------------------------------------------------------------------------------------------
+def _prepare(name, tensors, coeff, noise, generator):
+    if isinstance(tensors, torch.Tensor):
+        raise TypeError(f"{name}: tensors must be a list of tensors, got a single tensor; wrap it: [{name}_input]")
+    try:
+        tensors = list(tensors)
+    except TypeError:
+        raise TypeError(f"{name}: tensors must be a list of tensors, got {type(tensors).__name__}") from None
+    for i, t in enumerate(tensors):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}: tensors[{i}] is {type(t).__name__}, not a tensor (drop parameters whose .grad is None)")
+        if t.dtype not in _DTYPES:
+            raise TypeError(f"{name}: tensors[{i}] has dtype {t.dtype}; supported are float32, float16, bfloat16, float64")
+    device = tensors[0].device if tensors else None
+    for i, t in enumerate(tensors):
+        if t.device != device:
+            raise ValueError(f"{name}: tensors[{i}] is on {t.device} but tensors[0] is on {device}; "
+                             "call once per device")
+    if noise not in (None, "ge"):
+        raise ValueError(f"{name}: noise must be None or 'ge', got {noise!r}")
+    if isinstance(coeff, bool) or not isinstance(coeff, (int, float, torch.Tensor)):
+        raise TypeError(f"{name}: coeff must be a 0-d floating tensor or a float, got {type(coeff).__name__}")
+    dev = device if device is not None else (coeff.device if isinstance(coeff, torch.Tensor) else torch.device("cpu"))
+    if isinstance(coeff, torch.Tensor):
+        if coeff.dim() != 0:
+            raise ValueError(f"{name}: coeff must be a 0-d tensor, got shape {tuple(coeff.shape)}; use coeff.reshape(())")
+        if not coeff.is_floating_point():
+            raise TypeError(f"{name}: coeff must be floating point, got {coeff.dtype}; pass coeff.float()")
+        if coeff.device != dev:
+            if coeff.device.type != "cpu":
+                raise ValueError(f"{name}: coeff is on {coeff.device} but the tensors are on {dev}; move coeff to {dev}")
+            coeff = coeff.to(dev, non_blocking=True)  # a 0-d CPU coefficient is accepted, as for grad_scale
+    else:
+        # torch.full launches a fill; torch.tensor(float, device='cuda') would be a blocking copy
+        coeff = torch.full((), float(coeff), dtype=torch.float32, device=dev)
+    if generator is not None:
+        if not isinstance(generator, torch.Generator):
+            raise TypeError(f"{name}: generator must be a torch.Generator or None, got {type(generator).__name__}")
+        if generator.device.type != dev.type:
+            raise ValueError(f"{name}: generator is a {generator.device.type} generator but the tensors are on {dev}; "
+                             f"use torch.Generator(device='{dev.type}')")
+    seed = None
+    if noise == "ge" and tensors:
+        # One 64-bit draw from the caller's generator, on the tensors' device: no host sync, advances the
+        # generator, and equal generator states give equal seeds (hence bit-identical noise on every rank).
+        seed = torch.randint(-(2**63), 2**63 - 1, (1,), dtype=torch.int64, device=dev, generator=generator)
+    return tensors, coeff, seed
+
+
+def scale_grads_(tensors, coeff, noise: Optional[str] = None, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """In place, for every tensor ``g`` of ``tensors``: ``g <- g*coeff`` (+ ``N(0, std(g)+1e-8)`` if ``noise="ge"``).
+
+    Args:
+        tensors: list of fp32/fp16/bf16/fp64 tensors (typically ``[p.grad for p in encoder.parameters()]``),
+            all on one device; shapes and dtypes may be mixed.
+        coeff: 0-d floating tensor on that device (read on the device: no host sync) or a Python float.
+        noise: ``None`` or ``"ge"`` (OGM-GE generalisation enhancement).
+        generator: ``torch.Generator`` on the tensors' device type (``None``: the default generator). One seed
+            is drawn from it per call (the generator advances).
+
+    Returns:
+        ``torch.bool`` tensor ``(len(tensors),)`` on the tensors' device: ``True`` where a tensor held NaN/Inf and
+        was left unchanged.
+    """
+    tensors, coeff, seed = _prepare("scale_grads_", tensors, coeff, noise, generator)
+    return _scale_grads_op(tensors, coeff, seed)
+
+
+def scale_grads_ref_(tensors, coeff, noise: Optional[str] = None, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Pure-PyTorch :func:`scale_grads_` (per tensor, same seed draw, same noise bits); the oracle's structure."""
+    tensors, coeff, seed = _prepare("scale_grads_ref_", tensors, coeff, noise, generator)
+    return _apply_ref(tensors, coeff, seed)
