@@ -16,7 +16,7 @@ import sys
 import time
 
 DEFAULT_VIEWS = ("pix", "fou", "mor")
-DEFAULT_EPOCHS = 30
+DEFAULT_EPOCHS = 20
 DEFAULT_SEEDS = 3
 QUICK_EPOCHS = 3
 QUICK_SEEDS = 2

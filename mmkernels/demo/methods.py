@@ -114,44 +114,26 @@ class UnimodalCE(Method):
 VECTOR_CUTOFF = 0.25
 
 
+def _vector_statistic(x):
+    """Per-sample low/high spectral energy ratio of a feature vector: ``1 / band_ratio(x, 0.25)``."""
+    import mmkernels
+
+    return 1.0 / mmkernels.band_ratio(x, VECTOR_CUTOFF, ndim=1)
+
+
 def _make_mwam(names, encoders, image_views, seed):
     """MWAM whose frequency statistic is FRM for image views and, for vector views (our extension), the
-    low/high spectral energy ratio ``1 / band_ratio(x, 0.25)`` of the feature vector, summed over the batch.
+    low/high spectral energy ratio ``1 / band_ratio(x, 0.25)`` of the feature vector, summed over the batch
+    (the library's ``statistic=`` hook).
 
     The reciprocal keeps FRM's orientation (FRM = low-frequency over high-frequency DCT coefficients, and a
     larger statistic gives a smaller weight). Everything after the statistic is the library's MWAM: bank,
     ``T_m = F_m / (mean_c F̂_c + σ)``, ``K_m = α − β·sigmoid(λ(T_m − γ))``, paper preset, ``apply="both"``.
     """
-    import torch
-
-    import mmkernels
-    from mmkernels import policies
     from mmkernels.balance import MWAM
 
-    class MixedStatisticMWAM(MWAM):
-        def step(self, inputs, mask=None, epoch=None):
-            if all(n in image_views for n in self.names):
-                return super().step(inputs=inputs, mask=mask, epoch=epoch)
-            self._check_names(inputs, "inputs")
-            sums = []
-            for n in self.names:
-                x = inputs[n].detach()
-                if n in image_views:
-                    f = mmkernels.frm(x, patch_size=self.patch_size, window=self.window, eps=self.frm_eps,
-                                      reduction="sum")
-                else:
-                    f = (1.0 / mmkernels.band_ratio(x, VECTOR_CUTOFF, ndim=1)).sum()
-                sums.append(f.to(torch.float32).reshape(()))
-            frm = self._all_reduce(torch.stack(sums))
-            hp = self.hparams
-            self.bank = policies.mwam_update_bank(self.bank, frm, self.omega, hp["warm_start"])
-            k = policies.mwam(frm, self.bank, hp["alpha"], hp["beta"], hp["lam"], hp["gamma"], self.sigma)
-            self.stats = {"frm": frm, "bank": self.bank, "T": frm / (self.bank.mean() + self.sigma), "weights": k}
-            k = self._finish(k, epoch)
-            self._weights = k
-            return k
-
-    return MixedStatisticMWAM(encoders, apply="both", preset="paper", seed=seed)
+    statistic = {n: _vector_statistic for n in names if n not in image_views}
+    return MWAM(encoders, apply="both", preset="paper", statistic=statistic, seed=seed)
 
 
 class MWAMMethod(Method):
@@ -214,6 +196,19 @@ class DecisionMethod(Method):
         return {n: float(v) for n, v in zip(self.model.names, w)}
 
 
+class DecisionInference(DecisionMethod):
+    name = "decision_infer"
+    description = ("decision-level weighting at inference only: trained exactly like the baseline (CE on the "
+                   "sum head); DecisionLevel's scales and capabilities are tracked from the detached "
+                   "head-split logits of the training batches and used to fuse at test time")
+    balanced = True
+
+    def loss(self, x, y, epoch):
+        fused, uni = self.model(x)
+        self.dec.fuse({n: u.detach() for n, u in uni.items()}, labels=y, update=True)
+        return F.cross_entropy(fused, y)
+
+
 class OGMGEDecision(DecisionMethod):
     name = "ogm_ge_act+decision"
     coefficient_label = "OGM-GE gradient coefficient k_m"
@@ -262,6 +257,7 @@ METHODS = {
     "pdmp": PDMPMethod,
     "mwam": MWAMMethod,
     "decision": DecisionMethod,
+    "decision_infer": DecisionInference,
     "ogm_ge_act+decision": OGMGEDecision,
     "mwam+decision": MWAMDecision,
 }
