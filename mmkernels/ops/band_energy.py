@@ -75,7 +75,19 @@ def _next_pow2(v: int, lo: int = 16) -> int:
     return max(lo, triton.next_power_of_2(max(int(v), 1)))
 
 
+def _no_modes(fn):
+    """Plans are host constants: build them with real CPU tensors even when called from a fake/tracing
+    context (the fake impl needs their sizes), so no dispatch mode may see these ops."""
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    def wrapper(*args):
+        with _disable_current_modes():
+            return fn(*args)
+    return wrapper
+
+
 @lru_cache(maxsize=256)
+@_no_modes
 def _plan1d_cpu(n: int, cutoffs: tuple) -> dict:
     freq = torch.fft.rfftfreq(n, dtype=torch.float64)
     band = _band_of(freq, cutoffs)
@@ -90,10 +102,11 @@ def _plan1d_cpu(n: int, cutoffs: tuple) -> dict:
     sw = w.sqrt()[:, None]
     basis = torch.cat([c * sw, s * sw], 0)  # (F = 2K, N)
     col_band = torch.cat([band[k], band[k]]).to(torch.int32)  # (F,)
-    return {"K": kk, "F": 2 * kk, "basis": basis, "col_band": col_band}
+    return {"K": kk, "F": 2 * kk, "basis": basis, "col_band": col_band, "sqrt_w": w.sqrt()}
 
 
 @lru_cache(maxsize=256)
+@_no_modes
 def _plan2d_cpu(h: int, w: int, cutoffs: tuple) -> dict:
     last = len(cutoffs)
     cl = cutoffs[-1]
@@ -113,7 +126,8 @@ def _plan2d_cpu(h: int, w: int, cutoffs: tuple) -> dict:
     cu, su = _cos_sin(u, h)  # (U, H)
     cv, sv = _cos_sin(v, w)  # (V, W)
     sw = wv.sqrt()[:, None]
-    return {"U": int(u.numel()), "V": int(v.numel()), "cu": cu, "su": su, "cv": cv * sw, "sv": sv * sw, "band": band}
+    return {"U": int(u.numel()), "V": int(v.numel()), "cu": cu, "su": su, "cv": cv * sw, "sv": sv * sw, "band": band,
+            "u": u, "sqrt_wv": wv.sqrt()}
 
 
 _DEV_CACHE: dict = {}
@@ -134,6 +148,7 @@ def _ref_tensors1d(n, cutoffs, device, dtype):
         onehot = torch.nn.functional.one_hot(p["col_band"].long(), len(cutoffs)).to(dtype) if p["F"] else None
         return {"F": p["F"], "bt": basis.t().contiguous().to(device),  # (N, F)
                 "b": basis.to(device), "col_band": p["col_band"].long().to(device),
+                "sqrt_w": p["sqrt_w"].to(dtype).to(device),
                 "onehot": None if onehot is None else onehot.to(device)}
     return _cached(("r1", n, cutoffs, str(device), dtype), build)
 
@@ -150,6 +165,7 @@ def _ref_tensors2d(h, w, cutoffs, device, dtype):
         return {"U": U, "V": V, "csv_t": csv_t.to(dtype).to(device), "csu": csu.to(dtype).to(device),
                 "csu_t": csu.t().contiguous().to(dtype).to(device),
                 "onehot": onehot.to(dtype).to(device), "band": band.clamp(min=0).to(device),
+                "u": p["u"].to(device), "sqrt_wv": p["sqrt_wv"].to(dtype).to(device),
                 "valid": valid.to(dtype).to(device)}
     return _cached(("r2", h, w, cutoffs, str(device), dtype), build)
 
@@ -230,12 +246,11 @@ def _fwd_ref(x: torch.Tensor, cutoffs: tuple, ndim: int, save_proj: bool):
         if t["F"] == 0:
             part = xc.new_zeros(m, J)
             proj = xc.new_zeros(m, 0)
-        elif _use_fft_ref(x.shape, cutoffs, 1) and not save_proj:
+        elif _use_fft_ref(x.shape, cutoffs, 1):
+            # Many bins: an FFT is cheaper; Σx·cos = Re X_k and Σx·sin = −Im X_k give the same projections.
             spec = torch.fft.rfft(xc, dim=-1)[:, : t["F"] // 2]
-            sq = spec.real.square() + spec.imag.square()
-            sq = sq * t["b"][: t["F"] // 2, 0].square()  # w_k: first basis column is sqrt(w_k)·cos(0)
-            part = sq @ t["onehot"][: t["F"] // 2]
-            proj = None
+            proj = torch.cat([spec.real * t["sqrt_w"], spec.imag * -t["sqrt_w"]], -1)
+            part = proj.square() @ t["onehot"]
         else:
             proj = xc @ t["bt"]  # (M, F)
             part = proj.square() @ t["onehot"]
@@ -247,11 +262,15 @@ def _fwd_ref(x: torch.Tensor, cutoffs: tuple, ndim: int, save_proj: bool):
         if U == 0 or V == 0:
             part = xc.new_zeros(m, J)
             proj = xc.new_zeros(m, 2, U, V)
+        elif _use_fft_ref(x.shape, cutoffs, 2):
+            spec = torch.fft.rfft2(xc)[:, t["u"], :V]  # (M, U, V); Im' = −Im X
+            re, im = spec.real * t["sqrt_wv"], spec.imag * -t["sqrt_wv"]
         else:
             y = xc @ t["csv_t"]  # (M, H, 2V): stage 1 along W
             z = t["csu"] @ y  # (M, 2U, 2V): stage 2 along H
             re = z[:, :U, :V] - z[:, U:, V:]
             im = z[:, U:, :V] + z[:, :U, V:]
+        if U and V:
             sq = (re.square() + im.square()).reshape(m, U * V)
             part = sq @ t["onehot"]
             proj = torch.stack([re, im], 1) if save_proj else None

@@ -1,0 +1,379 @@
+"""band_energy / band_ratio (SPEC §2.2) against a float64 torch.fft oracle written out here.
+
+The oracle computes the full spectrum with torch.fft in float64 and builds the band masks itself from
+fftfreq/rfftfreq, so it shares no code (no basis, no Parseval subtraction) with the op under test.
+"""
+import math
+
+import pytest
+import torch
+
+import mmkernels
+from mmkernels import band_energy, band_energy_ref, band_ratio
+from tests.helpers import assert_close
+
+
+# ---------------------------------------------------------------------------------------------- oracle
+
+def oracle_1d(x, cutoffs):
+    """One-sided spectrum of the last dim; DC and (even N) Nyquist counted once, other bins twice."""
+    x = x.detach().double()
+    n = x.shape[-1]
+    power = torch.fft.rfft(x, dim=-1).abs().square()
+    f = torch.fft.rfftfreq(n, dtype=torch.float64)
+    mult = torch.full_like(f, 2.0)
+    mult[0] = 1.0
+    if n % 2 == 0:
+        mult[-1] = 1.0
+    power = power * mult
+    edges = [0.0, *cutoffs]
+    bands = [power[..., (f >= edges[j]) & (f < edges[j + 1])].sum(-1) for j in range(len(cutoffs))]
+    bands.append(power[..., f >= edges[-1]].sum(-1))
+    return torch.stack(bands, -1)
+
+
+def oracle_2d(x, cutoffs):
+    """Full 2-D spectrum, radial frequency sqrt(fu² + fv²)."""
+    x = x.detach().double()
+    h, w = x.shape[-2:]
+    power = torch.fft.fft2(x).abs().square()
+    fu = torch.fft.fftfreq(h, dtype=torch.float64)
+    fv = torch.fft.fftfreq(w, dtype=torch.float64)
+    r = torch.sqrt(fu[:, None] ** 2 + fv[None, :] ** 2)
+    edges = [0.0, *cutoffs]
+    bands = [power[..., (r >= edges[j]) & (r < edges[j + 1])].sum(-1) for j in range(len(cutoffs))]
+    bands.append(power[..., r >= edges[-1]].sum(-1))
+    return torch.stack(bands, -1)
+
+
+def assert_bands_close(got, want, what=""):
+    """SPEC §2.2 accuracy: every band within 1e-5·E_total + 1e-4·E_band of the float64 reference."""
+    got = got.detach().cpu().double()
+    want = want.cpu()
+    total = want.sum(-1, keepdim=True).expand_as(want)
+    tol = 1e-5 * total + 1e-4 * want.abs() + 1e-30
+    bad = (got - want).abs() > tol
+    if bad.any():
+        i = tuple(bad.nonzero()[0].tolist())
+        raise AssertionError(f"{what}: {int(bad.sum())}/{bad.numel()} bands off; first at {i}: got {got[i].item():.9g} "
+                             f"want {want[i].item():.9g} (tol {tol[i].item():.3g})")
+
+
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+
+
+# ---------------------------------------------------------------------------------------------- 1-D
+
+@pytest.mark.parametrize("n", [1, 2, 3, 7, 8, 15, 56, 100])
+@pytest.mark.parametrize("cutoffs", [[0.1], [0.05, 0.2, 0.5], [0.25, 0.4]])
+def test_1d_matches_fft(backend, device, n, cutoffs):
+    x = torch.randn(5, n, device=device)
+    got = band_energy(x, cutoffs, ndim=1)
+    assert got.shape == (5, len(cutoffs) + 1) and got.dtype == torch.float32
+    assert_bands_close(got, oracle_1d(x, cutoffs), f"n={n} cutoffs={cutoffs}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_1d_dtypes(backend, device, dtype):
+    x = torch.randn(3, 4, 37, device=device).to(dtype)
+    got = band_energy(x, [0.07, 0.3])
+    assert got.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert got.shape == (3, 4, 3)
+    # The rounded input is exact in float64, so the fp32-accumulated result must meet SPEC's bound too.
+    want = oracle_1d(x, [0.07, 0.3])
+    if dtype == torch.float64:
+        assert_close(got, want, rtol=1e-10, atol=1e-9 * float(want.sum(-1).max()), what="fp64")
+    else:
+        assert_bands_close(got, want, str(dtype))
+
+
+def test_1d_bin_on_cutoff_goes_to_upper_band(backend, device):
+    # cos at bin 2 of N=8 has frequency exactly 0.25: bands are [c_{j-1}, c_j), so it belongs to band 1.
+    n = 8
+    t = torch.arange(n, dtype=torch.float32, device=device)
+    x = torch.cos(2 * math.pi * 2 * t / n)[None]
+    got = band_energy(x, [0.25]).cpu()
+    assert got[0, 0].abs() < 1e-4 and abs(got[0, 1].item() - n * (x * x).sum().item()) < 1e-3
+
+
+def test_1d_nyquist_counted_once(backend, device):
+    # (-1)^n is all Nyquist energy for even N: |X|² = N², counted once (not doubled), last band inclusive.
+    for n in (6, 16):
+        x = torch.tensor([(-1.0) ** i for i in range(n)], device=device)[None]
+        got = band_energy(x, [0.1, 0.5]).cpu()
+        assert_close(got, torch.tensor([[0.0, 0.0, float(n * n)]]), rtol=1e-5, atol=1e-3, what=f"nyquist n={n}")
+
+
+def test_1d_odd_n_no_nyquist(backend, device):
+    # For odd N the top bin (N-1)/2 < 0.5 is an ordinary doubled bin: cutoff 0.5 puts it in band 0, last band empty.
+    n = 7
+    x = torch.randn(4, n, device=device)
+    got = band_energy(x, [0.5])
+    assert_bands_close(got, oracle_1d(x, [0.5]), "odd n")
+    assert got[:, 1].abs().max().item() < 1e-5 * got[:, 0].max().item()
+
+
+# ---------------------------------------------------------------------------------------------- 2-D
+
+@pytest.mark.parametrize("hw", [(1, 1), (2, 3), (7, 9), (8, 8), (14, 14), (15, 6)])
+@pytest.mark.parametrize("cutoffs", [[0.1], [0.05, 0.2, 0.5], [0.25, math.sqrt(0.5)]])
+def test_2d_matches_fft(backend, device, hw, cutoffs):
+    x = torch.randn(3, *hw, device=device)
+    got = band_energy(x, cutoffs, ndim=2)
+    assert got.shape == (3, len(cutoffs) + 1) and got.dtype == torch.float32
+    assert_bands_close(got, oracle_2d(x, cutoffs), f"hw={hw} cutoffs={cutoffs}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_2d_dtypes(backend, device, dtype):
+    x = torch.randn(2, 3, 10, 12, device=device).to(dtype)
+    got = band_energy(x, [0.15, 0.35], ndim=2)
+    assert got.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert got.shape == (2, 3, 3)
+    want = oracle_2d(x, [0.15, 0.35])
+    if dtype == torch.float64:
+        assert_close(got, want, rtol=1e-10, atol=1e-9 * float(want.sum(-1).max()), what="fp64")
+    else:
+        assert_bands_close(got, want, str(dtype))
+
+
+def test_2d_radial_boundary(backend, device):
+    # A plane wave at (u, v) = (2, 0) of an 8x8 grid has radius exactly 0.25 -> upper band; (1, 1) has radius
+    # sqrt(2)/8 ~ 0.177 -> lower band.
+    h = w = 8
+    hh = torch.arange(h, dtype=torch.float32)[:, None]
+    ww = torch.arange(w, dtype=torch.float32)[None, :]
+    x = torch.stack([torch.cos(2 * math.pi * 2 * hh / h) + 0 * ww, torch.cos(2 * math.pi * (hh + ww) / 8)]).to(device)
+    got = band_energy(x, [0.25], ndim=2).cpu()
+    tot = (h * w * (x.cpu() ** 2).sum((-2, -1)))
+    assert got[0, 0].abs() < 1e-3 and abs(got[0, 1] - tot[0]) < 1e-3 * tot[0]
+    assert got[1, 1].abs() < 1e-3 and abs(got[1, 0] - tot[1]) < 1e-3 * tot[1]
+
+
+def test_2d_vit_grid(backend, device):
+    # ViT-B/16 at 224: tokens reshaped to a 14x14 patch grid, (B, D, 14, 14).
+    x = torch.randn(2, 24, 14, 14, device=device)
+    got = band_energy(x, [0.1, 0.25], ndim=2)
+    assert got.shape == (2, 24, 3)
+    assert_bands_close(got, oracle_2d(x, [0.1, 0.25]), "vit grid")
+
+
+# ---------------------------------------------------------------------------------------------- shared
+
+@pytest.mark.parametrize("ndim", [1, 2])
+def test_parseval_total(backend, device, ndim):
+    x = torch.randn(6, 9, 11, device=device)
+    got = band_energy(x, [0.1, 0.3], ndim=ndim).double().cpu()
+    scale = 11 if ndim == 1 else 99
+    dims = (-1,) if ndim == 1 else (-2, -1)
+    total = scale * x.double().cpu().square().sum(dims)
+    assert_close(got.sum(-1), total, rtol=1e-6, atol=0, what="Parseval")
+
+
+@pytest.mark.parametrize("ndim", [1, 2])
+def test_non_contiguous(backend, device, ndim):
+    base = torch.randn(6, 13, 18, device=device)
+    for x in (base[::2], base.transpose(-1, -2), base[:, 1:12:2, ::3]):
+        assert not x.is_contiguous()
+        want = oracle_1d(x, [0.12, 0.3]) if ndim == 1 else oracle_2d(x, [0.12, 0.3])
+        assert_bands_close(band_energy(x, [0.12, 0.3], ndim=ndim), want, f"strides {x.stride()}")
+
+
+def test_leading_dims_and_empty(backend, device):
+    x = torch.randn(20, device=device)
+    assert band_energy(x, 0.2).shape == (2,)
+    assert band_energy(torch.randn(5, 6, device=device), 0.2, ndim=2).shape == (2,)
+    for ndim, shape in ((1, (0, 3, 8)), (2, (2, 0, 5, 5)), (1, (0, 8))):
+        x = torch.randn(*shape, device=device, requires_grad=True)
+        out = band_energy(x, [0.1, 0.2], ndim=ndim)
+        assert out.shape == shape[: len(shape) - ndim] + (3,)
+        out.sum().backward()
+        assert x.grad.shape == x.shape
+
+
+def test_last_band_tiny_is_within_spec(backend, device):
+    # Smooth signal: the high band is ~1e-9 of the total, obtained as total - others. Its relative error is
+    # large, but it stays within the absolute 1e-5·E_total part of the SPEC bound.
+    n = 64
+    t = torch.arange(n, dtype=torch.float64)
+    x = (torch.exp(-((t - 32) / 12) ** 2) + 0.5)[None].float().to(device)
+    got = band_energy(x, [0.25])
+    want = oracle_1d(x, [0.25])
+    assert want[0, 1] / want.sum() < 1e-8
+    assert_bands_close(got, want, "tiny last band")
+
+
+def test_band_ratio(backend, device):
+    x = torch.randn(3, 2, 16, device=device)
+    e = oracle_1d(x, [0.2])
+    got = band_ratio(x, 0.2)
+    assert got.shape == (3, 2)
+    assert_close(got, e[..., 1] / (e[..., 0] + 1e-12), rtol=1e-4, atol=0, what="band_ratio")
+    got2 = band_ratio(torch.randn(4, 9, 9, device=device), 0.3, ndim=2, eps=1.0)
+    assert got2.shape == (4,)
+    with pytest.raises(ValueError, match="single frequency"):
+        band_ratio(x, [0.1, 0.2])
+
+
+def test_matches_band_energy_ref(backend, device):
+    x = torch.randn(4, 12, 10, device=device)
+    assert_close(band_energy(x, [0.1, 0.3], 2), band_energy_ref(x, [0.1, 0.3], 2), rtol=1e-5, atol=1e-3, what="ref")
+
+
+# ---------------------------------------------------------------------------------------------- gradients
+
+@pytest.mark.parametrize("ndim,shape,cutoffs", [
+    (1, (3, 7), [0.1, 0.3]),
+    (1, (2, 16), [0.2, 0.5]),
+    (2, (2, 5, 6), [0.15, 0.4]),
+    (2, (1, 8, 8), [0.25, math.sqrt(0.5)]),
+])
+def test_gradcheck(backend, device, ndim, shape, cutoffs):
+    x = torch.randn(*shape, device=device, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: band_energy(t, cutoffs, ndim=ndim), (x,))
+
+
+@pytest.mark.parametrize("ndim", [1, 2])
+def test_reference_gradcheck_fft_branch(device, ndim):
+    # band_energy_ref switches to torch.fft for many bins; its autograd must be right too.
+    from mmkernels.ops.band_energy import _use_fft_ref
+
+    shape, cut = ((2, 64), [0.3, 0.45]) if ndim == 1 else ((2, 12, 12), [0.3, 0.6])
+    assert _use_fft_ref(shape, tuple(cut), ndim)
+    x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: band_energy_ref(t, cut, ndim=ndim), (x,))
+    with mmkernels.use_backend("reference"):
+        assert torch.autograd.gradcheck(lambda t: band_energy(t, cut, ndim=ndim), (x,))
+
+
+@pytest.mark.parametrize("ndim", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grad_matches_oracle(backend, device, ndim, dtype):
+    # Gradient of Σ_j g_j E_j through the float64 FFT oracle (autograd of torch.fft).
+    x = torch.randn(3, 9, 10, device=device).to(dtype).requires_grad_()
+    out = band_energy(x, [0.1, 0.3], ndim=ndim)
+    g = torch.randn_like(out)
+    (gx,) = torch.autograd.grad(out, x, g)
+    assert gx.dtype == dtype
+    xd = x.detach().double().requires_grad_()
+    oracle = oracle_1d_diff if ndim == 1 else oracle_2d_diff
+    (want,) = torch.autograd.grad(oracle(xd, [0.1, 0.3]), xd, g.double())
+    tol = 1e-4 if dtype == torch.float32 else 1e-2
+    assert_close(gx.double(), want, rtol=tol, atol=tol * float(want.abs().max()), what="grad")
+
+
+def oracle_1d_diff(x, cutoffs):
+    n = x.shape[-1]
+    power = torch.view_as_real(torch.fft.rfft(x, dim=-1)).square().sum(-1)
+    f = torch.fft.rfftfreq(n, dtype=torch.float64)
+    mult = torch.where((f == 0) | ((n % 2 == 0) & (f == f[-1])), 1.0, 2.0).double()
+    edges = [0.0, *cutoffs, float("inf")]
+    masks = torch.stack([((f >= edges[j]) & (f < edges[j + 1])) | ((j == len(cutoffs)) & (f >= edges[j]))
+                         for j in range(len(cutoffs) + 1)], -1).double()
+    return (power * mult) @ masks
+
+
+def oracle_2d_diff(x, cutoffs):
+    h, w = x.shape[-2:]
+    power = torch.view_as_real(torch.fft.fft2(x)).square().sum(-1).flatten(-2)
+    fu = torch.fft.fftfreq(h, dtype=torch.float64)
+    fv = torch.fft.fftfreq(w, dtype=torch.float64)
+    r = torch.sqrt(fu[:, None] ** 2 + fv[None, :] ** 2).flatten()
+    edges = [0.0, *cutoffs]
+    masks = [((r >= edges[j]) & (r < edges[j + 1])) for j in range(len(cutoffs))] + [r >= edges[-1]]
+    return power @ torch.stack(masks, -1).double()
+
+
+# ---------------------------------------------------------------------------------------------- compile / opcheck
+
+@pytest.mark.parametrize("ndim", [1, 2])
+def test_compile_fullgraph(device, ndim):
+    torch._dynamo.reset()
+    x = torch.randn(4, 8, 10, device=device, requires_grad=True)
+
+    def f(t):
+        return band_energy(t, [0.1, 0.3], ndim=ndim).square().sum()
+
+    compiled = torch.compile(f, fullgraph=True)
+    loss = compiled(x)
+    (gx,) = torch.autograd.grad(loss, x)
+    loss_e = f(x)
+    (gx_e,) = torch.autograd.grad(loss_e, x)
+    assert_close(loss, loss_e.detach(), rtol=1e-5, atol=0, what="compiled forward")
+    assert_close(gx, gx_e, rtol=1e-4, atol=1e-3 * float(gx_e.abs().max()), what="compiled grad")
+
+
+@pytest.mark.parametrize("ndim", [1, 2])
+def test_opcheck(backend, device, ndim):
+    shape = (3, 10) if ndim == 1 else (3, 6, 7)
+    x = torch.randn(*shape, device=device, requires_grad=True)
+    torch.library.opcheck(torch.ops.mmkernels.band_energy_fwd.default, (x, [0.1, 0.3], ndim, True))
+    torch.library.opcheck(torch.ops.mmkernels.band_energy_fwd.default, (x.detach(), [0.2], ndim, False))
+    out, proj = torch.ops.mmkernels.band_energy_fwd(x.detach(), [0.1, 0.3], ndim, True)
+    g = torch.randn_like(out)
+    torch.library.opcheck(torch.ops.mmkernels.band_energy_bwd.default, (g, x.detach(), proj, [0.1, 0.3], ndim))
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+
+def test_bad_inputs():
+    x = torch.randn(2, 8)
+    with pytest.raises(ValueError, match="ndim"):
+        band_energy(x, 0.1, ndim=3)
+    with pytest.raises(ValueError, match="ndim"):
+        band_energy(x, 0.1, ndim=True)
+    with pytest.raises(TypeError, match="floating"):
+        band_energy(torch.ones(2, 8, dtype=torch.int64), 0.1)
+    with pytest.raises(ValueError, match=r"at least 2 dimension.*\(8,\)"):
+        band_energy(torch.randn(8), 0.1, ndim=2)
+    with pytest.raises(ValueError, match="non-empty"):
+        band_energy(torch.randn(2, 0), 0.1)
+    with pytest.raises(ValueError, match="non-empty"):
+        band_energy(x, [])
+    with pytest.raises(ValueError, match="strictly increasing"):
+        band_energy(x, [0.2, 0.1])
+    with pytest.raises(ValueError, match="strictly increasing"):
+        band_energy(x, [0.2, 0.2])
+    for bad in (0.0, -0.1, 0.6, float("nan")):
+        with pytest.raises(ValueError, match=r"out of range.*\(0, 0.5\]"):
+            band_energy(x, [bad])
+    with pytest.raises(ValueError, match=r"\(0, sqrt\(0.5\)\]"):
+        band_energy(torch.randn(2, 4, 4), [0.1, 0.72], ndim=2)
+    band_energy(torch.randn(2, 4, 4), [0.1, 0.7], ndim=2)  # 0.7 < sqrt(0.5) is fine in 2-D
+    with pytest.raises(TypeError, match="not a tensor"):
+        band_energy(x, torch.tensor([0.1]))
+    with pytest.raises(TypeError, match="list of floats"):
+        band_energy(x, ["low"])
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        band_energy([[1.0, 2.0]], 0.1)
+
+
+# ---------------------------------------------------------------------------------------------- GPU (realistic sizes)
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_gpu_2d_feature_maps(dtype):
+    x = torch.randn(64, 64, 56, 56, device="cuda").to(dtype)
+    got = band_energy(x, [0.1], ndim=2)
+    assert_bands_close(got, oracle_2d(x.cpu(), [0.1]), f"gpu 2d {dtype}")
+    got = band_energy(x[:, :, 3:50, 1:55], [0.05, 0.2, 0.6], ndim=2)  # strided, many bins
+    assert_bands_close(got, oracle_2d(x[:, :, 3:50, 1:55].cpu(), [0.05, 0.2, 0.6]), f"gpu 2d strided {dtype}")
+
+
+@pytest.mark.gpu
+def test_gpu_1d_and_grad():
+    x = torch.randn(4096, 1024, device="cuda", requires_grad=True)
+    out = band_energy(x, [0.05, 0.2])
+    assert_bands_close(out, oracle_1d(x.detach().cpu(), [0.05, 0.2]), "gpu 1d")
+    g = torch.randn_like(out)
+    (gx,) = torch.autograd.grad(out, x, g)
+    with mmkernels.use_backend("reference"):
+        (gr,) = torch.autograd.grad(band_energy(x, [0.05, 0.2]), x, g)
+    assert_close(gx, gr, rtol=1e-4, atol=1e-4 * float(gr.abs().max()), what="gpu 1d grad")
+    x2 = torch.randn(32, 64, 28, 28, device="cuda", requires_grad=True)
+    out2 = band_energy(x2, [0.1, 0.3], ndim=2)
+    g2 = torch.randn_like(out2)
+    (gx2,) = torch.autograd.grad(out2, x2, g2)
+    with mmkernels.use_backend("reference"):
+        (gr2,) = torch.autograd.grad(band_energy(x2, [0.1, 0.3], ndim=2), x2, g2)
+    assert_close(gx2, gr2, rtol=1e-4, atol=1e-4 * float(gr2.abs().max()), what="gpu 2d grad")
