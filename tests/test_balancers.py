@@ -613,3 +613,25 @@ def test_mwam_custom_statistic_for_non_image_modality():
     bal.step(inputs={"image": img, "vector": vec}, mask=mask)
     want = [(_frm64(img) * mask[:, 0]).sum().item(), (vec.abs().sum(1) * mask[:, 1]).sum().item()]
     assert bal.stats["frm"].tolist() == pytest.approx(want, rel=1e-5)
+
+
+def test_hooks_installed_after_model_was_compiled_and_run():
+    # the user order most likely to go wrong: compile, run once, then build the balancer. PyTorch does not
+    # guard compiled graphs on hooks of submodules (torch._dynamo.config.skip_nnmodule_hook_guards=True), so
+    # the documented remedy is torch.compiler.reset() after creating the balancer; check that it works and
+    # that without it the already-compiled graph indeed ignores the hook (so the docstring stays true).
+    torch._dynamo.reset()
+    model = Net(scale=(3.0, 1.0))
+    inputs, y = _batch()
+    g0 = _plain_grads(model, inputs, y)
+    cmodel = torch.compile(model)
+    cmodel(inputs)[0].sum().backward()
+    bal = PDMP({n: model.encoders[n] for n in model.names}, {"audio": 0.9, "visual": 0.2})
+    for reset, want in ((False, [1.0, 1.0]), (True, [1.2, 0.8])):
+        if reset:
+            torch.compiler.reset()
+        model.zero_grad()
+        fused, _ = cmodel(inputs)
+        bal.step()
+        F.cross_entropy(fused, y).backward()
+        _check_scaled(model, g0, _grads(model), want, model.names)

@@ -27,6 +27,13 @@ gradient gets the coefficient of its own statistics. In parameter mode statistic
 micro-batches since the last ``after_backward()`` (call it once, before ``opt.step()``), so the applied
 coefficient equals the one a single large batch would give.
 
+torch.compile: build the balancer *before* the first call of a compiled model; the hooks are then traced
+into the graph and the coefficient tensors are graph inputs, so ``step()`` filling them after the forward
+reaches the compiled backward (tested). Hooks added to submodules of a model that has already been
+compiled and run are not seen by the cached graph (PyTorch's ``torch._dynamo.config.
+skip_nnmodule_hook_guards`` is True by default): call ``torch.compiler.reset()`` after creating the
+balancer in that case.
+
 DDP: when ``torch.distributed`` is initialised (and ``sync`` is not False) every statistic sum is
 all-reduced before a coefficient is computed, so every rank applies identical coefficients, and the GE
 noise generator is seeded with the same ``seed`` on every rank (parameter mode runs after DDP's gradient
