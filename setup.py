@@ -28,7 +28,7 @@ if os.environ.get("MMKERNELS_NO_EXT", "0") != "1" and glob.glob("csrc/*.cpp"):
     if with_cuda:
         major, minor = (int(v) for v in torch.version.cuda.split(".")[:2])
         archs = os.environ.get("MMKERNELS_CUDA_ARCHS", "80;90")
-        extra["nvcc"] = ["-O3", "-std=c++17", "--use_fast_math", "-DMMKERNELS_WITH_CUDA"] + [
+        extra["nvcc"] = ["-O3", "-std=c++17", "-DMMKERNELS_WITH_CUDA"] + [
             f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs.split(";")
         ]
         extra["cxx"].append("-DMMKERNELS_WITH_CUDA")
