@@ -1,6 +1,5 @@
 """Balancers (SPEC §4) in real training steps: which gradients get which coefficient, in both modes, with
 masks, epoch windows, M = 3, accumulation, resume, compile, AMP and bad input."""
-import copy
 import importlib.util
 import math
 
@@ -9,7 +8,6 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-import mmkernels
 from mmkernels import policies as P
 from mmkernels.balance import MWAM, OGMGE, PDMP, DecisionLevel, masked_unimodal_logits, split_linear_head, \
     unimodal_performance
