@@ -234,7 +234,7 @@ def _prepare(name, tensors, coeff, noise, generator):
             coeff = coeff.to(dev, non_blocking=True)  # a 0-d CPU coefficient is accepted, as for grad_scale
     else:
         # torch.full launches a fill; torch.tensor(float, device='cuda') would be a blocking copy
-        coeff = torch.full((), float(coeff), dtype=torch.float32, device=dev)
+        coeff = torch.full((), float(coeff), dtype=torch.float64, device=dev)  # exact for fp64 tensors
     if generator is not None:
         if not isinstance(generator, torch.Generator):
             raise TypeError(f"{name}: generator must be a torch.Generator or None, got {type(generator).__name__}")
