@@ -128,8 +128,10 @@ def plot_coefficients(results, path):
             for r_i, r in enumerate(runs):
                 ys = [e.get(k, float("nan")) for e in r["coefficients"]]
                 ci = views.index(k) + 1 if k in views else j + 1
+                # a line style per modality too: equal coefficients (MWAM's vector views) stay visible
                 ax.plot(range(1, len(ys) + 1), ys, color=colors(ci), alpha=1.0 if r_i == 0 else 0.35,
-                        lw=1.5 if r_i == 0 else 0.8, label=k if r_i == 0 else None)
+                        lw=1.5 if r_i == 0 else 0.8, ls=("-", "--", ":", "-.")[j % 4],
+                        label=k if r_i == 0 else None)
         label = results["methods"][m].get("coefficient_label", "")
         ax.set_title(m + (f"\n{label}" if label else ""), fontsize=9)
         ax.set_xlabel("epoch")
