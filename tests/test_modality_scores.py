@@ -64,10 +64,12 @@ def test_sequence_form_and_noncontiguous(backend, device):
         want_s, want_c = oracle(logits, y, mask)
         assert_close(scores, want_s.float(), 1e-5, 1e-5, "scores")
         assert_close(correct, want_c.float(), 0, 0, "correct")
-    # the sequence form gives what the stacked form gives (bit for bit in the kernel: same per-row math)
+    # the sequence form gives what the stacked form gives. Same per-row math, but on a GPU the compiler
+    # specialises the kernel on strides (the stacked copy is contiguous, the views are not), which may change
+    # instruction selection (fused multiply-adds, vector width): equal to rounding, bit-exact in the interpreter.
     a = modality_scores(xs, y, mask)
     b = modality_scores(torch.stack(xs), y, mask)
-    if backend == "triton":
+    if backend == "triton" and device == "cpu":
         assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
     assert_close(a[0], b[0], 1e-6, 1e-6, "sequence vs stacked")
     assert torch.equal(a[1], b[1])
