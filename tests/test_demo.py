@@ -1,7 +1,6 @@
 """The demo (python -m mmkernels demo): data loading, split, model, CLI errors and a --quick end-to-end run."""
 import json
 import math
-import os
 import time
 
 import numpy as np

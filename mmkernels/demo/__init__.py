@@ -118,6 +118,7 @@ def main(argv=None) -> int:
     if args.threads >= 1:
         torch.set_num_threads(args.threads)
 
+    command = "python -m mmkernels demo " + " ".join(argv if argv is not None else sys.argv[1:])
     t0 = time.perf_counter()
     if args.unimodal_only:
         from mmkernels.demo.report import format_unimodal
@@ -125,7 +126,7 @@ def main(argv=None) -> int:
 
         results = run_unimodal(args.views, args.seeds, args.epochs, args.device, progress=not args.no_progress)
         results["config"]["wall_s"] = round(time.perf_counter() - t0, 1)
-        results["config"]["command"] = "python -m mmkernels demo " + " ".join(argv if argv is not None else sys.argv[1:])
+        results["config"]["command"] = command
         path = os.path.join(args.out, "unimodal.json")
         with open(path, "w") as f:
             json.dump(results, f, indent=1)
@@ -136,7 +137,7 @@ def main(argv=None) -> int:
                        device=args.device, progress=not args.no_progress,
                        timing_rounds=2 if args.quick else 6)
     results["config"]["wall_s"] = round(time.perf_counter() - t0, 1)
-    results["config"]["command"] = "python -m mmkernels demo " + " ".join(argv if argv is not None else sys.argv[1:])
+    results["config"]["command"] = command
     results["config"]["quick"] = bool(args.quick)
     results["config"]["platform"] = {"python": platform.python_version(), "torch": torch.__version__,
                                      "machine": platform.machine(), "cpu_threads": torch.get_num_threads()}

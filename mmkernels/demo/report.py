@@ -92,7 +92,8 @@ def plot_accuracy(results, path):
             ms = summ["test_acc"] if s == "fused" else summ["unimodal_acc"][s]
             means.append(100 * ms["mean"])
             stds.append(100 * ms["std"])
-        ax.bar(x - 0.4 + w * (j + 0.5), means, w, yerr=stds, capsize=2, label=s if s == "fused" else f"{s} (head split)",
+        ax.bar(x - 0.4 + w * (j + 0.5), means, w, yerr=stds, capsize=2,
+               label=s if s == "fused" else f"{s} (head split)",
                color="black" if s == "fused" else colors(j), alpha=0.85 if s == "fused" else 1.0)
     uni = results.get("unimodal_models", {})
     for j, v in enumerate(views):

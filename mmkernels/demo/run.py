@@ -5,7 +5,6 @@ import datetime
 import math
 import sys
 
-import torch
 
 from mmkernels.demo.data import VIEW_DESCRIPTIONS, prepare
 from mmkernels.demo.methods import METHODS
