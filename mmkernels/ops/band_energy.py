@@ -38,6 +38,7 @@ switches to ``torch.fft.rfft``/``rfft2`` (cost model in :func:`_use_fft_ref`).
 from __future__ import annotations
 
 import math
+import os
 from functools import lru_cache
 
 import torch
@@ -48,9 +49,13 @@ from mmkernels._backend import use_triton
 
 __all__ = ["band_energy", "band_energy_ref", "band_ratio"]
 
-# Precision of every tl.dot on fp32 data. "ieee" is exact fp32 FMA; "tf32x3" (3xTF32 split) would use tensor
-# cores at ~fp32 accuracy on GPUs where ieee proves too slow. float64 inputs always use ieee.
-DOT_PRECISION = "ieee"
+# Precision of every tl.dot on fp32 data. "ieee" (default) is exact fp32 FMA. "tf32x3" (Triton's 3xTF32 split:
+# hi/lo TF32 parts, three tensor-core products) keeps ~fp32 accuracy on tensor cores; set
+# MMKERNELS_BAND_ENERGY_DOT=tf32x3 to use it. Plain "tf32" is refused: ~1e-3 relative error per coefficient is
+# over SPEC's bound. float64 inputs always use ieee.
+DOT_PRECISION = os.environ.get("MMKERNELS_BAND_ENERGY_DOT", "ieee")
+if DOT_PRECISION not in ("ieee", "tf32x3"):
+    raise ValueError(f"MMKERNELS_BAND_ENERGY_DOT must be 'ieee' or 'tf32x3', got {DOT_PRECISION!r}")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -183,26 +188,32 @@ def _tri_tensors1d(n, cutoffs, device, dtype, block_f):
     return _cached(("t1", n, cutoffs, str(device), dtype, block_f), build)
 
 
-def _tri_tensors2d(h, w, cutoffs, device, dtype, bu, bv, bh, bw):
+def _tri_tensors2d(h, w, cutoffs, device, dtype, bu, bv2, bh, bw):
     def build():
         p = _plan2d_cpu(h, w, cutoffs)
         U, V = p["U"], p["V"]
+        vt = bv2 // 2
+        n_vt = max(1, triton.cdiv(V, vt))
         up = max(bu, triton.cdiv(U, bu) * bu)
-        vp = max(bv, triton.cdiv(V, bv) * bv)
+        v2p = n_vt * bv2
         hp = triton.cdiv(h, bh) * bh
         wp = triton.cdiv(w, bw) * bw
         cu = torch.zeros(up, hp, dtype=torch.float64)
         su = torch.zeros(up, hp, dtype=torch.float64)
         cu[:U, :h], su[:U, :h] = p["cu"], p["su"]
-        cv = torch.zeros(wp, vp, dtype=torch.float64)  # (W_pad, V_pad): stage-1 operand x @ cv
-        sv = torch.zeros(wp, vp, dtype=torch.float64)
-        cv[:w, :V], sv[:w, :V] = p["cv"].t(), p["sv"].t()
-        band = torch.full((up, vp), -1, dtype=torch.int32)
-        band[:U, :V] = p["band"]
+        # (W_pad, V2_pad): tile t = [cos of v in t·VT..t·VT+VT-1 | sin of the same v]
+        csv = torch.zeros(wp, v2p, dtype=torch.float64)
+        band = torch.full((up, v2p), -1, dtype=torch.int32)
+        for v in range(V):
+            t, c = divmod(v, vt)
+            csv[:w, t * bv2 + c] = p["cv"][v]
+            csv[:w, t * bv2 + vt + c] = p["sv"][v]
+            band[:U, t * bv2 + c] = p["band"][:, v]
+            band[:U, t * bv2 + vt + c] = p["band"][:, v]
         t = lambda a: a.to(dtype).to(device)  # noqa: E731
-        return {"U": U, "V": V, "U_pad": up, "V_pad": vp, "H_pad": hp, "W_pad": wp,
-                "cu": t(cu), "su": t(su), "cv": t(cv), "sv": t(sv), "band": band.to(device)}
-    return _cached(("t2", h, w, cutoffs, str(device), dtype, bu, bv, bh, bw), build)
+        return {"U": U, "V": V, "U_pad": up, "V2_pad": v2p, "H_pad": hp, "W_pad": wp,
+                "cu": t(cu), "su": t(su), "csv": t(csv), "band": band.to(device)}
+    return _cached(("t2", h, w, cutoffs, str(device), dtype, bu, bv2, bh, bw), build)
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -405,55 +416,69 @@ def _band1d_bwd_kernel(g_ptr, x_ptr, proj_ptr, basis_ptr, colband_ptr, gx_ptr,
 
 
 @triton.jit
-def _band2d_fwd_kernel(x_ptr, cu_ptr, su_ptr, cv_ptr, sv_ptr, band_ptr, out_ptr, proj_ptr,
+def _swap_halves(BLOCK_V2: tl.constexpr):
+    """Constant (BLOCK_V2, BLOCK_V2) matrix Q with (Z Q)[:, c] = −Z[:, c + VT] for c < VT and Z[:, c − VT]
+    for c >= VT (VT = BLOCK_V2 / 2): in a tile packed as [cos half | sin half] it turns Su·[Yc | Ys] into
+    [−Su Ys | Su Yc], so Re and Im' come out packed without slicing register tiles."""
+    VT: tl.constexpr = BLOCK_V2 // 2
+    k = tl.arange(0, BLOCK_V2)[:, None]
+    c = tl.arange(0, BLOCK_V2)[None, :]
+    return tl.where((c < VT) & (k == c + VT), -1.0, tl.where((c >= VT) & (k == c - VT), 1.0, 0.0))
+
+
+@triton.jit
+def _band2d_fwd_kernel(x_ptr, cu_ptr, su_ptr, csv_ptr, band_ptr, out_ptr, proj_ptr,
                        H, W, U, V, stride_xm, stride_xh, stride_xw, scale_total,
-                       U_PAD: tl.constexpr, V_PAD: tl.constexpr, H_PAD: tl.constexpr,
+                       U_PAD: tl.constexpr, V2_PAD: tl.constexpr, H_PAD: tl.constexpr,
                        NUM_CUT: tl.constexpr, SAVE_PROJ: tl.constexpr,
-                       BLOCK_U: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+                       BLOCK_U: tl.constexpr, BLOCK_V2: tl.constexpr, BLOCK_H: tl.constexpr,
                        BLOCK_W: tl.constexpr, BLOCK_J: tl.constexpr, PRECISION: tl.constexpr):
+    # Column tile t of the stage-1 basis holds VT = BLOCK_V2/2 frequencies v = t·VT + c as [cos | sin], so one
+    # dot gives Y = [Yc | Ys] and stage 2 gives R = [Re | Im'] = Cu·Y + (Su·Y)·Q.
+    VT: tl.constexpr = BLOCK_V2 // 2
     m = tl.program_id(0).to(tl.int64)
     ru0 = tl.arange(0, BLOCK_U)
-    rv0 = tl.arange(0, BLOCK_V)
+    rc0 = tl.arange(0, BLOCK_V2)
     rh0 = tl.arange(0, BLOCK_H)
     rw0 = tl.arange(0, BLOCK_W)
     jj = tl.arange(0, BLOCK_J)
     cdt = cu_ptr.dtype.element_ty
+    q = _swap_halves(BLOCK_V2).to(cdt)
     energy = tl.zeros((BLOCK_J,), dtype=cdt)
     sumsq = tl.zeros((BLOCK_H,), dtype=cdt)
     xbase = x_ptr + m * stride_xm
     for u0 in range(0, U_PAD, BLOCK_U):
         ru = u0 + ru0
-        for v0 in range(0, V_PAD, BLOCK_V):
-            rv = v0 + rv0
-            first = (u0 == 0) & (v0 == 0)
-            re = tl.zeros((BLOCK_U, BLOCK_V), dtype=cdt)
-            im = tl.zeros((BLOCK_U, BLOCK_V), dtype=cdt)
+        for c0 in range(0, V2_PAD, BLOCK_V2):
+            rc = c0 + rc0
+            first = (u0 == 0) & (c0 == 0)
+            a = tl.zeros((BLOCK_U, BLOCK_V2), dtype=cdt)
+            b = tl.zeros((BLOCK_U, BLOCK_V2), dtype=cdt)
             for h0 in range(0, H, BLOCK_H):
                 rh = h0 + rh0
                 hmask = rh < H
-                yc = tl.zeros((BLOCK_H, BLOCK_V), dtype=cdt)
-                ys = tl.zeros((BLOCK_H, BLOCK_V), dtype=cdt)
+                y = tl.zeros((BLOCK_H, BLOCK_V2), dtype=cdt)
                 for w0 in range(0, W, BLOCK_W):
                     rw = w0 + rw0
-                    wmask = rw < W
                     xt = tl.load(xbase + rh[:, None] * stride_xh + rw[None, :] * stride_xw,
-                                 mask=hmask[:, None] & wmask[None, :], other=0.0).to(cdt)
-                    cvt = tl.load(cv_ptr + rw[:, None] * V_PAD + rv[None, :])  # basis padded: no mask
-                    svt = tl.load(sv_ptr + rw[:, None] * V_PAD + rv[None, :])
-                    yc += tl.dot(xt, cvt, input_precision=PRECISION)
-                    ys += tl.dot(xt, svt, input_precision=PRECISION)
+                                 mask=hmask[:, None] & (rw < W)[None, :], other=0.0).to(cdt)
+                    bt = tl.load(csv_ptr + rw[:, None] * V2_PAD + rc[None, :])  # basis padded: no mask
+                    y += tl.dot(xt, bt, input_precision=PRECISION)
+                    # Parseval total while x is in registers anyway (first frequency tile only).
                     sumsq += tl.where(first, tl.sum(xt * xt, axis=1), 0.0)
                 cut = tl.load(cu_ptr + ru[:, None] * H_PAD + rh[None, :])
                 sut = tl.load(su_ptr + ru[:, None] * H_PAD + rh[None, :])
-                re += tl.dot(cut, yc, input_precision=PRECISION) - tl.dot(sut, ys, input_precision=PRECISION)
-                im += tl.dot(sut, yc, input_precision=PRECISION) + tl.dot(cut, ys, input_precision=PRECISION)
+                a += tl.dot(cut, y, input_precision=PRECISION)
+                b += tl.dot(sut, y, input_precision=PRECISION)
+            r = a + tl.dot(b, q, input_precision=PRECISION)  # [Re | Im']
             if SAVE_PROJ:
-                pmask = (ru < U)[:, None] & (rv < V)[None, :]
-                pbase = proj_ptr + m * (2 * U * V) + ru[:, None] * V + rv[None, :]
-                tl.store(pbase, re, mask=pmask)
-                tl.store(pbase + U * V, im, mask=pmask)
-            sq = re * re + im * im
-            bd = tl.load(band_ptr + ru[:, None] * V_PAD + rv[None, :])
+                half = rc0 // VT
+                v = (c0 // BLOCK_V2) * VT + rc0 % VT
+                pmask = (ru < U)[:, None] & (v < V)[None, :]
+                tl.store(proj_ptr + m * (2 * U * V) + half[None, :] * (U * V) + ru[:, None] * V + v[None, :], r,
+                         mask=pmask)
+            sq = r * r
+            bd = tl.load(band_ptr + ru[:, None] * V2_PAD + rc[None, :])
             for j in tl.static_range(NUM_CUT):
                 e_j = tl.sum(tl.sum(tl.where(bd == j, sq, 0.0), axis=1), axis=0)
                 energy += tl.where(jj == j, e_j, 0.0)
@@ -463,23 +488,28 @@ def _band2d_fwd_kernel(x_ptr, cu_ptr, su_ptr, cv_ptr, sv_ptr, band_ptr, out_ptr,
 
 
 @triton.jit
-def _band2d_bwd_kernel(g_ptr, x_ptr, proj_ptr, cu_ptr, su_ptr, cv_ptr, sv_ptr, band_ptr, gx_ptr,
+def _band2d_bwd_kernel(g_ptr, x_ptr, proj_ptr, cu_ptr, su_ptr, csv_ptr, band_ptr, gx_ptr,
                        H, W, U, V, stride_xm, stride_xh, stride_xw, scale_total,
-                       U_PAD: tl.constexpr, V_PAD: tl.constexpr, H_PAD: tl.constexpr,
+                       U_PAD: tl.constexpr, V2_PAD: tl.constexpr, H_PAD: tl.constexpr,
                        NUM_CUT: tl.constexpr,
-                       BLOCK_U: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+                       BLOCK_U: tl.constexpr, BLOCK_V2: tl.constexpr, BLOCK_H: tl.constexpr,
                        BLOCK_W: tl.constexpr, BLOCK_J: tl.constexpr, PRECISION: tl.constexpr):
+    # With R' = G∘[Re | Im'] (G = 2(g_band − g_last) per (u, v)):
+    #   T1 = Re'Cv + Im'Sv = R'·CSvᵀ,  T2 = Im'Cv − Re'Sv = −(R'Q)·CSvᵀ,  grad = 2S·g_last·x + Cuᵀ T1 + Suᵀ T2.
+    VT: tl.constexpr = BLOCK_V2 // 2
     m = tl.program_id(0).to(tl.int64)
     ru0 = tl.arange(0, BLOCK_U)
-    rv0 = tl.arange(0, BLOCK_V)
+    rc0 = tl.arange(0, BLOCK_V2)
     rh0 = tl.arange(0, BLOCK_H)
     rw0 = tl.arange(0, BLOCK_W)
     jj = tl.arange(0, BLOCK_J)
     cdt = cu_ptr.dtype.element_ty
+    q = _swap_halves(BLOCK_V2).to(cdt)
     g = tl.load(g_ptr + m * (NUM_CUT + 1) + jj, mask=jj <= NUM_CUT, other=0.0).to(cdt)
     g_last = tl.sum(tl.where(jj == NUM_CUT, g, 0.0), axis=0)
     xbase = x_ptr + m * stride_xm
     pbase = proj_ptr + m * (2 * U * V)
+    half = rc0 // VT
     for h0 in range(0, H, BLOCK_H):
         rh = h0 + rh0
         hmask = rh < H
@@ -493,24 +523,23 @@ def _band2d_bwd_kernel(g_ptr, x_ptr, proj_ptr, cu_ptr, su_ptr, cv_ptr, sv_ptr, b
                 ru = u0 + ru0
                 t1 = tl.zeros((BLOCK_U, BLOCK_W), dtype=cdt)
                 t2 = tl.zeros((BLOCK_U, BLOCK_W), dtype=cdt)
-                for v0 in range(0, V_PAD, BLOCK_V):
-                    rv = v0 + rv0
-                    bd = tl.load(band_ptr + ru[:, None] * V_PAD + rv[None, :])
-                    gm = tl.zeros((BLOCK_U, BLOCK_V), dtype=cdt)
+                for c0 in range(0, V2_PAD, BLOCK_V2):
+                    rc = c0 + rc0
+                    bd = tl.load(band_ptr + ru[:, None] * V2_PAD + rc[None, :])
+                    gm = tl.zeros((BLOCK_U, BLOCK_V2), dtype=cdt)
                     for j in tl.static_range(NUM_CUT):
                         g_j = tl.sum(tl.where(jj == j, g, 0.0), axis=0)
                         gm += tl.where(bd == j, 2.0 * (g_j - g_last), 0.0)
-                    pmask = (ru < U)[:, None] & (rv < V)[None, :]
-                    poff = ru[:, None] * V + rv[None, :]
-                    re = gm * tl.load(pbase + poff, mask=pmask, other=0.0)
-                    im = gm * tl.load(pbase + U * V + poff, mask=pmask, other=0.0)
-                    cvt = tl.load(cv_ptr + rw[None, :] * V_PAD + rv[:, None])  # (V, W)
-                    svt = tl.load(sv_ptr + rw[None, :] * V_PAD + rv[:, None])
-                    t1 += tl.dot(re, cvt, input_precision=PRECISION) + tl.dot(im, svt, input_precision=PRECISION)
-                    t2 += tl.dot(im, cvt, input_precision=PRECISION) - tl.dot(re, svt, input_precision=PRECISION)
+                    v = (c0 // BLOCK_V2) * VT + rc0 % VT
+                    pmask = (ru < U)[:, None] & (v < V)[None, :]
+                    r = gm * tl.load(pbase + half[None, :] * (U * V) + ru[:, None] * V + v[None, :],
+                                     mask=pmask, other=0.0)
+                    bt = tl.load(csv_ptr + rw[None, :] * V2_PAD + rc[:, None])  # (V2, W)
+                    t1 += tl.dot(r, bt, input_precision=PRECISION)
+                    t2 += tl.dot(tl.dot(r, q, input_precision=PRECISION), bt, input_precision=PRECISION)
                 cut = tl.load(cu_ptr + ru[None, :] * H_PAD + rh[:, None])  # (H, U)
                 sut = tl.load(su_ptr + ru[None, :] * H_PAD + rh[:, None])
-                acc += tl.dot(cut, t1, input_precision=PRECISION) + tl.dot(sut, t2, input_precision=PRECISION)
+                acc += tl.dot(cut, t1, input_precision=PRECISION) - tl.dot(sut, t2, input_precision=PRECISION)
             tl.store(gx_ptr + m * (H * W) + rh[:, None] * W + rw[None, :], acc.to(gx_ptr.dtype.element_ty),
                      mask=hmask[:, None] & wmask[None, :])
 
@@ -530,7 +559,8 @@ def _blocks1d(m, n, f):
 
 
 def _blocks2d(h, w, U, V):
-    return (min(64, _next_pow2(U)), min(64, _next_pow2(V)), min(64, _next_pow2(h)), min(64, _next_pow2(w)))
+    # BLOCK_V2 holds cos and sin of BLOCK_V2/2 frequencies.
+    return (min(64, _next_pow2(U)), min(64, _next_pow2(2 * V)), min(64, _next_pow2(h)), min(64, _next_pow2(w)))
 
 
 def _fwd_triton(x: torch.Tensor, cutoffs: tuple, ndim: int, save_proj: bool):
@@ -556,10 +586,10 @@ def _fwd_triton(x: torch.Tensor, cutoffs: tuple, ndim: int, save_proj: bool):
         t = _tri_tensors2d(h, w, cutoffs, x.device, cd, bu, bv, bh, bw)
         proj = torch.empty(m, 2, t["U"], t["V"], device=x.device, dtype=cd) if save_proj else out
         _band2d_fwd_kernel[(m,)](
-            x, t["cu"], t["su"], t["cv"], t["sv"], t["band"], out, proj, h, w, t["U"], t["V"],
+            x, t["cu"], t["su"], t["csv"], t["band"], out, proj, h, w, t["U"], t["V"],
             x.stride(0), x.stride(1), x.stride(2), float(h * w),
-            U_PAD=t["U_pad"], V_PAD=t["V_pad"], H_PAD=t["H_pad"], NUM_CUT=J, SAVE_PROJ=save_proj,
-            BLOCK_U=bu, BLOCK_V=bv, BLOCK_H=bh, BLOCK_W=bw, BLOCK_J=block_j, PRECISION=_prec(cd), num_warps=4)
+            U_PAD=t["U_pad"], V2_PAD=t["V2_pad"], H_PAD=t["H_pad"], NUM_CUT=J, SAVE_PROJ=save_proj,
+            BLOCK_U=bu, BLOCK_V2=bv, BLOCK_H=bh, BLOCK_W=bw, BLOCK_J=block_j, PRECISION=_prec(cd), num_warps=4)
     if not save_proj:
         proj = x.new_empty(0, dtype=cd)
     return out, proj
@@ -588,10 +618,10 @@ def _bwd_triton(grad, x, proj, cutoffs, ndim):
         bu, bv, bh, bw = _blocks2d(h, w, p["U"], p["V"])
         t = _tri_tensors2d(h, w, cutoffs, x.device, cd, bu, bv, bh, bw)
         _band2d_bwd_kernel[(m,)](
-            grad, x, proj, t["cu"], t["su"], t["cv"], t["sv"], t["band"], gx, h, w, t["U"], t["V"],
+            grad, x, proj, t["cu"], t["su"], t["csv"], t["band"], gx, h, w, t["U"], t["V"],
             x.stride(0), x.stride(1), x.stride(2), float(h * w),
-            U_PAD=t["U_pad"], V_PAD=t["V_pad"], H_PAD=t["H_pad"], NUM_CUT=J,
-            BLOCK_U=bu, BLOCK_V=bv, BLOCK_H=bh, BLOCK_W=bw, BLOCK_J=block_j, PRECISION=_prec(cd), num_warps=4)
+            U_PAD=t["U_pad"], V2_PAD=t["V2_pad"], H_PAD=t["H_pad"], NUM_CUT=J,
+            BLOCK_U=bu, BLOCK_V2=bv, BLOCK_H=bh, BLOCK_W=bw, BLOCK_J=block_j, PRECISION=_prec(cd), num_warps=4)
     return gx
 
 
