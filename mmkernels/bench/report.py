@@ -1,7 +1,8 @@
 """Regenerates the README's benchmark tables from ``benchmarks/results/*.json`` (never hand-typed).
 
 The README holds ``<!-- bench:begin -->`` / ``<!-- bench:end -->`` markers; everything between them is
-replaced by one table per results file.
+replaced by one table per results file. The demo section between ``<!-- demo:begin -->`` /
+``<!-- demo:end -->`` is generated from the recorded demo run (``benchmarks/results/demo/results.json``).
 """
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import json
 import os
 
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
+DEMO_BEGIN, DEMO_END = "<!-- demo:begin -->", "<!-- demo:end -->"
 
 
 def _fmt(v, nd=3):
@@ -44,14 +46,25 @@ def tables(results_dir: str = "benchmarks/results") -> str:
     return "\n".join(out) if out else "_No recorded results yet._\n"
 
 
+def _replace_between(text: str, begin: str, end: str, content: str) -> str:
+    if begin not in text or end not in text:
+        return text
+    head, rest = text.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    return head + begin + "\n" + content + "\n" + end + tail
+
+
 def update_readme(readme: str = "README.md", results_dir: str = "benchmarks/results") -> None:
+    """Regenerate the benchmark tables and the demo section (from ``<results_dir>/demo/results.json``)."""
     if not os.path.exists(readme):
         return
     with open(readme) as f:
         text = f.read()
-    if BEGIN not in text or END not in text:
-        return
-    head, rest = text.split(BEGIN, 1)
-    _, tail = rest.split(END, 1)
+    text = _replace_between(text, BEGIN, END, tables(results_dir))
+    demo_json = os.path.join(results_dir, "demo", "results.json")
+    if os.path.exists(demo_json):
+        from mmkernels.demo.report import readme_section
+
+        text = _replace_between(text, DEMO_BEGIN, DEMO_END, readme_section(demo_json))
     with open(readme, "w") as f:
-        f.write(head + BEGIN + "\n" + tables(results_dir) + "\n" + END + tail)
+        f.write(text)
