@@ -423,7 +423,7 @@ def _swap_halves(BLOCK_V2: tl.constexpr):
     """Constant (BLOCK_V2, BLOCK_V2) matrix Q with (Z Q)[:, c] = −Z[:, c + VT] for c < VT and Z[:, c − VT]
     for c >= VT (VT = BLOCK_V2 / 2): in a tile packed as [cos half | sin half] it turns Su·[Yc | Ys] into
     [−Su Ys | Su Yc], so Re and Im' come out packed without slicing register tiles."""
-    VT: tl.constexpr = BLOCK_V2 // 2
+    VT = BLOCK_V2 // 2
     k = tl.arange(0, BLOCK_V2)[:, None]
     c = tl.arange(0, BLOCK_V2)[None, :]
     return tl.where((c < VT) & (k == c + VT), -1.0, tl.where((c >= VT) & (k == c - VT), 1.0, 0.0))
@@ -438,7 +438,7 @@ def _band2d_fwd_kernel(x_ptr, cu_ptr, su_ptr, csv_ptr, band_ptr, out_ptr, proj_p
                        BLOCK_W: tl.constexpr, BLOCK_J: tl.constexpr, PRECISION: tl.constexpr):
     # Column tile t of the stage-1 basis holds VT = BLOCK_V2/2 frequencies v = t·VT + c as [cos | sin], so one
     # dot gives Y = [Yc | Ys] and stage 2 gives R = [Re | Im'] = Cu·Y + (Su·Y)·Q.
-    VT: tl.constexpr = BLOCK_V2 // 2
+    VT = BLOCK_V2 // 2
     m = tl.program_id(0).to(tl.int64)
     ru0 = tl.arange(0, BLOCK_U)
     rc0 = tl.arange(0, BLOCK_V2)
@@ -499,7 +499,7 @@ def _band2d_bwd_kernel(g_ptr, x_ptr, proj_ptr, cu_ptr, su_ptr, csv_ptr, band_ptr
                        BLOCK_W: tl.constexpr, BLOCK_J: tl.constexpr, PRECISION: tl.constexpr):
     # With R' = G∘[Re | Im'] (G = 2(g_band − g_last) per (u, v)):
     #   T1 = Re'Cv + Im'Sv = R'·CSvᵀ,  T2 = Im'Cv − Re'Sv = −(R'Q)·CSvᵀ,  grad = 2S·g_last·x + Cuᵀ T1 + Suᵀ T2.
-    VT: tl.constexpr = BLOCK_V2 // 2
+    VT = BLOCK_V2 // 2
     m = tl.program_id(0).to(tl.int64)
     ru0 = tl.arange(0, BLOCK_U)
     rc0 = tl.arange(0, BLOCK_V2)
