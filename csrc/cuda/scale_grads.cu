@@ -41,6 +41,10 @@ struct Batch {
 };
 static_assert(sizeof(Batch) <= 4000, "kernel arguments must stay under 4 KB");
 
+// v clamped to [-m, m]; NaN passes through (as on the CPU and in torch.clamp), unlike fminf/fmaxf.
+template <typename A>
+__device__ __forceinline__ A sat(A v, A m) { return v > m ? m : (v < -m ? -m : v); }
+
 template <typename T>
 struct Traits;
 template <>
@@ -48,7 +52,7 @@ struct Traits<float> {
   using acc = float;
   using vec = float4;
   __device__ static float to(float v) { return v; }
-  __device__ static float from(float v) { return fminf(fmaxf(v, -FLT_MAX), FLT_MAX); }
+  __device__ static float from(float v) { return sat(v, FLT_MAX); }
 };
 template <>
 struct Traits<__half> {
@@ -56,7 +60,7 @@ struct Traits<__half> {
   using vec = uint2;
   __device__ static float to(__half v) { return __half2float(v); }
   // saturate: 65504 is the largest finite fp16; a finite gradient plus noise stays finite
-  __device__ static __half from(float v) { return __float2half_rn(fminf(fmaxf(v, -65504.f), 65504.f)); }
+  __device__ static __half from(float v) { return __float2half_rn(sat(v, 65504.f)); }
 };
 template <>
 struct Traits<__nv_bfloat16> {
@@ -65,7 +69,7 @@ struct Traits<__nv_bfloat16> {
   __device__ static float to(__nv_bfloat16 v) { return __bfloat162float(v); }
   __device__ static __nv_bfloat16 from(float v) {
     const float m = 3.38953139e38f;  // largest finite bf16
-    return __float2bfloat16_rn(fminf(fmaxf(v, -m), m));
+    return __float2bfloat16_rn(sat(v, m));
   }
 };
 template <>
@@ -73,7 +77,7 @@ struct Traits<double> {
   using acc = double;
   using vec = double2;  // unused: 4 doubles are moved as two double2
   __device__ static double to(double v) { return v; }
-  __device__ static double from(double v) { return fmin(fmax(v, -DBL_MAX), DBL_MAX); }
+  __device__ static double from(double v) { return sat(v, DBL_MAX); }
 };
 
 __device__ __forceinline__ bool nonfinite(float v) { return (__float_as_uint(v) & 0x7f800000u) == 0x7f800000u; }
