@@ -10,6 +10,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <limits>
 
 #include "noise.h"
@@ -93,7 +94,8 @@ __attribute__((target("avx2"))) void normals_tile_avx2(uint64_t seed, uint32_t t
 }
 
 void normals_tile(uint64_t seed, uint32_t tensor, uint64_t g0, float* z) {
-  static const bool avx2 = __builtin_cpu_supports("avx2");
+  // MMKERNELS_NO_AVX2=1 forces the portable path (the tests check both give the same bits)
+  static const bool avx2 = __builtin_cpu_supports("avx2") && std::getenv("MMKERNELS_NO_AVX2") == nullptr;
   if (avx2) {
     normals_tile_avx2(seed, tensor, g0, z);
   } else {

@@ -316,3 +316,31 @@ def test_cuda_statistics_large():
     mmkernels.scale_grads_([g], 0.5, noise="ge")
     noise = g.double() - 0.5 * o
     assert abs(noise.std().item() / (o.std().item() + 1e-8) - 1) < 1e-3
+
+
+def test_portable_cpu_path_same_bits(tmp_path):
+    """The non-AVX2 C++ path (used on CPUs without AVX2) draws the same noise bits as the AVX2 path."""
+    if not HAS_EXT:
+        pytest.skip("mmkernels._C not built")
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "z.pt"
+    code = f"import torch; from mmkernels import _C; torch.save(_C.philox_normal(77, 2, 5000), {str(out)!r})"
+    env = dict(os.environ, MMKERNELS_NO_AVX2="1")
+    subprocess.run([sys.executable, "-c", code], check=True, env=env)
+    assert torch.equal(torch.load(out), _ext.load().philox_normal(77, 2, 5000))
+
+
+def test_torch_compile_with_ge_noise():
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def step(gs, c):
+        return mmkernels.scale_grads_(gs, c, noise="ge")
+
+    g = torch.randn(50_000)
+    o = g.clone()
+    flags = step([g], torch.tensor(0.5))
+    assert not flags.any()
+    noise = g.double() - 0.5 * o.double()
+    assert abs(noise.std().item() / o.double().std().item() - 1) < 0.03
