@@ -20,7 +20,7 @@ def oracle_1d(x, cutoffs):
     x = x.detach().double()
     n = x.shape[-1]
     power = torch.fft.rfft(x, dim=-1).abs().square()
-    f = torch.fft.rfftfreq(n, dtype=torch.float64, device=x.device)
+    f = torch.fft.rfftfreq(n, dtype=torch.float64).to(x.device)
     mult = torch.full_like(f, 2.0)
     mult[0] = 1.0
     if n % 2 == 0:
@@ -37,9 +37,9 @@ def oracle_2d(x, cutoffs):
     x = x.detach().double()
     h, w = x.shape[-2:]
     power = torch.fft.fft2(x).abs().square()
-    fu = torch.fft.fftfreq(h, dtype=torch.float64, device=x.device)
-    fv = torch.fft.fftfreq(w, dtype=torch.float64, device=x.device)
-    r = torch.sqrt(fu[:, None] ** 2 + fv[None, :] ** 2)
+    fu = torch.fft.fftfreq(h, dtype=torch.float64)
+    fv = torch.fft.fftfreq(w, dtype=torch.float64)
+    r = torch.sqrt(fu[:, None] ** 2 + fv[None, :] ** 2).to(x.device)  # radii on the CPU: bins on a cutoff stay put
     edges = [0.0, *cutoffs]
     bands = [power[..., (r >= edges[j]) & (r < edges[j + 1])].sum(-1) for j in range(len(cutoffs))]
     bands.append(power[..., r >= edges[-1]].sum(-1))
@@ -280,7 +280,7 @@ def test_grad_matches_oracle(backend, device, ndim, dtype):
 def oracle_1d_diff(x, cutoffs):
     n = x.shape[-1]
     power = torch.view_as_real(torch.fft.rfft(x, dim=-1)).square().sum(-1)
-    f = torch.fft.rfftfreq(n, dtype=torch.float64, device=x.device)
+    f = torch.fft.rfftfreq(n, dtype=torch.float64).to(x.device)
     mult = torch.where((f == 0) | ((n % 2 == 0) & (f == f[-1])), 1.0, 2.0).double()
     edges = [0.0, *cutoffs, float("inf")]
     masks = torch.stack([((f >= edges[j]) & (f < edges[j + 1])) | ((j == len(cutoffs)) & (f >= edges[j]))
@@ -291,9 +291,9 @@ def oracle_1d_diff(x, cutoffs):
 def oracle_2d_diff(x, cutoffs):
     h, w = x.shape[-2:]
     power = torch.view_as_real(torch.fft.fft2(x)).square().sum(-1).flatten(-2)
-    fu = torch.fft.fftfreq(h, dtype=torch.float64, device=x.device)
-    fv = torch.fft.fftfreq(w, dtype=torch.float64, device=x.device)
-    r = torch.sqrt(fu[:, None] ** 2 + fv[None, :] ** 2).flatten()
+    fu = torch.fft.fftfreq(h, dtype=torch.float64)
+    fv = torch.fft.fftfreq(w, dtype=torch.float64)
+    r = torch.sqrt(fu[:, None] ** 2 + fv[None, :] ** 2).flatten().to(x.device)
     edges = [0.0, *cutoffs]
     masks = [((r >= edges[j]) & (r < edges[j + 1])) for j in range(len(cutoffs))] + [r >= edges[-1]]
     return power @ torch.stack(masks, -1).double()

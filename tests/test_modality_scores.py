@@ -83,7 +83,9 @@ def test_float_mask_is_availability(backend, device):
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
     # no mask == all-ones mask
     c, d = modality_scores(x, y), modality_scores(x, y, torch.ones(8, 2, device=device, dtype=torch.bool))
-    assert torch.equal(c[0], d[0]) and torch.equal(c[1], d[1])
+    # equal to rounding: on CUDA the reference's masked and unmasked sums are different kernels
+    assert_close(c[0], d[0], 1e-6, 1e-6, "no mask vs all-ones mask")
+    assert torch.equal(c[1], d[1])
 
 
 def test_argmax_ties_take_first_index(backend, device):

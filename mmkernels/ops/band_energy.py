@@ -561,9 +561,11 @@ def _blocks1d(m, n, f):
     return block_m, block_n, block_f
 
 
-def _blocks2d(h, w, U, V):
-    # BLOCK_V2 holds cos and sin of BLOCK_V2/2 frequencies.
-    return (min(64, _next_pow2(U)), min(64, _next_pow2(2 * V)), min(64, _next_pow2(h)), min(64, _next_pow2(w)))
+def _blocks2d(h, w, U, V, cd):
+    # BLOCK_V2 holds cos and sin of BLOCK_V2/2 frequencies. float64 tiles of 64 need 256 KB of shared memory
+    # in the backward (over the H100's 227 KB, seen there): cap them at 32.
+    cap = 32 if cd == torch.float64 else 64
+    return (min(cap, _next_pow2(U)), min(cap, _next_pow2(2 * V)), min(cap, _next_pow2(h)), min(cap, _next_pow2(w)))
 
 
 def _fwd_triton(x: torch.Tensor, cutoffs: tuple, ndim: int, save_proj: bool):
@@ -585,7 +587,7 @@ def _fwd_triton(x: torch.Tensor, cutoffs: tuple, ndim: int, save_proj: bool):
     else:
         h, w = x.shape[1], x.shape[2]
         p = _plan2d_cpu(h, w, cutoffs)
-        bu, bv, bh, bw = _blocks2d(h, w, p["U"], p["V"])
+        bu, bv, bh, bw = _blocks2d(h, w, p["U"], p["V"], cd)
         t = _tri_tensors2d(h, w, cutoffs, x.device, cd, bu, bv, bh, bw)
         proj = torch.empty(m, 2, t["U"], t["V"], device=x.device, dtype=cd) if save_proj else out
         _band2d_fwd_kernel[(m,)](
@@ -618,7 +620,7 @@ def _bwd_triton(grad, x, proj, cutoffs, ndim):
     else:
         h, w = x.shape[1], x.shape[2]
         p = _plan2d_cpu(h, w, cutoffs)
-        bu, bv, bh, bw = _blocks2d(h, w, p["U"], p["V"])
+        bu, bv, bh, bw = _blocks2d(h, w, p["U"], p["V"], cd)
         t = _tri_tensors2d(h, w, cutoffs, x.device, cd, bu, bv, bh, bw)
         _band2d_bwd_kernel[(m,)](
             grad, x, proj, t["cu"], t["su"], t["csv"], t["band"], gx, h, w, t["U"], t["V"],

@@ -38,12 +38,13 @@ class _GradScale(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         coeff = ctx.coeff
+        # A 0-d tensor does not take part in type promotion, and on CUDA it is then cast to the gradient's
+        # dtype before the multiply (two roundings for bf16/fp16: seen on an H100). As a 1-element tensor it
+        # promotes the product to the coefficient's dtype: the product is exact in fp32, rounded once.
         if coeff.dim() == 0:
-            out = grad * coeff
-            if out.dtype != grad.dtype:  # e.g. fp64 coefficient with an fp32 gradient
-                out = out.to(grad.dtype)
-            return out, None
-        c = coeff.view((coeff.shape[0],) + (1,) * (grad.dim() - 1))
+            c = coeff.reshape((1,) * grad.dim())  # 0-d grad: both 0-d, promotion applies
+        else:
+            c = coeff.view((coeff.shape[0],) + (1,) * (grad.dim() - 1))
         return (grad * c).to(grad.dtype), None
 
 
