@@ -78,6 +78,8 @@ class DecisionLevel(Balancer):
         import mmkernels
 
         stacked = self._stack(logits)
+        if self.scales.device != stacked.device:  # follow the logits (a balancer built before model.cuda())
+            self.to(stacked.device)
         M, B, K = stacked.shape
         mask_t = self._mask_tensor(mask, B, stacked.device)
         if update is None:
@@ -138,6 +140,13 @@ class DecisionLevel(Balancer):
 
     def step(self, *args, **kwargs):
         raise TypeError("DecisionLevel has no step(): call fuse(unimodal_logits, labels=y, mask=mask)")
+
+    def to(self, device) -> "DecisionLevel":
+        """Move the EMA state (scales, capabilities) with the coefficient storage to ``device``."""
+        super().to(device)
+        self.scales = self.scales.to(self._device)
+        self.capability = self.capability.to(self._device)
+        return self
 
     def _extra_state(self) -> dict:
         return {"scales": self.scales.cpu(), "capability": self.capability.cpu(), "num_updates": self.num_updates}
