@@ -41,6 +41,8 @@ class _GradScale(torch.autograd.Function):
         # A 0-d tensor does not take part in type promotion, and on CUDA it is then cast to the gradient's
         # dtype before the multiply (two roundings for bf16/fp16: seen on an H100). As a 1-element tensor it
         # promotes the product to the coefficient's dtype: the product is exact in fp32, rounded once.
+        if coeff.dim() == 0 and coeff.device != grad.device:
+            return grad * coeff, None  # a CPU scalar reaches the CUDA kernel by value, in fp32: one rounding
         if coeff.dim() == 0:
             c = coeff.reshape((1,) * grad.dim())  # 0-d grad: both 0-d, promotion applies
         else:
