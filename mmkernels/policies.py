@@ -43,7 +43,12 @@ def ogm_ge(scores: torch.Tensor, alpha: float | torch.Tensor, shift: bool = Fals
     Fallback: any score ``<= 0`` or non-finite (e.g. every sample of a modality missing) → all ones.
     """
     s = _as_float(scores, "scores")
-    alpha = torch.as_tensor(alpha, dtype=s.dtype, device=s.device)
+    # A Python float stays a scalar argument of the kernels: torch.as_tensor(alpha, device="cuda") would be a
+    # blocking host-to-device copy, i.e. a stream synchronisation on every training step (seen on an H100).
+    if isinstance(alpha, torch.Tensor):
+        alpha = alpha.item() if alpha.device.type == "cpu" else alpha.to(s.dtype)
+    else:
+        alpha = float(alpha)
     one = torch.ones_like(s)
 
     def damp(rho):

@@ -633,3 +633,45 @@ def test_hooks_installed_after_model_was_compiled_and_run():
         bal.step()
         F.cross_entropy(fused, y).backward()
         _check_scaled(model, g0, _grads(model), want, model.names)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["activation", "parameter"])
+def test_training_step_has_no_host_sync_on_cuda(mode):
+    # torch's sync debug mode turns every stream synchronisation (.item(), a blocking host-to-device copy such
+    # as torch.tensor(x, device="cuda"), ...) into an error: the balancers' steps must contain none.
+    torch.manual_seed(0)
+    model = Net().cuda()
+    inputs, y = _batch()
+    inputs, y = {n: t.cuda() for n, t in inputs.items()}, y.cuda()
+    enc = dict(model.encoders)
+    extra = {"noise": "ge"} if mode == "parameter" else {}
+    balancers = [OGMGE(enc, alpha=0.8, mode=mode, **extra), PDMP(enc, {"audio": 0.7, "visual": 0.5}, mode=mode),
+                 MWAM(enc, apply="both", mode=mode)]
+    dec = DecisionLevel(list(enc), K).to("cuda")
+
+    def step(bal):
+        model.zero_grad()
+        fused, uni = model(inputs)
+        if isinstance(bal, OGMGE):
+            bal.step(logits={n: u.detach() for n, u in uni.items()}, labels=y, epoch=0)
+            loss = F.cross_entropy(fused, y)
+        elif isinstance(bal, PDMP):
+            bal.step(epoch=0)
+            loss = F.cross_entropy(fused, y)
+        else:
+            bal.step(inputs=inputs, epoch=0)
+            loss = bal.loss(fused, uni, y)
+        loss = loss + F.cross_entropy(dec.fuse(uni, labels=y), y)
+        loss.backward()
+        bal.after_backward()
+
+    for bal in balancers:
+        step(bal)  # warm-up: kernel compilation and caches are allowed to synchronise
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            step(bal)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        bal.remove()

@@ -62,7 +62,8 @@ def grad_scale(x: torch.Tensor, coeff) -> torch.Tensor:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"grad_scale: x must be a torch.Tensor, got {type(x).__name__}")
     if isinstance(coeff, (int, float)) and not isinstance(coeff, bool):
-        coeff = torch.tensor(float(coeff), dtype=torch.float32, device=x.device)
+        # a fill kernel, not torch.tensor(..., device="cuda"): that is a blocking host-to-device copy
+        coeff = torch.full((), float(coeff), dtype=torch.float32, device=x.device)
     if not isinstance(coeff, torch.Tensor):
         raise TypeError(f"grad_scale: coeff must be a tensor or a float, got {type(coeff).__name__}")
     if not coeff.is_floating_point():
