@@ -2,9 +2,9 @@
 import pytest
 import torch
 
+from benchmarks.conftest import DEVICE
 from mmkernels.bench.bench_band_energy import make_impls
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 IMPLS = ["torch_fft2_eager", "torch_fft2_compiled", "torch_rfft2_eager", "band_energy_ref", "mmkernels.band_energy"]
 
 
@@ -15,13 +15,5 @@ def impls():
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-def test_band_energy_2d_64x64x56x56(benchmark, impls, impl):
-    fn = impls[impl]
-    if DEVICE == "cuda":
-        def call():
-            fn()
-            torch.cuda.synchronize()
-    else:
-        call = fn
-    call()  # warm-up / compilation outside the timed rounds
-    benchmark(call)
+def test_band_energy_2d_64x64x56x56(bench_call, impls, impl):
+    bench_call(impls[impl])

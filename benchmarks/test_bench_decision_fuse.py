@@ -2,9 +2,9 @@
 import pytest
 import torch
 
+from benchmarks.conftest import DEVICE
 from mmkernels.bench.bench_decision_fuse import make_impls
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 IMPLS = ["eager_ref_fwd_bwd", "compiled_ref_fwd_bwd", "mmkernels.decision_fuse"]
 
 
@@ -15,13 +15,5 @@ def impls():
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-def test_decision_fuse_3x256x1000(benchmark, impls, impl):
-    fn = impls[impl]
-    if DEVICE == "cuda":
-        def call():
-            fn()
-            torch.cuda.synchronize()
-    else:
-        call = fn
-    call()  # warm-up / compilation outside the timed rounds
-    benchmark(call)
+def test_decision_fuse_3x256x1000(bench_call, impls, impl):
+    bench_call(impls[impl])

@@ -2,9 +2,9 @@
 import pytest
 import torch
 
+from benchmarks.conftest import DEVICE
 from mmkernels.bench.bench_frm import make_impls
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 IMPLS = ["released_mwam", "frm_ref_eager", "frm_ref_compiled", "mmkernels.frm"]
 
 
@@ -17,13 +17,5 @@ def impls():
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-def test_frm_64x3x112x112(benchmark, impls, impl):
-    fn = impls[impl]
-    if DEVICE == "cuda":
-        def call():
-            fn()
-            torch.cuda.synchronize()
-    else:
-        call = fn
-    call()  # warm-up / compilation outside the timed rounds
-    benchmark(call)
+def test_frm_64x3x112x112(bench_call, impls, impl):
+    bench_call(impls[impl])

@@ -2,9 +2,9 @@
 import pytest
 import torch
 
+from benchmarks.conftest import DEVICE
 from mmkernels.bench.bench_modality_scores import make_impls
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 IMPLS = ["released_ogm_ge_loop", "eager_softmax_gather_sum", "compiled_softmax_gather_sum", "modality_scores_ref",
          "mmkernels.modality_scores"]
 
@@ -18,13 +18,5 @@ def impls():
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-def test_modality_scores_2x64x6(benchmark, impls, impl):
-    fn = impls[impl]
-    if DEVICE == "cuda":
-        def call():
-            fn()
-            torch.cuda.synchronize()
-    else:
-        call = fn
-    call()  # warm-up / compilation outside the timed rounds
-    benchmark(call)
+def test_modality_scores_2x64x6(bench_call, impls, impl):
+    bench_call(impls[impl])

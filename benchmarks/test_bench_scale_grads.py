@@ -2,9 +2,9 @@
 import pytest
 import torch
 
+from benchmarks.conftest import DEVICE
 from mmkernels.bench.bench_scale_grads import make_impls
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 IMPLS = ["released_loop", "foreach", "mmkernels.scale_grads_"]
 
 
@@ -15,13 +15,5 @@ def impls():
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-def test_scale_grads_ge_two_resnet18(benchmark, impls, impl):
-    fn = impls[impl]
-    if DEVICE == "cuda":
-        def call():
-            fn()
-            torch.cuda.synchronize()
-    else:
-        call = fn
-    call()  # warm-up outside the timed rounds
-    benchmark(call)
+def test_scale_grads_ge_two_resnet18(bench_call, impls, impl):
+    bench_call(impls[impl])

@@ -2,11 +2,7 @@
 # Second GPU pass: benchmarks not yet recorded, band_energy with 3xTF32 dots, compute-sanitizer.
 # Results come back as one tarball (the device tool returns at most 8 files).
 set -uo pipefail
-cd "$(dirname "$0")/.."
-OUT=${OUT:-/tmp/mmk_out}; mkdir -p "$OUT"; export PYTHONUNBUFFERED=1
-[ -d .whl ] && export PIP_NO_INDEX=1 PIP_FIND_LINKS=$PWD/.whl
-bash tools/setup_env.sh > "$OUT/setup.log" 2>&1 || { tail -30 "$OUT/setup.log"; exit 1; }
-PY=.venv/bin/python
+source "$(dirname "$0")/gpu_env.sh"
 timeout ${BENCH_TIMEOUT:-300} $PY -m mmkernels bench --device cuda --ops ${OPS:-frm,modality_scores,overhead,scale_grads,vit_step} 2>&1 | tee "$OUT/bench.log" | grep -vE "^\s*$" | cut -c1-170 | tail -45
 tar czf "$OUT/results.tgz" benchmarks/results/*cuda*
 echo "== band_energy with MMKERNELS_BAND_ENERGY_DOT=tf32x3"
