@@ -675,3 +675,22 @@ def test_training_step_has_no_host_sync_on_cuda(mode):
         finally:
             torch.cuda.set_sync_debug_mode(0)
         bal.remove()
+
+
+def test_decision_level_relative_calibration():
+    torch.manual_seed(2)
+    M, B = 2, 9
+    logits = torch.randn(M, B, K) * torch.tensor([4.0, 0.25]).view(M, 1, 1)
+    y = torch.randint(0, K, (B,))
+    dec = DecisionLevel(["audio", "visual"], num_classes=K, calibration="relative")
+    z = dec.fuse(logits, labels=y)
+    # first batch: equal weights; each modality divided by its RMS relative to the mean RMS
+    rms = [logits[m].double().pow(2).mean().sqrt().item() for m in range(M)]
+    mean_rms = sum(rms) / M
+    want = sum(0.5 * logits[m].double() * mean_rms / rms[m] for m in range(M))
+    torch.testing.assert_close(z.double(), want, rtol=1e-5, atol=1e-6)
+    # the overall scale stays the model's: doubling every logit doubles the fused logit
+    dec2 = DecisionLevel(["audio", "visual"], num_classes=K, calibration="relative")
+    torch.testing.assert_close(dec2.fuse(2 * logits, labels=y), 2 * z, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="calibration"):
+        DecisionLevel(["audio", "visual"], num_classes=K, calibration="per-class")

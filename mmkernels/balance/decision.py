@@ -29,6 +29,11 @@ class DecisionLevel(Balancer):
         num_classes: K.
         momentum: EMA momentum of scales and capabilities (0.9).
         tau: capability exponent τ (1; 0 = calibration only).
+        calibration: ``"absolute"`` (SPEC §3.4: fuse ``ℓ_m / s_m``) or ``"relative"`` (fuse
+            ``ℓ_m / (s_m / mean_j s_j)``). Trained *through* the fusion, absolute calibration divides the fused
+            logit by a running RMS, so cross-entropy cannot saturate and the model inflates its logits
+            (seen in the demo); relative calibration keeps the modalities' scales equal and the overall scale
+            learnable.
 
     ``stats``: ``scales``, ``capability``, ``weights``, ``logit_rms`` (this batch), ``recall`` (per modality
     and class, this batch; NaN for classes absent from the batch).
@@ -39,7 +44,7 @@ class DecisionLevel(Balancer):
     modulates_gradients = False
 
     def __init__(self, names: Sequence[str] | Mapping, num_classes: int, *, momentum: float = 0.9,
-                 tau: float = 1.0, sync="auto", process_group=None, device=None):
+                 tau: float = 1.0, calibration: str = "absolute", sync="auto", process_group=None, device=None):
         if isinstance(names, Mapping):
             names = list(names)
         if not (isinstance(num_classes, int) and num_classes >= 1):
@@ -50,10 +55,22 @@ class DecisionLevel(Balancer):
         self.num_classes = num_classes
         self.momentum = float(momentum)
         self.tau = float(tau)
+        if calibration not in ("absolute", "relative"):
+            raise ValueError(f"calibration must be 'absolute' or 'relative', got {calibration!r}")
+        self.calibration = calibration
         M = self.num_modalities
         self.scales = torch.ones(M, device=self._device)
         self.capability = torch.ones(M, num_classes, device=self._device)
         self.num_updates = 0
+
+    @property
+    def fusion_scales(self) -> torch.Tensor:
+        """The ``scales`` passed to :func:`mmkernels.decision_fuse`: ``s_m`` (``"absolute"``, SPEC §3.4) or
+        ``s_m / mean_j s_j`` (``"relative"``: equalises the modalities' logit scales but leaves the fused
+        logit's overall scale to the model)."""
+        if self.calibration == "relative":
+            return self.scales / self.scales.mean()
+        return self.scales
 
     @property
     def weights(self) -> torch.Tensor:
@@ -86,7 +103,7 @@ class DecisionLevel(Balancer):
             update = labels is not None and torch.is_grad_enabled()
         if update:
             self._update_scales(stacked.detach(), mask_t)
-        fused = mmkernels.decision_fuse(stacked, self.weights.to(stacked.device), self.scales.to(stacked.device),
+        fused = mmkernels.decision_fuse(stacked, self.weights.to(stacked.device), self.fusion_scales,
                                         mask=mask_t, grad_coeff=grad_coeff)
         if update:
             if labels is None:
@@ -149,7 +166,8 @@ class DecisionLevel(Balancer):
         return self
 
     def _extra_state(self) -> dict:
-        return {"scales": self.scales.cpu(), "capability": self.capability.cpu(), "num_updates": self.num_updates}
+        return {"scales": self.scales.cpu(), "capability": self.capability.cpu(), "num_updates": self.num_updates,
+                "calibration": self.calibration}
 
     def _load_extra_state(self, state: dict) -> None:
         self.scales = state["scales"].to(self._device)

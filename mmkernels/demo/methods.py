@@ -169,12 +169,13 @@ class DecisionMethod(Method):
                    "head-split logits with EMA calibration scales and class-wise capability weights (tau=1), "
                    "used in training and at test time (with the availability mask)")
     balanced = True
+    calibration = "absolute"
 
     def __init__(self, model, ds, cfg, seed, context):
         from mmkernels.balance import DecisionLevel
 
         super().__init__(model, ds, cfg, seed, context)
-        self.dec = DecisionLevel(list(model.names), num_classes=10)
+        self.dec = DecisionLevel(list(model.names), num_classes=10, calibration=self.calibration)
 
     def loss(self, x, y, epoch):
         fused, uni = self.model(x)
@@ -194,6 +195,14 @@ class DecisionMethod(Method):
         # mean over classes of the capability weights w[m, k] (what the decision gives each modality)
         w = self.dec.weights.mean(1)
         return {n: float(v) for n, v in zip(self.model.names, w)}
+
+
+class DecisionRelative(DecisionMethod):
+    name = "decision_rel"
+    calibration = "relative"
+    description = ("decision-level weighting as 'decision', with relative calibration (DecisionLevel("
+                   "calibration='relative')): the logits are divided by s_m / mean_j s_j, so the modalities' "
+                   "scales are equalised but the fused logit keeps a learnable overall scale")
 
 
 class DecisionInference(DecisionMethod):
@@ -257,6 +266,7 @@ METHODS = {
     "pdmp": PDMPMethod,
     "mwam": MWAMMethod,
     "decision": DecisionMethod,
+    "decision_rel": DecisionRelative,
     "decision_infer": DecisionInference,
     "ogm_ge_act+decision": OGMGEDecision,
     "mwam+decision": MWAMDecision,
