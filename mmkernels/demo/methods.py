@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch.nn.functional as F
 
+from mmkernels.demo.data import NUM_CLASSES
 from mmkernels.demo.train import Method
 
 
@@ -175,7 +176,7 @@ class DecisionMethod(Method):
         from mmkernels.balance import DecisionLevel
 
         super().__init__(model, ds, cfg, seed, context)
-        self.dec = DecisionLevel(list(model.names), num_classes=10, calibration=self.calibration)
+        self.dec = DecisionLevel(list(model.names), num_classes=NUM_CLASSES, calibration=self.calibration)
 
     def loss(self, x, y, epoch):
         fused, uni = self.model(x)

@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-from mmkernels.demo.data import Dataset, Split
+from mmkernels.demo.data import NUM_CLASSES, Dataset, Split
 from mmkernels.demo.models import ConcatFusion, Unimodal
 
 
@@ -150,7 +150,7 @@ def train_joint(ds: Dataset, method_cls, cfg: TrainConfig, seed: int, context: d
     """Train one fused model with a method; model selection by validation fused accuracy only."""
     torch.manual_seed(seed)
     train, val, test = ds.train.to(cfg.device), ds.val.to(cfg.device), ds.test.to(cfg.device)
-    model = ConcatFusion(ds.info["shapes"], 10).to(cfg.device)
+    model = ConcatFusion(ds.info["shapes"], NUM_CLASSES).to(cfg.device)
     method = method_cls(model, ds, cfg, seed, context)
     opt, sched = _optimizer(model, cfg)
     g = torch.Generator().manual_seed(seed)
@@ -225,7 +225,7 @@ def time_steps(ds: Dataset, methods: dict, cfg: TrainConfig, context: dict, roun
     state = {}
     for name, cls in methods.items():
         torch.manual_seed(0)
-        model = ConcatFusion(ds.info["shapes"], 10).to(cfg.device)
+        model = ConcatFusion(ds.info["shapes"], NUM_CLASSES).to(cfg.device)
         method = cls(model, ds, cfg, 0, context)
         opt, _ = _optimizer(model, cfg)
         state[name] = (model, method, opt)

@@ -66,10 +66,6 @@ def _philox4x32_10(c0, c1, c2, c3, k0, k1):
     return c0, c1, c2, c3
 
 
-def _f32(x):
-    return torch.tensor(x, dtype=torch.float32)
-
-
 def _log_unit(u):
     b = u.view(torch.int32).to(torch.int64) & _MASK
     mant = b & 0x7FFFFF
