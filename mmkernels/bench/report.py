@@ -87,9 +87,10 @@ def tables(results_dir: str = "benchmarks/results") -> str:
         has_peak = any(r.get("pct_peak_bw") for r in rows)
         has_overhead = any("overhead_pct" in r for r in rows)
         has_dtype = any(r.get("dtype") for r in rows)
-        out.append(f"**{os.path.basename(path)}** — {env.get('device_name')} ({env.get('device')}), torch {env.get('torch')}, "
-                   f"triton {env.get('triton')}" + (f", CUDA {env.get('cuda')}, driver {env.get('driver')}" if env.get("cuda") else "")
-                   + f", {env.get('date', '')[:10]}\n")
+        out.append(f"<details><summary><b>{os.path.basename(path)}</b> — {env.get('device_name')} ({env.get('device')}), "
+                   f"torch {env.get('torch')}, triton {env.get('triton')}"
+                   + (f", CUDA {env.get('cuda')}, driver {env.get('driver')}" if env.get("cuda") else "")
+                   + f", {env.get('date', '')[:10]}</summary>\n")
         head = ["op", "shape"] + (["dtype"] if has_dtype else []) + ["impl", "median ms", "q20–q80 ms"] + (["GB/s"] if has_bw else []) \
             + (["% peak BW"] if has_peak else []) + (["overhead %"] if has_overhead else []) \
             + [k.replace("speedup_vs_", "× vs ") for k in ratio_keys]
@@ -104,7 +105,7 @@ def tables(results_dir: str = "benchmarks/results") -> str:
             cells += [_fmt(r.get("overhead_pct"), 1)] if has_overhead else []
             cells += [_fmt(r.get(k), 2) for k in ratio_keys]
             out.append("| " + " | ".join(str(c) for c in cells) + " |")
-        out.append("")
+        out.append("\n</details>\n")
     return "\n".join(out) if out else "_No recorded results yet._\n"
 
 
