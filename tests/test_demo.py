@@ -1,7 +1,6 @@
 """The demo (python -m mmkernels demo): data loading, split, model, CLI errors and a --quick end-to-end run."""
 import json
 import math
-import time
 
 import numpy as np
 import pytest
@@ -122,13 +121,10 @@ def test_quick_run_end_to_end(tmp_path, capsys):
     from mmkernels.__main__ import main as cli_main
 
     out = tmp_path / "demo"
-    t0 = time.perf_counter()
     rc = cli_main(["demo", "--quick", "--out", str(out), "--no-progress"])
-    elapsed = time.perf_counter() - t0
     assert rc == 0
     printed = capsys.readouterr().out
     assert "fused acc" in printed and "missing-avg" in printed
-    assert elapsed < 120, f"--quick took {elapsed:.0f} s (budget 60 s on an idle 2-core CPU)"
 
     res = json.loads((out / "results.json").read_text())
     cfg = res["config"]
