@@ -49,22 +49,19 @@ def ogm_ge(scores: torch.Tensor, alpha: float | torch.Tensor, shift: bool = Fals
         alpha = alpha.item() if alpha.device.type == "cpu" else alpha.to(s.dtype)
     else:
         alpha = float(alpha)
-    one = torch.ones_like(s)
-
-    def damp(rho):
-        x = torch.relu(rho - 1) if shift else torch.relu(rho)
-        return 1 - torch.tanh(alpha * x)
-
     if s.numel() == 2:
-        rho_v = s[1] / s[0]
-        rho_a = 1 / rho_v
+        # the released two-branch rule, vectorised (few small ops: this runs every training step)
+        rho_v = s[1:] / s[:1]
+        rho = torch.cat([1 / rho_v, rho_v])          # (ρ_a, ρ_v), ρ_a = 1/ρ_v as released
         v_dominant = rho_v > 1
-        k = torch.stack([torch.where(v_dominant, one[0], damp(rho_a)), torch.where(v_dominant, damp(rho_v), one[1])])
+        damped = torch.cat([~v_dominant, v_dominant])  # a tie falls in the released `else`: audio damped
     else:
         rho = s / s.amin()
-        k = torch.where(rho > 1, damp(rho), one)
-    valid = torch.isfinite(s).all() & (s > 0).all()
-    return torch.where(valid & torch.isfinite(k), k, one)
+        damped = rho > 1
+    x = torch.relu(rho - 1) if shift else torch.relu(rho)
+    k = torch.where(damped, 1 - torch.tanh(alpha * x), 1.0)
+    valid = (torch.isfinite(s) & (s > 0)).all()
+    return torch.where(valid & torch.isfinite(k), k, 1.0)
 
 
 def pdmp(performance: torch.Tensor, gamma_dominant: float = 1.2, gamma_rest: float = 0.8) -> torch.Tensor:
