@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import mmkernels
+from mmkernels import _tuning
 from mmkernels.ops.frm import _frm_triton, frm_ref
 from tests.helpers import assert_close
 
@@ -209,7 +210,9 @@ def test_triton_work_split(device, max_tile, target):
     # Several W-blocks per patch row, one program per sample, and many programs per sample (two-stage sum).
     x = well_conditioned((3, 2, 16, 40), 8, 2, torch.float32, device)
     want, _ = oracle(x)
-    got = _frm_triton(x, 8, 2, 1e-6, "none", target_programs=target, max_row_tile=max_tile)
+    cfg = {"ROW_TILE": max_tile, "PROGRAMS_PER_SM": target, "num_warps": 1}
+    with _tuning.forced("frm", cfg):  # PROGRAMS_PER_SM = programs in all on the CPU (one "SM")
+        got = _frm_triton(x, 8, 2, 1e-6, "none")
     assert_close(got, want, rtol=3e-5, atol=0, what=f"tile={max_tile} target={target}")
 
 

@@ -104,12 +104,27 @@ def _get_kernels():
     return _kernels
 
 
-def _block_k(K: int) -> tuple[int, int]:
+def _heuristic(K: int) -> dict:
     import triton
 
     block = min(triton.next_power_of_2(max(K, 1)), 2048)
-    warps = 4 if block <= 1024 else 8
-    return block, warps
+    return {"BLOCK_K": block, "num_warps": 4 if block <= 1024 else 8}
+
+
+def _candidates(K: int) -> list[dict]:
+    """Class-chunk width and warps (one program per (sample, chunk)); no loop over K inside a program."""
+    import triton
+
+    kp = triton.next_power_of_2(max(K, 1))
+    return [{"BLOCK_K": b, "num_warps": w} for b in sorted({min(kp, v) for v in (256, 512, 1024, 2048, 4096)})
+            for w in (1, 2, 4, 8) if b >= 32 * w]
+
+
+def _config(kernel: str, x: torch.Tensor, K: int, launch) -> dict:
+    from mmkernels import _tuning
+
+    key = (_tuning.bucket(x.shape[-2] if x.dim() > 1 else 1), _tuning.bucket(K), x.dtype)
+    return _tuning.select(kernel, key, _heuristic(K), lambda: _candidates(K), launch, x.device)
 
 
 def _acc(dtype):
@@ -129,14 +144,17 @@ def _fwd_triton(logits, weights, scales, mask):
     if B == 0 or K == 0:
         return z
     fwd, _ = _get_kernels()
-    block, warps = _block_k(K)
     mk = _mask_view(mask)
     smk = (mk.stride(0), mk.stride(1)) if mk is not None else (0, 0)
-    grid = (B, (K + block - 1) // block)
-    fwd[grid](logits, weights, scales, mk if mk is not None else scales, z, M, B, K,
-              logits.stride(0), logits.stride(1), logits.stride(2), weights.stride(0), weights.stride(1),
-              scales.stride(0), smk[0], smk[1], z.stride(0), z.stride(1),
-              HAS_MASK=mk is not None, ACC=_acc(logits.dtype), BLOCK_K=block, num_warps=warps)
+
+    def launch(cfg):
+        grid = (B, (K + cfg["BLOCK_K"] - 1) // cfg["BLOCK_K"])
+        fwd[grid](logits, weights, scales, mk if mk is not None else scales, z, M, B, K,
+                  logits.stride(0), logits.stride(1), logits.stride(2), weights.stride(0), weights.stride(1),
+                  scales.stride(0), smk[0], smk[1], z.stride(0), z.stride(1),
+                  HAS_MASK=mk is not None, ACC=_acc(logits.dtype), **cfg)
+
+    launch(_config("decision_fuse_fwd", logits, K, launch))
     return z
 
 
@@ -147,7 +165,6 @@ def _bwd_triton(grad, weights, scales, mask, grad_coeff):
     if B == 0 or K == 0:
         return dx
     _, bwd = _get_kernels()
-    block, warps = _block_k(K)
     mk = _mask_view(mask)
     smk = (mk.stride(0), mk.stride(1)) if mk is not None else (0, 0)
     if grad_coeff is None:
@@ -156,12 +173,16 @@ def _bwd_triton(grad, weights, scales, mask, grad_coeff):
         sc = (grad_coeff.stride(0), 0)
     else:
         sc = (grad_coeff.stride(0), grad_coeff.stride(1))
-    grid = (B, (K + block - 1) // block)
-    bwd[grid](grad, weights, scales, mk if mk is not None else scales, grad_coeff if grad_coeff is not None else scales,
-              dx, M, B, K, grad.stride(0), grad.stride(1), weights.stride(0), weights.stride(1), scales.stride(0),
-              smk[0], smk[1], sc[0], sc[1], dx.stride(0), dx.stride(1), dx.stride(2),
-              HAS_MASK=mk is not None, HAS_COEFF=grad_coeff is not None, ACC=_acc(grad.dtype),
-              BLOCK_K=block, num_warps=warps)
+
+    def launch(cfg):
+        grid = (B, (K + cfg["BLOCK_K"] - 1) // cfg["BLOCK_K"])
+        bwd[grid](grad, weights, scales, mk if mk is not None else scales,
+                  grad_coeff if grad_coeff is not None else scales,
+                  dx, M, B, K, grad.stride(0), grad.stride(1), weights.stride(0), weights.stride(1), scales.stride(0),
+                  smk[0], smk[1], sc[0], sc[1], dx.stride(0), dx.stride(1), dx.stride(2),
+                  HAS_MASK=mk is not None, HAS_COEFF=grad_coeff is not None, ACC=_acc(grad.dtype), **cfg)
+
+    launch(_config("decision_fuse_bwd", grad, K, launch))
     return dx
 
 

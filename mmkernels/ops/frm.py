@@ -224,22 +224,43 @@ def _table(p: int, eps: float, dtype: torch.dtype, device: torch.device) -> torc
     return tab
 
 
-def _target_programs(device: torch.device) -> int:
+def _sm_count(device: torch.device) -> int:
     if device.type != "cuda":
-        return 8  # interpreter: a few programs, so the two-stage path is exercised in CI
+        return 1  # interpreter: a few programs, so the two-stage path is exercised in CI
     idx = device.index if device.index is not None else torch.cuda.current_device()
     sms = _SM_COUNT.get(idx)
     if sms is None:
         sms = _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-    return 8 * sms  # several resident programs per SM hide DRAM latency
+    return sms
 
 
 def _next_pow2(v: int) -> int:
     return 1 << max(0, (v - 1).bit_length())
 
 
-def _frm_triton(x: torch.Tensor, p: int, q: int, eps: float, reduction: str,
-                target_programs: int | None = None, max_row_tile: int = 1024) -> torch.Tensor:
+def _heuristic(p: int, npw: int, elem_size: int) -> dict:
+    """An item is one patch row (p image rows) of BLOCK_PW patches; each of its p row loads is a
+    (BLOCK_PW, BLOCK_P) tile of at most ROW_TILE elements, contiguous along W for NCHW input. Eight programs
+    per SM hide DRAM latency; 16 bytes per thread per row load (vectorised ld.global.v4 for fp32 on sm_90,
+    checked in the PTX)."""
+    block_p = _next_pow2(p)
+    block_pw = max(1, min(_next_pow2(npw), 1024 // block_p))
+    per_thread = max(1, 16 // elem_size)
+    return {"ROW_TILE": 1024, "PROGRAMS_PER_SM": 8,
+            "num_warps": max(1, min(8, (block_pw * block_p) // (32 * per_thread)))}
+
+
+def _candidates(p: int) -> list[dict]:
+    block_p = _next_pow2(p)
+    return [{"ROW_TILE": t, "PROGRAMS_PER_SM": s, "num_warps": w}
+            for t in (256, 512, 1024, 2048) if t >= block_p
+            for s in (4, 8, 16, 32)
+            for w in (1, 2, 4, 8)]
+
+
+def _frm_triton(x: torch.Tensor, p: int, q: int, eps: float, reduction: str) -> torch.Tensor:
+    from mmkernels import _tuning
+
     B, C, H, W = x.shape  # non-empty: _frm_op sends empty inputs to the reference
     acc = _acc_dtype(x.dtype)
     nph, npw = H // p, W // p
@@ -247,30 +268,33 @@ def _frm_triton(x: torch.Tensor, p: int, q: int, eps: float, reduction: str,
 
     kernel = _get_kernel()
     block_p = _next_pow2(p)
-    # Heuristics. An item is one patch row (p image rows) of BLOCK_PW patches; each of its p row loads
-    # is a (BLOCK_PW, BLOCK_P) tile of at most max_row_tile elements, contiguous along W for NCHW input.
-    block_pw = max(1, min(_next_pow2(npw), max_row_tile // block_p))
-    n_pwb = triton_cdiv(npw, block_pw)
-    items = C * nph * n_pwb  # work items per sample
-    target = target_programs or _target_programs(x.device)
-    # Split every sample into `chunks` programs so B * chunks fills the device, each doing per_prog items.
-    per_prog = max(1, triton_cdiv(B * items, target))
-    chunks = triton_cdiv(items, per_prog)
-    partial = torch.empty((B, chunks), dtype=acc, device=x.device)
-    # 16 bytes per thread per row load (vectorised ld.global.v4 for fp32 on sm_90, checked in the PTX).
-    per_thread = max(1, 16 // x.element_size())
-    num_warps = max(1, min(8, (block_pw * block_p) // (32 * per_thread)))
-    kernel[(B * chunks,)](
-        x, _table(p, eps, acc, x.device), partial,
-        nph, npw, n_pwb, items, per_prog, chunks,
-        x.stride(0), x.stride(1), x.stride(2), x.stride(3),
-        P=p, Q=q, QP=_next_pow2(q), BLOCK_P=block_p, BLOCK_PW=block_pw,
-        ACC=tl.float64 if acc == torch.float64 else tl.float32,
-        num_warps=num_warps,
-    )
+    table = _table(p, eps, acc, x.device)
+    out = {}
+
+    def launch(cfg):
+        block_pw = max(1, min(_next_pow2(npw), cfg["ROW_TILE"] // block_p))
+        n_pwb = triton_cdiv(npw, block_pw)
+        items = C * nph * n_pwb  # work items per sample
+        # Split every sample into `chunks` programs so B * chunks fills the device, each doing per_prog items.
+        per_prog = max(1, triton_cdiv(B * items, cfg["PROGRAMS_PER_SM"] * _sm_count(x.device)))
+        chunks = triton_cdiv(items, per_prog)
+        partial = torch.empty((B, chunks), dtype=acc, device=x.device)
+        kernel[(B * chunks,)](
+            x, table, partial,
+            nph, npw, n_pwb, items, per_prog, chunks,
+            x.stride(0), x.stride(1), x.stride(2), x.stride(3),
+            P=p, Q=q, QP=_next_pow2(q), BLOCK_P=block_p, BLOCK_PW=block_pw,
+            ACC=tl.float64 if acc == torch.float64 else tl.float32,
+            num_warps=cfg["num_warps"],
+        )
+        out["partial"] = partial
+
+    key = (p, q, _tuning.bucket(B * C * nph), _tuning.bucket(npw), x.dtype)
+    launch(_tuning.select("frm", key, _heuristic(p, npw, x.element_size()), lambda: _candidates(p), launch, x.device))
+    partial = out["partial"]
     if reduction == "sum":
         return partial.sum()
-    return partial.view(B) if chunks == 1 else partial.sum(dim=1)
+    return partial.view(B) if partial.shape[1] == 1 else partial.sum(dim=1)
 
 
 def triton_cdiv(a: int, b: int) -> int:

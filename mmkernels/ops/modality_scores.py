@@ -100,7 +100,7 @@ def _get_kernel():
     return _kernel
 
 
-def _launch_cfg(B: int, K: int):
+def _heuristic(B: int, K: int) -> dict:
     import triton
 
     block_k = min(triton.next_power_of_2(K), 4096)
@@ -108,12 +108,30 @@ def _launch_cfg(B: int, K: int):
     block_r = max(1, min(triton.next_power_of_2(max(B, 1)), 4096 // block_k))
     tile = block_r * block_k
     warps = 2 if tile <= 512 else (4 if tile <= 2048 else 8)
-    return block_r, block_k, warps
+    return {"BLOCK_R": block_r, "BLOCK_K": block_k, "num_warps": warps, "num_stages": 3}
+
+
+def _candidates(B: int, K: int) -> list[dict]:
+    """Around the heuristic: K chunk (one pass for K <= 8192), rows per program, warps, pipelining depth."""
+    import triton
+
+    kp = triton.next_power_of_2(K)
+    bp = triton.next_power_of_2(max(B, 1))
+    out = []
+    for block_k in sorted({min(kp, v) for v in (256, 1024, 4096, 8192)}):
+        for tile in (2048, 8192):
+            block_r = max(1, min(bp, tile // block_k))
+            for warps in (4, 8, 16):
+                for stages in (1, 3):
+                    out.append({"BLOCK_R": block_r, "BLOCK_K": block_k, "num_warps": warps, "num_stages": stages})
+    return out
 
 
 def _triton_scores(logits: list[torch.Tensor], labels, mask):
     import triton
     import triton.language as tl
+
+    from mmkernels import _tuning
 
     stacked = logits[0].dim() == 3
     if stacked:
@@ -124,21 +142,25 @@ def _triton_scores(logits: list[torch.Tensor], labels, mask):
     rows = torch.empty((2, M, B), dtype=torch.float32, device=labels.device)
     if B > 0:
         kernel = _get_kernel()
-        block_r, block_k, warps = _launch_cfg(B, K)
         mk = mask.view(torch.uint8) if mask is not None and mask.dtype == torch.bool else mask
         smk = (mk.stride(0), mk.stride(1)) if mk is not None else (0, 0)
         acc = tl.float64 if logits[0].dtype == torch.float64 else tl.float32
-        nb = triton.cdiv(B, block_r)
-        if stacked:
-            x = logits[0]
-            kernel[(nb, M)](x, labels, mk if mk is not None else labels, rows, M, B, K, 0,
-                            x.stride(0), x.stride(1), x.stride(2), labels.stride(0), smk[0], smk[1],
-                            HAS_MASK=mk is not None, ACC=acc, BLOCK_R=block_r, BLOCK_K=block_k, num_warps=warps)
-        else:
-            for m, x in enumerate(logits):
-                kernel[(nb, 1)](x, labels, mk if mk is not None else labels, rows, M, B, K, m,
-                                0, x.stride(0), x.stride(1), labels.stride(0), smk[0], smk[1],
-                                HAS_MASK=mk is not None, ACC=acc, BLOCK_R=block_r, BLOCK_K=block_k, num_warps=warps)
+
+        def launch(cfg):
+            nb = triton.cdiv(B, cfg["BLOCK_R"])
+            if stacked:
+                x = logits[0]
+                kernel[(nb, M)](x, labels, mk if mk is not None else labels, rows, M, B, K, 0,
+                                x.stride(0), x.stride(1), x.stride(2), labels.stride(0), smk[0], smk[1],
+                                HAS_MASK=mk is not None, ACC=acc, **cfg)
+            else:
+                for m, x in enumerate(logits):
+                    kernel[(nb, 1)](x, labels, mk if mk is not None else labels, rows, M, B, K, m,
+                                    0, x.stride(0), x.stride(1), labels.stride(0), smk[0], smk[1],
+                                    HAS_MASK=mk is not None, ACC=acc, **cfg)
+
+        key = (_tuning.bucket(B), _tuning.bucket(K), logits[0].dtype)
+        launch(_tuning.select("modality_scores", key, _heuristic(B, K), lambda: _candidates(B, K), launch, labels.device))
     sums = rows.sum(dim=-1)
     return sums[0].clone(), sums[1].clone()
 
