@@ -4,6 +4,10 @@ Each case module ``mmkernels/bench/bench_<op>.py`` exposes ``run(device: str, qu
 built from :func:`measure`; ``python -m mmkernels bench`` calls them and :func:`write_results` stores
 ``benchmarks/results/<op>_<device-kind>.json`` and ``.csv``. README tables are generated from those files
 (``python -m mmkernels report``), never typed by hand.
+
+On CUDA, :func:`measure` times L2-cold by default (flushed before each call) and, with ``l2=("cold", "warm")``,
+also back to back (rows marked by an ``l2`` column); ``repeats=N`` times the implementations N times,
+interleaved, and records the run-to-run ``spread_pct``.
 """
 from __future__ import annotations
 
@@ -66,16 +70,61 @@ def peak_gbps(device: str) -> float | None:
     return None
 
 
-def time_fn(fn: Callable[[], object], device: str, quick: bool = False) -> dict:
+L2_MODES = ("cold", "warm")
+
+
+def _summarize(times_ms: list[float]) -> dict:
+    """Median and the 20 % / 80 % order statistics (lower index) of a list of times in ms."""
+    times = sorted(times_ms)
+    n = len(times)
+    return {"median_ms": statistics.median(times), "q20_ms": times[int(0.2 * (n - 1))], "q80_ms": times[int(0.8 * (n - 1))]}
+
+
+def _time_cuda_warm(fn: Callable[[], object], warmup_ms: float, rep_ms: float) -> dict:
+    """Back-to-back calls with nothing flushed in between: what a kernel sees when its inputs were just
+    written by the previous op (L2-warm). Each timed call has its own pair of CUDA events; warm-up and
+    timed budgets are in milliseconds of estimated run time, as for ``triton.testing.do_bench``."""
+    fn()
+    torch.cuda.synchronize()
+    probe_start, probe_end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    probe_start.record()
+    for _ in range(5):
+        fn()
+    probe_end.record()
+    torch.cuda.synchronize()
+    per_call = max(probe_start.elapsed_time(probe_end) / 5, 1e-6)
+    n_warmup = max(1, int(warmup_ms / per_call))
+    n_timed = max(1, int(rep_ms / per_call))
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(n_timed)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(n_timed)]
+    for _ in range(n_warmup):
+        fn()
+    for s, e in zip(starts, ends):
+        s.record()
+        fn()
+        e.record()
+    torch.cuda.synchronize()
+    return _summarize([s.elapsed_time(e) for s, e in zip(starts, ends)])
+
+
+def time_fn(fn: Callable[[], object], device: str, quick: bool = False, l2: str = "cold") -> dict:
     """Median and 20/80 % quantiles in milliseconds.
 
-    CUDA: ``triton.testing.do_bench`` (CUDA events, L2 flushed between runs). CPU: a warmed-up loop of
-    ``time.perf_counter`` around single calls, repeated until ~0.3 s (0.1 s with ``quick``) has passed.
+    CUDA, ``l2="cold"``: ``triton.testing.do_bench`` (CUDA events, L2 flushed before every timed call).
+    CUDA, ``l2="warm"``: the same warm-up and timing budgets, calls back to back with no flush, each
+    timed by its own CUDA event pair (:func:`_time_cuda_warm`).
+    CPU: a warmed-up loop of ``time.perf_counter`` around single calls, repeated until ~0.3 s (0.1 s with
+    ``quick``) has passed; caches are never flushed there, so ``l2`` does not change anything.
     """
+    if l2 not in L2_MODES:
+        raise ValueError(f"l2 must be one of {L2_MODES}, got {l2!r}")
+    warmup_ms, rep_ms = (10, 30) if quick else (25, 100)
     if device == "cuda":
+        if l2 == "warm":
+            return _time_cuda_warm(fn, warmup_ms, rep_ms)
         import triton.testing
 
-        q = triton.testing.do_bench(fn, warmup=10 if quick else 25, rep=30 if quick else 100, quantiles=[0.5, 0.2, 0.8])
+        q = triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, quantiles=[0.5, 0.2, 0.8])
         return {"median_ms": q[0], "q20_ms": q[1], "q80_ms": q[2]}
     budget = 0.1 if quick else 0.3
     fn()  # warm-up (compilation, caches)
@@ -86,37 +135,76 @@ def time_fn(fn: Callable[[], object], device: str, quick: bool = False) -> dict:
         t0 = time.perf_counter()
         fn()
         times.append((time.perf_counter() - t0) * 1e3)
-    times.sort()
-    n = len(times)
-    return {"median_ms": statistics.median(times), "q20_ms": times[int(0.2 * (n - 1))], "q80_ms": times[int(0.8 * (n - 1))]}
+    return _summarize(times)
 
 
 def measure(op: str, shape: str, impls: dict[str, Callable[[], object]], device: str, baseline: str,
-            nbytes: int | None = None, quick: bool = False, extra: dict | None = None) -> list[dict]:
+            nbytes: int | None = None, quick: bool = False, extra: dict | None = None, repeats: int = 1,
+            l2: str | tuple[str, ...] = ("cold",)) -> list[dict]:
     """Time every implementation of one case in the same run; add ratios against ``baseline``.
 
     ``nbytes``: the fewest bytes the op must move (inputs read once, outputs written once), for GB/s.
-    An implementation that raises is recorded with its error instead of a time.
+    An implementation that raises is recorded with its error instead of a time (and not called again).
+
+    ``repeats``: time every implementation that many times, interleaved (A, B, C, A, B, C, ...) so that
+    drift (clocks, other load) hits all of them alike. ``median_ms`` / ``q20_ms`` / ``q80_ms`` are then
+    the medians of the per-repeat figures, and with ``repeats > 1`` each row also gets ``repeats`` and
+    ``spread_pct`` = 100·(max − min)/median of the per-repeat medians.
+
+    ``l2``: on CUDA, the L2 states to time, ``"cold"`` (flushed before each call) and/or ``"warm"`` (back to
+    back); each gets its own rows, marked by an ``l2`` column, with ratios taken within the same state.
+    The CPU has no flush, so there only one set of rows is timed and no ``l2`` column is written.
     """
-    rows = []
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    modes = (l2,) if isinstance(l2, str) else tuple(dict.fromkeys(l2))
+    if not modes or any(m not in L2_MODES for m in modes):
+        raise ValueError(f"l2 must name some of {L2_MODES}, got {l2!r}")
+    if device != "cuda":
+        modes = (None,)
     peak = peak_gbps(device)
-    for name, fn in impls.items():
-        row = {"op": op, "shape": shape, "impl": name, "device": device}
-        if extra:
-            row.update(extra)
-        try:
-            row.update(time_fn(fn, device, quick))
-        except Exception as exc:  # noqa: BLE001 - a failing baseline is reported, not fatal
-            row.update({"median_ms": None, "q20_ms": None, "q80_ms": None, "error": f"{type(exc).__name__}: {exc}"[:300]})
-        if nbytes and row["median_ms"]:
-            row["gbps"] = nbytes / (row["median_ms"] * 1e-3) / 1e9
-            if peak:
-                row["pct_peak_bw"] = 100.0 * row["gbps"] / peak
-        rows.append(row)
-    base = next((r["median_ms"] for r in rows if r["impl"] == baseline), None)
-    for row in rows:
-        if base and row["median_ms"]:
-            row["speedup_vs_" + baseline] = base / row["median_ms"]
+    timings: dict[tuple, list[dict]] = {(m, name): [] for m in modes for name in impls}
+    errors: dict[tuple, str] = {}
+    for _ in range(repeats):
+        for mode in modes:
+            for name, fn in impls.items():
+                key = (mode, name)
+                if key in errors:
+                    continue
+                try:
+                    timings[key].append(time_fn(fn, device, quick, l2=mode or "cold"))
+                except Exception as exc:  # noqa: BLE001 - a failing baseline is reported, not fatal
+                    errors[key] = f"{type(exc).__name__}: {exc}"[:300]
+    rows = []
+    for mode in modes:
+        group = []
+        for name in impls:
+            row = {"op": op, "shape": shape, "impl": name, "device": device}
+            if mode is not None:
+                row["l2"] = mode
+            if extra:
+                row.update(extra)
+            runs = timings[(mode, name)]
+            if (mode, name) in errors:
+                row.update({"median_ms": None, "q20_ms": None, "q80_ms": None, "error": errors[(mode, name)]})
+            else:
+                medians = [t["median_ms"] for t in runs]
+                row["median_ms"] = statistics.median(medians)
+                row["q20_ms"] = statistics.median(t["q20_ms"] for t in runs)
+                row["q80_ms"] = statistics.median(t["q80_ms"] for t in runs)
+                if repeats > 1:
+                    row["repeats"] = repeats
+                    row["spread_pct"] = 100.0 * (max(medians) - min(medians)) / row["median_ms"] if row["median_ms"] else None
+            if nbytes and row["median_ms"]:
+                row["gbps"] = nbytes / (row["median_ms"] * 1e-3) / 1e9
+                if peak:
+                    row["pct_peak_bw"] = 100.0 * row["gbps"] / peak
+            group.append(row)
+        base = next((r["median_ms"] for r in group if r["impl"] == baseline), None)
+        for row in group:
+            if base and row["median_ms"]:
+                row["speedup_vs_" + baseline] = base / row["median_ms"]
+        rows += group
     return rows
 
 
@@ -142,4 +230,6 @@ def print_rows(rows: list[dict]) -> None:
         t = f"{r['median_ms']:.4f} ms" if r.get("median_ms") else r.get("error", "n/a")
         extra = "".join(f"  {k}={v:.2f}" for k, v in r.items() if k.startswith("speedup") and v)
         bw = f"  {r['gbps']:.0f} GB/s" if r.get("gbps") else ""
-        print(f"{r['op']:<18} {r['shape']:<28} {r['impl']:<22} {t:>14}{bw}{extra}")
+        spread = f"  spread {r['spread_pct']:.1f}%" if r.get("spread_pct") is not None else ""
+        impl = r["impl"] + (f" [L2 {r['l2']}]" if r.get("l2") else "")
+        print(f"{r['op']:<18} {r['shape']:<28} {impl:<22} {t:>14}{bw}{spread}{extra}")
