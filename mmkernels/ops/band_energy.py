@@ -45,6 +45,7 @@ import torch
 import triton
 import triton.language as tl
 
+from mmkernels import _tuning
 from mmkernels._backend import use_triton
 
 __all__ = ["band_energy", "band_energy_ref", "band_ratio"]
@@ -431,15 +432,15 @@ def _swap_halves(BLOCK_V2: tl.constexpr):
 
 @triton.jit
 def _band2d_fwd_kernel(x_ptr, cu_ptr, su_ptr, csv_ptr, band_ptr, out_ptr, proj_ptr,
-                       H, W, U, V, stride_xm, stride_xh, stride_xw, scale_total,
+                       M, H, W, U, V, stride_xm, stride_xh, stride_xw, scale_total,
                        U_PAD: tl.constexpr, V2_PAD: tl.constexpr, H_PAD: tl.constexpr,
                        NUM_CUT: tl.constexpr, SAVE_PROJ: tl.constexpr,
                        BLOCK_U: tl.constexpr, BLOCK_V2: tl.constexpr, BLOCK_H: tl.constexpr,
-                       BLOCK_W: tl.constexpr, BLOCK_J: tl.constexpr, PRECISION: tl.constexpr):
+                       BLOCK_W: tl.constexpr, BLOCK_J: tl.constexpr, IMGS: tl.constexpr, PRECISION: tl.constexpr):
     # Column tile t of the stage-1 basis holds VT = BLOCK_V2/2 frequencies v = t·VT + c as [cos | sin], so one
-    # dot gives Y = [Yc | Ys] and stage 2 gives R = [Re | Im'] = Cu·Y + (Su·Y)·Q.
+    # dot gives Y = [Yc | Ys] and stage 2 gives R = [Re | Im'] = Cu·Y + (Su·Y)·Q. A program handles IMGS
+    # consecutive images one after the other (the loop lets loads of the next image overlap this one's math).
     VT = BLOCK_V2 // 2
-    m = tl.program_id(0).to(tl.int64)
     ru0 = tl.arange(0, BLOCK_U)
     rc0 = tl.arange(0, BLOCK_V2)
     rh0 = tl.arange(0, BLOCK_H)
@@ -447,60 +448,62 @@ def _band2d_fwd_kernel(x_ptr, cu_ptr, su_ptr, csv_ptr, band_ptr, out_ptr, proj_p
     jj = tl.arange(0, BLOCK_J)
     cdt = cu_ptr.dtype.element_ty
     q = _swap_halves(BLOCK_V2).to(cdt)
-    energy = tl.zeros((BLOCK_J,), dtype=cdt)
-    sumsq = tl.zeros((BLOCK_H,), dtype=cdt)
-    xbase = x_ptr + m * stride_xm
-    for u0 in range(0, U_PAD, BLOCK_U):
-        ru = u0 + ru0
-        for c0 in range(0, V2_PAD, BLOCK_V2):
-            rc = c0 + rc0
-            first = (u0 == 0) & (c0 == 0)
-            a = tl.zeros((BLOCK_U, BLOCK_V2), dtype=cdt)
-            b = tl.zeros((BLOCK_U, BLOCK_V2), dtype=cdt)
-            for h0 in range(0, H, BLOCK_H):
-                rh = h0 + rh0
-                hmask = rh < H
-                y = tl.zeros((BLOCK_H, BLOCK_V2), dtype=cdt)
-                for w0 in range(0, W, BLOCK_W):
-                    rw = w0 + rw0
-                    xt = tl.load(xbase + rh[:, None] * stride_xh + rw[None, :] * stride_xw,
-                                 mask=hmask[:, None] & (rw < W)[None, :], other=0.0).to(cdt)
-                    bt = tl.load(csv_ptr + rw[:, None] * V2_PAD + rc[None, :])  # basis padded: no mask
-                    y += tl.dot(xt, bt, input_precision=PRECISION)
-                    # Parseval total while x is in registers anyway (first frequency tile only).
-                    sumsq += tl.where(first, tl.sum(xt * xt, axis=1), 0.0)
-                cut = tl.load(cu_ptr + ru[:, None] * H_PAD + rh[None, :])
-                sut = tl.load(su_ptr + ru[:, None] * H_PAD + rh[None, :])
-                a += tl.dot(cut, y, input_precision=PRECISION)
-                b += tl.dot(sut, y, input_precision=PRECISION)
-            r = a + tl.dot(b, q, input_precision=PRECISION)  # [Re | Im']
-            if SAVE_PROJ:
-                half = rc0 // VT
-                v = (c0 // BLOCK_V2) * VT + rc0 % VT
-                pmask = (ru < U)[:, None] & (v < V)[None, :]
-                tl.store(proj_ptr + m * (2 * U * V) + half[None, :] * (U * V) + ru[:, None] * V + v[None, :], r,
-                         mask=pmask)
-            sq = r * r
-            bd = tl.load(band_ptr + ru[:, None] * V2_PAD + rc[None, :])
-            for j in tl.static_range(NUM_CUT):
-                e_j = tl.sum(tl.sum(tl.where(bd == j, sq, 0.0), axis=1), axis=0)
-                energy += tl.where(jj == j, e_j, 0.0)
-    last = scale_total * tl.sum(sumsq, axis=0) - tl.sum(energy, axis=0)
-    energy = tl.where(jj == NUM_CUT, last, energy)
-    tl.store(out_ptr + m * (NUM_CUT + 1) + jj, energy, mask=jj <= NUM_CUT)
+    for i in range(IMGS):
+        # The last program may run past M: it redoes image M-1 and stores the same values again (no masks).
+        m = tl.minimum(tl.program_id(0).to(tl.int64) * IMGS + i, M - 1)
+        energy = tl.zeros((BLOCK_J,), dtype=cdt)
+        sumsq = tl.zeros((BLOCK_H,), dtype=cdt)
+        xbase = x_ptr + m * stride_xm
+        for u0 in range(0, U_PAD, BLOCK_U):
+            ru = u0 + ru0
+            for c0 in range(0, V2_PAD, BLOCK_V2):
+                rc = c0 + rc0
+                first = (u0 == 0) & (c0 == 0)
+                a = tl.zeros((BLOCK_U, BLOCK_V2), dtype=cdt)
+                b = tl.zeros((BLOCK_U, BLOCK_V2), dtype=cdt)
+                for h0 in range(0, H, BLOCK_H):
+                    rh = h0 + rh0
+                    hmask = rh < H
+                    y = tl.zeros((BLOCK_H, BLOCK_V2), dtype=cdt)
+                    for w0 in range(0, W, BLOCK_W):
+                        rw = w0 + rw0
+                        xt = tl.load(xbase + rh[:, None] * stride_xh + rw[None, :] * stride_xw,
+                                     mask=hmask[:, None] & (rw < W)[None, :], other=0.0).to(cdt)
+                        bt = tl.load(csv_ptr + rw[:, None] * V2_PAD + rc[None, :])  # basis padded: no mask
+                        y += tl.dot(xt, bt, input_precision=PRECISION)
+                        # Parseval total while x is in registers anyway (first frequency tile only).
+                        sumsq += tl.where(first, tl.sum(xt * xt, axis=1), 0.0)
+                    cut = tl.load(cu_ptr + ru[:, None] * H_PAD + rh[None, :])
+                    sut = tl.load(su_ptr + ru[:, None] * H_PAD + rh[None, :])
+                    a += tl.dot(cut, y, input_precision=PRECISION)
+                    b += tl.dot(sut, y, input_precision=PRECISION)
+                r = a + tl.dot(b, q, input_precision=PRECISION)  # [Re | Im']
+                if SAVE_PROJ:
+                    half = rc0 // VT
+                    v = (c0 // BLOCK_V2) * VT + rc0 % VT
+                    pmask = (ru < U)[:, None] & (v < V)[None, :]
+                    tl.store(proj_ptr + m * (2 * U * V) + half[None, :] * (U * V) + ru[:, None] * V + v[None, :], r,
+                             mask=pmask)
+                sq = r * r
+                bd = tl.load(band_ptr + ru[:, None] * V2_PAD + rc[None, :])
+                for j in tl.static_range(NUM_CUT):
+                    e_j = tl.sum(tl.sum(tl.where(bd == j, sq, 0.0), axis=1), axis=0)
+                    energy += tl.where(jj == j, e_j, 0.0)
+        last = scale_total * tl.sum(sumsq, axis=0) - tl.sum(energy, axis=0)
+        energy = tl.where(jj == NUM_CUT, last, energy)
+        tl.store(out_ptr + m * (NUM_CUT + 1) + jj, energy, mask=jj <= NUM_CUT)
 
 
 @triton.jit
 def _band2d_bwd_kernel(g_ptr, x_ptr, proj_ptr, cu_ptr, su_ptr, csv_ptr, band_ptr, gx_ptr,
-                       H, W, U, V, stride_xm, stride_xh, stride_xw, scale_total,
+                       M, H, W, U, V, stride_xm, stride_xh, stride_xw, scale_total,
                        U_PAD: tl.constexpr, V2_PAD: tl.constexpr, H_PAD: tl.constexpr,
                        NUM_CUT: tl.constexpr,
                        BLOCK_U: tl.constexpr, BLOCK_V2: tl.constexpr, BLOCK_H: tl.constexpr,
-                       BLOCK_W: tl.constexpr, BLOCK_J: tl.constexpr, PRECISION: tl.constexpr):
+                       BLOCK_W: tl.constexpr, BLOCK_J: tl.constexpr, IMGS: tl.constexpr, PRECISION: tl.constexpr):
     # With R' = G∘[Re | Im'] (G = 2(g_band − g_last) per (u, v)):
     #   T1 = Re'Cv + Im'Sv = R'·CSvᵀ,  T2 = Im'Cv − Re'Sv = −(R'Q)·CSvᵀ,  grad = 2S·g_last·x + Cuᵀ T1 + Suᵀ T2.
     VT = BLOCK_V2 // 2
-    m = tl.program_id(0).to(tl.int64)
     ru0 = tl.arange(0, BLOCK_U)
     rc0 = tl.arange(0, BLOCK_V2)
     rh0 = tl.arange(0, BLOCK_H)
@@ -508,64 +511,97 @@ def _band2d_bwd_kernel(g_ptr, x_ptr, proj_ptr, cu_ptr, su_ptr, csv_ptr, band_ptr
     jj = tl.arange(0, BLOCK_J)
     cdt = cu_ptr.dtype.element_ty
     q = _swap_halves(BLOCK_V2).to(cdt)
-    g = tl.load(g_ptr + m * (NUM_CUT + 1) + jj, mask=jj <= NUM_CUT, other=0.0).to(cdt)
-    g_last = tl.sum(tl.where(jj == NUM_CUT, g, 0.0), axis=0)
-    xbase = x_ptr + m * stride_xm
-    pbase = proj_ptr + m * (2 * U * V)
     half = rc0 // VT
-    for h0 in range(0, H, BLOCK_H):
-        rh = h0 + rh0
-        hmask = rh < H
-        for w0 in range(0, W, BLOCK_W):
-            rw = w0 + rw0
-            wmask = rw < W
-            xt = tl.load(xbase + rh[:, None] * stride_xh + rw[None, :] * stride_xw,
-                         mask=hmask[:, None] & wmask[None, :], other=0.0).to(cdt)
-            acc = (2.0 * scale_total) * g_last * xt
-            for u0 in range(0, U_PAD, BLOCK_U):
-                ru = u0 + ru0
-                t1 = tl.zeros((BLOCK_U, BLOCK_W), dtype=cdt)
-                t2 = tl.zeros((BLOCK_U, BLOCK_W), dtype=cdt)
-                for c0 in range(0, V2_PAD, BLOCK_V2):
-                    rc = c0 + rc0
-                    bd = tl.load(band_ptr + ru[:, None] * V2_PAD + rc[None, :])
-                    gm = tl.zeros((BLOCK_U, BLOCK_V2), dtype=cdt)
-                    for j in tl.static_range(NUM_CUT):
-                        g_j = tl.sum(tl.where(jj == j, g, 0.0), axis=0)
-                        gm += tl.where(bd == j, 2.0 * (g_j - g_last), 0.0)
-                    v = (c0 // BLOCK_V2) * VT + rc0 % VT
-                    pmask = (ru < U)[:, None] & (v < V)[None, :]
-                    r = gm * tl.load(pbase + half[None, :] * (U * V) + ru[:, None] * V + v[None, :],
-                                     mask=pmask, other=0.0)
-                    bt = tl.load(csv_ptr + rw[None, :] * V2_PAD + rc[:, None])  # (V2, W)
-                    t1 += tl.dot(r, bt, input_precision=PRECISION)
-                    t2 += tl.dot(tl.dot(r, q, input_precision=PRECISION), bt, input_precision=PRECISION)
-                cut = tl.load(cu_ptr + ru[None, :] * H_PAD + rh[:, None])  # (H, U)
-                sut = tl.load(su_ptr + ru[None, :] * H_PAD + rh[:, None])
-                acc += tl.dot(cut, t1, input_precision=PRECISION) - tl.dot(sut, t2, input_precision=PRECISION)
-            tl.store(gx_ptr + m * (H * W) + rh[:, None] * W + rw[None, :], acc.to(gx_ptr.dtype.element_ty),
-                     mask=hmask[:, None] & wmask[None, :])
+    for i in range(IMGS):  # IMGS consecutive images per program
+        # The last program may run past M: it redoes image M-1 and stores the same values again (no masks).
+        m = tl.minimum(tl.program_id(0).to(tl.int64) * IMGS + i, M - 1)
+        g = tl.load(g_ptr + m * (NUM_CUT + 1) + jj, mask=jj <= NUM_CUT, other=0.0).to(cdt)
+        g_last = tl.sum(tl.where(jj == NUM_CUT, g, 0.0), axis=0)
+        xbase = x_ptr + m * stride_xm
+        pbase = proj_ptr + m * (2 * U * V)
+        for h0 in range(0, H, BLOCK_H):
+            rh = h0 + rh0
+            hmask = rh < H
+            for w0 in range(0, W, BLOCK_W):
+                rw = w0 + rw0
+                wmask = rw < W
+                xt = tl.load(xbase + rh[:, None] * stride_xh + rw[None, :] * stride_xw,
+                             mask=hmask[:, None] & wmask[None, :], other=0.0).to(cdt)
+                acc = (2.0 * scale_total) * g_last * xt
+                for u0 in range(0, U_PAD, BLOCK_U):
+                    ru = u0 + ru0
+                    t1 = tl.zeros((BLOCK_U, BLOCK_W), dtype=cdt)
+                    t2 = tl.zeros((BLOCK_U, BLOCK_W), dtype=cdt)
+                    for c0 in range(0, V2_PAD, BLOCK_V2):
+                        rc = c0 + rc0
+                        bd = tl.load(band_ptr + ru[:, None] * V2_PAD + rc[None, :])
+                        gm = tl.zeros((BLOCK_U, BLOCK_V2), dtype=cdt)
+                        for j in tl.static_range(NUM_CUT):
+                            g_j = tl.sum(tl.where(jj == j, g, 0.0), axis=0)
+                            gm += tl.where(bd == j, 2.0 * (g_j - g_last), 0.0)
+                        v = (c0 // BLOCK_V2) * VT + rc0 % VT
+                        pmask = (ru < U)[:, None] & (v < V)[None, :]
+                        r = gm * tl.load(pbase + half[None, :] * (U * V) + ru[:, None] * V + v[None, :],
+                                         mask=pmask, other=0.0)
+                        bt = tl.load(csv_ptr + rw[None, :] * V2_PAD + rc[:, None])  # (V2, W)
+                        t1 += tl.dot(r, bt, input_precision=PRECISION)
+                        t2 += tl.dot(tl.dot(r, q, input_precision=PRECISION), bt, input_precision=PRECISION)
+                    cut = tl.load(cu_ptr + ru[None, :] * H_PAD + rh[:, None])  # (H, U)
+                    sut = tl.load(su_ptr + ru[None, :] * H_PAD + rh[:, None])
+                    acc += tl.dot(cut, t1, input_precision=PRECISION) - tl.dot(sut, t2, input_precision=PRECISION)
+                tl.store(gx_ptr + m * (H * W) + rh[:, None] * W + rw[None, :], acc.to(gx_ptr.dtype.element_ty),
+                         mask=hmask[:, None] & wmask[None, :])
 
 
 def _prec(cd):
     return "ieee" if cd == torch.float64 else DOT_PRECISION
 
 
-def _blocks1d(m, n, f):
+def _heuristic1d(m, n, f) -> dict:
     block_f = min(64, _next_pow2(f))
     block_n = min(64, _next_pow2(n))
     # Enough programs to fill the GPU when rows are few: shrink the row tile before anything else.
     block_m = 64
     while block_m > 16 and triton.cdiv(m, block_m) < 264:
         block_m //= 2
-    return block_m, block_n, block_f
+    return {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_F": block_f, "num_warps": 4}
 
 
-def _blocks2d(h, w, U, V, cd):
+def _candidates1d(n, f, cd) -> list[dict]:
+    cap = 32 if cd == torch.float64 else 64
+    block_f = min(cap, _next_pow2(f))
+    return [{"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_F": block_f, "num_warps": w}
+            for bm in (16, 32, 64) if bm <= cap
+            for bn in (32, 64, 128) if bn <= max(16, 2 * _next_pow2(n)) and bn <= 2 * cap
+            for w in (4, 8)]
+
+
+def _heuristic2d(h, w, U, V, cd) -> dict:
     # BLOCK_V2 holds cos and sin of BLOCK_V2/2 frequencies. float64 tiles of 64 need 256 KB of shared memory
     # in the backward (over the H100's 227 KB, seen there): cap them at 32.
     cap = 32 if cd == torch.float64 else 64
-    return (min(cap, _next_pow2(U)), min(cap, _next_pow2(2 * V)), min(cap, _next_pow2(h)), min(cap, _next_pow2(w)))
+    return {"BLOCK_U": min(cap, _next_pow2(U)), "BLOCK_V2": min(cap, _next_pow2(2 * V)),
+            "BLOCK_H": min(cap, _next_pow2(h)), "BLOCK_W": min(cap, _next_pow2(w)), "IMGS": 1, "num_warps": 4}
+
+
+def _candidates2d(h, w, U, V, cd) -> list[dict]:
+    """Image tile (a padded 56×56 image wastes 22 % of a 64×64 tile; 16-row tiles waste none along H),
+    images per program, warps. The frequency tiles stay as the heuristic's (the band's bins in one tile)."""
+    base = _heuristic2d(h, w, U, V, cd)
+    cap = 32 if cd == torch.float64 else 64
+    return [dict(base, BLOCK_H=bh, BLOCK_W=bw, IMGS=imgs, num_warps=nw)
+            for bh in (16, 32, 64) if bh <= min(cap, _next_pow2(h))
+            for bw in (32, 64) if bw <= min(cap, _next_pow2(w))
+            for imgs in (1, 4)
+            for nw in (2, 4, 8)]
+
+
+def _key1d(m, n, cutoffs, cd):
+    return (_tuning.bucket(m), _tuning.bucket(n), cutoffs, cd)
+
+
+def _key2d(m, h, w, cutoffs, cd):
+    return (_tuning.bucket(m), h, w, cutoffs, cd)
 
 
 def _fwd_triton(x: torch.Tensor, cutoffs: tuple, ndim: int, save_proj: bool):
@@ -577,24 +613,32 @@ def _fwd_triton(x: torch.Tensor, cutoffs: tuple, ndim: int, save_proj: bool):
     if ndim == 1:
         n = x.shape[1]
         F = _plan1d_cpu(n, cutoffs)["F"]
-        bm, bn, bf = _blocks1d(m, n, F)
-        t = _tri_tensors1d(n, cutoffs, x.device, cd, bf)
         proj = torch.empty(m, F, device=x.device, dtype=cd) if save_proj else out
-        _band1d_fwd_kernel[(triton.cdiv(m, bm),)](
-            x, t["basis"], t["col_band"], out, proj, m, n, F, x.stride(0), x.stride(1), float(n),
-            F_PAD=t["F_pad"], NUM_CUT=J, SAVE_PROJ=save_proj, BLOCK_M=bm, BLOCK_N=bn, BLOCK_F=bf,
-            BLOCK_J=block_j, PRECISION=_prec(cd), num_warps=4)
+
+        def launch(cfg):
+            t = _tri_tensors1d(n, cutoffs, x.device, cd, cfg["BLOCK_F"])
+            _band1d_fwd_kernel[(triton.cdiv(m, cfg["BLOCK_M"]),)](
+                x, t["basis"], t["col_band"], out, proj, m, n, F, x.stride(0), x.stride(1), float(n),
+                F_PAD=t["F_pad"], NUM_CUT=J, SAVE_PROJ=save_proj, BLOCK_J=block_j, PRECISION=_prec(cd), **cfg)
+
+        launch(_tuning.select("band_energy_1d_fwd", _key1d(m, n, cutoffs, cd), _heuristic1d(m, n, F),
+                       lambda: _candidates1d(n, F, cd), launch, x.device))
     else:
         h, w = x.shape[1], x.shape[2]
         p = _plan2d_cpu(h, w, cutoffs)
-        bu, bv, bh, bw = _blocks2d(h, w, p["U"], p["V"], cd)
-        t = _tri_tensors2d(h, w, cutoffs, x.device, cd, bu, bv, bh, bw)
-        proj = torch.empty(m, 2, t["U"], t["V"], device=x.device, dtype=cd) if save_proj else out
-        _band2d_fwd_kernel[(m,)](
-            x, t["cu"], t["su"], t["csv"], t["band"], out, proj, h, w, t["U"], t["V"],
-            x.stride(0), x.stride(1), x.stride(2), float(h * w),
-            U_PAD=t["U_pad"], V2_PAD=t["V2_pad"], H_PAD=t["H_pad"], NUM_CUT=J, SAVE_PROJ=save_proj,
-            BLOCK_U=bu, BLOCK_V2=bv, BLOCK_H=bh, BLOCK_W=bw, BLOCK_J=block_j, PRECISION=_prec(cd), num_warps=4)
+        proj = torch.empty(m, 2, p["U"], p["V"], device=x.device, dtype=cd) if save_proj else out
+
+        def launch(cfg):
+            t = _tri_tensors2d(h, w, cutoffs, x.device, cd, cfg["BLOCK_U"], cfg["BLOCK_V2"], cfg["BLOCK_H"],
+                               cfg["BLOCK_W"])
+            _band2d_fwd_kernel[(triton.cdiv(m, cfg["IMGS"]),)](
+                x, t["cu"], t["su"], t["csv"], t["band"], out, proj, m, h, w, t["U"], t["V"],
+                x.stride(0), x.stride(1), x.stride(2), float(h * w),
+                U_PAD=t["U_pad"], V2_PAD=t["V2_pad"], H_PAD=t["H_pad"], NUM_CUT=J, SAVE_PROJ=save_proj,
+                BLOCK_J=block_j, PRECISION=_prec(cd), **cfg)
+
+        launch(_tuning.select("band_energy_2d_fwd", _key2d(m, h, w, cutoffs, cd), _heuristic2d(h, w, p["U"], p["V"], cd),
+                       lambda: _candidates2d(h, w, p["U"], p["V"], cd), launch, x.device))
     if not save_proj:
         proj = x.new_empty(0, dtype=cd)
     return out, proj
@@ -611,22 +655,30 @@ def _bwd_triton(grad, x, proj, cutoffs, ndim):
     if ndim == 1:
         n = x.shape[1]
         F = _plan1d_cpu(n, cutoffs)["F"]
-        bm, bn, bf = _blocks1d(m, n, F)
-        t = _tri_tensors1d(n, cutoffs, x.device, cd, bf)
-        _band1d_bwd_kernel[(triton.cdiv(m, bm), triton.cdiv(n, bn))](
-            grad, x, proj, t["basis"], t["col_band"], gx, m, n, F, x.stride(0), x.stride(1), float(n),
-            F_PAD=t["F_pad"], NUM_CUT=J, BLOCK_M=bm, BLOCK_N=bn, BLOCK_F=bf, BLOCK_J=block_j,
-            PRECISION=_prec(cd), num_warps=4)
+
+        def launch(cfg):
+            t = _tri_tensors1d(n, cutoffs, x.device, cd, cfg["BLOCK_F"])
+            _band1d_bwd_kernel[(triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(n, cfg["BLOCK_N"]))](
+                grad, x, proj, t["basis"], t["col_band"], gx, m, n, F, x.stride(0), x.stride(1), float(n),
+                F_PAD=t["F_pad"], NUM_CUT=J, BLOCK_J=block_j, PRECISION=_prec(cd), **cfg)
+
+        launch(_tuning.select("band_energy_1d_bwd", _key1d(m, n, cutoffs, cd), _heuristic1d(m, n, F),
+                       lambda: _candidates1d(n, F, cd), launch, x.device))
     else:
         h, w = x.shape[1], x.shape[2]
         p = _plan2d_cpu(h, w, cutoffs)
-        bu, bv, bh, bw = _blocks2d(h, w, p["U"], p["V"], cd)
-        t = _tri_tensors2d(h, w, cutoffs, x.device, cd, bu, bv, bh, bw)
-        _band2d_bwd_kernel[(m,)](
-            grad, x, proj, t["cu"], t["su"], t["csv"], t["band"], gx, h, w, t["U"], t["V"],
-            x.stride(0), x.stride(1), x.stride(2), float(h * w),
-            U_PAD=t["U_pad"], V2_PAD=t["V2_pad"], H_PAD=t["H_pad"], NUM_CUT=J,
-            BLOCK_U=bu, BLOCK_V2=bv, BLOCK_H=bh, BLOCK_W=bw, BLOCK_J=block_j, PRECISION=_prec(cd), num_warps=4)
+
+        def launch(cfg):
+            t = _tri_tensors2d(h, w, cutoffs, x.device, cd, cfg["BLOCK_U"], cfg["BLOCK_V2"], cfg["BLOCK_H"],
+                               cfg["BLOCK_W"])
+            _band2d_bwd_kernel[(triton.cdiv(m, cfg["IMGS"]),)](
+                grad, x, proj, t["cu"], t["su"], t["csv"], t["band"], gx, m, h, w, t["U"], t["V"],
+                x.stride(0), x.stride(1), x.stride(2), float(h * w),
+                U_PAD=t["U_pad"], V2_PAD=t["V2_pad"], H_PAD=t["H_pad"], NUM_CUT=J,
+                BLOCK_J=block_j, PRECISION=_prec(cd), **cfg)
+
+        launch(_tuning.select("band_energy_2d_bwd", _key2d(m, h, w, cutoffs, cd), _heuristic2d(h, w, p["U"], p["V"], cd),
+                       lambda: _candidates2d(h, w, p["U"], p["V"], cd), launch, x.device))
     return gx
 
 

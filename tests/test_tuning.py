@@ -1,0 +1,263 @@
+"""Launch configurations: every candidate of every Triton kernel computes the right answer, and the selection
+(forced config, autotune search, tuned table, heuristic) behaves as documented in ``mmkernels._tuning``."""
+import json
+
+import pytest
+import torch
+
+import mmkernels
+from mmkernels import _tuning
+from tests.helpers import assert_close
+from tests.test_band_energy import assert_bands_close, oracle_1d_diff, oracle_2d_diff
+from tests.test_decision_fuse import oracle as fuse_oracle
+from tests.test_frm import oracle as frm_oracle
+from tests.test_frm import well_conditioned
+from tests.test_modality_scores import oracle as scores_oracle
+
+
+def _space(call):
+    """Run ``call`` once and return {kernel: (heuristic, candidates)} of every launch it made."""
+    with _tuning.recording() as log:
+        call()
+    return {name: (heur, cands) for name, _key, heur, cands in log}
+
+
+def _each_config(call, check):
+    """For every kernel launched by ``call``, run ``call`` with each of its candidates forced and ``check`` it.
+    The interpreter ignores num_warps / num_stages, so on the CPU configs differing only there run once."""
+    spaces = _space(call)
+    assert spaces, "the op launched no Triton kernel"
+    n = 0
+    for name, (heur, cands) in spaces.items():
+        assert heur in cands
+        seen = set()
+        for cfg in cands:
+            if not torch.cuda.is_available():
+                tiles = _tuning.cfg_str({k: v for k, v in cfg.items() if k not in ("num_warps", "num_stages")})
+                if tiles in seen:
+                    continue
+                seen.add(tiles)
+            with _tuning.forced(name, cfg):
+                check(call(), f"{name} {_tuning.cfg_str(cfg)}")
+            n += 1
+    return n
+
+
+@pytest.fixture
+def triton_backend():
+    with mmkernels.use_backend("triton"):
+        yield
+
+
+# ----------------------------------------------------------------------------------------- every candidate is right
+
+def test_frm_every_config(triton_backend, device):
+    x = well_conditioned((3, 2, 16, 40), 8, 2, torch.float32, device)
+    want, _ = frm_oracle(x)
+    n = _each_config(lambda: mmkernels.frm(x, window=2, reduction="none"),
+                     lambda got, what: assert_close(got, want, rtol=3e-5, atol=0, what=what))
+    assert n >= 16 if torch.cuda.is_available() else n >= 4
+
+
+def test_modality_scores_every_config(triton_backend, device):
+    logits = torch.randn(2, 9, 300, device=device) * 3
+    labels = torch.randint(0, 300, (9,), device=device)
+    labels[4] = -100
+    want_s, want_c = scores_oracle(logits, labels)
+
+    def check(got, what):
+        assert_close(got[0], want_s, rtol=1e-5, atol=1e-6, what=what + " scores")
+        assert_close(got[1], want_c, rtol=0, atol=0, what=what + " correct")
+
+    n = _each_config(lambda: mmkernels.modality_scores(logits, labels), check)
+    assert n >= 3  # K chunks of 256 (two chunks) and 512, row tiles
+
+
+def test_decision_fuse_every_config(triton_backend, device):
+    M, B, K = 3, 5, 700
+    x = torch.randn(M, B, K, device=device)
+    w = torch.rand(M, K, device=device) + 0.1
+    s = torch.rand(M, device=device) + 0.5
+    mask = torch.tensor([[1, 0, 1], [1, 1, 1], [0, 0, 1], [1, 1, 0], [0, 1, 0]], dtype=torch.bool, device=device)
+    g = torch.randn(B, K, device=device)
+    want_z, want_dx = fuse_oracle(x, w, s, mask, None, g)
+
+    def call():
+        xx = x.detach().requires_grad_()
+        z = mmkernels.decision_fuse(xx, w, s, mask)
+        (dx,) = torch.autograd.grad(z, xx, g)
+        return z, dx
+
+    def check(got, what):
+        assert_close(got[0], want_z, rtol=1e-5, atol=1e-6, what=what + " z")
+        assert_close(got[1], want_dx, rtol=1e-5, atol=1e-6, what=what + " dx")
+
+    n = _each_config(call, check)
+    assert n >= 4  # forward and backward, chunks of 256, 512, 1024
+
+
+@pytest.mark.parametrize("ndim,shape,cutoffs", [(1, (6, 300), [0.05, 0.2]), (2, (3, 20, 36), [0.1, 0.25])])
+def test_band_energy_every_config(triton_backend, device, ndim, shape, cutoffs):
+    x = torch.randn(*shape, device=device)
+    g = torch.randn(shape[0], len(cutoffs) + 1, device=device)
+    xd = x.double().requires_grad_()
+    ref = (oracle_1d_diff if ndim == 1 else oracle_2d_diff)(xd, cutoffs)
+    (want_gx,) = torch.autograd.grad(ref, xd, g.double())
+
+    def call():
+        xx = x.detach().requires_grad_()
+        e = mmkernels.band_energy(xx, cutoffs, ndim=ndim)
+        (gx,) = torch.autograd.grad(e, xx, g)
+        return e, gx
+
+    def check(got, what):
+        assert_bands_close(got[0], ref.detach(), what)
+        assert_close(got[1].double(), want_gx, rtol=1e-4, atol=1e-4 * float(want_gx.abs().max()), what=what + " grad")
+
+    n = _each_config(call, check)
+    assert n >= (8 if ndim == 1 else 6)
+
+
+def test_band_energy_2d_images_per_program_tail(triton_backend, device):
+    # 5 images with 4 per program: the last program redoes image 4 three times; results must not change.
+    x = torch.randn(5, 12, 12, device=device)
+    spaces = _space(lambda: mmkernels.band_energy(x, [0.2], ndim=2))
+    cfg = dict(spaces["band_energy_2d_fwd"][0], IMGS=4)
+    with _tuning.forced("band_energy_2d_fwd", cfg):
+        got = mmkernels.band_energy(x, [0.2], ndim=2)
+    assert_bands_close(got, oracle_2d_diff(x.double(), [0.2]), "IMGS=4 tail")
+
+
+# ----------------------------------------------------------------------------------------- selection rules
+
+def _scores_call(device):
+    logits = torch.randn(2, 6, 40, device=device)
+    labels = torch.randint(0, 40, (6,), device=device)
+    return lambda: mmkernels.modality_scores(logits, labels)
+
+
+def test_heuristic_without_search_or_table(triton_backend, device):
+    call = _scores_call(device)
+    with _tuning.recording() as log:
+        call()
+    (name, key, heur, cands), = log
+    assert name == "modality_scores" and key[2] == torch.float32
+    # select() returns the heuristic when nothing is forced, no search runs and (CPU) no table applies
+    assert _tuning.select(name, key, heur, lambda: cands, lambda cfg: None, torch.device("cpu")) == heur
+
+
+def test_autotune_picks_fastest_and_caches(triton_backend, device, monkeypatch):
+    call = _scores_call(device)
+    with _tuning.recording() as log:
+        call()
+    (name, key, heur, cands), = log
+    assert len(cands) > 2
+    fastest = len(cands) - 2  # pretend the second-to-last candidate is the fastest
+    timed = []
+
+    def fake_timer(fn):
+        fn()
+        timed.append(1)
+        return 1.0 if len(timed) - 1 == fastest else 5.0 + len(timed)
+
+    monkeypatch.setattr(_tuning, "_timer", fake_timer)
+    monkeypatch.setattr(_tuning, "_autotuned", {})
+    _tuning.set_autotune(True)
+    try:
+        launched = []
+        pick = _tuning.select(name, key, heur, lambda: cands, launched.append, torch.device(device))
+        assert pick == cands[fastest]
+        assert len(launched) == len(cands) and len(timed) == len(cands)
+        # second launch: cached, no new search
+        assert _tuning.select(name, key, heur, lambda: cands, launched.append, torch.device(device)) == pick
+        assert len(timed) == len(cands)
+        # the op itself still gives the right answer through the search
+        s, c = call()
+        assert torch.isfinite(s).all()
+    finally:
+        _tuning.set_autotune(False)
+
+
+def test_autotune_skips_failing_configs_and_reports_when_none_runs(monkeypatch):
+    monkeypatch.setattr(_tuning, "_autotuned", {})
+    cands = [{"A": 1}, {"A": 2}, {"A": 3}]
+
+    def launch(cfg):
+        if cfg["A"] != 3:
+            raise RuntimeError("out of resources: shared memory")
+
+    monkeypatch.setattr(_tuning, "_timer", lambda fn: (fn(), 1.0)[1])
+    _tuning.set_autotune(True)
+    try:
+        assert _tuning.select("k", (1,), cands[0], lambda: cands, launch, torch.device("cpu")) == {"A": 3}
+
+        def never(cfg):
+            raise RuntimeError("out of resources")
+
+        with pytest.raises(RuntimeError, match="no candidate config of kernel 'k2'"):
+            _tuning.select("k2", (1,), cands[0], lambda: cands, never, torch.device("cpu"))
+    finally:
+        _tuning.set_autotune(False)
+
+
+def test_forced_is_scoped_and_nests():
+    cpu = torch.device("cpu")
+    heur = {"A": 0}
+    with _tuning.forced("k", {"A": 1}):
+        assert _tuning.select("k", (), heur, list, None, cpu) == {"A": 1}
+        with _tuning.forced("k", {"A": 2}):
+            assert _tuning.select("k", (), heur, list, None, cpu) == {"A": 2}
+        assert _tuning.select("k", (), heur, list, None, cpu) == {"A": 1}
+        assert _tuning.select("other", (), heur, list, None, cpu) == heur
+    assert _tuning.select("k", (), heur, list, None, cpu) == heur
+
+
+def test_keys_and_table_names():
+    assert _tuning.bucket(1) == 1 and _tuning.bucket(5) == 8 and _tuning.bucket(64) == 64 and _tuning.bucket(0) == 1
+    assert _tuning.key_str((64, 2048, torch.bfloat16, (0.1, 0.2))) == "64|2048|bfloat16|(0.1, 0.2)"
+    assert _tuning.table_path("NVIDIA H100 80GB HBM3").endswith("tuned/NVIDIA_H100_80GB_HBM3.json")
+
+
+def test_shipped_tables_are_valid():
+    """Every shipped table names kernels the package launches, with configs of the right parameter names."""
+    import glob
+    import os
+
+    known = {
+        "frm": {"ROW_TILE", "PROGRAMS_PER_SM", "num_warps"},
+        "modality_scores": {"BLOCK_R", "BLOCK_K", "num_warps", "num_stages"},
+        "decision_fuse_fwd": {"BLOCK_K", "num_warps"},
+        "decision_fuse_bwd": {"BLOCK_K", "num_warps"},
+        "band_energy_1d_fwd": {"BLOCK_M", "BLOCK_N", "BLOCK_F", "num_warps"},
+        "band_energy_1d_bwd": {"BLOCK_M", "BLOCK_N", "BLOCK_F", "num_warps"},
+        "band_energy_2d_fwd": {"BLOCK_U", "BLOCK_V2", "BLOCK_H", "BLOCK_W", "IMGS", "num_warps"},
+        "band_energy_2d_bwd": {"BLOCK_U", "BLOCK_V2", "BLOCK_H", "BLOCK_W", "IMGS", "num_warps"},
+    }
+    for path in glob.glob(os.path.join(os.path.dirname(_tuning.__file__), "tuned", "*.json")):
+        with open(path) as f:
+            data = json.load(f)
+        assert {"device_name", "configs"} <= set(data), path
+        for kernel, entries in data["configs"].items():
+            assert kernel in known, (path, kernel)
+            for key, cfg in entries.items():
+                assert set(cfg) == known[kernel], (path, kernel, key, cfg)
+
+
+@pytest.mark.gpu
+def test_gpu_tuned_table_is_used(tmp_path, monkeypatch):
+    name = torch.cuda.get_device_name(0)
+    logits = torch.randn(2, 64, 1000, device="cuda")
+    labels = torch.randint(0, 1000, (64,), device="cuda")
+    with _tuning.recording() as log:
+        mmkernels.modality_scores(logits, labels)
+    (kernel, key, heur, cands), = log
+    other = next(c for c in cands if c != heur)
+    monkeypatch.setattr(_tuning, "_TUNED_DIR", str(tmp_path))
+    monkeypatch.setattr(_tuning, "_tables", {})
+    with open(_tuning.table_path(name), "w") as f:
+        json.dump({"device_name": name, "configs": {kernel: {_tuning.key_str(key): other}}}, f)
+    assert _tuning.select(kernel, key, heur, lambda: cands, None, torch.device("cuda")) == other
+    s, c = mmkernels.modality_scores(logits, labels)
+    want_s, want_c = scores_oracle(logits, labels)
+    assert_close(s, want_s, rtol=1e-5, atol=1e-5, what="with tuned table")
+    assert_close(c, want_c, rtol=0, atol=0, what="with tuned table")
