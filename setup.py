@@ -50,6 +50,7 @@ setup(
     version="0.1.0",
     description="Fused GPU kernels for balanced multimodal learning (MWAM, PDMP, OGM-GE, decision-level weighting)",
     packages=find_packages(include=["mmkernels", "mmkernels.*"]),
+    package_data={"mmkernels": ["tuned/*.json"]},
     python_requires=">=3.10",
     install_requires=["torch>=2.6", "triton", "numpy"],
     ext_modules=ext_modules,

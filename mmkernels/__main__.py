@@ -1,4 +1,4 @@
-"""Command line: ``python -m mmkernels {demo,bench,report}``."""
+"""Command line: ``python -m mmkernels {demo,bench,tune,report}``."""
 from __future__ import annotations
 
 import argparse
@@ -25,7 +25,13 @@ def bench(argv: list[str]) -> int:
     p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--quick", action="store_true", help="small shapes and short timing loops (a smoke run)")
     p.add_argument("--out", default="benchmarks/results")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="time every implementation N times, interleaved; rows get the spread across repeats")
+    p.add_argument("--l2", default="cold", help="CUDA: 'cold' (L2 flushed before each call), 'warm', or 'cold,warm'")
     args = p.parse_args(argv)
+    from mmkernels.bench import harness
+
+    harness.DEFAULTS.update(repeats=args.repeats, l2=tuple(m.strip() for m in args.l2.split(",") if m.strip()))
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda asked for, but torch sees no CUDA device")
     chosen = [o.strip() for o in args.ops.split(",") if o.strip()]
@@ -49,14 +55,19 @@ def bench(argv: list[str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: python -m mmkernels {demo,bench,report} [options]\n"
+        print("usage: python -m mmkernels {demo,bench,tune,report} [options]\n"
               "  demo    balanced training on UCI Multiple Features with missing-modality evaluation\n"
               "  bench   side-by-side kernel benchmarks, results under benchmarks/results\n"
+              "  tune    time every launch config of every Triton kernel on this GPU, write its tuned table\n"
               "  report  regenerate the README tables from recorded results")
         return 0
     cmd, rest = argv[0], argv[1:]
     if cmd == "bench":
         return bench(rest)
+    if cmd == "tune":
+        from mmkernels.bench.tune import main as tune_main
+
+        return tune_main(rest)
     if cmd == "demo":
         from mmkernels.demo import main as demo_main
 
@@ -66,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
 
         update_readme()
         return 0
-    print(f"unknown command {cmd!r}; use demo, bench or report", file=sys.stderr)
+    print(f"unknown command {cmd!r}; use demo, bench, tune or report", file=sys.stderr)
     return 2
 
 

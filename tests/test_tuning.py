@@ -261,3 +261,47 @@ def test_gpu_tuned_table_is_used(tmp_path, monkeypatch):
     want_s, want_c = scores_oracle(logits, labels)
     assert_close(s, want_s, rtol=1e-5, atol=1e-5, what="with tuned table")
     assert_close(c, want_c, rtol=0, atol=0, what="with tuned table")
+
+
+# ----------------------------------------------------------------------------------------- the sweep (python -m mmkernels tune)
+
+def test_tune_quick_sweep_records_every_candidate(tmp_path):
+    from mmkernels.bench import tune
+
+    assert tune.main(["--quick", "--device", "cpu", "--ops", "modality_scores", "--out", str(tmp_path)]) == 0
+    with open(tmp_path / "tuning" / "tuning_modality_scores_cpu.json") as f:
+        data = json.load(f)
+    rows = data["rows"]
+    assert data["environment"]["device"] == "cpu"
+    heur = [r for r in rows if r["heuristic"]]
+    assert len(heur) == 1 and heur[0]["speedup_vs_heuristic"] == pytest.approx(1.0)
+    assert len({r["config"] for r in rows}) == len(rows) > 3
+    assert all(r["median_ms"] > 0 for r in rows)
+
+
+def _row(kernel, key, case, cfg, ms, heuristic, base):
+    return {"kernel": kernel, "key": key, "case": case, "cfg": cfg, "median_ms": ms, "heuristic": heuristic,
+            "speedup_vs_heuristic": base / ms}
+
+
+def test_best_configs_margin_and_table_merge(tmp_path):
+    from mmkernels.bench.tune import best_configs, write_table
+
+    rows = [
+        _row("k", "a", "c1", {"X": 1}, 1.00, True, 1.00),
+        _row("k", "a", "c1", {"X": 2}, 0.90, False, 1.00),   # 11 % faster: kept
+        _row("k", "b", "c2", {"X": 1}, 1.00, True, 1.00),
+        _row("k", "b", "c2", {"X": 2}, 0.99, False, 1.00),   # 1 % faster: within noise, heuristic stays
+        _row("j", "a", "c3", {"Y": 1}, 2.00, True, 2.00),
+        _row("j", "a", "c3", {"Y": 2}, 1.00, False, 2.00),
+    ]
+    table = best_configs(rows, margin=0.03)
+    assert table == {"k": {"a": {"X": 2}, "b": None}, "j": {"a": {"Y": 2}}}
+    path = str(tmp_path / "dev.json")
+    write_table({"k": {"b": {"X": 9}, "old": {"X": 7}}}, "Dev", {}, path)  # an older sweep
+    write_table(table, "Dev", {"date": "d"}, path)
+    with open(path) as f:
+        data = json.load(f)
+    # "b" is dropped (the heuristic won this time), "old" (not swept now) kept, new entries added
+    assert data["configs"] == {"k": {"a": {"X": 2}, "old": {"X": 7}}, "j": {"a": {"Y": 2}}}
+    assert data["device_name"] == "Dev"

@@ -138,9 +138,13 @@ def time_fn(fn: Callable[[], object], device: str, quick: bool = False, l2: str 
     return _summarize(times)
 
 
+# What measure() uses when a case does not say: one timing per implementation, L2-cold on CUDA.
+DEFAULTS: dict = {"repeats": 1, "l2": ("cold",)}
+
+
 def measure(op: str, shape: str, impls: dict[str, Callable[[], object]], device: str, baseline: str,
-            nbytes: int | None = None, quick: bool = False, extra: dict | None = None, repeats: int = 1,
-            l2: str | tuple[str, ...] = ("cold",)) -> list[dict]:
+            nbytes: int | None = None, quick: bool = False, extra: dict | None = None, repeats: int | None = None,
+            l2: str | tuple[str, ...] | None = None) -> list[dict]:
     """Time every implementation of one case in the same run; add ratios against ``baseline``.
 
     ``nbytes``: the fewest bytes the op must move (inputs read once, outputs written once), for GB/s.
@@ -154,7 +158,11 @@ def measure(op: str, shape: str, impls: dict[str, Callable[[], object]], device:
     ``l2``: on CUDA, the L2 states to time, ``"cold"`` (flushed before each call) and/or ``"warm"`` (back to
     back); each gets its own rows, marked by an ``l2`` column, with ratios taken within the same state.
     The CPU has no flush, so there only one set of rows is timed and no ``l2`` column is written.
+
+    Left out, both come from :data:`DEFAULTS` (``python -m mmkernels bench --repeats N --l2 cold,warm`` sets them).
     """
+    repeats = DEFAULTS["repeats"] if repeats is None else repeats
+    l2 = DEFAULTS["l2"] if l2 is None else l2
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
     modes = (l2,) if isinstance(l2, str) else tuple(dict.fromkeys(l2))
