@@ -230,8 +230,8 @@ def test_shipped_tables_are_valid():
         "decision_fuse_bwd": {"BLOCK_K", "num_warps"},
         "band_energy_1d_fwd": {"BLOCK_M", "BLOCK_N", "BLOCK_F", "num_warps"},
         "band_energy_1d_bwd": {"BLOCK_M", "BLOCK_N", "BLOCK_F", "num_warps"},
-        "band_energy_2d_fwd": {"BLOCK_U", "BLOCK_V2", "BLOCK_H", "BLOCK_W", "IMGS", "num_warps"},
-        "band_energy_2d_bwd": {"BLOCK_U", "BLOCK_V2", "BLOCK_H", "BLOCK_W", "IMGS", "num_warps"},
+        "band_energy_2d_fwd": {"BLOCK_U", "BLOCK_V2", "BLOCK_H", "BLOCK_W", "IMGS", "num_warps", "num_stages"},
+        "band_energy_2d_bwd": {"BLOCK_U", "BLOCK_V2", "BLOCK_H", "BLOCK_W", "IMGS", "num_warps", "num_stages"},
     }
     for path in glob.glob(os.path.join(os.path.dirname(_tuning.__file__), "tuned", "*.json")):
         with open(path) as f:
