@@ -20,6 +20,7 @@ A *key* is a short tuple chosen by the op (shape buckets and dtype), so a table 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import os
@@ -52,6 +53,7 @@ def set_autotune(on: bool) -> None:
     _autotune_on = bool(on)
 
 
+@functools.lru_cache(maxsize=1024)  # called on every launch; the result is never mutated
 def key_str(key: tuple) -> str:
     return "|".join(str(k).replace("torch.", "") for k in key)
 

@@ -557,6 +557,7 @@ def _prec(cd):
     return "ieee" if cd == torch.float64 else DOT_PRECISION
 
 
+@lru_cache(maxsize=1024)  # called on every launch; the result is never mutated
 def _heuristic1d(m, n, f) -> dict:
     block_f = min(64, _next_pow2(f))
     block_n = min(64, _next_pow2(n))
@@ -576,6 +577,7 @@ def _candidates1d(n, f, cd) -> list[dict]:
             for w in (4, 8)]
 
 
+@lru_cache(maxsize=1024)  # called on every launch; the result is never mutated
 def _heuristic2d(h, w, U, V, cd) -> dict:
     # BLOCK_V2 holds cos and sin of BLOCK_V2/2 frequencies. float64 tiles of 64 need 256 KB of shared memory
     # in the backward (over the H100's 227 KB, seen there): cap them at 32.

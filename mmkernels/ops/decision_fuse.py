@@ -25,6 +25,7 @@ Decisions where the spec is silent
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -104,6 +105,7 @@ def _get_kernels():
     return _kernels
 
 
+@functools.lru_cache(maxsize=1024)  # called on every launch; the result is never mutated
 def _heuristic(K: int) -> dict:
     import triton
 

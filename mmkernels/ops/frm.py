@@ -25,6 +25,7 @@ of the kernel.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -238,6 +239,7 @@ def _next_pow2(v: int) -> int:
     return 1 << max(0, (v - 1).bit_length())
 
 
+@functools.lru_cache(maxsize=1024)  # called on every launch; the result is never mutated
 def _heuristic(p: int, npw: int, elem_size: int) -> dict:
     """An item is one patch row (p image rows) of BLOCK_PW patches; each of its p row loads is a
     (BLOCK_PW, BLOCK_P) tile of at most ROW_TILE elements, contiguous along W for NCHW input. Eight programs

@@ -28,6 +28,7 @@ Decisions where the spec is silent
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional, Sequence, Union
 
 import torch
@@ -100,6 +101,7 @@ def _get_kernel():
     return _kernel
 
 
+@functools.lru_cache(maxsize=1024)  # called on every launch; the result is never mutated
 def _heuristic(B: int, K: int) -> dict:
     import triton
 
