@@ -305,3 +305,25 @@ def test_best_configs_margin_and_table_merge(tmp_path):
     # "b" is dropped (the heuristic won this time), "old" (not swept now) kept, new entries added
     assert data["configs"] == {"k": {"a": {"X": 2}, "old": {"X": 7}}, "j": {"a": {"Y": 2}}}
     assert data["device_name"] == "Dev"
+
+
+def test_static_resources_tool_compiles_for_sm90(tmp_path):
+    """tools/static_resources.py compiles candidate configs for sm_90 on the CPU and reads their registers."""
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)
+    run = subprocess.run([sys.executable, os.path.join(root, "tools", "static_resources.py"), "--ops",
+                          "decision_fuse", "--limit", "2", "--out", str(tmp_path)],
+                         capture_output=True, text=True, env=env, cwd=root, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    with open(tmp_path / "resources_sm90.json") as f:
+        rows = json.load(f)["rows"]
+    assert {r["kernel"] for r in rows} == {"decision_fuse_fwd", "decision_fuse_bwd"}
+    for r in rows:
+        assert 0 < r["regs"] <= 255 and 0 < r["warps_per_sm"] <= 64, r
+        assert r["triton_kernel"] == {"decision_fuse_fwd": "_fuse_fwd", "decision_fuse_bwd": "_fuse_bwd"}[r["kernel"]]
+    assert sum(r["heuristic"] for r in rows) == 2

@@ -581,10 +581,15 @@ def _candidates1d(n, f, cd) -> list[dict]:
 def _heuristic2d(h, w, U, V, cd) -> dict:
     # BLOCK_V2 holds cos and sin of BLOCK_V2/2 frequencies. float64 tiles of 64 need 256 KB of shared memory
     # in the backward (over the H100's 227 KB, seen there): cap them at 32.
+    # Image rows in tiles of 16: a whole 64×64 image tile with 4 warps needs 255 registers and spills in both
+    # kernels (2 programs, 8 warps per SM), while 16-row tiles with 8 warps need 74 (forward) and 126
+    # (backward) registers with no spill, 24 and 16 warps per SM (sm_90, tools/static_resources.py; static
+    # figures, not timings — a tuned table, when recorded, takes precedence).
     cap = 32 if cd == torch.float64 else 64
+    block_w = min(cap, _next_pow2(w))
     return {"BLOCK_U": min(cap, _next_pow2(U)), "BLOCK_V2": min(cap, _next_pow2(2 * V)),
-            "BLOCK_H": min(cap, _next_pow2(h)), "BLOCK_W": min(cap, _next_pow2(w)), "IMGS": 1, "num_warps": 4,
-            "num_stages": 3}
+            "BLOCK_H": min(16, _next_pow2(h)), "BLOCK_W": block_w, "IMGS": 1,
+            "num_warps": 8 if block_w >= 32 else 4, "num_stages": 3}
 
 
 def _candidates2d(h, w, U, V, cd) -> list[dict]:
