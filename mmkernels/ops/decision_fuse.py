@@ -356,4 +356,26 @@ def decision_fuse(logits: torch.Tensor, weights: torch.Tensor, scales: torch.Ten
             torch._assert_async(present.all(), "decision_fuse: a sample has every modality missing in mask")
     if on_cpu and bool((scales == 0).any()):
         raise ValueError(f"decision_fuse: scales must be non-zero, got {scales.tolist()}")
-    return _decision_fuse_op(logits, weights, scales, mask, grad_coeff)
+    if torch.compiler.is_compiling() or type(logits) is not torch.Tensor:
+        return _decision_fuse_op(logits, weights, scales, mask, grad_coeff)  # what torch.compile traces
+    # Eager calls skip the custom-op dispatch: forward + backward through the registered ops cost 338 µs on
+    # the 2-core CPU at 3×64×10, against 121 µs for the same math called directly.
+    if not use_triton(logits):
+        return decision_fuse_ref(logits, weights, scales, mask, grad_coeff)
+    if torch.is_grad_enabled() and logits.requires_grad:
+        return _EagerFuse.apply(logits, weights, scales, mask, grad_coeff)
+    return _fwd_triton(logits, weights, scales, mask)
+
+
+class _EagerFuse(torch.autograd.Function):
+    """The Triton kernels under autograd without the custom-op dispatch (eager calls only)."""
+
+    @staticmethod
+    def forward(ctx, logits, weights, scales, mask, grad_coeff):
+        ctx.save_for_backward(weights, scales, mask, grad_coeff)
+        return _fwd_triton(logits, weights, scales, mask)
+
+    @staticmethod
+    def backward(ctx, grad):
+        weights, scales, mask, grad_coeff = ctx.saved_tensors
+        return _bwd_triton(grad, weights, scales, mask, grad_coeff), None, None, None, None
