@@ -813,8 +813,32 @@ def band_energy(x: torch.Tensor, cutoffs, ndim: int = 1) -> torch.Tensor:
     cut = _validate(x, cutoffs, ndim)
     lead, flat = _flatten(x, ndim)
     save = bool(torch.is_grad_enabled() and x.requires_grad)
-    out, _ = _band_energy_fwd(flat, list(cut), ndim, save)
+    if torch.compiler.is_compiling() or type(x) is not torch.Tensor or flat.shape[0] == 0:
+        out, _ = _band_energy_fwd(flat, list(cut), ndim, save)  # what torch.compile traces
+    elif save:
+        out = _EagerBandEnergy.apply(flat, cut, ndim)
+    else:
+        # Eager calls skip the custom-op dispatch (band_ratio at 64×76: 246 -> 188 µs on the 2-core CPU).
+        out, _ = (_fwd_triton if use_triton(flat) else _fwd_ref)(flat, cut, ndim, False)
     return out.reshape(*lead, len(cut) + 1)
+
+
+class _EagerBandEnergy(torch.autograd.Function):
+    """The same forward and backward as the registered ops, without their dispatch (eager calls only)."""
+
+    @staticmethod
+    def forward(ctx, flat, cut, ndim):
+        ctx.triton = use_triton(flat)
+        out, proj = (_fwd_triton if ctx.triton else _fwd_ref)(flat, cut, ndim, True)
+        ctx.cut, ctx.ndim = cut, ndim
+        ctx.save_for_backward(flat, proj)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        flat, proj = ctx.saved_tensors
+        bwd = _bwd_triton if ctx.triton else _bwd_ref
+        return bwd(grad.contiguous(), flat, proj, ctx.cut, ctx.ndim), None, None
 
 
 def band_ratio(x: torch.Tensor, cutoff, ndim: int = 1, eps: float = 1e-12) -> torch.Tensor:

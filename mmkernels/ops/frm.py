@@ -306,11 +306,15 @@ def triton_cdiv(a: int, b: int) -> int:
 # --------------------------------------------------------------------------------------------------
 # registration and public entry point
 # --------------------------------------------------------------------------------------------------
-@torch.library.custom_op("mmkernels::frm", mutates_args=())
-def _frm_op(x: torch.Tensor, patch_size: int, window: int, eps: float, reduction: str) -> torch.Tensor:
+def _frm_impl(x: torch.Tensor, patch_size: int, window: int, eps: float, reduction: str) -> torch.Tensor:
     if use_triton(x) and x.numel() > 0:
         return _frm_triton(x, patch_size, window, eps, reduction)
     return _frm_ref_impl(x, patch_size, window, eps, reduction)
+
+
+@torch.library.custom_op("mmkernels::frm", mutates_args=())
+def _frm_op(x: torch.Tensor, patch_size: int, window: int, eps: float, reduction: str) -> torch.Tensor:
+    return _frm_impl(x, patch_size, window, eps, reduction)
 
 
 @_frm_op.register_fake
@@ -332,4 +336,7 @@ def frm(x: torch.Tensor, patch_size: int = 8, window: int = 2, eps: float = 1e-6
     ``"triton"``), :func:`frm_ref` otherwise.
     """
     _validate(x, patch_size, window, eps, reduction)
-    return _frm_op(x.detach(), patch_size, window, float(eps), reduction)
+    if torch.compiler.is_compiling() or type(x) is not torch.Tensor:
+        return _frm_op(x.detach(), patch_size, window, float(eps), reduction)  # what torch.compile traces
+    # Eager calls skip the custom-op dispatch (155 -> 113 µs at 64×1×16×16 on the 2-core CPU).
+    return _frm_impl(x.detach(), patch_size, window, float(eps), reduction)
