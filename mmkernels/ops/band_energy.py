@@ -558,11 +558,13 @@ def _prec(cd):
 
 
 @lru_cache(maxsize=1024)  # called on every launch; the result is never mutated
-def _heuristic1d(m, n, f) -> dict:
-    block_f = min(64, _next_pow2(f))
-    block_n = min(64, _next_pow2(n))
+def _heuristic1d(m, n, f, cd) -> dict:
+    # float64 tiles of 64 reach the 255-register cap and spill on sm_90 (tools/static_resources.py): 32.
+    cap = 32 if cd == torch.float64 else 64
+    block_f = min(cap, _next_pow2(f))
+    block_n = min(cap, _next_pow2(n))
     # Enough programs to fill the GPU when rows are few: shrink the row tile before anything else.
-    block_m = 64
+    block_m = cap
     while block_m > 16 and triton.cdiv(m, block_m) < 264:
         block_m //= 2
     return {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_F": block_f, "num_warps": 4}
@@ -632,7 +634,7 @@ def _fwd_triton(x: torch.Tensor, cutoffs: tuple, ndim: int, save_proj: bool):
                 x, t["basis"], t["col_band"], out, proj, m, n, F, x.stride(0), x.stride(1), float(n),
                 F_PAD=t["F_pad"], NUM_CUT=J, SAVE_PROJ=save_proj, BLOCK_J=block_j, PRECISION=_prec(cd), **cfg)
 
-        launch(_tuning.select("band_energy_1d_fwd", _key1d(m, n, cutoffs, cd), _heuristic1d(m, n, F),
+        launch(_tuning.select("band_energy_1d_fwd", _key1d(m, n, cutoffs, cd), _heuristic1d(m, n, F, cd),
                        lambda: _candidates1d(n, F, cd), launch, x.device))
     else:
         h, w = x.shape[1], x.shape[2]
@@ -673,7 +675,7 @@ def _bwd_triton(grad, x, proj, cutoffs, ndim):
                 grad, x, proj, t["basis"], t["col_band"], gx, m, n, F, x.stride(0), x.stride(1), float(n),
                 F_PAD=t["F_pad"], NUM_CUT=J, BLOCK_J=block_j, PRECISION=_prec(cd), **cfg)
 
-        launch(_tuning.select("band_energy_1d_bwd", _key1d(m, n, cutoffs, cd), _heuristic1d(m, n, F),
+        launch(_tuning.select("band_energy_1d_bwd", _key1d(m, n, cutoffs, cd), _heuristic1d(m, n, F, cd),
                        lambda: _candidates1d(n, F, cd), launch, x.device))
     else:
         h, w = x.shape[1], x.shape[2]
