@@ -327,3 +327,19 @@ def test_static_resources_tool_compiles_for_sm90(tmp_path):
         assert 0 < r["regs"] <= 255 and 0 < r["warps_per_sm"] <= 64, r
         assert r["triton_kernel"] == {"decision_fuse_fwd": "_fuse_fwd", "decision_fuse_bwd": "_fuse_bwd"}[r["kernel"]]
     assert sum(r["heuristic"] for r in rows) == 2
+
+
+@pytest.mark.gpu
+def test_gpu_autotune_search_runs_and_stays_correct(monkeypatch):
+    monkeypatch.setattr(_tuning, "_autotuned", {})
+    logits = torch.randn(2, 256, 1000, device="cuda")
+    labels = torch.randint(0, 1000, (256,), device="cuda")
+    want_s, want_c = scores_oracle(logits, labels)
+    _tuning.set_autotune(True)
+    try:
+        s, c = mmkernels.modality_scores(logits, labels)
+    finally:
+        _tuning.set_autotune(False)
+    assert [k[0] for k in _tuning._autotuned] == ["modality_scores"]
+    assert_close(s, want_s, rtol=1e-5, atol=1e-5, what="after the search")
+    assert_close(c, want_c, rtol=0, atol=0, what="after the search")
