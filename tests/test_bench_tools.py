@@ -249,3 +249,25 @@ def test_l2_warm_and_cold_timing_on_cuda():
     assert warm["median_ms"] > 128e6 / 20e12 * 1e3
     rows = harness.measure("copy", "64MB", {"copy": copy}, "cuda", baseline="copy", quick=True, l2=("cold", "warm"))
     assert [r["l2"] for r in rows] == ["cold", "warm"]
+
+
+def test_time_interleaved_rotates_and_combines():
+    from mmkernels.bench.harness import time_interleaved
+
+    log = []
+
+    def make(name, seconds):
+        def fn():
+            log.append(name)
+            t0 = time.perf_counter()
+            while time.perf_counter() - t0 < seconds:
+                pass
+        return fn
+
+    out = time_interleaved({"fast": make("fast", 0.0005), "slow": make("slow", 0.002)}, "cpu", quick=True, repeats=3)
+    assert set(out) == {"fast", "slow"}
+    assert out["fast"]["repeats"] == 3 and out["fast"]["spread_pct"] >= 0
+    assert 2.0 < out["slow"]["median_ms"] / out["fast"]["median_ms"] < 8.0
+    # rotating order: the calls of one repeat of "fast" come before that repeat's "slow" calls, three times
+    changes = sum(1 for a, b in zip(log, log[1:]) if a != b)
+    assert changes == 5

@@ -35,7 +35,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from mmkernels.bench.harness import time_fn
+from mmkernels.bench.harness import time_interleaved
 
 
 def _encoder(cin: int, c: int) -> nn.Sequential:
@@ -227,8 +227,8 @@ def run(device: str, quick: bool) -> list[dict]:
     cases, added = _cases(cfg, device)
     threads = torch.get_num_threads()
     if device == "cuda":
-        timed = {name: time_fn(fn, device, quick) for name, fn in cases.items()}
-        extra = {name: time_fn(fn, device, quick) for name, fn in added.items()}
+        timed = time_interleaved(cases, device, quick)
+        extra = time_interleaved(added, device, quick)
     else:
         # one intra-op thread: on a shared machine, oversubscribed OpenMP threads make a step 10x slower and
         # the noise would swamp a few-percent overhead

@@ -138,8 +138,32 @@ def time_fn(fn: Callable[[], object], device: str, quick: bool = False, l2: str 
     return _summarize(times)
 
 
-# What measure() uses when a case does not say: one timing per implementation, L2-cold on CUDA.
+# What measure() and time_interleaved() use when a case does not say: one timing per implementation, L2-cold on CUDA.
 DEFAULTS: dict = {"repeats": 1, "l2": ("cold",)}
+
+
+def combine(runs: list[dict]) -> dict:
+    """One figure from repeated timings: medians of the per-repeat median and quantiles, and with more than
+    one repeat ``repeats`` and ``spread_pct`` = 100·(max − min)/median of the per-repeat medians."""
+    medians = [t["median_ms"] for t in runs]
+    out = {"median_ms": statistics.median(medians), "q20_ms": statistics.median(t["q20_ms"] for t in runs),
+           "q80_ms": statistics.median(t["q80_ms"] for t in runs)}
+    if len(runs) > 1:
+        out["repeats"] = len(runs)
+        out["spread_pct"] = 100.0 * (max(medians) - min(medians)) / out["median_ms"] if out["median_ms"] else None
+    return out
+
+
+def time_interleaved(fns: dict[str, Callable[[], object]], device: str, quick: bool = False,
+                     repeats: int | None = None) -> dict[str, dict]:
+    """:func:`time_fn` of every callable, ``repeats`` times (default :data:`DEFAULTS`) in rotating order,
+    combined by :func:`combine`; for benchmarks that compute their own columns (step overheads)."""
+    repeats = DEFAULTS["repeats"] if repeats is None else repeats
+    runs: dict[str, list[dict]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            runs[name].append(time_fn(fn, device, quick))
+    return {name: combine(r) for name, r in runs.items()}
 
 
 def measure(op: str, shape: str, impls: dict[str, Callable[[], object]], device: str, baseline: str,
@@ -196,13 +220,7 @@ def measure(op: str, shape: str, impls: dict[str, Callable[[], object]], device:
             if (mode, name) in errors:
                 row.update({"median_ms": None, "q20_ms": None, "q80_ms": None, "error": errors[(mode, name)]})
             else:
-                medians = [t["median_ms"] for t in runs]
-                row["median_ms"] = statistics.median(medians)
-                row["q20_ms"] = statistics.median(t["q20_ms"] for t in runs)
-                row["q80_ms"] = statistics.median(t["q80_ms"] for t in runs)
-                if repeats > 1:
-                    row["repeats"] = repeats
-                    row["spread_pct"] = 100.0 * (max(medians) - min(medians)) / row["median_ms"] if row["median_ms"] else None
+                row.update(combine(runs))
             if nbytes and row["median_ms"]:
                 row["gbps"] = nbytes / (row["median_ms"] * 1e-3) / 1e9
                 if peak:
