@@ -28,14 +28,13 @@ reports the median over rounds, with one intra-op thread (recorded in the ``thre
 from __future__ import annotations
 
 import copy
-import statistics
 import time
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from mmkernels.bench.harness import time_interleaved
+from mmkernels.bench.harness import summarize, time_interleaved
 
 
 def _encoder(cin: int, c: int) -> nn.Sequential:
@@ -214,12 +213,7 @@ def _interleaved(cases: dict, rounds: int) -> dict:
             t0 = time.perf_counter()
             fn()
             times[name].append((time.perf_counter() - t0) * 1e3)
-    out = {}
-    for name, ts in times.items():
-        ts.sort()
-        n = len(ts)
-        out[name] = {"median_ms": statistics.median(ts), "q20_ms": ts[int(0.2 * (n - 1))], "q80_ms": ts[int(0.8 * (n - 1))]}
-    return out
+    return {name: summarize(ts) for name, ts in times.items()}
 
 
 def run(device: str, quick: bool) -> list[dict]:

@@ -12,12 +12,13 @@ warm-up steps; the median over the timed steps is reported.
 """
 from __future__ import annotations
 
-import statistics
 import time
 
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+from mmkernels.bench.harness import summarize
 
 
 class ViTEncoder(nn.Module):
@@ -120,7 +121,7 @@ def _time_steps(step, device, warmup, reps) -> list[float]:
             t0 = time.perf_counter()
             step()
             times.append((time.perf_counter() - t0) * 1e3)
-    return sorted(times)
+    return times
 
 
 def run(device: str, quick: bool) -> list[dict]:
@@ -157,10 +158,8 @@ def run(device: str, quick: bool) -> list[dict]:
         times = _time_steps(_step_fn(case, bal, model, opt, inputs, y), device, warmup, reps)
         if bal is not None:
             bal.remove()
-        n = len(times)
-        rows.append({"op": "vit_step", "shape": shape, "impl": case, "device": device,
-                     "median_ms": statistics.median(times), "q20_ms": times[int(0.2 * (n - 1))],
-                     "q80_ms": times[int(0.8 * (n - 1))], "batch": batch})
+        rows.append({"op": "vit_step", "shape": shape, "impl": case, "device": device, **summarize(times),
+                     "batch": batch})
     base = rows[0]["median_ms"]
     for r in rows:
         r["overhead_pct"] = 100.0 * (r["median_ms"] - base) / base

@@ -73,7 +73,7 @@ def peak_gbps(device: str) -> float | None:
 L2_MODES = ("cold", "warm")
 
 
-def _summarize(times_ms: list[float]) -> dict:
+def summarize(times_ms: list[float]) -> dict:
     """Median and the 20 % / 80 % order statistics (lower index) of a list of times in ms."""
     times = sorted(times_ms)
     n = len(times)
@@ -104,7 +104,7 @@ def _time_cuda_warm(fn: Callable[[], object], warmup_ms: float, rep_ms: float) -
         fn()
         e.record()
     torch.cuda.synchronize()
-    return _summarize([s.elapsed_time(e) for s, e in zip(starts, ends)])
+    return summarize([s.elapsed_time(e) for s, e in zip(starts, ends)])
 
 
 def time_fn(fn: Callable[[], object], device: str, quick: bool = False, l2: str = "cold") -> dict:
@@ -135,7 +135,7 @@ def time_fn(fn: Callable[[], object], device: str, quick: bool = False, l2: str 
         t0 = time.perf_counter()
         fn()
         times.append((time.perf_counter() - t0) * 1e3)
-    return _summarize(times)
+    return summarize(times)
 
 
 # What measure() and time_interleaved() use when a case does not say: one timing per implementation, L2-cold on CUDA.
