@@ -46,7 +46,7 @@ import triton
 import triton.language as tl
 
 from mmkernels import _tuning
-from mmkernels._backend import use_triton
+from mmkernels._backend import skip_dispatch, use_triton
 
 __all__ = ["band_energy", "band_energy_ref", "band_ratio"]
 
@@ -815,7 +815,7 @@ def band_energy(x: torch.Tensor, cutoffs, ndim: int = 1) -> torch.Tensor:
     cut = _validate(x, cutoffs, ndim)
     lead, flat = _flatten(x, ndim)
     save = bool(torch.is_grad_enabled() and x.requires_grad)
-    if torch.compiler.is_compiling() or type(x) is not torch.Tensor or flat.shape[0] == 0:
+    if not skip_dispatch(x) or flat.shape[0] == 0:
         out, _ = _band_energy_fwd(flat, list(cut), ndim, save)  # what torch.compile traces
     elif save:
         out = _EagerBandEnergy.apply(flat, cut, ndim)

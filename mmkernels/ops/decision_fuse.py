@@ -30,7 +30,7 @@ from typing import Optional
 
 import torch
 
-from mmkernels._backend import use_triton
+from mmkernels._backend import skip_dispatch, use_triton
 
 __all__ = ["decision_fuse", "decision_fuse_ref"]
 
@@ -356,7 +356,7 @@ def decision_fuse(logits: torch.Tensor, weights: torch.Tensor, scales: torch.Ten
             torch._assert_async(present.all(), "decision_fuse: a sample has every modality missing in mask")
     if on_cpu and bool((scales == 0).any()):
         raise ValueError(f"decision_fuse: scales must be non-zero, got {scales.tolist()}")
-    if torch.compiler.is_compiling() or type(logits) is not torch.Tensor:
+    if not skip_dispatch(logits):
         return _decision_fuse_op(logits, weights, scales, mask, grad_coeff)  # what torch.compile traces
     # Eager calls skip the custom-op dispatch: forward + backward through the registered ops cost 338 µs on
     # the 2-core CPU at 3×64×10, against 121 µs for the same math called directly.

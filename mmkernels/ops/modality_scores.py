@@ -33,7 +33,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from mmkernels._backend import use_triton
+from mmkernels._backend import skip_dispatch, use_triton
 
 __all__ = ["modality_scores", "modality_scores_ref"]
 
@@ -315,7 +315,7 @@ def modality_scores(logits: Union[torch.Tensor, Sequence[torch.Tensor]], labels:
         else:
             bad = (labels != IGNORE_INDEX) & ((labels < 0) | (labels >= K))
             torch._assert_async(~bad.any(), f"modality_scores: a label is outside [0, {K}) and is not {IGNORE_INDEX}")
-    if not torch.compiler.is_compiling() and type(labels) is torch.Tensor and use_triton(labels):
+    if skip_dispatch(labels) and use_triton(labels):
         # Eager calls skip the custom-op dispatch: ~50 µs of host time on the 2-core CPU, more than the whole
         # kernel at OGM-GE's sizes. The registered op is what torch.compile sees.
         return _triton_scores(xs, labels, mask)
