@@ -162,14 +162,12 @@ def main(argv: list[str]) -> int:
         p.error("--device cuda asked for, but torch sees no CUDA device")
     with mmkernels.use_backend("triton"):
         rows = sweep(ops, args.device, args.quick)
+    table = best_configs(rows, args.margin) if args.device == "cuda" else None
     for r in rows:  # the JSON row keeps the readable string; the dict goes to the table only
         r["cfg_json"] = json.dumps(r.pop("cfg"), sort_keys=True)
     name = "tuning" if ops == list(OPS) else "tuning_" + "_".join(ops)
-    path = write_results(name, rows, args.device, os.path.join(args.out, "tuning"))
-    print("wrote", path)
-    if args.device == "cuda":
-        for r in rows:
-            r["cfg"] = json.loads(r["cfg_json"])
+    print("wrote", write_results(name, rows, args.device, os.path.join(args.out, "tuning")))
+    if table is not None:
         env = environment(args.device)
-        print("wrote", write_table(best_configs(rows, args.margin), env["device_name"], env, args.table))
+        print("wrote", write_table(table, env["device_name"], env, args.table))
     return 0
