@@ -609,12 +609,17 @@ def _candidates2d(h, w, U, V, cd) -> list[dict]:
             for ns in (1, 3)]
 
 
-def _key1d(m, n, cutoffs, cd):
-    return (_tuning.bucket(m), _tuning.bucket(n), cutoffs, cd)
+def _config1d(kernel, m, n, F, cutoffs, cd, launch, device) -> dict:
+    """The launch config of a 1-D kernel (forward or backward share key, heuristic and candidates)."""
+    key = (_tuning.bucket(m), _tuning.bucket(n), cutoffs, cd)
+    return _tuning.select(kernel, key, _heuristic1d(m, n, F, cd), lambda: _candidates1d(n, F, cd), launch, device)
 
 
-def _key2d(m, h, w, cutoffs, cd):
-    return (_tuning.bucket(m), h, w, cutoffs, cd)
+def _config2d(kernel, m, h, w, cutoffs, cd, launch, device) -> dict:
+    """The launch config of a 2-D kernel (forward or backward share key, heuristic and candidates)."""
+    p = _plan2d_cpu(h, w, cutoffs)
+    return _tuning.select(kernel, (_tuning.bucket(m), h, w, cutoffs, cd), _heuristic2d(h, w, p["U"], p["V"], cd),
+                          lambda: _candidates2d(h, w, p["U"], p["V"], cd), launch, device)
 
 
 def _fwd_triton(x: torch.Tensor, cutoffs: tuple, ndim: int, save_proj: bool):
@@ -634,8 +639,7 @@ def _fwd_triton(x: torch.Tensor, cutoffs: tuple, ndim: int, save_proj: bool):
                 x, t["basis"], t["col_band"], out, proj, m, n, F, x.stride(0), x.stride(1), float(n),
                 F_PAD=t["F_pad"], NUM_CUT=J, SAVE_PROJ=save_proj, BLOCK_J=block_j, PRECISION=_prec(cd), **cfg)
 
-        launch(_tuning.select("band_energy_1d_fwd", _key1d(m, n, cutoffs, cd), _heuristic1d(m, n, F, cd),
-                       lambda: _candidates1d(n, F, cd), launch, x.device))
+        launch(_config1d("band_energy_1d_fwd", m, n, F, cutoffs, cd, launch, x.device))
     else:
         h, w = x.shape[1], x.shape[2]
         p = _plan2d_cpu(h, w, cutoffs)
@@ -650,8 +654,7 @@ def _fwd_triton(x: torch.Tensor, cutoffs: tuple, ndim: int, save_proj: bool):
                 U_PAD=t["U_pad"], V2_PAD=t["V2_pad"], H_PAD=t["H_pad"], NUM_CUT=J, SAVE_PROJ=save_proj,
                 BLOCK_J=block_j, PRECISION=_prec(cd), **cfg)
 
-        launch(_tuning.select("band_energy_2d_fwd", _key2d(m, h, w, cutoffs, cd), _heuristic2d(h, w, p["U"], p["V"], cd),
-                       lambda: _candidates2d(h, w, p["U"], p["V"], cd), launch, x.device))
+        launch(_config2d("band_energy_2d_fwd", m, h, w, cutoffs, cd, launch, x.device))
     if not save_proj:
         proj = x.new_empty(0, dtype=cd)
     return out, proj
@@ -675,11 +678,9 @@ def _bwd_triton(grad, x, proj, cutoffs, ndim):
                 grad, x, proj, t["basis"], t["col_band"], gx, m, n, F, x.stride(0), x.stride(1), float(n),
                 F_PAD=t["F_pad"], NUM_CUT=J, BLOCK_J=block_j, PRECISION=_prec(cd), **cfg)
 
-        launch(_tuning.select("band_energy_1d_bwd", _key1d(m, n, cutoffs, cd), _heuristic1d(m, n, F, cd),
-                       lambda: _candidates1d(n, F, cd), launch, x.device))
+        launch(_config1d("band_energy_1d_bwd", m, n, F, cutoffs, cd, launch, x.device))
     else:
         h, w = x.shape[1], x.shape[2]
-        p = _plan2d_cpu(h, w, cutoffs)
 
         def launch(cfg):
             t = _tri_tensors2d(h, w, cutoffs, x.device, cd, cfg["BLOCK_U"], cfg["BLOCK_V2"], cfg["BLOCK_H"],
@@ -690,8 +691,7 @@ def _bwd_triton(grad, x, proj, cutoffs, ndim):
                 U_PAD=t["U_pad"], V2_PAD=t["V2_pad"], H_PAD=t["H_pad"], NUM_CUT=J,
                 BLOCK_J=block_j, PRECISION=_prec(cd), **cfg)
 
-        launch(_tuning.select("band_energy_2d_bwd", _key2d(m, h, w, cutoffs, cd), _heuristic2d(h, w, p["U"], p["V"], cd),
-                       lambda: _candidates2d(h, w, p["U"], p["V"], cd), launch, x.device))
+        launch(_config2d("band_energy_2d_bwd", m, h, w, cutoffs, cd, launch, x.device))
     return gx
 
 
