@@ -17,6 +17,8 @@ import os
 
 import torch
 
+from mmkernels._common import skip_dispatch  # noqa: F401  (re-exported: ops import it from here)
+
 _BACKENDS = ("auto", "triton", "reference")
 
 
@@ -69,10 +71,3 @@ def use_triton(t: torch.Tensor) -> bool:
             "only with TRITON_INTERPRET=1 set before triton is imported. Use backend 'auto' or 'reference' instead."
         )
     return False
-
-
-def skip_dispatch(t: torch.Tensor) -> bool:
-    """Whether an op may call its implementation directly instead of through its registered custom op: in
-    eager mode with a plain tensor. The dispatch costs ~48 µs of host time per call on a 2-core CPU, more
-    than the kernels at the balancers' sizes; torch.compile (and tensor subclasses) go through the op."""
-    return not torch.compiler.is_compiling() and type(t) is torch.Tensor

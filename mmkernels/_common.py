@@ -1,0 +1,216 @@
+"""Helpers shared by every op and balancer: dtypes, argument checks, a bounded per-device cache, and the
+one mechanism that gives a differentiable op both its registered custom op and its eager fast path.
+
+Nothing here imports triton, so ``import mmkernels`` stays cheap; the Triton-side helpers live in the op
+modules' kernel sections.
+"""
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from typing import Any, Callable, Optional
+
+import torch
+
+__all__ = [
+    "FLOAT_DTYPES", "IGNORE_INDEX", "acc_dtype", "next_pow2", "cdiv", "BoundedCache",
+    "check_tensor", "check_float_tensor", "check_mask", "check_labels", "check_number", "check_int",
+    "skip_dispatch", "DifferentiableOp",
+]
+
+#: floating dtypes every op accepts
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+#: label value that marks a sample to ignore (PyTorch's cross-entropy convention)
+IGNORE_INDEX = -100
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype: float64 stays float64, everything else accumulates in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def next_pow2(n: int, lo: int = 1) -> int:
+    """Smallest power of two >= max(n, lo)."""
+    n = max(int(n), int(lo), 1)
+    return 1 << (n - 1).bit_length()
+
+
+def cdiv(a: int, b: int) -> int:
+    """Ceiling division of non-negative integers."""
+    return -(-a // b)
+
+
+class BoundedCache:
+    """A small LRU cache of host-built constants (bases, tables) keyed by shape, dtype and device.
+
+    Bounded so a run over many shapes cannot grow without limit; evicting an entry only costs a rebuild."""
+
+    def __init__(self, maxsize: int = 128):
+        self.maxsize = int(maxsize)
+        self._data: OrderedDict = OrderedDict()
+
+    def get(self, key, build: Callable[[], Any]):
+        try:
+            value = self._data[key]
+            self._data.move_to_end(key)
+            return value
+        except KeyError:
+            value = build()
+            self._data[key] = value
+            if len(self._data) > self.maxsize:
+                self._data.popitem(last=False)
+            return value
+
+    def clear(self) -> None:
+        self._data.clear()
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Argument checks. Every message names the function, the argument, what was given and the fix; a wrong
+# type raises TypeError, a wrong value ValueError. They never touch the user's tensors.
+# --------------------------------------------------------------------------------------------------------
+def check_tensor(fn: str, name: str, t, *, ndim: Optional[int] = None) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{fn}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{fn}: {name} must have {ndim} dimension(s), got shape {tuple(t.shape)}")
+    return t
+
+
+def check_float_tensor(fn: str, name: str, t, *, ndim: Optional[int] = None) -> torch.Tensor:
+    check_tensor(fn, name, t, ndim=ndim)
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{fn}: {name} must be float16/bfloat16/float32/float64, got {t.dtype}; convert it, "
+                        f"e.g. {name}.float()")
+    return t
+
+
+def check_number(fn: str, name: str, value, *, lo: Optional[float] = None, hi: Optional[float] = None,
+                 lo_open: bool = False, hi_open: bool = False, finite: bool = True) -> float:
+    """A real Python (or 0-d tensor-free) number, finite unless ``finite=False``, within the given bounds."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{fn}: {name} must be a real number, got {type(value).__name__} {value!r}")
+    v = float(value)
+    if math.isnan(v) or (finite and math.isinf(v)):
+        raise ValueError(f"{fn}: {name} must be a finite number, got {value!r}")
+    if lo is not None and (v < lo or (lo_open and v == lo)):
+        raise ValueError(f"{fn}: {name} must be {'>' if lo_open else '>='} {lo}, got {value!r}")
+    if hi is not None and (v > hi or (hi_open and v == hi)):
+        raise ValueError(f"{fn}: {name} must be {'<' if hi_open else '<='} {hi}, got {value!r}")
+    return v
+
+
+def check_int(fn: str, name: str, value, *, lo: Optional[int] = None, hi: Optional[int] = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{fn}: {name} must be an int, got {type(value).__name__} {value!r}")
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        rng = f"[{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}]"
+        raise ValueError(f"{fn}: {name} must be an int in {rng}, got {value!r}")
+    return value
+
+
+def check_mask(fn: str, mask, batch: int, num_modalities: int, device: torch.device) -> Optional[torch.Tensor]:
+    """``mask``: None or a ``(B, M)`` bool or floating availability tensor on ``device`` (0 = missing)."""
+    if mask is None:
+        return None
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"{fn}: mask must be a torch.Tensor or None, got {type(mask).__name__}")
+    if mask.dtype != torch.bool and mask.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{fn}: mask must be bool or floating point, got {mask.dtype}; use mask.bool()")
+    if tuple(mask.shape) != (batch, num_modalities):
+        raise ValueError(f"{fn}: mask must have shape (B, M) = {(batch, num_modalities)}, got {tuple(mask.shape)}")
+    if mask.device != device:
+        raise ValueError(f"{fn}: mask is on {mask.device} but the inputs are on {device}; move it to {device}")
+    return mask
+
+
+def check_labels(fn: str, labels, batch: int, device: torch.device, num_classes: Optional[int] = None,
+                 *, eager_range: bool = True) -> torch.Tensor:
+    """``labels``: ``(B,)`` int64 on ``device``. With ``num_classes`` and ``eager_range`` (CPU, not compiling),
+    every label must lie in ``[0, K)`` or equal :data:`IGNORE_INDEX`; the check syncs, so callers on CUDA
+    pass ``eager_range=False`` and handle bad labels on the device."""
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"{fn}: labels must be a torch.Tensor, got {type(labels).__name__}")
+    if labels.dtype != torch.int64:
+        raise TypeError(f"{fn}: labels must be int64 class indices, got {labels.dtype}; use labels.long()")
+    if tuple(labels.shape) != (batch,):
+        raise ValueError(f"{fn}: labels must have shape (B,) = {(batch,)}, got {tuple(labels.shape)}")
+    if labels.device != device:
+        raise ValueError(f"{fn}: labels are on {labels.device} but the inputs are on {device}; move them to {device}")
+    if num_classes is not None and eager_range and batch > 0 and not torch.compiler.is_compiling():
+        bad = (labels != IGNORE_INDEX) & ((labels < 0) | (labels >= num_classes))
+        if bool(bad.any()):
+            vals = labels[bad].unique().tolist()[:10]
+            raise ValueError(f"{fn}: labels must lie in [0, {num_classes}) or equal {IGNORE_INDEX} (ignored); "
+                             f"got {vals}")
+    return labels
+
+
+# --------------------------------------------------------------------------------------------------------
+# Dispatch
+# --------------------------------------------------------------------------------------------------------
+def skip_dispatch(t: torch.Tensor) -> bool:
+    """Whether an op may call its implementation directly instead of through its registered custom op: in
+    eager mode with a plain tensor. A custom-op call costs tens of µs of host time on a small CPU (more than
+    the kernels at the balancers' sizes); torch.compile and tensor subclasses always go through the op."""
+    return not torch.compiler.is_compiling() and type(t) is torch.Tensor
+
+
+class DifferentiableOp:
+    """One differentiable op, written once and reached two ways.
+
+    The op supplies plain functions: ``forward(*inputs)`` and ``backward(*saved, *grads)`` (the
+    implementations, which pick the kernel or the reference themselves), ``setup_context(ctx, inputs,
+    output)`` (saves what the backward needs), ``backward_inputs(ctx, *grads)`` (the argument tuple of
+    ``backward``) and ``input_grads(ctx, result)`` (maps the backward's result to one gradient per input).
+
+    - ``op`` / ``backward_op``: the two registered custom ops (``torch.library``), with the autograd formula
+      built from the same three glue functions: what ``torch.compile`` traces and ``opcheck`` checks.
+    - ``__call__``: the public entry. Eager calls on plain tensors run ``forward``/``backward`` directly
+      through one ``autograd.Function`` sharing that glue, skipping the custom-op dispatch; everything else
+      calls ``op``.
+    """
+
+    def __init__(self, name: str, forward: Callable, backward: Callable, *, setup_context: Callable,
+                 backward_inputs: Callable, input_grads: Callable, fake_forward: Callable,
+                 fake_backward: Callable):
+        self.name = name
+        self.forward, self.backward = forward, backward
+        self.op = torch.library.custom_op(f"mmkernels::{name}", mutates_args=())(forward)
+        self.op.register_fake(fake_forward)
+        self.backward_op = torch.library.custom_op(f"mmkernels::{name}_backward", mutates_args=())(backward)
+        self.backward_op.register_fake(fake_backward)
+
+        def registered_backward(ctx, *grads):
+            return input_grads(ctx, self.backward_op(*backward_inputs(ctx, *grads)))
+
+        def registered_setup(ctx, inputs, output):  # torch.library passes these by keyword
+            setup_context(ctx, inputs, output)
+
+        self.op.register_autograd(registered_backward, setup_context=registered_setup)
+
+        class Eager(torch.autograd.Function):
+            @staticmethod
+            def forward(ctx, *inputs):
+                out = forward(*inputs)
+                setup_context(ctx, inputs, out)
+                return out
+
+            @staticmethod
+            def backward(ctx, *grads):
+                return input_grads(ctx, backward(*backward_inputs(ctx, *grads)))
+
+        Eager.__name__ = Eager.__qualname__ = f"_{name}_eager"
+        self._eager = Eager
+
+    def __call__(self, *inputs, anchor: torch.Tensor):
+        """Run the op on ``inputs``; ``anchor`` is the tensor whose type and mode decide the route."""
+        if not skip_dispatch(anchor):
+            return self.op(*inputs)
+        if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in inputs):
+            return self._eager.apply(*inputs)
+        return self.forward(*inputs)
