@@ -1,42 +1,51 @@
 """Launch configurations of the Triton kernels.
 
-A *config* is a dict of one kernel's launch meta-parameters: its ``tl.constexpr`` tile sizes plus
-``num_warps`` / ``num_stages`` (and, for some kernels, a host-side split such as programs per SM). Every
-kernel has a *heuristic* config computed from the shape, and a short list of *candidates* around it. Which
-one a launch uses, in order of precedence:
+A *config* is a typed, frozen :class:`LaunchConfig` of one kernel: a subclass per kernel whose fields are the
+kernel's ``tl.constexpr`` tile sizes plus ``num_warps`` / ``num_stages`` and, for some kernels, host-side
+splits (such as programs per SM, listed in ``HOST``: used by the launcher, not passed to the kernel). Every
+kernel has a :class:`Tunable`: its config class, a *heuristic* config computed from the shape, and a short list
+of *candidates* around it. The tuning key of a kernel is its own name (the ``@triton.jit`` function's
+``__name__``), so forced configs, the search cache and the tables need no lookup table. Which config a launch
+uses, in order of precedence:
 
 1. :func:`forced` — a context manager that pins one kernel's config (tests run every candidate through it;
-   ``tools/tune.py`` times every candidate through it).
+   the tuner ``mmkernels/bench/tune.py``, ``python -m mmkernels tune``, times every candidate through it).
 2. ``MMKERNELS_AUTOTUNE=1`` on a CUDA device: the first launch of a (kernel, key) times every candidate with
    ``triton.testing.do_bench`` and keeps the fastest for the rest of the process. Never while a CUDA graph is
    being captured (the heuristic or table is used then). The kernels write fresh outputs (no accumulation into
    user memory), so launching a candidate more than once is harmless.
-3. A tuned table, ``mmkernels/tuned/<device name>.json``, written by ``tools/tune.py`` from a recorded sweep
-   on that device: ``{kernel: {key: config}}``.
+3. A tuned table, ``mmkernels/tuned/<device name>.json``, written by the tuner from a recorded sweep on that
+   device: ``{"configs": {kernel name: {key: config as a JSON object}}}``.
 4. The heuristic.
 
 A *key* is a short tuple chosen by the op (shape buckets and dtype), so a table carries over to nearby shapes.
+Configs cross the tool boundary (:func:`recording`, :func:`forced`, the tables) as plain dicts of their fields;
+:meth:`LaunchConfig.from_dict` turns one back into the typed config and rejects unknown field names.
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import json
 import math
 import os
 import re
-from typing import Callable
+from typing import Any, Callable, ClassVar, Optional, Union
 
 import torch
 
-__all__ = ["select", "forced", "recording", "autotune_enabled", "set_autotune", "bucket", "key_str", "table_path"]
+__all__ = ["LaunchConfig", "Tunable", "kernel_name", "registry", "select", "forced", "recording",
+           "autotune_enabled", "set_autotune", "bucket", "key_str", "cfg_str", "table_path"]
 
 _TUNED_DIR = os.path.join(os.path.dirname(__file__), "tuned")
 
-_forced: dict[str, dict] = {}
-_autotuned: dict[tuple, dict] = {}
+_forced: dict[str, Any] = {}
+_autotuned: dict[tuple, Any] = {}
 _tables: dict[int, dict] = {}
+_typed_entries: dict[tuple, "LaunchConfig"] = {}
 _recorders: list[list] = []
+_registry: dict[str, "Tunable"] = {}
 _timer: Callable | None = None  # tests replace the CUDA timer; None = triton.testing.do_bench
 
 
@@ -53,13 +62,60 @@ def set_autotune(on: bool) -> None:
     _autotune_on = bool(on)
 
 
+# --------------------------------------------------------------------------------------------------------
+# Typed configs
+# --------------------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LaunchConfig:
+    """Base of every kernel's launch config. A subclass (also ``@dataclass(frozen=True, kw_only=True)``) adds
+    the kernel's ``tl.constexpr`` tile sizes under their kernel parameter names, and names its host-side
+    fields in ``HOST``. ``num_stages=None`` leaves Triton's default (and is omitted from :meth:`as_dict`)."""
+
+    num_warps: int = 4
+    num_stages: Optional[int] = None
+    HOST: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "LaunchConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"{cls.__name__}: unknown launch parameter(s) {unknown}; expected a subset of "
+                             f"{sorted(names)}")
+        return cls(**d)
+
+    def as_dict(self) -> dict:
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        if out["num_stages"] is None:
+            del out["num_stages"]
+        return out
+
+    @functools.cached_property
+    def meta(self) -> dict:
+        """Keyword arguments of the launch, ``kernel[grid](..., **cfg.meta)``: every field but the host ones."""
+        return {k: v for k, v in self.as_dict().items() if k not in self.HOST}
+
+
+def _as_dict(cfg) -> dict:
+    return cfg.as_dict() if isinstance(cfg, LaunchConfig) else dict(cfg)
+
+
+def kernel_name(kernel) -> str:
+    """The tuning key of a kernel: the ``@triton.jit`` function's own name (a string passes through)."""
+    if isinstance(kernel, str):
+        return kernel
+    if isinstance(kernel, Tunable):
+        return kernel.name
+    return kernel.__name__
+
+
 @functools.lru_cache(maxsize=1024)  # called on every launch; the result is never mutated
 def key_str(key: tuple) -> str:
     return "|".join(str(k).replace("torch.", "") for k in key)
 
 
-def cfg_str(cfg: dict) -> str:
-    return ",".join(f"{k}={v}" for k, v in sorted(cfg.items()))
+def cfg_str(cfg) -> str:
+    return ",".join(f"{k}={v}" for k, v in sorted(_as_dict(cfg).items()))
 
 
 def table_path(device_name: str) -> str:
@@ -81,10 +137,12 @@ def _table(device: torch.device) -> dict:
 
 
 @contextlib.contextmanager
-def forced(name: str, cfg: dict):
-    """Pin kernel ``name`` to ``cfg`` (every key) inside the block."""
+def forced(kernel, cfg):
+    """Pin ``kernel`` (a kernel, its :class:`Tunable` or its name) to ``cfg`` (a config or a dict of its
+    fields) for every key inside the block."""
+    name = kernel_name(kernel)
     previous = _forced.get(name)
-    _forced[name] = dict(cfg)
+    _forced[name] = cfg if isinstance(cfg, LaunchConfig) else dict(cfg)
     try:
         yield
     finally:
@@ -96,7 +154,8 @@ def forced(name: str, cfg: dict):
 
 @contextlib.contextmanager
 def recording():
-    """Collect ``(name, key, heuristic, candidates)`` of every :func:`select` call inside the block."""
+    """Collect ``(name, key, heuristic, candidates)`` of every launch-config choice inside the block, the
+    configs as dicts of their fields (what :func:`forced` takes and the tables store)."""
     log: list = []
     _recorders.append(log)
     try:
@@ -105,7 +164,7 @@ def recording():
         _recorders.remove(log)
 
 
-def _unique(cfgs: list[dict]) -> list[dict]:
+def _unique(cfgs: list) -> list:
     seen, out = set(), []
     for c in cfgs:
         s = cfg_str(c)
@@ -123,7 +182,7 @@ def _time_ms(fn: Callable[[], None]) -> float:
     return triton.testing.do_bench(fn, warmup=5, rep=20)
 
 
-def _autotune(name: str, key: tuple, candidates: list[dict], launch: Callable[[dict], None]) -> dict:
+def _autotune(name: str, key: tuple, candidates: list, launch: Callable) -> Any:
     best, best_ms = None, math.inf
     for cfg in candidates:
         try:
@@ -137,19 +196,16 @@ def _autotune(name: str, key: tuple, candidates: list[dict], launch: Callable[[d
     return best
 
 
-def select(name: str, key: tuple, heuristic: dict, candidates: Callable[[], list[dict]],
-           launch: Callable[[dict], None], device: torch.device) -> dict:
-    """The config kernel ``name`` launches with for ``key`` (see the module docstring for the precedence).
-
-    ``candidates()`` lists the search space (called only when searching or recording; the heuristic is added
-    when missing). ``launch(cfg)`` runs the kernel with ``cfg``; a search calls it several times. Without a
-    forced config, a search or a table this costs a dict lookup: ops call it on every launch."""
+def _choose(name: str, key: tuple, heuristic, candidates: Callable[[], list], launch: Callable,
+            device: torch.device, convert: Callable):
+    """The precedence of the module docstring; ``convert`` turns a forced or table entry into the caller's
+    config type. Without a forced config, a search or a table this costs a dict lookup."""
     if _recorders:
         space = _unique([heuristic] + list(candidates()))
         for log in _recorders:
-            log.append((name, key, dict(heuristic), [dict(c) for c in space]))
+            log.append((name, key, _as_dict(heuristic), [_as_dict(c) for c in space]))
     if _forced and name in _forced:
-        return _forced[name]
+        return convert(_forced[name])
     on_cuda = device.type == "cuda"
     if _autotune_on:
         # A search needs a real device (never while a CUDA graph is captured) or the tests' fake timer.
@@ -162,10 +218,57 @@ def select(name: str, key: tuple, heuristic: dict, candidates: Callable[[], list
     if on_cuda:
         tuned = _table(device).get(name)
         if tuned:
-            cfg = tuned.get(key_str(key))
+            ks = key_str(key)
+            cfg = tuned.get(ks)
             if cfg is not None:
-                return cfg
+                return convert(cfg)
     return heuristic
+
+
+class Tunable:
+    """The launch-config space of one Triton kernel: its typed config class, its heuristic and its candidates.
+
+    ``heuristic(*args)`` returns the config for a shape (cached: launchers call it on every launch);
+    ``candidates(*args)`` lists the search space (the heuristic is added when missing). The tuning key is
+    :func:`kernel_name` of ``kernel``; every Tunable is listed in :func:`registry`."""
+
+    def __init__(self, kernel, config: type[LaunchConfig], heuristic: Callable[..., LaunchConfig],
+                 candidates: Callable[..., list[LaunchConfig]]):
+        self.kernel = kernel
+        self.name = kernel_name(kernel)
+        self.config = config
+        self.heuristic = functools.lru_cache(maxsize=1024)(heuristic)
+        self.candidates = candidates
+        _registry[self.name] = self
+
+    def _convert(self, cfg) -> LaunchConfig:
+        if isinstance(cfg, self.config):
+            return cfg
+        if isinstance(cfg, LaunchConfig):
+            raise TypeError(f"kernel {self.name!r} takes a {self.config.__name__}, got a {type(cfg).__name__}")
+        return self.config.from_dict(cfg)
+
+    def select(self, key: tuple, args: tuple, launch: Callable[[LaunchConfig], None],
+               device: torch.device) -> LaunchConfig:
+        """The config this kernel launches with for ``key``; ``args`` are the heuristic's and candidates'
+        arguments, ``launch(cfg)`` runs the kernel with ``cfg`` (a search calls it several times)."""
+        return _choose(self.name, key, self.heuristic(*args), lambda: self.candidates(*args), launch, device,
+                       self._convert)
+
+    def __repr__(self) -> str:
+        return f"Tunable({self.name}, {self.config.__name__})"
+
+
+def registry() -> dict[str, Tunable]:
+    """Every :class:`Tunable` of the op modules imported so far, by kernel name."""
+    return dict(_registry)
+
+
+def select(name: str, key: tuple, heuristic: dict, candidates: Callable[[], list[dict]],
+           launch: Callable[[dict], None], device: torch.device) -> dict:
+    """Untyped form of :meth:`Tunable.select` (configs as dicts, the kernel named by a string), kept while
+    ops still call it."""
+    return _choose(name, key, heuristic, candidates, launch, device, _as_dict)
 
 
 def bucket(n: int) -> int:

@@ -343,3 +343,40 @@ def test_gpu_autotune_search_runs_and_stays_correct(monkeypatch):
     assert [k[0] for k in _tuning._autotuned] == ["modality_scores"]
     assert_close(s, want_s, rtol=1e-5, atol=1e-5, what="after the search")
     assert_close(c, want_c, rtol=0, atol=0, what="after the search")
+
+
+# ----------------------------------------------------------------------------------------- typed configs
+
+def test_typed_config_and_tunable_keyed_by_kernel_name(monkeypatch):
+    import dataclasses
+
+    @dataclasses.dataclass(frozen=True, kw_only=True)
+    class Cfg(_tuning.LaunchConfig):
+        BLOCK: int
+        SPLIT: int = 1
+        HOST = ("SPLIT",)
+
+    def _toy_fwd_kernel():  # stands in for a @triton.jit function: only its name is used
+        pass
+
+    monkeypatch.setattr(_tuning, "_registry", {})
+    t = _tuning.Tunable(_toy_fwd_kernel, Cfg, lambda n: Cfg(BLOCK=n, num_warps=2),
+                        lambda n: [Cfg(BLOCK=b) for b in (n, 2 * n)])
+    assert t.name == "_toy_fwd_kernel" and _tuning.registry() == {"_toy_fwd_kernel": t}
+    cpu = torch.device("cpu")
+    heur = t.select((8,), (8,), None, cpu)
+    assert heur == Cfg(BLOCK=8, num_warps=2) and heur.meta == {"BLOCK": 8, "num_warps": 2}
+    assert heur.as_dict() == {"BLOCK": 8, "SPLIT": 1, "num_warps": 2}  # num_stages=None: Triton's default
+    with _tuning.recording() as log:
+        t.select((8,), (8,), None, cpu)
+    space = [heur.as_dict(), Cfg(BLOCK=8).as_dict(), Cfg(BLOCK=16).as_dict()]  # the heuristic is added first
+    assert log == [("_toy_fwd_kernel", (8,), heur.as_dict(), space)]
+    # forced by the kernel object, by its name, as a typed config or as a dict (what tools and tables hold)
+    with _tuning.forced(_toy_fwd_kernel, {"BLOCK": 4, "SPLIT": 3}):
+        got = t.select((8,), (8,), None, cpu)
+        assert got == Cfg(BLOCK=4, SPLIT=3) and got.meta == {"BLOCK": 4, "num_warps": 4}
+    with _tuning.forced("_toy_fwd_kernel", Cfg(BLOCK=32)):
+        assert t.select((8,), (8,), None, cpu) == Cfg(BLOCK=32)
+    with _tuning.forced(t, {"BLOCKK": 4}):
+        with pytest.raises(ValueError, match=r"Cfg: unknown launch parameter\(s\) \['BLOCKK'\]"):
+            t.select((8,), (8,), None, cpu)
