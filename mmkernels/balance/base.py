@@ -53,7 +53,10 @@ from typing import Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
-_MODES = ("activation", "parameter")
+_MODES = ("activation", "parameter", "update")
+#: modes whose coefficient is applied once per optimizer step (statistics of a gradient-accumulation window are
+#: summed, so the coefficient equals the one a single large batch would give)
+_PER_STEP_MODES = ("parameter", "update")
 _PARAMS = ("all", "conv")
 
 
@@ -85,8 +88,14 @@ class Balancer:
             (:class:`DecisionLevel`, MWAM in loss mode). Any number ``M >= 2`` of modalities; the order of
             the mapping is the modality order of every ``(M,)`` tensor.
         mode: ``"activation"`` (default; :func:`mmkernels.grad_scale` on each encoder output, every
-            parameter of the encoder scaled, no noise) or ``"parameter"`` (:func:`mmkernels.scale_grads_` on
-            the encoder's parameter gradients in ``after_backward()``).
+            parameter of the encoder scaled, no noise), ``"parameter"`` (:func:`mmkernels.scale_grads_` on
+            the encoder's parameter gradients in ``after_backward()``) or ``"update"`` (each encoder's
+            optimizer update scaled by its coefficient after ``optimizer.step()``, so balancing survives
+            Adam/AdamW; needs ``optimizer=``; see :mod:`mmkernels.balance.update`).
+        optimizer: ``mode="update"``: the optimizer that steps the encoders (its step hooks apply the
+            modulation; no call in the loop). Other modes: optional; an adaptive optimizer then warns at once
+            (gradient-level coefficients cancel under Adam-like normalisation). Without it, the first step of
+            an adaptive optimizer over the encoders' parameters warns.
         params: parameter mode only: ``"all"`` parameters of the encoder or ``"conv"``: 4-D (convolution)
             weights only, as the released OGM-GE code does.
         noise: parameter mode only: ``None`` or ``"ge"`` (generalisation enhancement: add
@@ -111,7 +120,8 @@ class Balancer:
 
     def __init__(self, encoders: Mapping[str, nn.Module] | Sequence[str], *, mode: str = "activation",
                  params: str = "all", noise: str | None = None, epochs: tuple[int, int | None] = (0, None),
-                 sync="auto", process_group=None, seed: int = 0, device: torch.device | str | None = None):
+                 sync="auto", process_group=None, seed: int = 0, device: torch.device | str | None = None,
+                 optimizer: torch.optim.Optimizer | None = None):
         if isinstance(encoders, Mapping):
             names = tuple(encoders)
             modules = dict(encoders)
@@ -134,12 +144,17 @@ class Balancer:
             raise ValueError(f"params must be one of {_PARAMS}, got {params!r}")
         if noise not in (None, "ge"):
             raise ValueError(f"noise must be None or 'ge', got {noise!r}")
-        if noise is not None and mode != "parameter":
-            raise ValueError("noise='ge' needs mode='parameter' (noise is added to parameter gradients after "
-                             "backward); use OGMGE(..., mode='parameter', noise='ge')")
-        if params != "all" and mode != "parameter":
-            raise ValueError(f"params={params!r} needs mode='parameter'; activation mode always scales every "
-                             "parameter of the encoder")
+        if noise is not None and mode not in _PER_STEP_MODES:
+            raise ValueError("noise='ge' needs mode='parameter' (noise added to parameter gradients after "
+                             "backward) or mode='update' (noise added to the update); activation mode adds none")
+        if params != "all" and mode not in _PER_STEP_MODES:
+            raise ValueError(f"params={params!r} needs mode='parameter' or 'update'; activation mode always scales "
+                             "every parameter of the encoder")
+        if mode == "update" and optimizer is None:
+            raise ValueError("mode='update' needs optimizer=<the torch.optim.Optimizer that steps the encoders>: "
+                             "the modulation runs in its step hooks")
+        if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer or None, got {type(optimizer).__name__}")
         start, stop = epochs
         if stop is not None and stop <= start:
             raise ValueError(f"epochs=(start, stop) needs stop > start, got {epochs}")
@@ -162,10 +177,28 @@ class Balancer:
         self.stats: dict[str, torch.Tensor] = {}
         self.num_steps = 0
         self._active = True
+        self._warned_adaptive = False
+        self._update = None
+        self._adaptive_watch = None
         if self.modulates_gradients and mode == "activation":
             self._install_hooks()
+        if self.modulates_gradients:
+            from mmkernels.balance import update
+
+            if mode == "update":
+                self._update = update.UpdateModulator(self, optimizer)
+            else:
+                self._adaptive_watch = update.AdaptiveOptimizerWatch(self)
+                if optimizer is not None:
+                    self._adaptive_watch.check(optimizer)
 
     # ----------------------------------------------------------------------------------------------------
+    @property
+    def per_step(self) -> bool:
+        """Whether the coefficient is applied once per optimizer step (parameter and update modes), so a
+        gradient-accumulation window's statistics are summed before it is computed."""
+        return self.mode in _PER_STEP_MODES
+
     @property
     def num_modalities(self) -> int:
         return len(self.names)
@@ -205,7 +238,10 @@ class Balancer:
     def after_backward(self) -> torch.Tensor | None:
         """Parameter mode: modulate the encoders' parameter gradients in place (``scale_grads_``, GE noise);
         returns a 0-d bool tensor, True when some gradient was non-finite (left unchanged). Activation
-        mode: nothing to do (returns None). Ends a gradient-accumulation window either way."""
+        mode: nothing to do (returns None). Ends a gradient-accumulation window either way. Update mode:
+        nothing to do (the optimizer's step hooks modulate the update and end the window)."""
+        if self.mode == "update":
+            return None
         self._end_accumulation()
         if not self.modulates_gradients or self.mode != "parameter" or not self._active:
             return None
@@ -229,6 +265,12 @@ class Balancer:
         for h in self._hooks:
             h.remove()
         self._hooks.clear()
+        if self._update is not None:
+            self._update.remove()
+            self._update = None
+        if self._adaptive_watch is not None:
+            self._adaptive_watch.remove()
+            self._adaptive_watch = None
 
     # ----------------------------------------------------------------------------------------------------
     def state_dict(self) -> dict:

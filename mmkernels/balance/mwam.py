@@ -49,7 +49,7 @@ class MWAM(Balancer):
                  preset: str = "paper", alpha=None, beta=None, lam=None, gamma=None, warm_start=None,
                  omega: float = 0.5, patch_size: int = 8, window: int = 2, frm_eps: float = 1e-6,
                  sigma: float = 1e-6, statistic: Mapping | None = None, mode: str = "activation", params: str = "all",
-                 noise=None, epochs=(0, None), sync="auto", process_group=None, seed: int = 0, device=None):
+                 noise=None, epochs=(0, None), sync="auto", process_group=None, seed: int = 0, device=None, optimizer=None):
         if apply not in _APPLY:
             raise ValueError(f"apply must be one of {_APPLY}, got {apply!r}")
         if preset not in policies.MWAM_PRESETS:
@@ -69,7 +69,8 @@ class MWAM(Balancer):
         self.statistic = dict(statistic or {})
         self.bank: torch.Tensor | None = None
         super().__init__(encoders, mode=mode, params=params, noise=noise, epochs=epochs, sync=sync,
-                         process_group=process_group, seed=seed, device=device)
+                         process_group=process_group, seed=seed, device=device,
+                         optimizer=optimizer)
         self._weights = torch.ones(self.num_modalities, device=self._device)
 
     @property

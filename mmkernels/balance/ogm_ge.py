@@ -39,7 +39,7 @@ class OGMGE(Balancer):
 
     def __init__(self, encoders: Mapping[str, nn.Module], alpha: float = 0.8, *, shift: bool = False,
                  mode: str = "activation", params=_DEFAULT, noise=_DEFAULT, epochs=(0, 50), sync="auto",
-                 process_group=None, seed: int = 0, device=None):
+                 process_group=None, seed: int = 0, device=None, optimizer=None):
         if params is _DEFAULT:
             params = "conv" if mode == "parameter" else "all"
         if noise is _DEFAULT:
@@ -50,7 +50,7 @@ class OGMGE(Balancer):
         self.shift = bool(shift)
         self._acc: torch.Tensor | None = None
         super().__init__(encoders, mode=mode, params=params, noise=noise, epochs=epochs, sync=sync,
-                         process_group=process_group, seed=seed, device=device)
+                         process_group=process_group, seed=seed, device=device, optimizer=optimizer)
 
     def step(self, logits: Mapping[str, torch.Tensor], labels: torch.Tensor, mask=None,
              epoch: int | None = None) -> torch.Tensor:
@@ -77,9 +77,9 @@ class OGMGE(Balancer):
         else:
             counts = ((mask_t != 0) & valid.unsqueeze(1)).sum(0).to(scores.dtype)
         stat = self._all_reduce(torch.cat([scores, correct, counts]))
-        if self.mode == "parameter" and self._acc is not None:
+        if self.per_step and self._acc is not None:
             stat = self._acc + stat  # gradient accumulation: the window's statistics, as one large batch
-        if self.mode == "parameter":
+        if self.per_step:
             self._acc = stat
         M = self.num_modalities
         scores, correct, counts = stat[:M], stat[M:2 * M], stat[2 * M:]

@@ -32,13 +32,14 @@ class PDMP(Balancer):
 
     def __init__(self, encoders: Mapping[str, nn.Module], performance=None, *, gamma_dominant: float = 1.2,
                  gamma_rest: float = 0.8, mode: str = "activation", params: str = "all", noise=None,
-                 epochs=(0, None), sync="auto", process_group=None, seed: int = 0, device=None):
+                 epochs=(0, None), sync="auto", process_group=None, seed: int = 0, device=None, optimizer=None):
         if not gamma_dominant >= gamma_rest:
             raise ValueError(f"gamma_dominant ({gamma_dominant}) must be >= gamma_rest ({gamma_rest})")
         self.gamma_dominant = float(gamma_dominant)
         self.gamma_rest = float(gamma_rest)
         super().__init__(encoders, mode=mode, params=params, noise=noise, epochs=epochs, sync=sync,
-                         process_group=process_group, seed=seed, device=device)
+                         process_group=process_group, seed=seed, device=device,
+                         optimizer=optimizer)
         self.performance: torch.Tensor | None = None
         self._static = torch.ones(self.num_modalities, device=self._device)
         if performance is not None:
