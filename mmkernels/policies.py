@@ -4,27 +4,82 @@ Tensors in, tensors out: no state, no host synchronisation (every decision on a 
 ``torch.where``), so they run inside a CUDA stream or a ``torch.compile`` graph. The balancers in
 :mod:`mmkernels.balance` hold the state and call these.
 
-Safe fallback shared by every rule: statistics that make the formula undefined (a zero or negative score
-in a ratio's denominator, NaN or Inf anywhere) give coefficient **1** for every modality (no modulation),
-never NaN; a NaN coefficient would otherwise spread into every gradient it multiplies.
+Arguments are checked before anything is computed: a statistic that is not a 1-D tensor with one entry per
+modality, or a hyper-parameter that is not a finite number in its range (NaN and Inf included), raises
+``TypeError``/``ValueError`` naming the function, the argument and the value.
+
+Safe fallback shared by every rule: *statistics* (tensor values, which are never inspected on the host)
+that make the formula undefined (a zero or negative score in a ratio's denominator, NaN or Inf anywhere)
+give coefficient **1** for every modality (no modulation), never NaN; a NaN coefficient would otherwise
+spread into every gradient it multiplies. ``return_fallback=True`` also returns a bool tensor saying where
+the fallback was taken (the balancers put it in ``stats["fallback"]`` and warn).
 """
 from __future__ import annotations
 
+import math
+import numbers
+
 import torch
 
-__all__ = ["ogm_ge", "pdmp", "mwam_update_bank", "mwam", "MWAM_PRESETS", "decision_weights", "ema"]
+__all__ = ["ogm_ge", "pdmp", "mwam_update_bank", "mwam", "MWAM_PRESETS", "decision_weights", "decision_scale",
+           "ema"]
 
 
-def _as_float(t, name: str) -> torch.Tensor:
-    t = torch.as_tensor(t)
+def _number(fn: str, name: str, value, *, lo: float | None = None, hi: float | None = None,
+            lo_open: bool = False, hi_open: bool = False) -> float:
+    """A finite real Python/NumPy number within the bounds (a hyper-parameter, checked on the host)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{fn}: {name} must be a real number, got {type(value).__name__} {value!r}")
+    v = float(value)
+    if not math.isfinite(v):
+        raise ValueError(f"{fn}: {name} must be a finite number, got {value!r}")
+    if lo is not None and (v < lo or (lo_open and v == lo)):
+        raise ValueError(f"{fn}: {name} must be {'>' if lo_open else '>='} {lo}, got {value!r}")
+    if hi is not None and (v > hi or (hi_open and v == hi)):
+        raise ValueError(f"{fn}: {name} must be {'<' if hi_open else '<='} {hi}, got {value!r}")
+    return v
+
+
+def _as_float(t, name: str, fn: str = "policies") -> torch.Tensor:
+    """``(M,)`` statistic, M >= 2: a real tensor (integers become float32) or a list/tuple of real numbers."""
+    if isinstance(t, (list, tuple)):
+        if not all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in t):
+            raise TypeError(f"{fn}: {name} must be a tensor or a list of real numbers, got {t!r}")
+        t = torch.tensor([float(v) for v in t], dtype=torch.float32)
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{fn}: {name} must be a 1-D tensor with one entry per modality, got {type(t).__name__}")
+    if t.dtype == torch.bool or t.is_complex():
+        raise TypeError(f"{fn}: {name} must be real (floating or integer), got {t.dtype}")
     if t.dim() != 1 or t.numel() < 2:
-        raise ValueError(f"{name} must be a 1-D tensor with one entry per modality (M >= 2), got shape {tuple(t.shape)}")
+        raise ValueError(f"{fn}: {name} must be a 1-D tensor with one entry per modality (M >= 2), got shape "
+                         f"{tuple(t.shape)}")
     if not t.is_floating_point():
         t = t.to(torch.float32)
     return t
 
 
-def ogm_ge(scores: torch.Tensor, alpha: float | torch.Tensor, shift: bool = False) -> torch.Tensor:
+def _like(fn: str, name: str, t, ref: torch.Tensor, what: str) -> torch.Tensor:
+    """A companion statistic of ``ref``'s shape (the bank of an FRM vector, ...), in ``ref``'s dtype."""
+    if isinstance(t, (list, tuple)):
+        t = _as_float(t, name, fn)
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{fn}: {name} must be a tensor, got {type(t).__name__}")
+    if t.dtype == torch.bool or t.is_complex():
+        raise TypeError(f"{fn}: {name} must be real (floating or integer), got {t.dtype}")
+    if t.shape != ref.shape:
+        raise ValueError(f"{fn}: {name} has shape {tuple(t.shape)} but {what} has {tuple(ref.shape)}; one entry per "
+                         "modality in the same order")
+    if t.device != ref.device:
+        raise ValueError(f"{fn}: {name} is on {t.device} but {what} is on {ref.device}; move it to {ref.device}")
+    return t.to(ref.dtype)
+
+
+def _result(k: torch.Tensor, fallback: torch.Tensor, return_fallback: bool):
+    return (k, fallback) if return_fallback else k
+
+
+def ogm_ge(scores: torch.Tensor, alpha: float | torch.Tensor, shift: bool = False, *,
+           return_fallback: bool = False):
     """OGM-GE gradient coefficients (Peng et al., CVPR 2022, Eq. 10), ``(M,)``.
 
     ``scores[m] = Σ_i softmax(ℓ_m,i)[y_i]`` (:func:`mmkernels.modality_scores`).
@@ -40,15 +95,28 @@ def ogm_ge(scores: torch.Tensor, alpha: float | torch.Tensor, shift: bool = Fals
     gets ``1 − tanh(α·relu(ρ_m))`` (or ``relu(ρ_m − 1)``), the others 1. For two modalities this equals the
     rule above except at an exact tie, where the released rule is kept.
 
+    ``alpha``: a finite number >= 0, or a 0-d floating tensor (a CPU tensor is checked like a number; a
+    CUDA tensor is read on the device, unchecked: a NaN there makes every coefficient fall back to 1).
+
     Fallback: any score ``<= 0`` or non-finite (e.g. every sample of a modality missing) → all ones.
+    ``return_fallback=True``: returns ``(k, fallback)``, ``fallback`` an ``(M,)`` bool tensor.
     """
-    s = _as_float(scores, "scores")
+    fn = "ogm_ge"
+    s = _as_float(scores, "scores", fn)
     # A Python float stays a scalar argument of the kernels: torch.as_tensor(alpha, device="cuda") would be a
     # blocking host-to-device copy, i.e. a stream synchronisation on every training step (seen on an H100).
     if isinstance(alpha, torch.Tensor):
-        alpha = alpha.item() if alpha.device.type == "cpu" else alpha.to(s.dtype)
+        if alpha.dim() != 0 or not alpha.is_floating_point():
+            raise TypeError(f"{fn}: alpha must be a number or a 0-d floating tensor, got a {alpha.dtype} tensor of "
+                            f"shape {tuple(alpha.shape)}")
+        if alpha.device.type == "cpu":
+            alpha = _number(fn, "alpha", alpha.item(), lo=0.0)
+        else:
+            alpha = alpha.to(s.dtype)
     else:
-        alpha = float(alpha)
+        alpha = _number(fn, "alpha", alpha, lo=0.0)
+    if not isinstance(shift, bool):
+        raise TypeError(f"{fn}: shift must be a bool, got {type(shift).__name__} {shift!r}")
     if s.numel() == 2:
         # the released two-branch rule, vectorised (few small ops: this runs every training step)
         rho_v = s[1:] / s[:1]
@@ -60,11 +128,21 @@ def ogm_ge(scores: torch.Tensor, alpha: float | torch.Tensor, shift: bool = Fals
         damped = rho > 1
     x = torch.relu(rho - 1) if shift else torch.relu(rho)
     k = torch.where(damped, 1 - torch.tanh(alpha * x), 1.0)
-    valid = (torch.isfinite(s) & (s > 0)).all()
-    return torch.where(valid & torch.isfinite(k), k, 1.0)
+    ok = (torch.isfinite(s) & (s > 0)).all() & torch.isfinite(k)
+    return _result(torch.where(ok, k, 1.0), ~ok, return_fallback)
 
 
-def pdmp(performance: torch.Tensor, gamma_dominant: float = 1.2, gamma_rest: float = 0.8) -> torch.Tensor:
+def _check_gammas(fn: str, gamma_dominant, gamma_rest) -> tuple[float, float]:
+    gp = _number(fn, "gamma_dominant", gamma_dominant, lo=0.0)
+    gr = _number(fn, "gamma_rest", gamma_rest, lo=0.0)
+    if gp < gr:
+        raise ValueError(f"{fn}: gamma_dominant ({gamma_dominant}) must be >= gamma_rest ({gamma_rest}): the "
+                         "dominant modality gets the larger coefficient")
+    return gp, gr
+
+
+def pdmp(performance: torch.Tensor, gamma_dominant: float = 1.2, gamma_rest: float = 0.8, *,
+         return_fallback: bool = False):
     """PDMP static coefficients from unimodal performance (performance-dominant modality prioritisation), ``(M,)``.
 
     The dominant modality ``p = argmax_m performance[m]`` gets ``k_p = γ_p > 1`` (its encoder learns faster),
@@ -72,17 +150,24 @@ def pdmp(performance: torch.Tensor, gamma_dominant: float = 1.2, gamma_rest: flo
     library's own choice. For ``M > 2`` (library's rule) coefficients interpolate linearly in the rank:
     ``k_m = γ_p + (γ_r − γ_p)·r_m/(M − 1)`` with ``r_m`` the 0-based descending rank (0 = dominant,
     ``M − 1`` = weakest gets ``γ_r``); tied modalities share the average of their ranks (so two modalities of
-    equal performance both get ``(γ_p + γ_r)/2``).
+    equal performance both get ``(γ_p + γ_r)/2``). ``γ_p >= γ_r >= 0``, both finite.
 
-    Fallback: non-finite performance → all ones.
+    Fallback: non-finite performance → all ones (``return_fallback=True``: also the ``(M,)`` bool flags).
     """
-    p = _as_float(performance, "performance")
+    fn = "pdmp"
+    p = _as_float(performance, "performance", fn)
+    gamma_dominant, gamma_rest = _check_gammas(fn, gamma_dominant, gamma_rest)
     M = p.numel()
     greater = (p.unsqueeze(0) > p.unsqueeze(1)).sum(1).to(p.dtype)      # r_m counts modalities strictly better
     ties = (p.unsqueeze(0) == p.unsqueeze(1)).sum(1).to(p.dtype) - 1    # others with the same performance
     rank = greater + 0.5 * ties
     k = gamma_dominant + (gamma_rest - gamma_dominant) * rank / (M - 1)
-    return torch.where(torch.isfinite(p).all(), k, torch.ones_like(k))
+    ok = torch.isfinite(p).all().expand(M)
+    return _result(torch.where(ok, k, torch.ones_like(k)), ~ok, return_fallback)
+
+
+def _check_omega(fn: str, omega) -> float:
+    return _number(fn, "omega", omega, lo=0.0, hi=1.0, hi_open=True)
 
 
 def mwam_update_bank(bank: torch.Tensor | None, frm: torch.Tensor, omega: float = 0.5,
@@ -91,19 +176,20 @@ def mwam_update_bank(bank: torch.Tensor | None, frm: torch.Tensor, omega: float 
 
     ``bank=None`` is the first step: ``warm_start="code"`` gives ``F̂ = (1 − ω)·F`` (the released code's soft
     begin from a zero bank), ``"paper"`` gives ``F̂⁰ = F⁰``. Returns a new tensor (inputs untouched).
-    Non-finite entries of ``frm`` leave the bank entry unchanged (and are ignored on the first step: 0 for
-    ``"code"`` and ``"paper"`` alike), so one bad batch cannot poison the running statistic.
+    ``ω`` in ``[0, 1)``. Non-finite entries of ``frm`` leave the bank entry unchanged (and are ignored on the
+    first step: 0 for ``"code"`` and ``"paper"`` alike), so one bad batch cannot poison the running statistic.
     """
-    f = _as_float(frm, "frm")
+    fn = "mwam_update_bank"
+    f = _as_float(frm, "frm", fn)
+    omega = _check_omega(fn, omega)
     if warm_start not in ("code", "paper"):
-        raise ValueError(f"warm_start must be 'code' or 'paper', got {warm_start!r}")
+        raise ValueError(f"{fn}: warm_start must be 'code' or 'paper', got {warm_start!r}")
+    if bank is not None:
+        bank = _like(fn, "bank", bank, f, "frm")
     finite = torch.isfinite(f)
     f0 = torch.where(finite, f, torch.zeros_like(f))
     if bank is None:
         return (1 - omega) * f0 if warm_start == "code" else f0.clone()
-    bank = torch.as_tensor(bank, dtype=f.dtype, device=f.device)
-    if bank.shape != f.shape:
-        raise ValueError(f"bank has shape {tuple(bank.shape)} but frm has {tuple(f.shape)}; one entry per modality")
     return torch.where(finite, omega * bank + (1 - omega) * f0, bank)
 
 
@@ -115,47 +201,95 @@ MWAM_PRESETS = {
 }
 
 
+def _check_mwam_hparams(fn: str, alpha, beta, lam, gamma, eps) -> tuple[float, ...]:
+    return (_number(fn, "alpha", alpha), _number(fn, "beta", beta), _number(fn, "lam", lam),
+            _number(fn, "gamma", gamma), _number(fn, "eps", eps, lo=0.0))
+
+
 def mwam(frm: torch.Tensor, bank: torch.Tensor, alpha: float = 1.5, beta: float = 1.0, lam: float = 6.0,
-         gamma: float = 0.7, eps: float = 1e-6) -> torch.Tensor:
+         gamma: float = 0.7, eps: float = 1e-6, *, return_fallback: bool = False):
     """MWAM weights from FRM (SPEC §3.3), ``(M,)``: higher frequency ratio → smaller weight.
 
-    ``T_m = F_m / (mean_c F̂_c + σ)`` (σ = ``eps``; ``bank`` = F̂ already updated with this step's F) and
-    ``K_m = α − β / (1 + exp(−λ·(T_m − γ)))``, which lies in ``(α − β, α)``.
+    ``T_m = F_m / (mean_c F̂_c + σ)`` (σ = ``eps`` >= 0; ``bank`` = F̂ already updated with this step's F, the
+    same shape as ``frm``) and ``K_m = α − β / (1 + exp(−λ·(T_m − γ)))``, which lies in ``(α − β, α)``.
+    Every hyper-parameter must be a finite number.
 
-    Fallback: non-finite ``T`` (NaN/Inf FRM or bank) → 1 for every modality.
+    Fallback: non-finite ``T`` (NaN/Inf FRM or bank) → 1 for every modality (``return_fallback=True``: also
+    the ``(M,)`` bool flags).
     """
-    f = _as_float(frm, "frm")
-    bank = torch.as_tensor(bank, dtype=f.dtype, device=f.device)
+    fn = "mwam"
+    f = _as_float(frm, "frm", fn)
+    bank = _like(fn, "bank", bank, f, "frm")
+    alpha, beta, lam, gamma, eps = _check_mwam_hparams(fn, alpha, beta, lam, gamma, eps)
     t = f / (bank.mean() + eps)
     k = alpha - beta * torch.sigmoid(lam * (t - gamma))
-    return torch.where(torch.isfinite(t).all(), k, torch.ones_like(k))
+    ok = torch.isfinite(t).all().expand(f.shape)
+    return _result(torch.where(ok, k, torch.ones_like(k)), ~ok, return_fallback)
 
 
 def ema(old: torch.Tensor, new: torch.Tensor, momentum: float, valid: torch.Tensor | None = None) -> torch.Tensor:
-    """``momentum·old + (1 − momentum)·new`` where ``valid`` (and ``new`` finite), ``old`` elsewhere."""
+    """``momentum·old + (1 − momentum)·new`` where ``valid`` (and ``new`` finite), ``old`` elsewhere.
+
+    ``old``, ``new`` (and ``valid``, bool) share one shape; ``momentum`` is a finite number in ``[0, 1]``."""
+    fn = "ema"
+    for name, t in (("old", old), ("new", new)):
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+            raise TypeError(f"{fn}: {name} must be a floating tensor, got "
+                            f"{t.dtype if isinstance(t, torch.Tensor) else type(t).__name__}")
+    if new.shape != old.shape:
+        raise ValueError(f"{fn}: new has shape {tuple(new.shape)} but old has {tuple(old.shape)}; they must match")
+    momentum = _number(fn, "momentum", momentum, lo=0.0, hi=1.0)
     keep = torch.isfinite(new)
     if valid is not None:
+        if not isinstance(valid, torch.Tensor) or valid.dtype != torch.bool:
+            raise TypeError(f"{fn}: valid must be a bool tensor or None, got "
+                            f"{valid.dtype if isinstance(valid, torch.Tensor) else type(valid).__name__}")
+        if valid.shape != old.shape:
+            raise ValueError(f"{fn}: valid has shape {tuple(valid.shape)} but old has {tuple(old.shape)}")
         keep = keep & valid
     return torch.where(keep, momentum * old + (1 - momentum) * torch.where(keep, new, old), old)
 
 
-def decision_weights(capability: torch.Tensor, tau: float = 1.0, eps: float = 1e-6) -> torch.Tensor:
+def decision_weights(capability: torch.Tensor, tau: float = 1.0, eps: float = 1e-6, *,
+                     return_fallback: bool = False):
     """Class-wise modality weights for decision-level fusion (SPEC §3.4, the library's formula), ``(M, K)``.
 
     ``capability[m, k]`` is the EMA of the mean true-class probability ``softmax(ℓ_m / s_m)[y]`` over samples
-    of class ``k``; ``w[m, k] = r[m, k]^τ / mean_j r[j, k]^τ``. ``τ = 0`` gives all ones (calibration by the
-    scales only). ``eps`` floors ``r`` so a modality that never predicts class k keeps a tiny positive weight.
-    Fallback: a class whose capabilities are non-finite gets weight 1 for every modality.
+    of class ``k``; ``w[m, k] = r[m, k]^τ / mean_j r[j, k]^τ``. ``τ`` (finite, >= 0): ``τ = 0`` gives all ones
+    (calibration by the scales only). ``eps`` (finite, > 0) floors ``r`` so a modality that never predicts
+    class k keeps a small positive weight.
+
+    Computed in log space, ``w = exp(τ·log r − logmeanexp_j(τ·log r_j))``, so a large ``τ`` neither overflows
+    ``r^τ`` nor underflows it to 0/0; weights are then floored at the dtype's smallest positive normal number
+    (``torch.finfo(dtype).tiny``, 1.2e-38 in float32), which keeps every weight positive as promised even when
+    the exact value is below float range (e.g. ``r = eps`` against ``r = 1`` with ``τ = 8``: 1e-48).
+
+    Fallback: a class whose capabilities are non-finite gets weight 1 for every modality
+    (``return_fallback=True``: also a ``(K,)`` bool tensor, True for those classes).
     """
-    r = torch.as_tensor(capability)
+    fn = "decision_weights"
+    if not isinstance(capability, torch.Tensor):
+        raise TypeError(f"{fn}: capability must be an (M, K) tensor, got {type(capability).__name__}")
+    if capability.dtype == torch.bool or capability.is_complex():
+        raise TypeError(f"{fn}: capability must be real, got {capability.dtype}")
+    r = capability if capability.is_floating_point() else capability.to(torch.float32)
     if r.dim() != 2 or r.shape[0] < 2:
-        raise ValueError(f"capability must be (M, K) with M >= 2, got shape {tuple(r.shape)}")
-    r = r.clamp_min(eps) ** tau
-    w = r / r.mean(0, keepdim=True)
+        raise ValueError(f"{fn}: capability must be (M, K) with M >= 2, got shape {tuple(r.shape)}")
+    tau = _number(fn, "tau", tau, lo=0.0)
+    eps = _number(fn, "eps", eps, lo=0.0, lo_open=True)
+    log_r = tau * torch.log(r.clamp_min(eps))
+    log_mean = torch.logsumexp(log_r, dim=0, keepdim=True) - math.log(r.shape[0])
+    w = torch.exp(log_r - log_mean).clamp_min(torch.finfo(r.dtype).tiny)
     ok = torch.isfinite(w).all(0, keepdim=True)
-    return torch.where(ok, w, torch.ones_like(w))
+    return _result(torch.where(ok, w, torch.ones_like(w)), ~ok.squeeze(0), return_fallback)
 
 
 def decision_scale(sum_sq: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
     """RMS logit scale ``sqrt(Σ ℓ² / count)`` per modality (SPEC §3.4); NaN where ``count == 0``."""
+    fn = "decision_scale"
+    for name, t in (("sum_sq", sum_sq), ("count", count)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{fn}: {name} must be a tensor, got {type(t).__name__}")
+    if sum_sq.shape != count.shape:
+        raise ValueError(f"{fn}: sum_sq has shape {tuple(sum_sq.shape)} but count has {tuple(count.shape)}")
     return torch.sqrt(sum_sq / count)
