@@ -23,11 +23,10 @@ def load():
             from mmkernels import _C
 
             _ext = _C
-        except ImportError as exc:  # not built, or built against another torch
-            _error = (
-                f"mmkernels._C is not available ({exc}). Build it with `python setup.py build_ext --inplace` "
-                "(or `make test`); set MMKERNELS_NO_EXT=1 to skip it on purpose. Falling back to the PyTorch path."
-            )
+        except ImportError as exc:  # not built at install time (pip's default): compile on first use
+            from mmkernels import _build
+
+            _ext, _error = _build.load_fallback(exc)
     return _ext
 
 
