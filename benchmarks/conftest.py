@@ -1,8 +1,39 @@
-"""Shared pieces of the pytest-benchmark entries (``pytest benchmarks/ --benchmark-only``)."""
+"""Shared pieces of the pytest-benchmark entries (``pytest benchmarks/ --benchmark-only``).
+
+Each ``test_bench_<op>.py`` times every implementation of every case that ``benchmarks/<op>.py`` runs on
+this device (the same definitions as ``python -m mmkernels bench``), one pytest-benchmark entry each."""
 import pytest
 import torch
 
+from mmkernels.bench.harness import cases
+
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def entries(module) -> list:
+    """``pytest.param(case, impl)`` for every case of ``module`` in this device's full run and every
+    implementation its ``make_impls`` returns (built once here for the names, then freed)."""
+    out = []
+    for case in cases(module, DEVICE, quick=False):
+        names = list(module.make_impls(case, DEVICE).impls)
+        out += [pytest.param(case, name, id=f"{case.shape_str}-{case.dtype_str}-{name}".replace(" ", "_"))
+                for name in names]
+        if DEVICE == "cuda":
+            torch.cuda.empty_cache()
+    return out
+
+
+_current: dict = {}
+
+
+def impl_of(module, case, name):
+    """The named implementation of ``case``; the inputs of one case at a time stay alive."""
+    key = (module.OP, id(case))
+    if _current.get("key") != key:
+        _current.clear()
+        torch.manual_seed(0)
+        _current.update(key=key, bench=module.make_impls(case, DEVICE))
+    return _current["bench"].impls[name]
 
 
 @pytest.fixture

@@ -1,19 +1,11 @@
-"""pytest-benchmark entry for band_energy 2-D at (64, 64, 56, 56), cutoff 0.1: ``pytest benchmarks/ --benchmark-only``."""
+"""pytest-benchmark entries for band_energy, from the cases and implementations of ``benchmarks/band_energy.py``:
+``pytest benchmarks/test_bench_band_energy.py --benchmark-only``."""
 import pytest
-import torch
 
-from benchmarks.conftest import DEVICE
-from mmkernels.bench.bench_band_energy import make_impls
-
-IMPLS = ["torch_fft2_eager", "torch_fft2_compiled", "torch_rfft2_eager", "band_energy_ref", "mmkernels.band_energy"]
+from benchmarks import band_energy as spec
+from benchmarks.conftest import entries, impl_of
 
 
-@pytest.fixture(scope="module")
-def impls():
-    torch.manual_seed(0)
-    return make_impls((64, 64, 56, 56), [0.1], 2, torch.float32, DEVICE)[0]
-
-
-@pytest.mark.parametrize("impl", IMPLS)
-def test_band_energy_2d_64x64x56x56(bench_call, impls, impl):
-    bench_call(impls[impl])
+@pytest.mark.parametrize("case,impl", entries(spec))
+def test_band_energy(bench_call, case, impl):
+    bench_call(impl_of(spec, case, impl))

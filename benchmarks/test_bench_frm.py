@@ -1,21 +1,11 @@
-"""pytest-benchmark entry for frm: ``pytest benchmarks/ --benchmark-only``."""
+"""pytest-benchmark entries for frm, from the cases and implementations of ``benchmarks/frm.py``:
+``pytest benchmarks/test_bench_frm.py --benchmark-only``."""
 import pytest
-import torch
 
-from benchmarks.conftest import DEVICE
-from mmkernels.bench.bench_frm import make_impls
-
-IMPLS = ["released_mwam", "frm_ref_eager", "frm_ref_compiled", "mmkernels.frm"]
+from benchmarks import frm as spec
+from benchmarks.conftest import entries, impl_of
 
 
-@pytest.fixture(scope="module")
-def impls():
-    torch.manual_seed(0)
-    x = torch.rand(64, 3, 112, 112, device=DEVICE)
-    fns, _ = make_impls(x)
-    return fns
-
-
-@pytest.mark.parametrize("impl", IMPLS)
-def test_frm_64x3x112x112(bench_call, impls, impl):
-    bench_call(impls[impl])
+@pytest.mark.parametrize("case,impl", entries(spec))
+def test_frm(bench_call, case, impl):
+    bench_call(impl_of(spec, case, impl))

@@ -2,14 +2,16 @@
 from __future__ import annotations
 
 import argparse
-import pkgutil
 import sys
 
 
-def _bench_cases() -> list[str]:
-    import mmkernels.bench as pkg
+STEP_BENCHMARKS = ("overhead", "vit_step")  # whole training steps: mmkernels/bench/bench_<name>.py
 
-    return sorted(m.name[len("bench_"):] for m in pkgutil.iter_modules(pkg.__path__) if m.name.startswith("bench_"))
+
+def _bench_names() -> list[str]:
+    from mmkernels.bench.harness import OP_MODULES
+
+    return list(OP_MODULES) + list(STEP_BENCHMARKS)
 
 
 def bench(argv: list[str]) -> int:
@@ -17,38 +19,62 @@ def bench(argv: list[str]) -> int:
 
     import torch
 
-    from mmkernels.bench.harness import print_rows, write_results
-
-    cases = _bench_cases()
-    p = argparse.ArgumentParser(prog="python -m mmkernels bench", description="Side-by-side benchmarks; results under --out.")
-    p.add_argument("--ops", default=",".join(cases), help=f"comma-separated subset of {cases}")
-    p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--quick", action="store_true", help="small shapes and short timing loops (a smoke run)")
-    p.add_argument("--out", default="benchmarks/results")
-    p.add_argument("--repeats", type=int, default=1,
-                   help="time every implementation N times, interleaved; rows get the spread across repeats")
-    p.add_argument("--l2", default="cold", help="CUDA: 'cold' (L2 flushed before each call), 'warm', or 'cold,warm'")
-    args = p.parse_args(argv)
     from mmkernels.bench import harness
 
-    harness.DEFAULTS.update(repeats=args.repeats, l2=tuple(m.strip() for m in args.l2.split(",") if m.strip()))
+    names = _bench_names()
+    p = argparse.ArgumentParser(
+        prog="python -m mmkernels bench",
+        description="Side-by-side benchmarks of every op against the released code and the best plain-PyTorch "
+                    "peer (eager and torch.compile); results under --out, then the README and docs tables are "
+                    "regenerated (unless --quick).")
+    p.add_argument("ops", nargs="*", metavar="op", help=f"benchmarks to run (default: all of {names})")
+    p.add_argument("--ops", dest="ops_csv", default=None, help="comma-separated, the same as the positional list")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--quick", action="store_true", help="small shapes and short timing loops (a smoke run; writes nothing)")
+    p.add_argument("--out", default="benchmarks/results")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="time every implementation N times, interleaved; rows get the spread across repeats "
+                        "and results whose spread is large are flagged")
+    p.add_argument("--l2", default="cold", help="CUDA: 'cold' (L2 flushed before each call), 'warm', or 'cold,warm'")
+    args = p.parse_args(argv)
+    if args.repeats < 1:
+        p.error(f"--repeats must be >= 1, got {args.repeats}")
+    modes = tuple(m.strip() for m in args.l2.split(",") if m.strip())
+    if not modes or any(m not in harness.L2_MODES for m in modes):
+        p.error(f"--l2 must name some of {list(harness.L2_MODES)}, got {args.l2!r}")
+    harness.DEFAULTS.update(repeats=args.repeats, l2=modes)
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda asked for, but torch sees no CUDA device")
-    chosen = [o.strip() for o in args.ops.split(",") if o.strip()]
-    unknown = sorted(set(chosen) - set(cases))
+    chosen = list(args.ops) + [o.strip() for o in (args.ops_csv or "").split(",") if o.strip()]
+    chosen = list(dict.fromkeys(chosen)) or names
+    unknown = sorted(set(chosen) - set(names))
     if unknown:
-        p.error(f"unknown ops {unknown}; choose from {cases}")
+        p.error(f"unknown benchmarks {unknown}; choose from {names}")
+    if any(op in harness.OP_MODULES for op in chosen) and harness.benchmarks_dir() is None:
+        p.error("the op benchmarks are defined in the repository's benchmarks/ folder; run from a clone of mmkernels")
+    all_rows = []
     for op in chosen:
-        mod = importlib.import_module(f"mmkernels.bench.bench_{op}")
-        print(f"== {op} on {args.device}", flush=True)
-        rows = mod.run(args.device, args.quick)
-        print_rows(rows)
+        print(f"== {op} on {args.device}" + (" (quick)" if args.quick else "") + f", load average {harness.loadavg()}",
+              flush=True)
+        if op in harness.OP_MODULES:
+            rows, env = harness.run_op(op, args.device, args.quick)
+        else:
+            env = {"loadavg_before": harness.loadavg()}
+            rows = importlib.import_module(f"mmkernels.bench.bench_{op}").run(args.device, args.quick)
+            env["loadavg_after"] = harness.loadavg()
+        harness.print_rows(rows)
+        all_rows += rows
         if rows and not args.quick:
-            print("wrote", write_results(op, rows, args.device, args.out))
+            print("wrote", harness.write_results(op, rows, args.device, args.out, env_extra=env), flush=True)
+    warning = harness.spread_warning(all_rows)
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
+    elif args.repeats == 1 and all_rows:
+        print("note: one repeat, so no run-to-run spread was measured; --repeats 3 measures it", flush=True)
     if not args.quick:
-        from mmkernels.bench.report import update_readme
+        from mmkernels.bench.report import main as report_main
 
-        update_readme()
+        report_main(["--results", args.out])
     return 0
 
 
@@ -59,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
               "  demo    balanced training on UCI Multiple Features with missing-modality evaluation\n"
               "  bench   side-by-side kernel benchmarks, results under benchmarks/results\n"
               "  tune    time every launch config of every Triton kernel on this GPU, write its tuned table\n"
-              "  report  regenerate the README tables from recorded results")
+              "  report  regenerate the README summary, docs/benchmarks.md and the plots from recorded results")
         return 0
     cmd, rest = argv[0], argv[1:]
     if cmd == "bench":
@@ -73,10 +99,9 @@ def main(argv: list[str] | None = None) -> int:
 
         return demo_main(rest)
     if cmd == "report":
-        from mmkernels.bench.report import update_readme
+        from mmkernels.bench.report import main as report_main
 
-        update_readme()
-        return 0
+        return report_main(rest)
     print(f"unknown command {cmd!r}; use demo, bench, tune or report", file=sys.stderr)
     return 2
 

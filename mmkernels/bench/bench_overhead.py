@@ -35,6 +35,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from mmkernels.bench.harness import summarize, time_interleaved
+from mmkernels.bench.released import ogm_ge_step_modulation
 
 
 def _encoder(cin: int, c: int) -> nn.Sequential:
@@ -78,27 +79,10 @@ def _released_ogm_ge_step(model, opt, xa, xv, y, alpha=0.8):
 
 
 def _released_ogm_ge_modulation(model, a, v, y, alpha=0.8):
-    """The part of the released step that OGM-GE adds: head-split logits, score loop, host-side ratio test,
-    per-parameter modulation with GE noise (std read with ``.item()``)."""
-    softmax, relu, tanh = nn.Softmax(dim=1), nn.ReLU(inplace=True), nn.Tanh()
-    half = model.head.weight.size(1) // 2
-    out_v = torch.mm(v, model.head.weight[:, half:].t()) + model.head.bias / 2
-    out_a = torch.mm(a, model.head.weight[:, :half].t()) + model.head.bias / 2
-    score_v = sum([softmax(out_v)[i][y[i]] for i in range(out_v.size(0))])
-    score_a = sum([softmax(out_a)[i][y[i]] for i in range(out_a.size(0))])
-    ratio_v = score_v / score_a
-    ratio_a = 1 / ratio_v
-    if ratio_v > 1:  # host sync, as released
-        coeff_v, coeff_a = 1 - tanh(alpha * relu(ratio_v)), 1
-    else:
-        coeff_a, coeff_v = 1 - tanh(alpha * relu(ratio_a)), 1
-    for name, parms in model.named_parameters():
-        layer = name.split(".")[0]
-        if parms.grad is None or parms.grad.dim() != 4:
-            continue
-        k = coeff_a if "audio" in layer else coeff_v if "visual" in layer else None
-        if k is not None:
-            parms.grad = parms.grad * k + torch.zeros_like(parms.grad).normal_(0, parms.grad.std().item() + 1e-8)
+    """The part of the released step that OGM-GE adds (:func:`mmkernels.bench.released.ogm_ge_step_modulation`):
+    head-split logits, score loop, host-side ratio test, per-parameter modulation with GE noise."""
+    ogm_ge_step_modulation(model.audio.parameters(), model.visual.parameters(), model.head.weight, model.head.bias,
+                           a, v, y, alpha)
 
 
 def _cases(cfg: dict, device: str):

@@ -20,66 +20,33 @@ import torch
 
 import mmkernels
 from mmkernels import _tuning
-from mmkernels.bench.harness import environment, time_fn, write_results
+from mmkernels.bench.harness import cases, environment, op_module, time_fn, write_results
 
 OPS = ("frm", "modality_scores", "decision_fuse", "band_energy")
 
 
 def _cases(op: str, device: str, quick: bool) -> list[tuple[str, object]]:
-    """(description, call) pairs. A "fwd+bwd" call sweeps only the backward kernels when a forward-only twin
-    case precedes it (band_energy), and every kernel it launches otherwise (decision_fuse)."""
-    def fwd_bwd(fn, x, g):
-        def call():
-            xx = x.detach().requires_grad_()
-            torch.autograd.grad(fn(xx), xx, g)
-        return call
-
+    """(description, call) pairs: the ``mmkernels`` call of every case ``benchmarks/<op>.py`` runs on this
+    device (the quick set with ``quick``), the same cases ``python -m mmkernels bench`` times. A "fwd+bwd"
+    call sweeps only the backward kernels when a forward-only twin case precedes it (band_energy), and every
+    kernel it launches otherwise (decision_fuse)."""
+    module = op_module(op)
     out = []
-    if op == "frm":
-        shapes = [((4, 3, 32, 32), torch.float32)] if quick else \
-            [((64, 3, 112, 112), torch.float32), ((256, 3, 448, 448), torch.float32), ((64, 3, 224, 224), torch.bfloat16)]
-        for shape, dt in shapes:
-            x = torch.rand(shape, device=device).to(dt)
-            out.append((f"frm {'x'.join(map(str, shape))} {dt}", lambda x=x: mmkernels.frm(x, window=2)))
-    elif op == "modality_scores":
-        shapes = [((2, 8, 300), torch.float32)] if quick else \
-            [((2, 64, 6), torch.float32), ((3, 256, 1000), torch.float32), ((2, 4096, 8192), torch.float32),
-             ((2, 8192, 32000), torch.bfloat16)]
-        for (M, B, K), dt in shapes:
-            x = torch.randn(M, B, K, device=device).to(dt)
-            y = torch.randint(0, K, (B,), device=device)
-            out.append((f"modality_scores {M}x{B}x{K} {dt}", lambda x=x, y=y: mmkernels.modality_scores(x, y)))
-    elif op == "decision_fuse":
-        shapes = [((3, 4, 700), torch.float32)] if quick else \
-            [((3, 256, 1000), torch.float32), ((3, 4096, 32000), torch.float32), ((3, 4096, 32000), torch.bfloat16)]
-        for (M, B, K), dt in shapes:
-            x = torch.randn(M, B, K, device=device).to(dt)
-            w = torch.rand(M, K, device=device) + 0.1
-            s = torch.rand(M, device=device) + 0.5
-            g = torch.randn(B, K, device=device).to(dt)
-            out.append((f"decision_fuse {M}x{B}x{K} {dt} fwd+bwd",
-                        fwd_bwd(lambda t, w=w, s=s: mmkernels.decision_fuse(t, w, s), x, g)))
-    elif op == "band_energy":
-        cases = [((2, 4, 20, 20), [0.1], 2), ((6, 200), [0.05, 0.2], 1)] if quick else \
-            [((64, 64, 56, 56), [0.1], 2), ((64, 768, 14, 14), [0.1, 0.25], 2), ((256, 256, 28, 28), [0.1], 2),
-             ((4096, 1024), [0.05, 0.2], 1)]
-        for shape, cut, nd in cases:
-            x = torch.randn(shape, device=device)
-            g = torch.randn(*shape[: len(shape) - nd], len(cut) + 1, device=device)
-            name = f"band_energy {'x'.join(map(str, shape))} ndim={nd} cutoffs={cut}"
-            out.append((name + " fwd", lambda x=x, c=cut, n=nd: mmkernels.band_energy(x, c, ndim=n)))
-            out.append((name + " fwd+bwd", fwd_bwd(lambda t, c=cut, n=nd: mmkernels.band_energy(t, c, ndim=n), x, g)))
+    for case in cases(module, device, quick):
+        bench = module.make_impls(case, device)
+        params = "".join(f" {k}={v}" for k, v in case.params.items() if k != "backward")
+        out.append((f"{op} {case.shape_str} {case.dtype}{params} {'fwd+bwd' if case.backward else 'fwd'}", bench.ours))
     return out
 
 
 def sweep(ops, device: str, quick: bool) -> list[dict]:
     rows = []
     for op in ops:
-        cases = _cases(op, device, quick)
-        for case, call in cases:
+        op_cases = _cases(op, device, quick)
+        for case, call in op_cases:
             with _tuning.recording() as log:
                 call()
-            if case.endswith("fwd+bwd") and any(c == case[: -len("fwd+bwd")] + "fwd" for c, _ in cases):
+            if case.endswith("fwd+bwd") and any(c == case[: -len("fwd+bwd")] + "fwd" for c, _ in op_cases):
                 log = [entry for entry in log if not entry[0].endswith("_fwd")]
             for name, key, heur, cands in log:
                 base = None

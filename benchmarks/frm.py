@@ -1,0 +1,43 @@
+"""frm benchmark cases and implementations (the one definition ``bench``, the pytest-benchmark entry and the
+tuner use).
+
+Implementations: the released MWAM code path (:func:`mmkernels.bench.released.mwam_frm`, through
+``torch_dct.dct_2d`` when the ``torch-dct`` package is installed, else the same FFT algorithm transcribed;
+the row's ``released_dct`` says which); the eager PyTorch composition a user would write, which is
+``frm_ref`` (DCT as two matrix products on the patch view, corner gather, ratio, sum), and
+``torch.compile`` of it (the peers); ``mmkernels.frm``. On the CPU backend ``auto`` runs the reference
+inside the registered op. Cases: the demo's per-step shape 64×1×16×16 and MWAM's 112×112 RGB batch.
+"""
+from __future__ import annotations
+
+import torch
+
+from mmkernels.bench.harness import Bench, Case, bench_path
+
+OP = "frm"
+CASES = [
+    Case((8, 3, 32, 32), sets=frozenset({"quick"}), step=True),
+    Case((64, 1, 16, 16), sets=frozenset({"cpu", "cuda"}), step=True),
+    Case((64, 3, 112, 112), sets=frozenset({"cpu", "cuda"})),
+    Case((256, 3, 448, 448), sets=frozenset({"cuda"})),  # 616 MB of fp32: the bandwidth-bound regime
+    Case((64, 3, 224, 224), torch.bfloat16, sets=frozenset({"cuda"})),
+]
+
+
+def make_impls(case: Case, device: str) -> Bench:
+    import mmkernels
+    from mmkernels.bench.released import mwam_frm, released_dct_2d
+
+    x = torch.rand(case.shape, device=device).to(case.dtype)
+    dct_2d, which = released_dct_2d()
+    compiled = torch.compile(lambda t: mmkernels.frm_ref(t, reduction="sum"))
+    impls = {
+        "released_mwam": lambda: mwam_frm(x, dct_2d=dct_2d),
+        "frm_ref_eager": lambda: mmkernels.frm_ref(x, reduction="sum"),
+        "frm_ref_compiled": lambda: compiled(x),
+        "mmkernels.frm": lambda: mmkernels.frm(x, reduction="sum"),
+    }
+    roles = {"released_mwam": "released", "frm_ref_eager": "eager", "frm_ref_compiled": "compiled",
+             "mmkernels.frm": "ours"}
+    return Bench(impls, roles, nbytes=x.numel() * x.element_size(), bandwidth=True,
+                 extra={"released_dct": which, "backend": mmkernels.get_backend(), "path": bench_path(device)})

@@ -1,0 +1,125 @@
+"""scale_grads_ benchmark cases and implementations: GE noise on the parameter gradients of two ResNet-18
+encoders (OGM-GE's audio encoder: 1 input channel; visual: 3). The one definition ``bench`` and the
+pytest-benchmark entry use (scale_grads_ has no Triton kernel to tune).
+
+Implementations: the released OGM-GE per-parameter loop (:func:`mmkernels.bench.released.ge_modulate_`:
+``grad * coeff + N(0, std + 1e-8)`` for every 4-D gradient, one ``.item()`` each); the best
+``torch._foreach_*`` composition we could write (per-tensor ``std`` kept on the device, ``randn_like`` per
+tensor, ``_foreach_mul_`` / ``_foreach_add_``, no host sync) and ``torch.compile`` of it (the peers);
+``scale_grads_ref_`` (this library's PyTorch path, the kernels' Philox noise per tensor; CUDA only, it is
+~10× slower than the loop on the CPU); ``mmkernels.scale_grads_`` (the C++ kernel on the CPU, the
+multi-tensor CUDA kernel on CUDA). One call per encoder, coefficients 0.1 and 0.15: the work does not
+depend on their values, and the gradients' scale stays bounded over thousands of repetitions (each GE step
+multiplies the std by √(1 + k²)). Shapes are torchvision's resnet18 without the classifier.
+"""
+from __future__ import annotations
+
+import torch
+
+from mmkernels.bench.harness import Bench, Case
+
+OP = "scale_grads"
+
+
+def resnet18_param_shapes(in_channels: int, width: int = 64) -> list[tuple[int, ...]]:
+    """(shape of every parameter) of a ResNet-18 encoder: conv1 7x7/2, bn1, 4 stages of 2 BasicBlocks."""
+    shapes = [(width, in_channels, 7, 7), (width,), (width,)]
+    cin = width
+    for stage in range(4):
+        cout = width * 2**stage
+        for block in range(2):
+            shapes += [(cout, cin, 3, 3), (cout,), (cout,), (cout, cout, 3, 3), (cout,), (cout,)]
+            if block == 0 and stage > 0:  # 1x1 projection shortcut + its bn
+                shapes += [(cout, cin, 1, 1), (cout,), (cout,)]
+            cin = cout
+    return shapes
+
+
+def _conv_shapes(width: int) -> list:
+    return [s for cin in (1, 3) for s in resnet18_param_shapes(cin, width) if len(s) == 4]
+
+
+def _case(width: int, dtype, sets, step=True) -> Case:
+    shapes = _conv_shapes(width)
+    n = sum(torch.Size(s).numel() for s in shapes)
+    label = f"2x resnet18 w{width} {str(dtype).replace('torch.', '')} ({len(shapes)} conv grads, {n / 1e6:.1f}M)"
+    return Case((n,), dtype, params={"width": width}, sets=frozenset(sets), step=step, label=label)
+
+
+CASES = [
+    _case(16, torch.float32, {"quick"}),
+    _case(64, torch.float32, {"cpu", "cuda"}),
+    _case(64, torch.bfloat16, {"cuda"}),
+]
+
+
+def foreach_ge(grads, coeff):
+    stds = [g.std() + 1e-8 for g in grads]
+    noise = [torch.randn_like(g) for g in grads]
+    torch._foreach_mul_(noise, stds)
+    torch._foreach_mul_(grads, coeff)
+    torch._foreach_add_(grads, noise)
+
+
+def make_impls(case: Case, device: str) -> Bench:
+    import mmkernels
+    from mmkernels.bench.released import ge_modulate_
+
+    width, dtype = case.params["width"], case.dtype
+    encoders = {}
+    for name, cin in (("audio", 1), ("visual", 3)):
+        params = []
+        for s in resnet18_param_shapes(cin, width):
+            p = torch.nn.Parameter(torch.empty(s, device=device, dtype=dtype))
+            p.grad = torch.randn(s, device=device, dtype=dtype) * 1e-3
+            params.append(p)
+        encoders[name] = params
+    coeffs = {"audio": 0.1, "visual": 0.15}
+    coeff_t = {k: torch.tensor(v, device=device) for k, v in coeffs.items()}
+    gen = torch.Generator(device=device).manual_seed(0)
+
+    def conv_grads(name):
+        return [p.grad for p in encoders[name] if p.grad.dim() == 4]
+
+    def released():
+        for name in encoders:
+            ge_modulate_(encoders[name], coeffs[name])
+
+    def foreach():
+        for name in encoders:
+            foreach_ge(conv_grads(name), coeff_t[name])
+
+    compiled_foreach = torch.compile(foreach_ge)
+
+    def foreach_compiled():
+        for name in encoders:
+            compiled_foreach(conv_grads(name), coeff_t[name])
+
+    def ref():
+        for name in encoders:
+            mmkernels.scale_grads_ref_(conv_grads(name), coeff_t[name], noise="ge", generator=gen)
+
+    def ours():
+        for name in encoders:
+            mmkernels.scale_grads_(conv_grads(name), coeff_t[name], noise="ge", generator=gen)
+
+    impls = {"released_loop": released, "foreach": foreach, "foreach_compiled": foreach_compiled}
+    roles = {"released_loop": "released", "foreach": "eager", "foreach_compiled": "compiled"}
+    if device == "cuda":
+        impls["scale_grads_ref_"], roles["scale_grads_ref_"] = ref, "ref"
+    impls["mmkernels.scale_grads_"], roles["mmkernels.scale_grads_"] = ours, "ours"
+    n = sum(g.numel() for name in encoders for g in conv_grads(name))
+    nt = sum(len(conv_grads(name)) for name in encoders)
+    elem = torch.empty((), dtype=dtype).element_size()
+    return Bench(impls, roles, nbytes=2 * n * elem,  # read once + write once: the least any implementation moves
+                 bandwidth=True, extra={"tensors": nt, "elements": n, "threads": torch.get_num_threads(),
+                                        "noise": "ge", "path": "extension" if _has_ext() else "reference"})
+
+
+def _has_ext() -> bool:
+    try:
+        from mmkernels import _ext
+
+        return _ext.load() is not None
+    except Exception:  # noqa: BLE001 - only labels the row
+        return False
