@@ -1,6 +1,5 @@
 """Balancers (SPEC §4) in real training steps: which gradients get which coefficient, in both modes, with
 masks, epoch windows, M = 3, accumulation, resume, compile, AMP and bad input."""
-import importlib.util
 import math
 
 import pytest
@@ -12,8 +11,6 @@ from mmkernels import policies as P
 from mmkernels.balance import MWAM, OGMGE, PDMP, DecisionLevel, masked_unimodal_logits, split_linear_head, \
     unimodal_performance
 
-HAS_SCALE_GRADS = importlib.util.find_spec("mmkernels.ops.scale_grads") is not None
-needs_scale_grads = pytest.mark.skipif(not HAS_SCALE_GRADS, reason="mmkernels.ops.scale_grads not built yet")
 K = 5
 NAMES = ("audio", "visual", "depth")
 
@@ -211,7 +208,6 @@ def test_labels_ignore_index():
     assert bal.stats["counts"].tolist() == [8.0, 8.0]
 
 
-@needs_scale_grads
 @pytest.mark.parametrize("params", ["conv", "all"])
 def test_ogmge_parameter_mode_without_noise(params):
     model = Net(scale=(3.0, 1.0))
@@ -229,7 +225,6 @@ def test_ogmge_parameter_mode_without_noise(params):
     _check_scaled(model, g0, _grads(model), k.tolist(), model.names, which)
 
 
-@needs_scale_grads
 def test_ogmge_parameter_mode_ge_noise_reproducible_and_resumable():
     torch.manual_seed(0)
     model = Net(scale=(3.0, 1.0))
@@ -274,7 +269,6 @@ def test_ogmge_parameter_mode_ge_noise_reproducible_and_resumable():
     assert not torch.equal(run(d, 1)[0]["encoders.audio.0.weight"], ra[0]["encoders.audio.0.weight"])
 
 
-@needs_scale_grads
 def test_ogmge_parameter_mode_accumulation_sums_statistics():
     model = Net(scale=(3.0, 1.0))
     inputs, y = _batch(B=12)
@@ -560,7 +554,6 @@ def test_activation_mode_under_cpu_autocast_bf16():
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
 
 
-@needs_scale_grads
 def test_parameter_mode_with_grad_scaler_unscale_first():
     model = Net(scale=(3.0, 1.0))
     inputs, y = _batch()

@@ -37,11 +37,11 @@ Helpers: :func:`split_linear_head` (per-modality logits of a concat/sum linear h
 OGM-GE decomposition), :func:`masked_unimodal_logits` (for non-linear heads: forward with the other
 modalities zeroed), :func:`unimodal_performance` (PDMP's input measured on a validation loader).
 """
-from mmkernels.balance.base import Balancer, masked_unimodal_logits, split_linear_head
+from mmkernels.balance.base import Balancer, BalancerFallbackWarning, masked_unimodal_logits, split_linear_head
 from mmkernels.balance.decision import DecisionLevel
 from mmkernels.balance.mwam import MWAM
 from mmkernels.balance.ogm_ge import OGMGE
 from mmkernels.balance.pdmp import PDMP, unimodal_performance
 
-__all__ = ["Balancer", "OGMGE", "PDMP", "MWAM", "DecisionLevel", "split_linear_head", "masked_unimodal_logits",
+__all__ = ["Balancer", "BalancerFallbackWarning", "OGMGE", "PDMP", "MWAM", "DecisionLevel", "split_linear_head", "masked_unimodal_logits",
            "unimodal_performance"]

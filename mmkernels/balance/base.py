@@ -17,6 +17,28 @@ Usage contract (three added lines)::
     loss.backward()
     bal.after_backward()                                              # 3. after backward, before opt.step()
 
+Call order (what happens when the loop deviates; tested in ``tests/test_bad_input.py``):
+
+- ``step()`` arms the balancer, ``after_backward()`` disarms it. This flag is how "a new backward
+  happened" is told apart without reading any tensor on the host: the user's order step → backward →
+  after_backward is the only one in which gradients that ``step()`` measured are waiting.
+- ``after_backward()`` before any ``step()``, or a second ``after_backward()`` without a ``step()`` in
+  between: a **documented no-op** (returns None; no gradient is scaled, no GE noise drawn, the generator
+  does not advance). Parameter mode therefore never scales a gradient twice (k²) or adds noise twice.
+- ``step()`` twice before one backward: **allowed**, not an error. Activation mode: the backward reads the
+  coefficients in force when it runs, i.e. those of the latest ``step()``. Parameter mode: the statistics
+  of both calls are summed into one accumulation window (as for gradient accumulation), and the single
+  ``after_backward()`` applies the coefficient of that window once.
+- A failed call (an argument rejected) changes nothing: arguments are all checked before any coefficient,
+  statistic, EMA, counter, generator or gradient is touched, so the call can be repeated once fixed.
+
+Fallbacks are visible: where a statistic is undefined (NaN/Inf, a zero score, every sample of a modality
+masked out) the documented coefficient is 1, ``stats["fallback"]`` (``(M,)`` bool) marks the modalities it
+hit in that step, and the balancer warns once (:class:`BalancerFallbackWarning`; silence it with
+``warnings.filterwarnings("ignore", category=BalancerFallbackWarning)``). On CPU the warning comes in the
+step itself; on CUDA the flag is copied to pinned host memory without blocking and the warning comes from a
+later ``step()`` once that copy has landed (no host synchronisation).
+
 AMP: activation mode needs nothing (gradient scaling is linear). In parameter mode call
 ``scaler.unscale_(opt)`` before ``after_backward()`` so GE noise is drawn from the true gradient's std;
 non-finite gradients are left untouched by :func:`mmkernels.scale_grads_`, so the scaler still sees and
@@ -48,16 +70,118 @@ per full parameter, so it differs from the unsharded released semantics (unteste
 """
 from __future__ import annotations
 
+import numbers
+import warnings
 from typing import Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
+
+from mmkernels._common import FLOAT_DTYPES, check_mask
+from mmkernels.policies import _number
 
 _MODES = ("activation", "parameter", "update")
 #: modes whose coefficient is applied once per optimizer step (statistics of a gradient-accumulation window are
 #: summed, so the coefficient equals the one a single large batch would give)
 _PER_STEP_MODES = ("parameter", "update")
 _PARAMS = ("all", "conv")
+
+
+class BalancerFallbackWarning(UserWarning):
+    """A balancer's statistics were undefined and its coefficients fell back to 1 (shown once per balancer)."""
+
+
+class _FallbackMonitor:
+    """Warns once when ``stats["fallback"]`` was set, without a host synchronisation on CUDA.
+
+    CPU: the flag is read at once. CUDA: an ``ever fell back`` flag is OR-accumulated on the device, copied
+    to pinned host memory with ``non_blocking=True`` and an event recorded; a later call reads the host copy
+    only once ``event.query()`` says it has landed (a non-blocking query)."""
+
+    def __init__(self):
+        self.warned = False
+        self._ever: torch.Tensor | None = None
+        self._pending = None
+
+    def observe(self, owner: "Balancer", fallback: torch.Tensor, stacklevel: int = 4) -> None:
+        """``stacklevel``: frames from here to the user's call (``step()`` → ``_finish`` → here: 4)."""
+        if self.warned or torch.compiler.is_compiling():
+            return
+        if fallback.device.type != "cuda":
+            if bool(fallback.any()):
+                self._warn(owner, [n for n, f in zip(owner.names, fallback.tolist()) if f], stacklevel)
+            return
+        now = fallback.any()
+        self._ever = now if self._ever is None else self._ever | now
+        if self._pending is not None and self._pending[1].query():
+            host, self._pending = self._pending[0], None
+            if bool(host):
+                self._warn(owner, None, stacklevel)
+                return
+        if self._pending is None:
+            host = torch.empty((), dtype=torch.bool, pin_memory=True)
+            host.copy_(self._ever, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            self._pending = (host, event)
+
+    def _warn(self, owner: "Balancer", names, stacklevel: int) -> None:
+        self.warned = True
+        which = f"modalities {names}" if names is not None else "some modality"
+        warnings.warn(f"{type(owner).__name__}: the statistics of {which} were undefined (NaN/Inf, a zero score, "
+                      f"or every sample masked out) by step {owner.num_steps}; their coefficients fell back to 1 (no "
+                      "modulation). stats['fallback'] flags it per step; this warning is shown once per balancer "
+                      "(silence it: warnings.filterwarnings('ignore', category=mmkernels.balance."
+                      "BalancerFallbackWarning))", BalancerFallbackWarning, stacklevel=stacklevel + 1)
+
+
+def _check_epoch(fn: str, epoch) -> None:
+    if epoch is not None and (isinstance(epoch, bool) or not isinstance(epoch, numbers.Integral)):
+        raise TypeError(f"{fn}: epoch must be an int or None (None: modulation active), got "
+                        f"{type(epoch).__name__} {epoch!r}; pass int(epoch)")
+
+
+def _overlapping(t: torch.Tensor) -> bool:
+    """Whether two elements of ``t`` may share memory (an expanded view): in-place scaling would be wrong."""
+    dims = sorted((st, sz) for st, sz in zip(t.stride(), t.shape) if sz > 1)
+    span = 1
+    for st, sz in dims:
+        if st < span:
+            return True
+        span = st * sz
+    return False
+
+
+def _state_tensor(fn: str, state: Mapping, key: str, shape: tuple, *, optional: bool = False,
+                  finite: bool = True) -> torch.Tensor | None:
+    """A float32 tensor of ``shape`` from a state dict (None allowed if ``optional``), checked, not copied."""
+    v = state[key]
+    if v is None and optional:
+        return None
+    if not isinstance(v, torch.Tensor):
+        raise TypeError(f"{fn}: state[{key!r}] must be a tensor{' or None' if optional else ''}, got "
+                        f"{type(v).__name__}")
+    if v.dtype != torch.float32:
+        raise TypeError(f"{fn}: state[{key!r}] must be float32, got {v.dtype}")
+    if tuple(v.shape) != tuple(shape):
+        raise ValueError(f"{fn}: state[{key!r}] has shape {tuple(v.shape)}, this balancer needs {tuple(shape)}")
+    if finite and not bool(torch.isfinite(v).all()):
+        raise ValueError(f"{fn}: state[{key!r}] holds NaN/Inf; it was not written by state_dict()")
+    return v
+
+
+def _state_int(fn: str, state: Mapping, key: str) -> int:
+    v = state[key]
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 0:
+        raise ValueError(f"{fn}: state[{key!r}] must be an int >= 0, got {v!r}")
+    return int(v)
+
+
+def _state_bool(fn: str, state: Mapping, key: str) -> bool:
+    v = state[key]
+    if not isinstance(v, bool):
+        raise TypeError(f"{fn}: state[{key!r}] must be a bool, got {type(v).__name__} {v!r}")
+    return v
 
 
 def _dist_ready(sync) -> bool:
@@ -155,9 +279,26 @@ class Balancer:
                              "the modulation runs in its step hooks")
         if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer or None, got {type(optimizer).__name__}")
+        if not (isinstance(epochs, (tuple, list)) and len(epochs) == 2):
+            raise TypeError(f"epochs must be a pair (start, stop) of ints (stop may be None: no end), got "
+                            f"{type(epochs).__name__} {epochs!r}; e.g. epochs=(0, 50)")
         start, stop = epochs
+        for what, v in (("start", start), ("stop", stop)):
+            if (v is not None or what == "start") and (isinstance(v, bool) or not isinstance(v, numbers.Integral)):
+                raise TypeError(f"epochs=(start, stop) needs int {what}{'' if what == 'start' else ' or None'}, "
+                                f"got {epochs!r}")
         if stop is not None and stop <= start:
             raise ValueError(f"epochs=(start, stop) needs stop > start, got {epochs}")
+        if not (sync == "auto" or isinstance(sync, bool)):
+            raise ValueError(f"sync must be 'auto' or a bool, got {sync!r}")
+        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+            raise TypeError(f"seed must be an int, got {type(seed).__name__} {seed!r}")
+        if device is not None and not isinstance(device, (str, torch.device)):
+            raise TypeError(f"device must be a torch.device, a string or None, got {type(device).__name__}")
+        if self.modulates_gradients and mode == "activation":
+            absent = [n for n, mod in modules.items() if mod is None]
+            if absent:  # checked before any hook is installed on the other encoders
+                raise ValueError(f"mode='activation' needs an encoder module for modality {absent[0]!r}")
         self.names: tuple[str, ...] = names
         self.encoders = modules
         self.mode = mode
@@ -177,6 +318,8 @@ class Balancer:
         self.stats: dict[str, torch.Tensor] = {}
         self.num_steps = 0
         self._active = True
+        self._armed = False  # set by step(), cleared by after_backward(): see "Call order" above
+        self._fallback_monitor = _FallbackMonitor()
         self._warned_adaptive = False
         self._update = None
         self._adaptive_watch = None
@@ -225,6 +368,7 @@ class Balancer:
 
     def active(self, epoch: int | None) -> bool:
         """Whether modulation is on at ``epoch`` (``start <= epoch < stop``; ``None``: always)."""
+        _check_epoch(f"{type(self).__name__}.active", epoch)
         if epoch is None:
             return True
         start, stop = self.epochs
@@ -242,16 +386,19 @@ class Balancer:
         nothing to do (the optimizer's step hooks modulate the update and end the window)."""
         if self.mode == "update":
             return None
+        if not self._armed:  # before any step(), or a second call in one window: a documented no-op
+            return None
+        work = []
+        if self.modulates_gradients and self.mode == "parameter" and self._active:
+            work = self._parameter_gradients()  # every gradient of every modality checked before any is scaled
+        self._armed = False
         self._end_accumulation()
-        if not self.modulates_gradients or self.mode != "parameter" or not self._active:
+        if not work:
             return None
         import mmkernels
 
         flags = []
-        for name, k in zip(self.names, self._k):
-            grads = [p.grad for p in self._selected_parameters(name) if p.grad is not None]
-            if not grads:
-                continue
+        for k, grads in work:
             gen = self._noise_generator(grads[0].device) if self.noise else None
             flags.append(mmkernels.scale_grads_(grads, k, noise=self.noise, generator=gen))
         if not flags:
@@ -259,6 +406,40 @@ class Balancer:
         flag = torch.stack([f.any() for f in flags]).any()  # per-tensor flags -> one 0-d bool
         self.stats["nonfinite_grads"] = flag
         return flag
+
+    def _parameter_gradients(self) -> list[tuple[torch.Tensor, list[torch.Tensor]]]:
+        """``[(k_m, gradients of modality m)]`` for parameter mode, after checking every gradient."""
+        fn = f"{type(self).__name__}.after_backward"
+        work, device = [], None
+        for name, k in zip(self.names, self._k):
+            grads = []
+            for i, p in enumerate(self._selected_parameters(name)):
+                g = p.grad
+                if g is None:
+                    continue
+                where = f"the gradient of parameter {i} of encoders[{name!r}] (shape {tuple(p.shape)})"
+                if g.layout != torch.strided:
+                    raise TypeError(f"{fn}: {where} is {g.layout}; parameter mode scales dense gradients in place: "
+                                    "use a dense gradient (e.g. nn.Embedding(sparse=False)) or mode='activation'")
+                if g.dtype not in FLOAT_DTYPES:
+                    raise TypeError(f"{fn}: {where} has dtype {g.dtype}; parameter mode supports float16/bfloat16/"
+                                    "float32/float64 gradients; use mode='activation' for other parameters")
+                if _overlapping(g):
+                    raise ValueError(f"{fn}: {where} is an expanded view (elements share memory, strides "
+                                     f"{g.stride()}); in-place scaling would scale shared elements repeatedly: "
+                                     "give the parameter its own gradient (p.grad = p.grad.clone())")
+                if device is None:
+                    device = g.device
+                elif g.device != device:
+                    raise ValueError(f"{fn}: {where} is on {g.device}, other gradients on {device}; keep the "
+                                     "encoders on one device")
+                grads.append(g)
+            if grads:
+                if k.device != device:
+                    raise ValueError(f"{fn}: the coefficients are on {k.device} but the gradients on {device}; call "
+                                     f"balancer.to({str(device)!r}) after moving the model")
+                work.append((k, grads))
+        return work
 
     def remove(self) -> None:
         """Remove the forward hooks installed in activation mode (the balancer stops modulating)."""
@@ -276,31 +457,65 @@ class Balancer:
     def state_dict(self) -> dict:
         """Everything needed for a resumed run to reproduce coefficients and noise bit for bit."""
         return {
+            "method": type(self).__name__,
             "names": list(self.names),
             "num_steps": self.num_steps,
             "coefficients": self.coefficient_tensor.detach().cpu(),
             "generator": None if self._generator is None else self._generator.get_state(),
             "active": self._active,
+            "armed": self._armed,
             **self._extra_state(),
         }
 
-    def load_state_dict(self, state: dict) -> None:
-        if list(state["names"]) != list(self.names):
-            raise ValueError(f"state_dict is for modalities {state['names']}, this balancer has {list(self.names)}")
-        self.num_steps = int(state["num_steps"])
-        self._set_coefficients(state["coefficients"].to(self._device))
-        self._active = bool(state.get("active", True))
-        if state.get("generator") is not None:
-            self._generator = torch.Generator(device=self._device)
-            self._generator.set_state(state["generator"])
-        else:
-            self._generator = None
-        self._load_extra_state(state)
+    def load_state_dict(self, state: Mapping) -> None:
+        """Restore :meth:`state_dict`. Everything is checked first (the method, modality names, every
+        tensor's shape and dtype, counters, the generator state); a rejected state changes nothing."""
+        fn = f"{type(self).__name__}.load_state_dict"
+        if not isinstance(state, Mapping):
+            raise TypeError(f"{fn}: state must be the dict returned by state_dict(), got {type(state).__name__}")
+        missing = [key for key in self.state_dict() if key not in state]
+        if missing:
+            raise ValueError(f"{fn}: state is missing keys {missing}; pass the dict returned by "
+                             f"{type(self).__name__}.state_dict()")
+        if state["method"] != type(self).__name__:
+            raise ValueError(f"{fn}: state was written by {state['method']!r}, not {type(self).__name__!r}; load it "
+                             f"into a {state['method']}")
+        names = state["names"]
+        if not isinstance(names, (list, tuple)) or list(names) != list(self.names):
+            raise ValueError(f"state_dict is for modalities {names}, this balancer has {list(self.names)}")
+        num_steps = _state_int(fn, state, "num_steps")
+        coefficients = _state_tensor(fn, state, "coefficients", (self.num_modalities,))
+        active = _state_bool(fn, state, "active")
+        armed = _state_bool(fn, state, "armed")
+        generator = None
+        if state["generator"] is not None:
+            g = state["generator"]
+            if not isinstance(g, torch.Tensor) or g.dtype != torch.uint8:
+                raise TypeError(f"{fn}: state['generator'] must be a uint8 tensor (Generator.get_state()) or None, "
+                                f"got {getattr(g, 'dtype', type(g).__name__)}")
+            generator = torch.Generator(device=self._device)
+            try:
+                generator.set_state(g)
+            except RuntimeError as e:
+                raise ValueError(f"{fn}: state['generator'] is not a {self._device.type} generator state "
+                                 f"({e})") from None
+        extra = self._check_extra_state(fn, state)
+        # everything checked: load
+        self.num_steps = num_steps
+        self._set_coefficients(coefficients.to(self._device))
+        self._active = active
+        self._armed = armed
+        self._generator = generator
+        self._load_extra_state(extra)
 
     def _extra_state(self) -> dict:
         return {}
 
-    def _load_extra_state(self, state: dict) -> None:
+    def _check_extra_state(self, fn: str, state: Mapping) -> dict:
+        """Check the method's own entries of ``state`` (raise, change nothing); return what to load."""
+        return {}
+
+    def _load_extra_state(self, checked: dict) -> None:
         pass
 
     # ----------------------------------------------------------------------------------------------------
@@ -341,16 +556,24 @@ class Balancer:
         with torch.no_grad():
             torch._foreach_copy_(self._k, list(k.unbind(0)))
 
-    def _finish(self, k: torch.Tensor, epoch: int | None) -> torch.Tensor:
-        """Common end of ``step()``: window, non-finite fallback (coefficient 1), store, count."""
+    def _finish(self, k: torch.Tensor, epoch: int | None, fallback: torch.Tensor | None = None) -> torch.Tensor:
+        """Common end of ``step()`` (its arguments already checked): window, non-finite fallback (coefficient
+        1, flagged in ``stats["fallback"]`` and warned once), store, count, arm ``after_backward()``."""
         self._active = self.active(epoch)
         k = k.detach().to(torch.float32)
+        # documented safe fallback: a non-finite coefficient (NaN statistics) becomes 1, never reaches a gradient
+        bad = ~torch.isfinite(k)
+        fallback = bad if fallback is None else fallback.to(k.device) | bad
         if not self._active:
             k = torch.ones_like(k)
-        # documented safe fallback: a non-finite coefficient (NaN statistics) becomes 1, never reaches a gradient
-        k = torch.where(torch.isfinite(k), k, torch.ones_like(k))
+            fallback = torch.zeros_like(fallback)  # 1 because of the epoch window, not a fallback
+        else:
+            k = torch.where(bad, torch.ones_like(k), k)
+        self.stats["fallback"] = fallback
         self._set_coefficients(k)
         self.num_steps += 1
+        self._armed = True
+        self._fallback_monitor.observe(self, fallback, stacklevel=4)
         return k
 
     def _all_reduce(self, t: torch.Tensor) -> torch.Tensor:
@@ -377,18 +600,33 @@ class Balancer:
             raise ValueError(f"{what} is missing modalities {missing}; give a tensor for every one of "
                              f"{list(self.names)} (use mask= for samples where a modality is absent)")
 
-    def _mask_tensor(self, mask, batch: int, device) -> torch.Tensor | None:
-        """Accept ``mask`` as ``(B, M)`` tensor or ``{name: (B,) bool}``; returns ``(B, M)`` or None."""
+    def _mask_tensor(self, mask, batch: int, device, fn: str | None = None) -> torch.Tensor | None:
+        """Accept ``mask`` as ``(B, M)`` tensor or ``{name: (B,) bool}``; returns ``(B, M)`` or None.
+        Only checks and stacks (no value is read), so it is safe before any state changes."""
         if mask is None:
             return None
+        fn = fn or f"{type(self).__name__}.step"
         if isinstance(mask, Mapping):
             self._check_names(mask, "mask")
-            mask = torch.stack([torch.as_tensor(mask[n], device=device) for n in self.names], dim=1)
-        if not isinstance(mask, torch.Tensor) or mask.shape != (batch, self.num_modalities):
-            shape = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+            for n in self.names:
+                col = mask[n]
+                if not isinstance(col, torch.Tensor):
+                    raise TypeError(f"{fn}: mask[{n!r}] must be a (B,) bool tensor, got {type(col).__name__}")
+                if tuple(col.shape) != (batch,):
+                    raise ValueError(f"{fn}: mask[{n!r}] must have shape (B,) = ({batch},), got {tuple(col.shape)}")
+                if col.dtype != mask[self.names[0]].dtype:
+                    raise TypeError(f"{fn}: every mask[name] must share one dtype; mask[{self.names[0]!r}] is "
+                                    f"{mask[self.names[0]].dtype}, mask[{n!r}] is {col.dtype}")
+                if col.device != device:
+                    raise ValueError(f"{fn}: mask[{n!r}] is on {col.device} but the inputs are on {device}; move it")
+            mask = torch.stack([mask[n] for n in self.names], dim=1)
+        if not isinstance(mask, torch.Tensor):
+            raise TypeError(f"{fn}: mask must be (B, M) = ({batch}, {self.num_modalities}) tensor, a "
+                            f"{{name: (B,) bool}} dict or None, got {type(mask).__name__}")
+        if mask.shape != (batch, self.num_modalities):
             raise ValueError(f"mask must be (B, M) = ({batch}, {self.num_modalities}) with columns in the order "
-                             f"{list(self.names)}, got {shape}")
-        return mask
+                             f"{list(self.names)}, got {tuple(mask.shape)}")
+        return check_mask(fn, mask, batch, self.num_modalities, device)
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(names={list(self.names)}, mode={self.mode!r}"
@@ -415,29 +653,46 @@ def split_linear_head(head: nn.Linear, features: Mapping[str, torch.Tensor], fus
     if not isinstance(head, nn.Linear):
         raise TypeError(f"head must be an nn.Linear, got {type(head).__name__}; for a non-linear head use "
                         "masked_unimodal_logits")
+    if fusion not in ("concat", "sum"):
+        raise ValueError(f"split_linear_head: fusion must be 'concat' or 'sum', got {fusion!r}")
+    _check_features("split_linear_head", features)
     M = len(features)
-    if M < 1:
-        raise ValueError("features must hold at least one modality")
+    widths = [h.shape[-1] for h in features.values()]
+    if fusion == "concat" and sum(widths) != head.in_features:
+        raise ValueError(f"concat head has in_features={head.in_features} but the feature widths "
+                         f"{dict(zip(features, widths))} sum to {sum(widths)}")
+    if fusion == "sum":
+        for name, d in zip(features, widths):
+            if d != head.in_features:
+                raise ValueError(f"sum head has in_features={head.in_features}, features[{name!r}] has width {d}")
     bias = None if head.bias is None else head.bias / M
     out = {}
-    if fusion == "concat":
-        widths = [h.shape[-1] for h in features.values()]
-        if sum(widths) != head.in_features:
-            raise ValueError(f"concat head has in_features={head.in_features} but the feature widths "
-                             f"{dict(zip(features, widths))} sum to {sum(widths)}")
-        offset = 0
-        for (name, h), d in zip(features.items(), widths):
-            out[name] = nn.functional.linear(h, head.weight[:, offset:offset + d], bias)
-            offset += d
-    elif fusion == "sum":
-        for name, h in features.items():
-            if h.shape[-1] != head.in_features:
-                raise ValueError(f"sum head has in_features={head.in_features}, features[{name!r}] has width "
-                                 f"{h.shape[-1]}")
-            out[name] = nn.functional.linear(h, head.weight, bias)
-    else:
-        raise ValueError(f"fusion must be 'concat' or 'sum', got {fusion!r}")
+    offset = 0
+    for (name, h), d in zip(features.items(), widths):
+        weight = head.weight[:, offset:offset + d] if fusion == "concat" else head.weight
+        out[name] = nn.functional.linear(h, weight, bias)
+        offset += d
     return out
+
+
+def _check_features(fn: str, features) -> None:
+    if not isinstance(features, Mapping):
+        raise TypeError(f"{fn}: features must be a dict {{modality name: (B, D) tensor}}, got "
+                        f"{type(features).__name__}; e.g. {{'audio': h_a, 'visual': h_v}}")
+    if len(features) < 1:
+        raise ValueError(f"{fn}: features must hold at least one modality")
+    first = None
+    for name, h in features.items():
+        if not isinstance(h, torch.Tensor):
+            raise TypeError(f"{fn}: features[{name!r}] must be a tensor, got {type(h).__name__}")
+        if h.dim() < 1:
+            raise ValueError(f"{fn}: features[{name!r}] must have a feature dimension, got a 0-d tensor")
+        if first is None:
+            first = (name, h)
+        elif h.shape[:-1] != first[1].shape[:-1] or h.device != first[1].device:
+            raise ValueError(f"{fn}: every feature tensor must share the batch shape and device; "
+                             f"features[{first[0]!r}] is {tuple(first[1].shape)} on {first[1].device}, "
+                             f"features[{name!r}] is {tuple(h.shape)} on {h.device}")
 
 
 def masked_unimodal_logits(head_fn, features: Mapping[str, torch.Tensor], fill: float = 0.0
@@ -447,8 +702,17 @@ def masked_unimodal_logits(head_fn, features: Mapping[str, torch.Tensor], fill: 
     ``head_fn`` takes a dict ``{name: features}`` (same keys as ``features``) and returns ``(B, K)`` logits.
     Costs one head forward per modality; call under ``torch.no_grad()`` when the logits only feed scores.
     """
+    fn = "masked_unimodal_logits"
+    if not callable(head_fn):
+        raise TypeError(f"{fn}: head_fn must be callable (dict of features -> (B, K) logits), got "
+                        f"{type(head_fn).__name__}")
+    _check_features(fn, features)
+    fill = _number(fn, "fill", fill)
     out = {}
     for name in features:
         masked = {n: (h if n == name else torch.full_like(h, fill)) for n, h in features.items()}
-        out[name] = head_fn(masked)
+        logits = head_fn(masked)
+        if not isinstance(logits, torch.Tensor):
+            raise TypeError(f"{fn}: head_fn must return a (B, K) logits tensor, returned {type(logits).__name__}")
+        out[name] = logits
     return out

@@ -8,7 +8,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from mmkernels import policies
-from mmkernels.balance.base import Balancer
+from mmkernels.balance.base import Balancer, _check_epoch, _state_tensor
+from mmkernels.policies import _number
 
 _APPLY = ("gradient", "loss", "both")
 
@@ -58,13 +59,34 @@ class MWAM(Balancer):
         for key, val in (("alpha", alpha), ("beta", beta), ("lam", lam), ("gamma", gamma), ("warm_start", warm_start)):
             if val is not None:
                 hp[key] = val
-        if not 0 <= omega < 1:
-            raise ValueError(f"omega must be in [0, 1), got {omega}")
+        fn = "MWAM"
+        hp["alpha"], hp["beta"], hp["lam"], hp["gamma"], sigma = policies._check_mwam_hparams(
+            fn, hp["alpha"], hp["beta"], hp["lam"], hp["gamma"], sigma)
+        if hp["warm_start"] not in ("code", "paper"):
+            raise ValueError(f"{fn}: warm_start must be 'code' or 'paper', got {hp['warm_start']!r}")
+        omega = policies._check_omega(fn, omega)
+        for name, v, lo in (("patch_size", patch_size, 2), ("window", window, 1)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+                raise ValueError(f"{fn}: {name} must be an int >= {lo}, got {v!r}")
+        if window > patch_size // 2:
+            raise ValueError(f"{fn}: window must be <= patch_size // 2 = {patch_size // 2} (the low and high q×q "
+                             f"blocks of a patch must not overlap), got {window}")
+        frm_eps = _number(fn, "frm_eps", frm_eps, lo=0.0)
+        names = list(encoders) if isinstance(encoders, (Mapping, list, tuple)) else []
+        if statistic is not None and not isinstance(statistic, Mapping):
+            raise TypeError(f"{fn}: statistic must be a dict {{modality name: fn(x) -> (B,) or 0-d}} or None, got "
+                            f"{type(statistic).__name__}")
+        for key, f in (statistic or {}).items():
+            if key not in names:
+                raise ValueError(f"{fn}: statistic has a key {key!r} that names no modality; the modalities are {names}")
+            if not callable(f):
+                raise TypeError(f"{fn}: statistic[{key!r}] must be callable (x -> (B,) per-sample values or a 0-d sum), "
+                                f"got {type(f).__name__}")
         self.apply = apply
         self.preset = preset
         self.hparams = hp
-        self.omega = float(omega)
-        self.patch_size, self.window, self.frm_eps, self.sigma = int(patch_size), int(window), float(frm_eps), float(sigma)
+        self.omega = omega
+        self.patch_size, self.window, self.frm_eps, self.sigma = patch_size, window, frm_eps, sigma
         self.modulates_gradients = apply != "loss"
         self.statistic = dict(statistic or {})
         self.bank: torch.Tensor | None = None
@@ -90,28 +112,53 @@ class MWAM(Balancer):
         """
         import mmkernels
 
+        fn = "MWAM.step"
+        _check_epoch(fn, epoch)
         self._check_names(inputs, "inputs")
         xs = [inputs[n] for n in self.names]
-        mask_t = self._mask_tensor(mask, xs[0].shape[0], xs[0].device)
+        for name, x in zip(self.names, xs):
+            if not isinstance(x, torch.Tensor):
+                raise TypeError(f"{fn}: inputs[{name!r}] must be a tensor, got {type(x).__name__}")
+            if x.dim() < 1 or x.shape[0] != xs[0].shape[0] or x.device != xs[0].device:
+                raise ValueError(f"{fn}: every input must have the same batch size and device; inputs"
+                                 f"[{self.names[0]!r}] is {tuple(xs[0].shape)} on {xs[0].device}, inputs[{name!r}] is "
+                                 f"{tuple(x.shape)} on {x.device}")
+        B = xs[0].shape[0]
+        mask_t = self._mask_tensor(mask, B, xs[0].device, fn)
+        # everything below computes into locals; the state (bank, weights, coefficients, stats) is written at
+        # the end, so a statistic that raises or has the wrong shape leaves it as it was
         sums = []
         for m, (name, x) in enumerate(zip(self.names, xs)):
             x = x.detach()
-            fn = self.statistic.get(name)
-            if fn is not None:
-                f = fn(x)
+            stat_fn = self.statistic.get(name)
+            if stat_fn is not None:
+                f = stat_fn(x)
+                if not isinstance(f, torch.Tensor) or not (f.dim() == 0 or tuple(f.shape) == (B,)):
+                    got = tuple(f.shape) if isinstance(f, torch.Tensor) else type(f).__name__
+                    raise ValueError(f"{fn}: statistic[{name!r}] must return per-sample values (B,) = ({B},) or a "
+                                     f"0-d sum, returned {got}")
+                if f.dtype == torch.bool or f.is_complex():
+                    raise TypeError(f"{fn}: statistic[{name!r}] must return real values, returned {f.dtype}")
+                if f.dim() == 0 and mask_t is not None:
+                    raise ValueError(f"{fn}: statistic[{name!r}] returned a 0-d sum but mask= is given; return "
+                                     "per-sample values (B,) so missing samples can be left out")
             else:
                 f = mmkernels.frm(x, patch_size=self.patch_size, window=self.window, eps=self.frm_eps,
                                   reduction="none" if mask_t is not None else "sum")
             if f.dim() == 1 and mask_t is not None:
-                f = f * (mask_t[:, m] != 0).to(f.dtype)
+                # selection, not multiplication: a masked-out sample's inf/NaN (e.g. 1/band_ratio of an
+                # all-zero placeholder input) must not turn into inf*0 = NaN and switch balancing off
+                f = torch.where(mask_t[:, m] != 0, f, torch.zeros_like(f))
             sums.append(f.sum().to(torch.float32).reshape(()))
         frm = self._all_reduce(torch.stack(sums))
         hp = self.hparams
-        self.bank = policies.mwam_update_bank(self.bank, frm, self.omega, hp["warm_start"])
-        t = frm / (self.bank.mean() + self.sigma)
-        k = policies.mwam(frm, self.bank, hp["alpha"], hp["beta"], hp["lam"], hp["gamma"], self.sigma)
+        bank = policies.mwam_update_bank(self.bank, frm, self.omega, hp["warm_start"])
+        t = frm / (bank.mean() + self.sigma)
+        k, fallback = policies.mwam(frm, bank, hp["alpha"], hp["beta"], hp["lam"], hp["gamma"], self.sigma,
+                                    return_fallback=True)
+        self.bank = bank
         self.stats = {"frm": frm, "bank": self.bank, "T": t, "weights": k}
-        k = self._finish(k, epoch)
+        k = self._finish(k, epoch, fallback)
         self._weights = k
         if self.apply == "loss":  # weights go to the loss only; gradient coefficients stay 1
             self._set_coefficients(torch.ones_like(k))
@@ -120,7 +167,21 @@ class MWAM(Balancer):
     def loss(self, fused_logits: torch.Tensor, unimodal_logits: Mapping[str, torch.Tensor],
              labels: torch.Tensor) -> torch.Tensor:
         """MWAM's objective (b): ``CE(y, ŷ) + Σ_m K_m·CE(y, ŷ_m)`` with this step's ``loss_weights``."""
+        fn = "MWAM.loss"
+        if not isinstance(fused_logits, torch.Tensor) or fused_logits.dim() != 2:
+            got = tuple(fused_logits.shape) if isinstance(fused_logits, torch.Tensor) else type(fused_logits).__name__
+            raise TypeError(f"{fn}: fused_logits must be a (B, K) tensor, got {got}")
         self._check_names(unimodal_logits, "unimodal_logits")
+        for n in self.names:
+            u = unimodal_logits[n]
+            if not isinstance(u, torch.Tensor) or u.shape != fused_logits.shape:
+                got = tuple(u.shape) if isinstance(u, torch.Tensor) else type(u).__name__
+                raise ValueError(f"{fn}: unimodal_logits[{n!r}] must have the fused logits' shape "
+                                 f"{tuple(fused_logits.shape)}, got {got}")
+        if not isinstance(labels, torch.Tensor) or labels.dtype != torch.int64 or \
+                tuple(labels.shape) != (fused_logits.shape[0],):
+            got = f"{labels.dtype} {tuple(labels.shape)}" if isinstance(labels, torch.Tensor) else type(labels).__name__
+            raise ValueError(f"{fn}: labels must be (B,) = ({fused_logits.shape[0]},) int64, got {got}")
         total = F.cross_entropy(fused_logits, labels)
         for n, w in self.loss_weights.items():
             total = total + w * F.cross_entropy(unimodal_logits[n], labels)
@@ -129,6 +190,11 @@ class MWAM(Balancer):
     def _extra_state(self) -> dict:
         return {"bank": None if self.bank is None else self.bank.detach().cpu(), "weights": self._weights.detach().cpu()}
 
-    def _load_extra_state(self, state: dict) -> None:
-        self.bank = None if state.get("bank") is None else state["bank"].to(self._device)
-        self._weights = state["weights"].to(self._device)
+    def _check_extra_state(self, fn: str, state) -> dict:
+        M = self.num_modalities
+        return {"bank": _state_tensor(fn, state, "bank", (M,), optional=True, finite=False),
+                "weights": _state_tensor(fn, state, "weights", (M,))}
+
+    def _load_extra_state(self, checked: dict) -> None:
+        self.bank = None if checked["bank"] is None else checked["bank"].to(self._device)
+        self._weights = checked["weights"].to(self._device)

@@ -7,7 +7,9 @@ import torch
 from torch import nn
 
 from mmkernels import policies
-from mmkernels.balance.base import Balancer
+from mmkernels._common import IGNORE_INDEX
+from mmkernels.balance.base import Balancer, _check_epoch, _state_tensor
+from mmkernels.policies import _number
 
 _DEFAULT = object()
 
@@ -44,10 +46,10 @@ class OGMGE(Balancer):
             params = "conv" if mode == "parameter" else "all"
         if noise is _DEFAULT:
             noise = "ge" if mode == "parameter" else None
-        if not (isinstance(alpha, (int, float)) and alpha >= 0):
-            raise ValueError(f"alpha must be a non-negative number, got {alpha!r}")
-        self.alpha = float(alpha)
-        self.shift = bool(shift)
+        self.alpha = _number("OGMGE", "alpha", alpha, lo=0.0)
+        if not isinstance(shift, bool):
+            raise TypeError(f"OGMGE: shift must be a bool, got {type(shift).__name__} {shift!r}")
+        self.shift = shift
         self._acc: torch.Tensor | None = None
         super().__init__(encoders, mode=mode, params=params, noise=noise, epochs=epochs, sync=sync,
                          process_group=process_group, seed=seed, device=device, optimizer=optimizer)
@@ -59,7 +61,7 @@ class OGMGE(Balancer):
         Args:
             logits: ``{name: (B, K) unimodal logits}`` for every registered modality (e.g. from
                 :func:`~mmkernels.balance.split_linear_head`); read only, never differentiated.
-            labels: ``(B,)`` int64 class indices (-100 = ignore).
+            labels: ``(B,)`` int64 class indices (``IGNORE_INDEX`` = -100: ignore).
             mask: optional ``(B, M)`` availability (0 = modality missing for that sample), columns in
                 ``self.names`` order, or ``{name: (B,) bool}``.
             epoch: current epoch for the ``epochs`` window (None = active).
@@ -67,11 +69,20 @@ class OGMGE(Balancer):
         """
         import mmkernels
 
+        fn = "OGMGE.step"
+        _check_epoch(fn, epoch)
         self._check_names(logits, "logits")
+        for n in self.names:
+            if not isinstance(logits[n], torch.Tensor):
+                raise TypeError(f"{fn}: logits[{n!r}] must be a (B, K) tensor, got {type(logits[n]).__name__}")
+            if logits[n].dim() != 2:
+                raise ValueError(f"{fn}: logits[{n!r}] must have shape (B, K), got {tuple(logits[n].shape)}")
         seq = [logits[n].detach() for n in self.names]
-        mask_t = self._mask_tensor(mask, seq[0].shape[0], seq[0].device)
+        mask_t = self._mask_tensor(mask, seq[0].shape[0], seq[0].device, fn)
+        # modality_scores checks the logits' shapes, the labels (and, on CPU, their range) before computing;
+        # nothing below it raises, so an error leaves the accumulated window and the coefficients untouched
         scores, correct = mmkernels.modality_scores(seq, labels, mask_t)
-        valid = labels != -100
+        valid = labels != IGNORE_INDEX
         if mask_t is None:
             counts = valid.sum().to(scores.dtype).expand(self.num_modalities)
         else:
@@ -83,10 +94,10 @@ class OGMGE(Balancer):
             self._acc = stat
         M = self.num_modalities
         scores, correct, counts = stat[:M], stat[M:2 * M], stat[2 * M:]
-        k = policies.ogm_ge(scores, self.alpha, self.shift)
+        k, fallback = policies.ogm_ge(scores, self.alpha, self.shift, return_fallback=True)
         self.stats = {"scores": scores, "correct": correct, "counts": counts,
                       "accuracy": correct / counts.clamp_min(1), "ratio": scores / scores.amin()}
-        return self._finish(k, epoch)
+        return self._finish(k, epoch, fallback)
 
     def _end_accumulation(self) -> None:
         self._acc = None
@@ -94,6 +105,10 @@ class OGMGE(Balancer):
     def _extra_state(self) -> dict:
         return {"alpha": self.alpha, "accumulated": None if self._acc is None else self._acc.detach().cpu()}
 
-    def _load_extra_state(self, state: dict) -> None:
-        acc = state.get("accumulated")
+    def _check_extra_state(self, fn: str, state) -> dict:
+        return {"accumulated": _state_tensor(fn, state, "accumulated", (3 * self.num_modalities,), optional=True,
+                                             finite=False)}
+
+    def _load_extra_state(self, checked: dict) -> None:
+        acc = checked["accumulated"]
         self._acc = None if acc is None else acc.to(self._device)
