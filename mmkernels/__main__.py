@@ -36,7 +36,13 @@ def bench(argv: list[str]) -> int:
                    help="time every implementation N times, interleaved; rows get the spread across repeats "
                         "and results whose spread is large are flagged")
     p.add_argument("--l2", default="cold", help="CUDA: 'cold' (L2 flushed before each call), 'warm', or 'cold,warm'")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU: intra-op threads for the run (default: torch's); recorded with the results")
     args = p.parse_args(argv)
+    if args.threads is not None:
+        if args.threads < 1:
+            p.error(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
     if args.repeats < 1:
         p.error(f"--repeats must be >= 1, got {args.repeats}")
     modes = tuple(m.strip() for m in args.l2.split(",") if m.strip())
