@@ -201,9 +201,9 @@ MWAM_PRESETS = {
 }
 
 
-def _check_mwam_hparams(fn: str, alpha, beta, lam, gamma, eps) -> tuple[float, ...]:
+def _check_mwam_hparams(fn: str, alpha, beta, lam, gamma, eps, eps_name: str = "eps") -> tuple[float, ...]:
     return (_number(fn, "alpha", alpha), _number(fn, "beta", beta), _number(fn, "lam", lam),
-            _number(fn, "gamma", gamma), _number(fn, "eps", eps, lo=0.0))
+            _number(fn, "gamma", gamma), _number(fn, eps_name, eps, lo=0.0))
 
 
 def mwam(frm: torch.Tensor, bank: torch.Tensor, alpha: float = 1.5, beta: float = 1.0, lam: float = 6.0,

@@ -473,13 +473,13 @@ class Balancer:
         fn = f"{type(self).__name__}.load_state_dict"
         if not isinstance(state, Mapping):
             raise TypeError(f"{fn}: state must be the dict returned by state_dict(), got {type(state).__name__}")
+        if "method" in state and state["method"] != type(self).__name__:
+            raise ValueError(f"{fn}: state was written by {state['method']!r}, not {type(self).__name__!r}; load it "
+                             f"into a {state['method']}")
         missing = [key for key in self.state_dict() if key not in state]
         if missing:
             raise ValueError(f"{fn}: state is missing keys {missing}; pass the dict returned by "
                              f"{type(self).__name__}.state_dict()")
-        if state["method"] != type(self).__name__:
-            raise ValueError(f"{fn}: state was written by {state['method']!r}, not {type(self).__name__!r}; load it "
-                             f"into a {state['method']}")
         names = state["names"]
         if not isinstance(names, (list, tuple)) or list(names) != list(self.names):
             raise ValueError(f"state_dict is for modalities {names}, this balancer has {list(self.names)}")

@@ -61,7 +61,7 @@ class MWAM(Balancer):
                 hp[key] = val
         fn = "MWAM"
         hp["alpha"], hp["beta"], hp["lam"], hp["gamma"], sigma = policies._check_mwam_hparams(
-            fn, hp["alpha"], hp["beta"], hp["lam"], hp["gamma"], sigma)
+            fn, hp["alpha"], hp["beta"], hp["lam"], hp["gamma"], sigma, "sigma")
         if hp["warm_start"] not in ("code", "paper"):
             raise ValueError(f"{fn}: warm_start must be 'code' or 'paper', got {hp['warm_start']!r}")
         omega = policies._check_omega(fn, omega)

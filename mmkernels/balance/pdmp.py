@@ -44,7 +44,11 @@ class PDMP(Balancer):
         self._static = torch.ones(self.num_modalities, device=self._device)
         self._static_fallback = torch.zeros(self.num_modalities, dtype=torch.bool, device=self._device)
         if performance is not None:
-            self.set_performance(performance)
+            try:
+                self.set_performance(performance)
+            except (TypeError, ValueError):
+                self.remove()  # a rejected constructor leaves no hook on the user's encoders
+                raise
 
     def set_performance(self, performance) -> torch.Tensor:
         """Set unimodal performance (``{name: number}`` or ``(M,)``); returns the static coefficients.
