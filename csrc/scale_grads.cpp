@@ -1,32 +1,34 @@
-// CPU kernel of scale_grads_ (SPEC §2.6): two OpenMP passes over a flat list of fixed-size blocks of
-// every tensor — (1) shifted sums in double per block, combined per tensor in block order, (2) scale +
-// Philox noise. Block partials are combined in a fixed order, so the statistics (and hence the noise
-// std) do not depend on the number of threads.
-#include <ATen/Parallel.h>
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
+// CPU kernels of scale_grads_ and of its noise stream, registered on the dispatcher (the schemas are in
+// csrc/module.cpp), as functors on the multi-tensor apply of csrc/multi_tensor_apply.h:
+//   noise=None: pass 1 checks each chunk for NaN/Inf, pass 2 scales; windows of whole tensors keep pass 2
+//     in cache, so memory sees one read and one write per element (no statistics are computed).
+//   noise="ge": pass 1 sums (x - x0) and (x - x0)^2 in double per chunk; the chunk partials of a tensor
+//     are combined in chunk order (a std that does not depend on the thread count, hence reproducible
+//     noise), then pass 2 writes g*coeff + std*z with z from csrc/noise.h.
+// A tensor holding NaN/Inf is left unchanged and flagged; a non-finite coeff leaves every tensor
+// unchanged and flags all of them (the contract is written in mmkernels/ops/scale_grads.py).
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <torch/library.h>
 
 #include <immintrin.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
+#include <cstring>
 #include <limits>
+#include <type_traits>
 
+#include "multi_tensor_apply.h"
 #include "noise.h"
 #include "scale_grads.h"
 
 namespace mmk {
 namespace {
 
-constexpr int64_t kBlock = 16384;  // elements per work item; a multiple of the 4-element noise group
+constexpr int64_t kChunk = 16384;  // elements per work item; a multiple of the 256-normal tile
 constexpr int kTile = 256;         // normals generated per inner batch (vectorised)
-
-template <typename T>
-inline float to_f(T v) { return static_cast<float>(v); }
-inline double to_acc(double v) { return v; }
-template <typename T>
-inline double to_acc(T v) { return static_cast<double>(static_cast<float>(v)); }
 
 // Box-Muller over the four Philox words of 64 groups (struct-of-arrays), writing z[4g .. 4g+3].
 #define MMK_BOX_MULLER_LOOP                                     \
@@ -103,25 +105,66 @@ void normals_tile(uint64_t seed, uint32_t tensor, uint64_t g0, float* z) {
   }
 }
 
+// fp32 arithmetic for fp16/bf16/fp32 tensors, fp64 for fp64 tensors
+template <typename T>
+using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
+
+// Stores v rounded to nearest in T, saturated to T's finite range: a finite gradient times a finite coeff
+// (plus noise) stays finite (fp16 tops out at 65504).
+template <typename T>
+inline T store_sat(acc_t<T> v) {
+  const acc_t<T> m = static_cast<acc_t<T>>(static_cast<double>(std::numeric_limits<T>::max()));
+  v = v > m ? m : (v < -m ? -m : v);
+  return static_cast<T>(v);
+}
+
+// Raw bits of one element, and the exponent field that marks Inf/NaN.
+template <typename T> struct Bits;
+template <> struct Bits<float> { using U = uint32_t; static constexpr U exp = 0x7f800000u; };
+template <> struct Bits<double> { using U = uint64_t; static constexpr U exp = 0x7ff0000000000000ull; };
+template <> struct Bits<c10::Half> { using U = uint16_t; static constexpr U exp = 0x7c00u; };
+template <> struct Bits<c10::BFloat16> { using U = uint16_t; static constexpr U exp = 0x7f80u; };
+
+// Whether p[0 .. n) holds a NaN or an Inf: compares and ORs on the bits, which vectorise (a float
+// comparison loop would not reassociate).
+template <typename T>
+bool any_nonfinite(const T* p, int64_t n) {
+  using U = typename Bits<T>::U;
+  const U e = Bits<T>::exp;
+  U any = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    U b;
+    std::memcpy(&b, p + i, sizeof(U));
+    any |= (U)((b & e) == e);
+  }
+  return any != 0;
+}
+
+template <typename T>
+void scale_range(T* p, int64_t n, double coeff) {
+  const acc_t<T> c = static_cast<acc_t<T>>(coeff);
+  for (int64_t i = 0; i < n; ++i) p[i] = store_sat<T>(static_cast<acc_t<T>>(p[i]) * c);
+}
+
 struct Partial {
   double s1 = 0, s2 = 0, chk = 0;
 };
 
 template <typename T>
-Partial block_sums(const T* p, int64_t begin, int64_t end, double shift) {
+Partial shifted_sums(const T* p, int64_t n, double shift) {
   // 8 independent lanes: the adds vectorise without reassociating anything.
   double s1[8] = {0}, s2[8] = {0}, chk[8] = {0};
-  int64_t i = begin;
-  for (; i + 8 <= end; i += 8) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
     for (int l = 0; l < 8; ++l) {
-      const double d = to_acc(p[i + l]) - shift;
+      const double d = static_cast<double>(static_cast<acc_t<T>>(p[i + l])) - shift;
       s1[l] += d;
       s2[l] += d * d;
       chk[l] += d * 0.0;  // NaN iff some element is NaN or +-Inf
     }
   }
-  for (; i < end; ++i) {
-    const double d = to_acc(p[i]) - shift;
+  for (; i < n; ++i) {
+    const double d = static_cast<double>(static_cast<acc_t<T>>(p[i])) - shift;
     s1[0] += d;
     s2[0] += d * d;
     chk[0] += d * 0.0;
@@ -135,153 +178,136 @@ Partial block_sums(const T* p, int64_t begin, int64_t end, double shift) {
   return r;
 }
 
+// g*coeff + sd*z on elements [begin, end) of list entry `tensor`; z[k] is the normal of element begin+k.
 template <typename T>
-constexpr double finite_max() { return static_cast<double>(std::numeric_limits<T>::max()); }
-
-// Stores v rounded to nearest in T, saturated to T's finite range: a finite gradient plus noise must
-// stay finite (fp16 tops out at 65504, and large fp16 gradients with their std added would overflow).
-template <typename T, typename A>
-inline T store_sat(A v) {
-  const A m = static_cast<A>(finite_max<T>());
-  v = v > m ? m : (v < -m ? -m : v);
-  return static_cast<T>(v);
-}
-
-template <typename T>
-void apply_block(T* p, int64_t begin, int64_t end, double coeff, float sd, bool noise, uint64_t seed,
-                 uint32_t tensor) {
-  using A = std::conditional_t<std::is_same_v<T, double>, double, float>;
+void scale_add_noise(T* p, int64_t begin, int64_t end, double coeff, float sd, uint64_t seed, uint32_t tensor) {
+  using A = acc_t<T>;
   const A c = static_cast<A>(coeff);
   alignas(64) float z[kTile];
   for (int64_t t0 = begin; t0 < end; t0 += kTile) {
     const int n = (int)std::min<int64_t>(kTile, end - t0);
-    if (noise) {
-      normals_tile(seed, tensor, (uint64_t)(t0 / 4), z);
-      for (int k = 0; k < n; ++k) {
-        const A x = static_cast<A>(to_f(p[t0 + k]));
-        A y;
-        if constexpr (std::is_same_v<A, float>) {
-          y = fadd(fmul(x, c), fmul(sd, z[k]));
-        } else {
-          y = x * c + static_cast<double>(fmul(sd, z[k]));
-        }
-        p[t0 + k] = store_sat<T>(y);
-      }
-    } else {
-      for (int k = 0; k < n; ++k) p[t0 + k] = store_sat<T>(static_cast<A>(to_f(p[t0 + k])) * c);
-    }
-  }
-}
-template <>
-void apply_block<double>(double* p, int64_t begin, int64_t end, double coeff, float sd, bool noise,
-                         uint64_t seed, uint32_t tensor) {
-  alignas(64) float z[kTile];
-  for (int64_t t0 = begin; t0 < end; t0 += kTile) {
-    const int n = (int)std::min<int64_t>(kTile, end - t0);
-    if (noise) normals_tile(seed, tensor, (uint64_t)(t0 / 4), z);
+    normals_tile(seed, tensor, (uint64_t)(t0 / 4), z);
     for (int k = 0; k < n; ++k) {
-      const double y = p[t0 + k] * coeff + (noise ? static_cast<double>(fmul(sd, z[k])) : 0.0);
-      p[t0 + k] = store_sat<double>(y);
+      const A x = static_cast<A>(p[t0 + k]);
+      if constexpr (std::is_same_v<A, float>) {
+        p[t0 + k] = store_sat<T>(fadd(fmul(x, c), fmul(sd, z[k])));  // no FMA: the CUDA kernel's rounding
+      } else {
+        p[t0 + k] = store_sat<T>(x * c + static_cast<double>(fmul(sd, z[k])));
+      }
     }
   }
 }
-template <>
-inline float to_f<double>(double v) { return static_cast<float>(v); }
 
-#define MMK_DISPATCH(dtype, T, ...)                                             \
-  switch (dtype) {                                                              \
-    case at::kFloat: { using T = float; __VA_ARGS__; break; }                   \
-    case at::kHalf: { using T = c10::Half; __VA_ARGS__; break; }                \
-    case at::kBFloat16: { using T = c10::BFloat16; __VA_ARGS__; break; }        \
-    case at::kDouble: { using T = double; __VA_ARGS__; break; }                 \
-    default: TORCH_CHECK(false, "scale_grads_: unsupported dtype ", dtype);      \
+#define MMK_DISPATCH_GRAD_TYPES(dtype, ...) \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "scale_grads_", __VA_ARGS__)
+
+at::Tensor scale_grads_cpu(at::TensorList tensors, const at::Tensor& coeff, const std::optional<at::Tensor>& seed) {
+  check_scale_grads_inputs(tensors, coeff, seed, c10::DeviceType::CPU);
+  const int64_t n = (int64_t)tensors.size();
+  const double c = coeff.item<double>();  // a CPU scalar: no device sync
+  const bool coeff_ok = std::isfinite(c);
+  auto flags = at::full({n}, !coeff_ok, at::TensorOptions().dtype(at::kBool));
+  if (!coeff_ok) return flags;
+  bool* bad = flags.data_ptr<bool>();
+  std::vector<int64_t> numel(n), bytes(n);
+  for (int64_t i = 0; i < n; ++i) {
+    numel[i] = tensors[i].numel();
+    bytes[i] = numel[i] * (int64_t)tensors[i].element_size();
+  }
+  const cpu::ChunkList list(numel, kChunk);
+  // A chunk writes its own slot; one relaxed store of `true` from any chunk marks the tensor.
+  std::vector<uint8_t> chunk_bad(list.size(), 0);
+  auto combine_flags = [&](int64_t t0, int64_t t1) {
+    for (int64_t i = t0; i < t1; ++i)
+      for (int64_t w = list.first(i); w < list.first(i + 1); ++w) bad[i] = bad[i] || chunk_bad[w];
+  };
+
+  if (!seed.has_value()) {
+    cpu::two_pass(
+        list, bytes, cpu::cache_window_bytes(),
+        [&](const cpu::Chunk& ch, int64_t w) {
+          MMK_DISPATCH_GRAD_TYPES(tensors[ch.tensor].scalar_type(), [&] {
+            const auto* p = tensors[ch.tensor].const_data_ptr<scalar_t>();
+            chunk_bad[w] = any_nonfinite(p + ch.begin, ch.end - ch.begin);
+          });
+        },
+        combine_flags,
+        [&](const cpu::Chunk& ch, int64_t w) {
+          if (bad[ch.tensor]) return;
+          MMK_DISPATCH_GRAD_TYPES(tensors[ch.tensor].scalar_type(), [&] {
+            scale_range(tensors[ch.tensor].data_ptr<scalar_t>() + ch.begin, ch.end - ch.begin, c);
+          });
+        });
+    return flags;
   }
 
-double shift_of(const at::Tensor& t) {
-  double k = 0;
-  MMK_DISPATCH(t.scalar_type(), T, { k = to_acc(static_cast<const T*>(t.const_data_ptr())[0]); })
-  // A non-finite first element would poison every shifted sum; the tensor is flagged anyway.
-  return std::isfinite(k) ? k : 0.0;
+  const uint64_t seed_v = (uint64_t)seed->item<int64_t>();
+  // Sums are shifted by each tensor's first element: a one-pass variance cancels when |mean| >> std.
+  std::vector<double> shift(n, 0.0);
+  for (int64_t i = 0; i < n; ++i) {
+    if (numel[i] == 0) continue;
+    MMK_DISPATCH_GRAD_TYPES(tensors[i].scalar_type(), [&] {
+      shift[i] = static_cast<double>(static_cast<acc_t<scalar_t>>(tensors[i].const_data_ptr<scalar_t>()[0]));
+    });
+    if (!std::isfinite(shift[i])) shift[i] = 0.0;  // the tensor is flagged anyway
+  }
+  std::vector<Partial> part(list.size());
+  std::vector<float> sd(n, 0.f);
+  cpu::two_pass(
+      list, bytes, cpu::cache_window_bytes(),
+      [&](const cpu::Chunk& ch, int64_t w) {
+        MMK_DISPATCH_GRAD_TYPES(tensors[ch.tensor].scalar_type(), [&] {
+          const auto* p = tensors[ch.tensor].const_data_ptr<scalar_t>();
+          part[w] = shifted_sums(p + ch.begin, ch.end - ch.begin, shift[ch.tensor]);
+        });
+      },
+      [&](int64_t t0, int64_t t1) {
+        for (int64_t i = t0; i < t1; ++i) {
+          double s1 = 0, s2 = 0, chk = 0;
+          for (int64_t w = list.first(i); w < list.first(i + 1); ++w) {
+            s1 += part[w].s1;
+            s2 += part[w].s2;
+            chk += part[w].chk;
+          }
+          const double m = (double)numel[i];
+          bad[i] = !(chk == 0.0);
+          // unbiased variance from shifted sums; one element has no unbiased std: 0 (documented)
+          const double var = m > 1 ? std::max(0.0, (s2 - s1 * (s1 / m)) / (m - 1)) : 0.0;
+          sd[i] = (float)(std::sqrt(var) + 1e-8);
+        }
+      },
+      [&](const cpu::Chunk& ch, int64_t w) {
+        if (bad[ch.tensor]) return;
+        MMK_DISPATCH_GRAD_TYPES(tensors[ch.tensor].scalar_type(), [&] {
+          scale_add_noise(tensors[ch.tensor].data_ptr<scalar_t>(), ch.begin, ch.end, c, sd[ch.tensor], seed_v,
+                          (uint32_t)ch.tensor);
+        });
+      });
+  return flags;
+}
+
+at::Tensor philox_normal_cpu(const at::Tensor& seed, int64_t tensor, int64_t numel) {
+  TORCH_CHECK(seed.numel() == 1 && seed.scalar_type() == at::kLong, "philox_normal: seed must be a 1-element int64 tensor");
+  TORCH_CHECK(numel >= 0, "philox_normal: numel must be >= 0, got ", numel);
+  auto out = at::empty({numel}, at::TensorOptions().dtype(at::kFloat));
+  float* o = out.data_ptr<float>();
+  const uint64_t s = (uint64_t)seed.item<int64_t>();
+  at::parallel_for(0, (numel + kTile - 1) / kTile, 64, [&](int64_t b, int64_t e) {
+    alignas(64) float z[kTile];
+    for (int64_t t = b; t < e; ++t) {
+      const int64_t t0 = t * kTile;
+      normals_tile(s, (uint32_t)tensor, (uint64_t)(t0 / 4), z);
+      std::copy(z, z + std::min<int64_t>(kTile, numel - t0), o + t0);
+    }
+  });
+  return out;
 }
 
 }  // namespace
 
-at::Tensor scale_grads_cpu(const std::vector<at::Tensor>& tensors, const at::Tensor& coeff,
-                           const std::optional<at::Tensor>& seed) {
-  const int64_t n = (int64_t)tensors.size();
-  TORCH_CHECK(coeff.numel() == 1 && coeff.is_floating_point() && coeff.device().is_cpu(),
-              "scale_grads_: coeff must be a 1-element floating CPU tensor");
-  for (const auto& t : tensors) {
-    TORCH_CHECK(t.device().is_cpu() && t.is_contiguous(), "scale_grads_: tensors must be contiguous CPU tensors");
-  }
-  const bool noise = seed.has_value();
-  uint64_t seed_v = 0;
-  if (noise) {
-    TORCH_CHECK(seed->numel() == 1 && seed->scalar_type() == at::kLong && seed->device().is_cpu(),
-                "scale_grads_: seed must be a 1-element int64 CPU tensor");
-    seed_v = (uint64_t)seed->item<int64_t>();
-  }
-  const double c = coeff.item<double>();
-  auto flags = at::zeros({n}, at::TensorOptions().dtype(at::kBool));
-  // work items: (tensor, block); block partials combined per tensor in block order
-  std::vector<int64_t> first(n + 1, 0);
-  for (int64_t i = 0; i < n; ++i) first[i + 1] = first[i] + (tensors[i].numel() + kBlock - 1) / kBlock;
-  const int64_t items = first[n];
-  std::vector<int32_t> owner(items);
-  for (int64_t i = 0; i < n; ++i)
-    for (int64_t w = first[i]; w < first[i + 1]; ++w) owner[w] = (int32_t)i;
-  std::vector<double> shift(n, 0.0);
-  for (int64_t i = 0; i < n; ++i)
-    if (tensors[i].numel() > 0) shift[i] = shift_of(tensors[i]);
-
-  std::vector<Partial> part(items);
-  at::parallel_for(0, items, 1, [&](int64_t b, int64_t e) {
-    for (int64_t w = b; w < e; ++w) {
-      const auto& t = tensors[owner[w]];
-      const int64_t begin = (w - first[owner[w]]) * kBlock, end = std::min(begin + kBlock, t.numel());
-      MMK_DISPATCH(t.scalar_type(), T,
-                   { part[w] = block_sums(static_cast<const T*>(t.const_data_ptr()), begin, end, shift[owner[w]]); })
-    }
-  });
-  std::vector<float> sd(n, 0.f);
-  std::vector<char> bad(n, 0);
-  bool* fl = flags.data_ptr<bool>();
-  for (int64_t i = 0; i < n; ++i) {
-    double s1 = 0, s2 = 0, chk = 0;
-    for (int64_t w = first[i]; w < first[i + 1]; ++w) {
-      s1 += part[w].s1;
-      s2 += part[w].s2;
-      chk += part[w].chk;
-    }
-    const double m = (double)tensors[i].numel();
-    bad[i] = fl[i] = !(chk == 0.0);
-    // unbiased variance from shifted sums; n == 1 has no unbiased std: we use 0 (documented)
-    const double var = m > 1 ? std::max(0.0, (s2 - s1 * (s1 / m)) / (m - 1)) : 0.0;
-    sd[i] = (float)(std::sqrt(var) + 1e-8);
-  }
-  at::parallel_for(0, items, 1, [&](int64_t b, int64_t e) {
-    for (int64_t w = b; w < e; ++w) {
-      const int64_t i = owner[w];
-      if (bad[i]) continue;
-      const auto& t = tensors[i];
-      const int64_t begin = (w - first[i]) * kBlock, end = std::min(begin + kBlock, t.numel());
-      MMK_DISPATCH(t.scalar_type(), T, {
-        apply_block(static_cast<T*>(t.data_ptr()), begin, end, c, sd[i], noise, seed_v, (uint32_t)i);
-      })
-    }
-  });
-  return flags;
-}
-
-at::Tensor philox_normal_cpu(int64_t seed, int64_t tensor, int64_t numel) {
-  auto out = at::empty({numel}, at::TensorOptions().dtype(at::kFloat));
-  float* o = out.data_ptr<float>();
-  alignas(64) float z[kTile];
-  for (int64_t t0 = 0; t0 < numel; t0 += kTile) {
-    normals_tile((uint64_t)seed, (uint32_t)tensor, (uint64_t)(t0 / 4), z);
-    std::copy(z, z + std::min<int64_t>(kTile, numel - t0), o + t0);
-  }
-  return out;
+TORCH_LIBRARY_IMPL(mmkernels_C, CPU, m) {
+  m.impl("scale_grads_", &scale_grads_cpu);
+  m.impl("philox_normal", &philox_normal_cpu);
 }
 
 }  // namespace mmk

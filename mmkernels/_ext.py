@@ -1,11 +1,16 @@
 """Lazy access to the compiled extension ``mmkernels._C`` (C++ CPU kernels, CUDA multi-tensor kernels).
 
+The extension registers its kernels on the dispatcher as ``torch.ops.mmkernels_C.<op>`` (schemas in
+``csrc/module.cpp``, one implementation per device); the module object itself is empty.
+
 The package works without it: callers ask :func:`load` and fall back to their PyTorch path when it
 returns None. The reason it is missing is kept and shown once, so users know what was not built and why.
 """
 from __future__ import annotations
 
 import warnings
+
+import torch
 
 _ext = None
 _error: str | None = None
@@ -19,8 +24,7 @@ def load():
     if not _tried:
         _tried = True
         try:
-            import torch  # noqa: F401  (the extension links against torch's libraries)
-            from mmkernels import _C
+            from mmkernels import _C  # an empty module: importing it runs the TORCH_LIBRARY registrations
 
             _ext = _C
         except ImportError as exc:  # not built at install time (pip's default): compile on first use
@@ -35,9 +39,26 @@ def why_missing() -> str | None:
     return _error
 
 
+def has_kernel(op: str, device) -> bool:
+    """Whether the extension registered a kernel of ``mmkernels_C::<op>`` for ``device``'s type (its
+    TORCH_LIBRARY_IMPL for CPU or CUDA). Asks the dispatcher: no branching on device names here."""
+    if load() is None:
+        return False
+    key = torch.device(device).type.upper()
+    try:
+        return bool(torch._C._dispatch_has_kernel_for_dispatch_key(f"mmkernels_C::{op}", key))
+    except RuntimeError:  # op not defined: a stale build from before the dispatcher registration
+        return False
+
+
 def has_cuda() -> bool:
-    ext = load()
-    return ext is not None and bool(getattr(ext, "with_cuda", lambda: False)())
+    """Whether the CUDA kernels were compiled in."""
+    return has_kernel("scale_grads_", "cuda")
+
+
+def ops():
+    """``torch.ops.mmkernels_C``: the compiled kernels, called through the dispatcher (after :func:`load`)."""
+    return torch.ops.mmkernels_C
 
 
 def warn_missing_once() -> None:

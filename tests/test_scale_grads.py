@@ -1,4 +1,4 @@
-"""scale_grads_ (SPEC §2.6) against the formula written out in float64, plus the noise's statistics."""
+"""scale_grads_ against the formula written out in float64, plus the noise's statistics and the validation contract."""
 import math
 
 import pytest
@@ -145,7 +145,7 @@ def test_cpp_noise_matches_pytorch_mirror():
     if not HAS_EXT:
         pytest.skip("mmkernels._C not built")
     for seed, idx, n in [(0, 0, 5), (123456789, 3, 100_003), (-(2**63), 77, 1025), (2**63 - 1, 2**31, 4096)]:
-        a = _ext.load().philox_normal(seed, idx, n)
+        a = _ext.ops().philox_normal(torch.tensor([seed]), idx, n)
         b = sg.philox_normal_ref(seed, idx, n)
         assert torch.equal(a, b), (seed, idx, n)
 
@@ -281,7 +281,8 @@ def test_cuda_matches_cpu_bitwise_many_tensors():
 def test_cuda_noise_stream_matches_cpu():
     _cuda_ready()
     for seed, idx, n in [(1, 0, 1 << 20), (-5, 9, 1001)]:
-        assert torch.equal(_ext.load().philox_normal(seed, idx, n, "cuda").cpu(), _ext.load().philox_normal(seed, idx, n))
+        on_gpu = _ext.ops().philox_normal(torch.tensor([seed], device="cuda"), idx, n).cpu()
+        assert torch.equal(on_gpu, _ext.ops().philox_normal(torch.tensor([seed]), idx, n))
 
 
 @pytest.mark.gpu
@@ -327,10 +328,11 @@ def test_portable_cpu_path_same_bits(tmp_path):
     import sys
 
     out = tmp_path / "z.pt"
-    code = f"import torch; from mmkernels import _C; torch.save(_C.philox_normal(77, 2, 5000), {str(out)!r})"
+    code = ("import torch; from mmkernels import _ext; _ext.load(); "
+            f"torch.save(_ext.ops().philox_normal(torch.tensor([77]), 2, 5000), {str(out)!r})")
     env = dict(os.environ, MMKERNELS_NO_AVX2="1")
     subprocess.run([sys.executable, "-c", code], check=True, env=env)
-    assert torch.equal(torch.load(out), _ext.load().philox_normal(77, 2, 5000))
+    assert torch.equal(torch.load(out), _ext.ops().philox_normal(torch.tensor([77]), 2, 5000))
 
 
 def test_torch_compile_with_ge_noise():

@@ -1,78 +1,75 @@
-// Torch-facing glue of the CUDA scale_grads_ kernels: tensors -> descriptors, workspace, stream. Compiled
-// only with -DMMKERNELS_WITH_CUDA (setup.py adds csrc/cuda/*.cpp only for a CUDA build of torch), so the
-// CPU build never needs CUDA headers.
+// CUDA implementations of the mmkernels_C ops (schemas: csrc/module.cpp) for scale_grads_: checks,
+// workspace, device guard and stream, then the kernels of scale_grads.cu. Compiled only with
+// -DMMKERNELS_WITH_CUDA (setup.py adds csrc/cuda/*.cpp only for a CUDA build of torch).
 #ifdef MMKERNELS_WITH_CUDA
-#include <c10/cuda/CUDAStream.h>
+#include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
-#include <cuda_runtime_api.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
 
 #include <vector>
 
 #include "../scale_grads.h"
+#include "multi_tensor_apply.cuh"
 #include "scale_grads.cuh"
 
 namespace mmk {
-
 namespace {
-int dtype_code(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat: return cuda::kF32;
-    case at::kHalf: return cuda::kF16;
-    case at::kBFloat16: return cuda::kBF16;
-    case at::kDouble: return cuda::kF64;
-    default: TORCH_CHECK(false, "scale_grads_: unsupported dtype ", t, " (float32, float16, bfloat16, float64)");
-  }
-  return -1;
-}
-}  // namespace
 
-at::Tensor scale_grads_cuda(const std::vector<at::Tensor>& tensors, const at::Tensor& coeff,
-                            const std::optional<at::Tensor>& seed) {
-  TORCH_CHECK(coeff.is_cuda() && coeff.numel() == 1 && coeff.is_floating_point(),
-              "scale_grads_: coeff must be a 1-element floating CUDA tensor");
-  const c10::cuda::CUDAGuard guard(coeff.device());
+at::Tensor scale_grads_cuda(at::TensorList tensors, const at::Tensor& coeff, const std::optional<at::Tensor>& seed) {
+  check_scale_grads_inputs(tensors, coeff, seed, c10::DeviceType::CUDA);
   const int64_t n = (int64_t)tensors.size();
-  std::vector<cuda::TensorDesc> descs;
-  descs.reserve(n);
+  std::vector<cuda::GradRef> grads;
+  grads.reserve(n);
   int64_t chunks = 0;
   for (int64_t i = 0; i < n; ++i) {
-    const auto& t = tensors[i];
-    TORCH_CHECK(t.device() == coeff.device() && t.is_contiguous(),
-                "scale_grads_: tensors must be contiguous and on the device of coeff");
-    const int code = dtype_code(t.scalar_type());
+    const at::Tensor& t = tensors[i];
     if (t.numel() == 0) continue;
-    descs.push_back({t.data_ptr(), t.numel(), code, (int32_t)i});
+    grads.push_back({t.data_ptr(), t.numel(), t.scalar_type(), (int32_t)i, (int32_t)chunks});
     chunks += cuda::num_chunks(t.numel());
   }
-  TORCH_CHECK(chunks < (int64_t(1) << 31), "scale_grads_: too many elements in one call");
-  auto opts = coeff.options();
-  auto flags = at::zeros({n}, opts.dtype(at::kBool));
-  if (descs.empty()) return flags;
-  auto counters = at::zeros({n}, opts.dtype(at::kInt));
-  auto stdv = at::empty({n}, opts.dtype(at::kFloat));
-  auto partials = at::empty({3 * chunks}, opts.dtype(at::kDouble));
-  const auto c = coeff.reshape({}).to(at::kDouble);  // device op, no sync
+  TORCH_CHECK(chunks < (int64_t(1) << 31), "scale_grads_: too many elements in one call (", chunks, " chunks)");
+  const c10::cuda::CUDAGuard guard(coeff.device());
+  // A non-finite coeff flags every tensor up front, on the device (no host read of coeff); the kernels
+  // skip flagged tensors.
+  const auto c = coeff.reshape({}).to(at::kDouble);
+  auto flags = c.isfinite().logical_not().expand({n}).contiguous();
+  if (grads.empty()) return flags;
+  const auto opts = coeff.options();
+  at::Tensor partials, counters, stdv;
+  cuda::ScaleGradsWorkspace work{nullptr, nullptr, nullptr, flags.data_ptr<bool>()};
   const int64_t* seed_ptr = nullptr;
-  at::Tensor seed_t;
   if (seed.has_value()) {
-    seed_t = seed->reshape({}).to(coeff.device(), at::kLong);
-    seed_ptr = seed_t.const_data_ptr<int64_t>();
+    partials = at::empty({3 * chunks}, opts.dtype(at::kDouble));
+    counters = at::zeros({n}, opts.dtype(at::kInt));
+    stdv = at::empty({n}, opts.dtype(at::kFloat));
+    work.partials = partials.data_ptr<double>();
+    work.counters = reinterpret_cast<unsigned int*>(counters.data_ptr<int>());
+    work.stdv = stdv.data_ptr<float>();
+    seed_ptr = seed->const_data_ptr<int64_t>();
   }
-  const int err = cuda::launch_scale_grads(descs.data(), (int)descs.size(), c.const_data_ptr<double>(), seed_ptr,
-                                           partials.data_ptr<double>(),
-                                           reinterpret_cast<unsigned int*>(counters.data_ptr<int>()),
-                                           stdv.data_ptr<float>(), flags.data_ptr<bool>(),
-                                           c10::cuda::getCurrentCUDAStream().stream());
-  TORCH_CHECK(err == 0, "scale_grads_: CUDA launch failed: ", cudaGetErrorString(static_cast<cudaError_t>(err)));
+  const cudaError_t err = cuda::launch_scale_grads(grads, c.const_data_ptr<double>(), seed_ptr, work,
+                                                   c10::cuda::getCurrentCUDAStream().stream());
+  TORCH_CHECK(err == cudaSuccess, "scale_grads_: CUDA launch failed: ", cudaGetErrorString(err));
   return flags;
 }
 
-at::Tensor philox_normal_cuda(int64_t seed, int64_t tensor, int64_t numel) {
-  auto out = at::empty({numel}, at::TensorOptions().dtype(at::kFloat).device(at::kCUDA));
-  const int err = cuda::launch_philox_normal((uint64_t)seed, (uint32_t)tensor, numel, out.data_ptr<float>(),
-                                             c10::cuda::getCurrentCUDAStream().stream());
-  TORCH_CHECK(err == 0, "philox_normal: CUDA launch failed: ", cudaGetErrorString(static_cast<cudaError_t>(err)));
+at::Tensor philox_normal_cuda(const at::Tensor& seed, int64_t tensor, int64_t numel) {
+  TORCH_CHECK(seed.numel() == 1 && seed.scalar_type() == at::kLong, "philox_normal: seed must be a 1-element int64 tensor");
+  TORCH_CHECK(numel >= 0, "philox_normal: numel must be >= 0, got ", numel);
+  const c10::cuda::CUDAGuard guard(seed.device());
+  auto out = at::empty({numel}, seed.options().dtype(at::kFloat));
+  const cudaError_t err = cuda::launch_philox_normal(seed.const_data_ptr<int64_t>(), (uint32_t)tensor, numel,
+                                                     out.data_ptr<float>(), c10::cuda::getCurrentCUDAStream().stream());
+  TORCH_CHECK(err == cudaSuccess, "philox_normal: CUDA launch failed: ", cudaGetErrorString(err));
   return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(mmkernels_C, CUDA, m) {
+  m.impl("scale_grads_", &scale_grads_cuda);
+  m.impl("philox_normal", &philox_normal_cuda);
 }
 
 }  // namespace mmk

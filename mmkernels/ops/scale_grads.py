@@ -1,17 +1,25 @@
-"""``scale_grads_(tensors, coeff, noise=None, generator=None)``: fused in-place gradient modulation (SPEC §2.6).
+"""``scale_grads_(tensors, coeff, noise=None, generator=None)``: fused in-place gradient modulation (OGM-GE).
 
 For every tensor ``g`` of the list, in place: ``g <- g*coeff + N(0, std(g) + 1e-8)`` with ``noise="ge"``
 (OGM-GE's generalisation enhancement; ``std`` is the unbiased std of the *unmodulated* ``g``, per tensor),
 ``g <- g*coeff`` otherwise.
 
-Design choices (where the SPEC is silent)
------------------------------------------
+Design choices (where the method leaves them open)
+--------------------------------------------------
 * Return value: a ``torch.bool`` tensor of shape ``(len(tensors),)`` on the tensors' device; ``True`` marks a
-  tensor that held a NaN or an Inf. Such a tensor is left unchanged (its std is undefined), in both modes, so
-  the semantics do not depend on ``noise``; the other tensors of the call are still processed. Reading the
-  flags is the caller's business (reading them on the host is a sync, so we never do).
+  tensor that was left unchanged. A tensor that holds a NaN or an Inf is left unchanged (its std is undefined),
+  in both modes, so the semantics do not depend on ``noise``; the other tensors of the call are still
+  processed. Reading the flags is the caller's business (reading them on the host is a sync, so we never do).
+* Coefficients: a Python float that is NaN/Inf is a ``ValueError``. A *tensor* coefficient is read on the
+  device only, so its value cannot raise without a host sync: when it is NaN/Inf, every tensor is left
+  unchanged and every flag is ``True`` (nothing is written, on every path and device).
+* Validation comes first: the list, each tensor (dense, real floating dtype, one device, no gradient mode
+  on a tensor that requires grad, no memory shared inside a tensor or between two tensors), ``noise``,
+  ``coeff`` and ``generator`` are all checked before the seed is drawn or any tensor is written, so an error
+  leaves the tensors and the generator as they were.
 * One-element tensors: the unbiased std is undefined (PyTorch returns NaN); we use ``std = 0``, so the
-  tensor gets ``g*coeff + N(0, 1e-8)``. Zero-element tensors are untouched and never flagged.
+  tensor gets ``g*coeff + N(0, 1e-8)``. Zero-element tensors are untouched and not flagged (unless coeff is
+  non-finite).
 * Results are rounded to nearest in each tensor's dtype and *saturated* to its finite range: a finite fp16
   gradient plus noise stays finite (±65504) instead of overflowing to Inf. Arithmetic is fp32 for
   fp16/bf16/fp32 tensors (fp64 for fp64 tensors); statistics are accumulated in fp64.
@@ -22,28 +30,31 @@ Design choices (where the SPEC is silent)
   call advances the generator, and every DDP rank with the same generator state adds the same noise. The
   noise of element ``i`` of list entry ``t`` does not depend on threads, chunking or device: the C++ CPU
   kernel, the CUDA kernel and the PyTorch reference below compute the same bits for the same seed.
-* Paths: the C++/CUDA extension ``mmkernels._C`` (CPU: OpenMP two-pass kernel; CUDA: two multi-tensor
-  launches) when built, else :func:`scale_grads_ref_`-style PyTorch code (same noise, per tensor). Backend
-  ``reference`` forces the PyTorch path. Non-contiguous tensors are processed through a contiguous copy that
-  is written back (noise index = logical row-major element index).
-* CPU choice, measured (benchmarks/results/scale_grads_cpu.json, two ResNet-18 encoders, GE noise, fp32, one
-  thread): the C++ kernel 78 ms vs the best foreach composition 140 ms vs the released loop 158 ms, so the CPU
-  path is the C++ kernel (the foreach composition cannot reproduce the counter-based noise anyway).
+* Paths: the compiled kernels ``torch.ops.mmkernels_C.scale_grads_`` (``csrc/scale_grads.cpp`` on the CPU,
+  ``csrc/cuda/scale_grads.cu`` on CUDA, both functors on the multi-tensor apply of ``csrc/``) when the
+  extension has a kernel for the tensors' device, else the PyTorch reference below (same noise, per tensor).
+  Backend ``reference`` forces the PyTorch path. Non-contiguous tensors are processed through a contiguous
+  copy that is written back (noise index = logical row-major element index).
+* Cost: without noise, one read and one write per element (a NaN/Inf check and the scaling run over
+  cache-sized windows of whole tensors, so the second pass reads from cache; no statistics). With GE noise,
+  a statistics pass and a write pass over the same windows. Figures: benchmarks/results/scale_grads_cpu.json
+  and the README's tables.
 * Registered as the custom op ``mmkernels::scale_grads_`` (mutates ``tensors``), so it is opaque to
   ``torch.compile``. With ``torch.compile(fullgraph=True)`` pass ``generator=None`` (the default generator
   is used); a ``torch.Generator`` object cannot be traced.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence
 
 import torch
 
 from mmkernels import _backend, _ext
+from mmkernels._common import FLOAT_DTYPES, acc_dtype, skip_dispatch
 
 __all__ = ["scale_grads_", "scale_grads_ref_", "philox_normal_ref"]
 
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _EPS = 1e-8
 _MASK = 0xFFFFFFFF
 _H = float.fromhex  # constants below are the exact float32 values of csrc/noise.h's hex literals
@@ -132,24 +143,20 @@ def philox_normal_ref(seed, tensor: int, numel: int, device=None) -> torch.Tenso
 
 
 # ----------------------------------------------------------------------------------------------------------
-# PyTorch path (also the CPU/CUDA fallback when mmkernels._C was not built)
+# reference: the PyTorch path (also the fallback when mmkernels._C was not built)
 # ----------------------------------------------------------------------------------------------------------
-def _finite_max(dtype):
-    return torch.finfo(dtype).max
-
-
 def _apply_ref(tensors: Sequence[torch.Tensor], coeff: torch.Tensor, seed: Optional[torch.Tensor]) -> torch.Tensor:
+    coeff_bad = ~torch.isfinite(coeff)  # a non-finite coeff leaves every tensor unchanged (see the docstring)
     flags = []
     for i, g in enumerate(tensors):
         n = g.numel()
         if n == 0:
-            flags.append(torch.zeros((), dtype=torch.bool, device=g.device))
+            flags.append(coeff_bad)
             continue
-        bad = ~torch.isfinite(g).all()
+        bad = ~torch.isfinite(g).all() | coeff_bad
         flags.append(bad)
-        acc = torch.float64 if g.dtype == torch.float64 else torch.float32
-        x = g.to(acc)
-        y = x * coeff.to(acc)
+        acc = acc_dtype(g.dtype)
+        y = g.to(acc) * coeff.to(acc)
         if seed is not None:
             # unbiased std in fp64; n == 1 -> 0 (documented above)
             sd = g.to(torch.float64).std() if n > 1 else torch.zeros((), dtype=torch.float64, device=g.device)
@@ -157,39 +164,92 @@ def _apply_ref(tensors: Sequence[torch.Tensor], coeff: torch.Tensor, seed: Optio
             sd = (sd + _EPS).to(torch.float32)
             z = philox_normal_ref(seed, i, n).view(g.shape)
             y = y + (sd * z).to(acc)
-        m = _finite_max(g.dtype)
+        m = torch.finfo(g.dtype).max
         y = y.clamp(-m, m).to(g.dtype)
         g.copy_(torch.where(bad, g, y))
     if not flags:
         return torch.zeros(0, dtype=torch.bool, device=coeff.device)
-    return torch.stack(flags)
+    return torch.stack(flags).reshape(-1)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# registration: the custom op mmkernels::scale_grads_, whose implementation calls the compiled kernel
+# torch.ops.mmkernels_C.scale_grads_ (the dispatcher picks its CPU or CUDA implementation) or the reference
+# ----------------------------------------------------------------------------------------------------------
+_kernel_fakes_registered = False
+
+
+def _kernels():
+    """torch.ops.mmkernels_C, with fake implementations of its ops registered once (for tracing/opcheck)."""
+    global _kernel_fakes_registered
+    if not _kernel_fakes_registered:
+        _kernel_fakes_registered = True
+        torch.library.register_fake("mmkernels_C::scale_grads_")(
+            lambda tensors, coeff, seed: coeff.new_empty(len(tensors), dtype=torch.bool))
+        torch.library.register_fake("mmkernels_C::philox_normal")(
+            lambda seed, tensor, numel: seed.new_empty(numel, dtype=torch.float32))
+    return _ext.ops()
 
 
 def _use_extension(device: torch.device) -> bool:
     if _backend.get_backend() == "reference":
         return False
-    ext = _ext.load()
-    if ext is None:
+    if _ext.load() is None:
         _ext.warn_missing_once()
         return False
-    if device.type == "cuda":
-        return _ext.has_cuda()
-    return device.type == "cpu"
+    return _ext.has_kernel("scale_grads_", device)
 
 
-@torch.library.custom_op("mmkernels::scale_grads_", mutates_args={"tensors"})
-def _scale_grads_op(tensors: list[torch.Tensor], coeff: torch.Tensor, seed: Optional[torch.Tensor]) -> torch.Tensor:
+def _check_memory(name: str, tensors: Sequence[torch.Tensor]) -> None:
+    """In-place writes need each element once: reject a tensor whose elements share memory (an expanded
+    tensor) and two tensors that share memory (one gradient listed twice, overlapping views)."""
+    spans = []
+    for i, t in enumerate(tensors):
+        if t.numel() == 0:
+            continue
+        if t.is_contiguous():
+            reach = t.numel() - 1
+        else:
+            # sufficient for no overlap: every stride exceeds the reach of all smaller-stride dimensions
+            reach = 0
+            for stride, size in sorted((st, sz) for sz, st in zip(t.shape, t.stride()) if sz > 1):
+                if stride <= reach:
+                    raise ValueError(
+                        f"{name}: tensors[{i}] has overlapping memory (shape {tuple(t.shape)}, strides {t.stride()}, "
+                        "e.g. an expanded tensor): one stored value stands for several elements, so it cannot be "
+                        f"updated in place element by element; pass tensors[{i}].clone()")
+                reach += stride * (size - 1)
+        if t.device.type != "meta":
+            start = t.data_ptr()
+            spans.append((start, start + (reach + 1) * t.element_size(), i))
+    spans.sort()
+    end, owner = -1, -1
+    for start, stop, i in spans:
+        if start < end:
+            a, b = sorted((owner, i))
+            raise ValueError(f"{name}: tensors[{a}] and tensors[{b}] share memory, so elements would be updated "
+                             "twice (the second time from already-updated values); pass each tensor once")
+        if stop > end:
+            end, owner = stop, i
+
+
+def _scale_grads_impl(tensors: list[torch.Tensor], coeff: torch.Tensor, seed: Optional[torch.Tensor]) -> torch.Tensor:
     if len(tensors) == 0:
         return torch.zeros(0, dtype=torch.bool, device=coeff.device)
-    device = tensors[0].device
-    if not _use_extension(device):
+    if not _use_extension(tensors[0].device):
         return _apply_ref(tensors, coeff, seed)
     work = [t if t.is_contiguous() else t.contiguous() for t in tensors]
-    flags = _ext.load().scale_grads_(work, coeff, seed)
+    flags = _kernels().scale_grads_(work, coeff, seed)
     for t, w in zip(tensors, work):
         if w is not t:
             t.copy_(w)
     return flags
+
+
+@torch.library.custom_op("mmkernels::scale_grads_", mutates_args={"tensors"})
+def _scale_grads_op(tensors: list[torch.Tensor], coeff: torch.Tensor, seed: Optional[torch.Tensor]) -> torch.Tensor:
+    _check_memory("scale_grads_", tensors)  # under torch.compile the public function could not check it
+    return _scale_grads_impl(tensors, coeff, seed)
 
 
 @_scale_grads_op.register_fake
@@ -201,8 +261,10 @@ def _(tensors, coeff, seed):
 # public API
 # ----------------------------------------------------------------------------------------------------------
 def _prepare(name, tensors, coeff, noise, generator):
+    """Every check, then the one seed draw (the only mutation before the kernel, so it comes last)."""
     if isinstance(tensors, torch.Tensor):
-        raise TypeError(f"{name}: tensors must be a list of tensors, got a single tensor; wrap it: [{name}_input]")
+        raise TypeError(f"{name}: tensors must be a list of tensors, got a single tensor; wrap it in a list: "
+                        f"{name}([g], coeff)")
     try:
         tensors = list(tensors)
     except TypeError:
@@ -210,13 +272,24 @@ def _prepare(name, tensors, coeff, noise, generator):
     for i, t in enumerate(tensors):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name}: tensors[{i}] is {type(t).__name__}, not a tensor (drop parameters whose .grad is None)")
-        if t.dtype not in _DTYPES:
+        if t.layout != torch.strided:
+            raise TypeError(f"{name}: tensors[{i}] is a sparse tensor ({t.layout}); only dense gradients are supported: "
+                            f"pass tensors[{i}].to_dense(), or leave the sparse gradient out of the list")
+        if t.dtype.is_complex:
+            raise TypeError(f"{name}: tensors[{i}] is complex ({t.dtype}); supported are float32, float16, bfloat16, "
+                            f"float64; without noise, torch.view_as_real(tensors[{i}]) scales the same numbers")
+        if t.dtype not in FLOAT_DTYPES:
             raise TypeError(f"{name}: tensors[{i}] has dtype {t.dtype}; supported are float32, float16, bfloat16, float64")
+        if t.requires_grad and torch.is_grad_enabled():
+            raise ValueError(f"{name}: tensors[{i}] requires grad; this op updates gradients in place and has no "
+                             "autograd formula: pass p.grad rather than p, or call it under torch.no_grad()")
     device = tensors[0].device if tensors else None
     for i, t in enumerate(tensors):
         if t.device != device:
             raise ValueError(f"{name}: tensors[{i}] is on {t.device} but tensors[0] is on {device}; "
                              "call once per device")
+    if not torch.compiler.is_compiling():  # traced calls are checked by the registered op at run time
+        _check_memory(name, tensors)
     if noise not in (None, "ge"):
         raise ValueError(f"{name}: noise must be None or 'ge', got {noise!r}")
     if isinstance(coeff, bool) or not isinstance(coeff, (int, float, torch.Tensor)):
@@ -227,19 +300,26 @@ def _prepare(name, tensors, coeff, noise, generator):
             raise ValueError(f"{name}: coeff must be a 0-d tensor, got shape {tuple(coeff.shape)}; use coeff.reshape(())")
         if not coeff.is_floating_point():
             raise TypeError(f"{name}: coeff must be floating point, got {coeff.dtype}; pass coeff.float()")
-        if coeff.device != dev:
-            if coeff.device.type != "cpu":
-                raise ValueError(f"{name}: coeff is on {coeff.device} but the tensors are on {dev}; move coeff to {dev}")
-            coeff = coeff.to(dev, non_blocking=True)  # a 0-d CPU coefficient is accepted, as for grad_scale
+        if coeff.device != dev and coeff.device.type != "cpu":
+            raise ValueError(f"{name}: coeff is on {coeff.device} but the tensors are on {dev}; move coeff to {dev}")
     else:
-        # torch.full launches a fill; torch.tensor(float, device='cuda') would be a blocking copy
-        coeff = torch.full((), float(coeff), dtype=torch.float64, device=dev)  # exact for fp64 tensors
+        c = float(coeff) if isinstance(coeff, float) or abs(coeff) < 2**1023 else math.inf
+        if not math.isfinite(c):
+            raise ValueError(f"{name}: coeff must be finite, got {coeff!r}: it would overwrite every gradient with "
+                             "NaN/Inf; pass a finite number (check the coefficient policy that produced it)")
     if generator is not None:
         if not isinstance(generator, torch.Generator):
             raise TypeError(f"{name}: generator must be a torch.Generator or None, got {type(generator).__name__}")
         if generator.device.type != dev.type:
             raise ValueError(f"{name}: generator is a {generator.device.type} generator but the tensors are on {dev}; "
                              f"use torch.Generator(device='{dev.type}')")
+    # all checked: from here on nothing raises on the user's input
+    if isinstance(coeff, torch.Tensor):
+        if coeff.device != dev:
+            coeff = coeff.to(dev, non_blocking=True)  # a 0-d CPU coefficient is accepted, as for grad_scale
+    else:
+        # torch.full launches a fill; torch.tensor(float, device='cuda') would be a blocking copy
+        coeff = torch.full((), c, dtype=torch.float64, device=dev)  # exact for fp64 tensors
     seed = None
     if noise == "ge" and tensors:
         # One 64-bit draw from the caller's generator, on the tensors' device: no host sync, advances the
@@ -252,18 +332,23 @@ def scale_grads_(tensors, coeff, noise: Optional[str] = None, generator: Optiona
     """In place, for every tensor ``g`` of ``tensors``: ``g <- g*coeff`` (+ ``N(0, std(g)+1e-8)`` if ``noise="ge"``).
 
     Args:
-        tensors: list of fp32/fp16/bf16/fp64 tensors (typically ``[p.grad for p in encoder.parameters()]``),
-            all on one device; shapes and dtypes may be mixed.
-        coeff: 0-d floating tensor on that device (read on the device: no host sync) or a Python float.
+        tensors: list of dense fp32/fp16/bf16/fp64 tensors (typically ``[p.grad for p in encoder.parameters()]``),
+            all on one device, none sharing memory; shapes and dtypes may be mixed.
+        coeff: 0-d floating tensor on that device (read on the device: no host sync) or a finite Python float.
         noise: ``None`` or ``"ge"`` (OGM-GE generalisation enhancement).
         generator: ``torch.Generator`` on the tensors' device type (``None``: the default generator). One seed
             is drawn from it per call (the generator advances).
 
     Returns:
-        ``torch.bool`` tensor ``(len(tensors),)`` on the tensors' device: ``True`` where a tensor held NaN/Inf and
-        was left unchanged.
+        ``torch.bool`` tensor ``(len(tensors),)`` on the tensors' device: ``True`` where a tensor was left
+        unchanged, because it held NaN/Inf or because ``coeff`` is a non-finite tensor (then all are ``True``).
+
+    Raises:
+        TypeError / ValueError before anything is changed (tensors, generator): see the module docstring.
     """
     tensors, coeff, seed = _prepare("scale_grads_", tensors, coeff, noise, generator)
+    if skip_dispatch(coeff):
+        return _scale_grads_impl(tensors, coeff, seed)
     return _scale_grads_op(tensors, coeff, seed)
 
 

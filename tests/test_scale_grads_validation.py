@@ -1,0 +1,182 @@
+"""scale_grads_: validate everything, then mutate. Every error leaves the tensors (compared with clones taken
+before the call) and the generator as they were; non-finite coefficients never write NaN/Inf; the compiled
+kernels (torch.ops.mmkernels_C) check their inputs before writing; the no-noise path across cache windows."""
+import math
+
+import pytest
+import torch
+
+import mmkernels
+from mmkernels import _ext
+
+HAS_EXT = _ext.load() is not None
+
+
+@pytest.fixture(params=["extension", "reference"])
+def path(request):
+    if request.param == "extension" and not HAS_EXT:
+        pytest.skip(f"mmkernels._C not built: {_ext.why_missing()}")
+    with mmkernels.use_backend("auto" if request.param == "extension" else "reference"):
+        yield request.param
+
+
+def _expect_unchanged(tensors, call, exc, match, gen=None):
+    before = [t.clone() for t in tensors]
+    state = gen.get_state() if gen is not None else None
+    with pytest.raises(exc, match=match):
+        call()
+    for t, b in zip(tensors, before):
+        if t.layout == torch.strided:
+            assert torch.equal(t, b), "a tensor changed although the call raised"
+        else:
+            assert torch.equal(t.to_dense(), b.to_dense())
+    if gen is not None:
+        assert torch.equal(gen.get_state(), state), "the generator advanced although the call raised"
+
+
+@pytest.mark.parametrize("noise", [None, "ge"])
+def test_sparse_gradient_rejected_before_any_write(path, noise):
+    g = torch.randn(6, 4)
+    sparse = torch.randn(5, 3).relu().to_sparse()
+    gen = torch.Generator().manual_seed(0)
+    _expect_unchanged([g, sparse], lambda: mmkernels.scale_grads_([g, sparse], 2.0, noise=noise, generator=gen),
+                      TypeError, r"tensors\[1\] is a sparse tensor", gen)
+
+
+@pytest.mark.parametrize("dtype", [torch.complex64, torch.complex128])
+def test_complex_gradient_rejected_before_any_write(path, dtype):
+    g = torch.randn(10)
+    c = torch.randn(4, dtype=dtype)
+    _expect_unchanged([g, c], lambda: mmkernels.scale_grads_([g, c], 2.0), TypeError, r"tensors\[1\] is complex")
+
+
+@pytest.mark.parametrize("noise", [None, "ge"])
+def test_expanded_gradient_rejected_before_any_write(path, noise):
+    g = torch.randn(7, 3)
+    base = torch.randn(3)
+    expanded = base.expand(4, 3)  # stride 0: four elements per stored value
+    gen = torch.Generator().manual_seed(0)
+    _expect_unchanged([g, base], lambda: mmkernels.scale_grads_([g, expanded], 2.0, noise=noise, generator=gen),
+                      ValueError, r"tensors\[1\] has overlapping memory", gen)
+
+
+@pytest.mark.parametrize("make", ["same", "overlapping_views"])
+def test_shared_memory_between_tensors_rejected(path, make):
+    buf = torch.randn(40)
+    other = torch.randn(5)
+    pair = [buf, buf] if make == "same" else [buf[:20], buf[10:30]]
+    _expect_unchanged([buf, other], lambda: mmkernels.scale_grads_([other] + pair, 3.0), ValueError,
+                      r"tensors\[1\] and tensors\[2\] share memory")
+
+
+def test_disjoint_views_of_one_buffer_are_fine(path):
+    # gradients as views into one flat buffer (DDP's gradient_as_bucket_view): disjoint, so accepted
+    buf = torch.randn(30, dtype=torch.float64)
+    before = buf.clone()
+    views = [buf[:10].view(2, 5), buf[10:13], buf[13:]]
+    flags = mmkernels.scale_grads_(views, 0.5)
+    assert flags.tolist() == [False, False, False]
+    assert torch.equal(buf, before * 0.5)
+
+
+def test_requires_grad_rejected_in_grad_mode(path):
+    p = torch.randn(5, requires_grad=True)
+    g = torch.randn(5)
+    _expect_unchanged([g], lambda: mmkernels.scale_grads_([g, p], 2.0), ValueError, r"tensors\[1\] requires grad")
+    with torch.no_grad():
+        before = p.detach().clone()
+        mmkernels.scale_grads_([p], 2.0)
+        assert torch.equal(p.detach(), before * 2.0)
+
+
+@pytest.mark.parametrize("coeff", [math.nan, math.inf, -math.inf, 10**400])
+@pytest.mark.parametrize("noise", [None, "ge"])
+def test_nonfinite_python_coeff_is_a_value_error(path, coeff, noise):
+    g = torch.randn(12)
+    gen = torch.Generator().manual_seed(0)
+    _expect_unchanged([g], lambda: mmkernels.scale_grads_([g], coeff, noise=noise, generator=gen), ValueError,
+                      "coeff must be finite", gen)
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
+@pytest.mark.parametrize("noise", [None, "ge"])
+@pytest.mark.parametrize("coeff_dtype", [torch.float32, torch.float64])
+def test_nonfinite_tensor_coeff_leaves_everything_unchanged_and_flags_all(path, value, noise, coeff_dtype):
+    tensors = [torch.randn(5, 3), torch.randn(70_000).half(), torch.randn(1, dtype=torch.float64), torch.randn(0)]
+    before = [t.clone() for t in tensors]
+    flags = mmkernels.scale_grads_(tensors, torch.tensor(value, dtype=coeff_dtype), noise=noise,
+                                   generator=torch.Generator().manual_seed(1))
+    assert flags.dtype == torch.bool and flags.tolist() == [True] * len(tensors)
+    for t, b in zip(tensors, before):
+        assert torch.equal(t, b)
+
+
+def test_single_tensor_message_names_the_fix():
+    g = torch.randn(3)
+    with pytest.raises(TypeError, match=r"wrap it in a list: scale_grads_\(\[g\], coeff\)") as info:
+        mmkernels.scale_grads_(g, 0.5)
+    assert "_input" not in str(info.value)
+
+
+# ------------------------------------------------------------------------------- no noise, across windows
+def test_no_noise_many_windows_exact_and_flags(path):
+    """More data than one cache window (the C++ path runs the check and the scaling window by window): every
+    finite tensor is exactly g*c (fp32 product of fp32 values, rounded once), a tensor with one NaN in its
+    last chunk is untouched in all its chunks."""
+    torch.manual_seed(0)
+    sizes = [3_000_000, 17, 1_000_001, 65_536 * 3 + 5, 2_500_000, 1]
+    tensors = [torch.randn(n) for n in sizes]
+    tensors[3][-2] = float("nan")  # last chunk of a multi-chunk tensor
+    before = [t.clone() for t in tensors]
+    c = 0.3
+    flags = mmkernels.scale_grads_(tensors, c)
+    assert flags.tolist() == [False, False, False, True, False, False]
+    c32 = float(torch.tensor(c, dtype=torch.float32))
+    for i, (t, b) in enumerate(zip(tensors, before)):
+        if i == 3:
+            assert torch.equal(t.isnan(), b.isnan()) and torch.equal(t.nan_to_num(), b.nan_to_num())
+        else:
+            assert torch.equal(t, (b.double() * c32).float()), i
+
+
+def test_no_noise_saturates_instead_of_overflowing(path):
+    g = torch.tensor([3e38, -3e38, 1.0])
+    h = torch.tensor([60000.0, 1.0]).half()
+    flags = mmkernels.scale_grads_([g, h], 4.0)
+    assert not flags.any()
+    assert g.tolist()[:2] == [torch.finfo(torch.float32).max, -torch.finfo(torch.float32).max] and g[2] == 4.0
+    assert h.tolist() == [65504.0, 4.0]
+
+
+# ------------------------------------------------------------------------------- the compiled kernels
+needs_ext = pytest.mark.skipif(not HAS_EXT, reason="mmkernels._C not built")
+
+
+@needs_ext
+def test_kernel_checks_before_writing():
+    ops = _ext.ops()
+    g = torch.randn(10)
+    for bad, match in [([g, g], "share memory"), ([g, torch.randn(4, 6).t()], "not contiguous"),
+                       ([g, torch.ones(3, dtype=torch.int32)], "dtype")]:
+        before = g.clone()
+        with pytest.raises(RuntimeError, match=match):
+            ops.scale_grads_(bad, torch.tensor(2.0), None)
+        assert torch.equal(g, before)
+
+
+@needs_ext
+def test_kernel_is_on_the_dispatcher():
+    assert _ext.has_kernel("scale_grads_", "cpu") and _ext.has_kernel("philox_normal", "cpu")
+    assert not _ext.has_kernel("scale_grads_", "meta")
+    assert not hasattr(_ext.load(), "scale_grads_")  # no pybind entry points: the module is an empty stub
+
+
+@needs_ext
+def test_kernel_opcheck():
+    from mmkernels.ops import scale_grads as sg
+
+    ops = sg._kernels()
+    tensors = [torch.randn(5, 3), torch.randn(7).half(), torch.randn(3, dtype=torch.float64)]
+    for seed in (None, torch.tensor([42])):
+        torch.library.opcheck(ops.scale_grads_.default, ([t.clone() for t in tensors], torch.tensor(0.5), seed))
+    torch.library.opcheck(ops.philox_normal.default, (torch.tensor([7]), 3, 1001))
