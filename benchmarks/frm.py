@@ -3,9 +3,10 @@ tuner use).
 
 Implementations: the released MWAM code path (:func:`mmkernels.bench.released.mwam_frm`, through
 ``torch_dct.dct_2d`` when the ``torch-dct`` package is installed, else the same FFT algorithm transcribed;
-the row's ``released_dct`` says which); the eager PyTorch composition a user would write, which is
-``frm_ref`` (DCT as two matrix products on the patch view, corner gather, ratio, sum), and
-``torch.compile`` of it (the peers); ``mmkernels.frm``. On the CPU backend ``auto`` runs the reference
+the row's ``released_dct`` says which); as the eager PyTorch composition, ``frm_ref`` (the DCT as two
+matrix products on the patch view, restricted to the 2q basis rows the metric reads, then ratio and sum: a
+stronger peer than the full p×p DCT a user would first write), and ``torch.compile`` of it (the peers);
+``mmkernels.frm``. On the CPU backend ``auto`` runs the reference
 inside the registered op. Cases: the demo's per-step shape 64×1×16×16 and MWAM's 112×112 RGB batch.
 """
 from __future__ import annotations

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -58,6 +59,10 @@ def bench(argv: list[str]) -> int:
         p.error(f"unknown benchmarks {unknown}; choose from {names}")
     if any(op in harness.OP_MODULES for op in chosen) and harness.benchmarks_dir() is None:
         p.error("the op benchmarks are defined in the repository's benchmarks/ folder; run from a clone of mmkernels")
+    load, cores = harness.loadavg(), os.cpu_count() or 1
+    if load and load[0] > cores:
+        print(f"note: load average {load[0]:.1f} on {cores} CPUs: other processes compete for the cores, so timings "
+              "(the CPU's above all) will be noisy; results with a large spread are flagged", file=sys.stderr, flush=True)
     all_rows = []
     for op in chosen:
         print(f"== {op} on {args.device}" + (" (quick)" if args.quick else "") + f", load average {harness.loadavg()}",

@@ -174,7 +174,7 @@ def test_measure_failing_impl_is_recorded_once():
                            baseline="broken", quick=True, repeats=3, memory=True)
     ok, bad = rows
     assert bad["median_ms"] is None and bad["error"].startswith("RuntimeError")
-    assert log.count("broken") == 1  # not called again after it raised (the memory probe was its one call)
+    assert log.count("broken") == 1  # not called again after it raised (the memory warm-up was its one call)
     assert "speedup_vs_baseline" not in ok  # no baseline figure, no ratio
 
 

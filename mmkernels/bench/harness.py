@@ -415,7 +415,8 @@ def measure(op: str, shape: str, impls: dict[str, Callable[[], object]], device:
     ``nbytes``: the fewest bytes the op must move (inputs read once, outputs written once), for GB/s, and
     with ``read_gbps`` (this machine's read bandwidth) the ``pct_read_bw`` column.
     ``roles``: each implementation's role (:data:`ROLES`), for the best-peer ratio.
-    ``memory``: also record ``peak_mem_mb`` of one call (:func:`peak_memory`; its own call, outside the timing).
+    ``memory``: also record ``peak_mem_mb`` of one call (:func:`peak_memory`; its own call after a warm-up one,
+    outside the timing).
     An implementation that raises is recorded with its error instead of a time (and not called again).
 
     ``repeats``: time every implementation that many times, interleaved (A, B, C, A, B, C, ...) so that
@@ -445,6 +446,7 @@ def measure(op: str, shape: str, impls: dict[str, Callable[[], object]], device:
     mem: dict = {}
     for name, fn in impls.items() if memory else ():
         try:
+            fn()  # warm-up: compilation and lazy initialisation are not the call's memory
             mem[name] = peak_memory(fn, device)[0]
         except Exception as exc:  # noqa: BLE001 - a failing implementation is reported, not fatal
             errors[name] = f"{type(exc).__name__}: {exc}"[:300]

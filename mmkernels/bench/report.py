@@ -20,7 +20,7 @@ import glob
 import json
 import os
 
-from mmkernels.bench.harness import PEER_ROLES, add_ratios
+from mmkernels.bench.harness import add_ratios
 
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
 SUMMARY_PNG = "summary_vs_best_peer.png"
