@@ -5,29 +5,36 @@
 #                                        benchmarks/results/GPU_VALIDATION.md)
 #   bash tools/gpu.sh --dry-run OUTDIR   the same stages here on the CPU: Triton interpreter, a few tests per
 #                                        stage, --quick shapes, results under OUTDIR (the repo's stay untouched)
-#   bash tools/gpu.sh --list             the stages and their budgets in seconds, one "name budget" per line
+#   bash tools/gpu.sh --list             "name budget place" per stage (place: - serial, group, or group.lane)
 #
-# Stages run in the order of STAGE_ORDER, each under `timeout` with its own budget. Budgets roll forward:
-# stage i must end by start + (budgets of stages 1..i), so time a stage leaves unused goes to the next and
-# a stage that runs long is stopped without eating the time of the ones after it. The last stage (ncu) has
-# no budget of its own and only runs on time left over. STAGES="tune bench" runs a subset (in this order);
-# BUDGET_<stage>=N overrides one budget (e.g. for a rerun of the stages that timed out).
+# PLAN runs its steps in order, each under `timeout` with its own budget. Budgets roll forward: step i must
+# end by start + (budgets of steps 1..i), so time a step leaves unused goes to the next, and a step that runs
+# long is stopped without eating the time of the ones after it. One step is a group of lanes run side by
+# side: the correctness checks (no timing runs while they do), each lane its stages in turn, all ending by
+# the group's deadline. The last stage (ncu) has no budget of its own and runs on time left over.
+# STAGES="tune bench" runs a subset (in plan order); BUDGET_<stage or group>=N overrides a budget (e.g. for a
+# rerun of what timed out).
 #
 # OUTDIR ends up with at most 8 files (what the device tool returns): summary.txt (each stage's status, time
 # and budget, plus a one-line note), env.txt, console.log, logs.tgz (every stage's full log),
-# results.tgz (files changed under benchmarks/results, mmkernels/tuned, README.md) and tuned_<device>.json.
+# results.tgz (files changed under benchmarks/results, mmkernels/tuned, README.md, docs) and
+# tuned_<device>.json.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 ROOT=$PWD
 
-STAGE_ORDER=(env setup tests_gpu tune bench steps sanitize tests ncu)
-# real budgets (s); they sum to 530, under the 540 s (9 min) of one call, leaving the packing its margin
-declare -A BUDGET=([env]=15 [setup]=90 [tests_gpu]=45 [tune]=90 [bench]=80 [steps]=55 [sanitize]=35 [tests]=120 [ncu]=0)
+# steps in order; "group=a,b|c" runs lanes "a then b" and "c" side by side
+PLAN=(env setup "checks=tests_gpu,sanitize|tests" tune bench steps ncu)
+STAGE_ORDER=(env setup tests_gpu sanitize tests tune bench steps ncu)
+# real budgets (s): serial steps and the group sum to 525, under the 540 s (9 min) of one call
+declare -A BUDGET=([env]=15 [setup]=75 [checks]=150 [tests_gpu]=60 [sanitize]=60 [tests]=150 [tune]=90
+                   [bench]=140 [steps]=55 [ncu]=0)
 # dry-run budgets: the 2-core CPU runs the interpreter, so the caps are looser, but the selections are tiny
-declare -A DRY_BUDGET=([env]=60 [setup]=300 [tests_gpu]=120 [tune]=150 [bench]=240 [steps]=240 [sanitize]=150 [tests]=120 [ncu]=90)
+declare -A DRY_BUDGET=([env]=60 [setup]=300 [checks]=300 [tests_gpu]=150 [sanitize]=150 [tests]=300
+                       [tune]=150 [bench]=300 [steps]=300 [ncu]=90)
 TOTAL_LIMIT=540
 
-usage() { sed -n 2,9p "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n 2,8p "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
 
 # ------------------------------------------------------------------------------------------------------
 # Stage bodies. Each runs in its own process (this script with --run-stage NAME) under the stage's timeout,
@@ -117,9 +124,10 @@ stage_setup() {
   if [ ! -x .venv/bin/python ]; then note "setup_env.sh made no .venv (rc $rc)"; return 1; fi
   if ((rc != 0)); then  # e.g. a wheel it wanted was not carried: the extension must still be built
     echo "[gpu.sh] setup_env.sh failed (rc $rc); building the extension directly"
-    sub "$(left)" .venv/bin/python setup.py -q build_ext --inplace || rc=$?
+    if [ -f mmkernels/_build.py ]; then sub "$(left)" .venv/bin/python -m mmkernels._build || rc=$?
+    else sub "$(left)" .venv/bin/python setup.py -q build_ext --inplace || rc=$?; fi
   fi
-  cat build_ext.log 2>/dev/null | tail -n 30
+  tail -n 30 build_ext.log 2>/dev/null
   local ext
   ext=$(.venv/bin/python -c "
 import mmkernels._ext as e
@@ -133,7 +141,7 @@ print('extension', e.load() is not None, 'cuda', e.has_cuda(), e.why_missing() o
 stage_tests_gpu() {
   # The >2^31-element tests (serial: several GB each) and every no-host-sync test.
   local rc=0 a b
-  sub "$(share 2)" "$PY" -u -m pytest tests/test_large_gpu.py -v "${PYTEST_COMMON[@]}" 2>&1 | tee "$LOGDIR/tests_gpu_large.part"
+  sub $(($(left) * 2 / 3)) "$PY" -u -m pytest tests/test_large_gpu.py -v "${PYTEST_COMMON[@]}" 2>&1 | tee "$LOGDIR/tests_gpu_large.part"
   a=${PIPESTATUS[0]}
   sub "$(left)" "$PY" -u -m pytest tests -k sync -v "${PYTEST_COMMON[@]}" --ignore=tests/test_large_gpu.py 2>&1 | tee "$LOGDIR/tests_gpu_sync.part"
   b=${PIPESTATUS[0]}
@@ -209,7 +217,7 @@ EOF
 stage_bench() {
   local all ops op rc=0 ok=() bad=() n
   all=$(bench_cases) || return 1
-  [ "$DRY" = 1 ] && [ -n "${DRY_BENCH_OPS:-}" ] && all=$DRY_BENCH_OPS
+  [ "$DRY" = 1 ] && all=${DRY_BENCH_OPS:-modality_scores}
   mapfile -t ops < <(ordered "frm band_energy modality_scores decision_fuse scale_grads" $all)
   n=${#ops[@]}
   for op in "${ops[@]}"; do
@@ -300,10 +308,24 @@ stage_ncu() {
 # ------------------------------------------------------------------------------------------------------
 # Driver
 # ------------------------------------------------------------------------------------------------------
+list_plan() {
+  local step g lanes lane s k
+  for step in "${PLAN[@]}"; do
+    if [[ $step == *=* ]]; then
+      g=${step%%=*}; lanes=${step#*=}; k=0
+      IFS='|' read -ra lane_specs <<< "$lanes"
+      for lane in "${lane_specs[@]}"; do k=$((k + 1)); for s in ${lane//,/ }; do echo "$s ${BUDGET[$s]} $g.$k"; done; done
+      echo "$g ${BUDGET[$g]} group"
+    else
+      echo "$step ${BUDGET[$step]} -"
+    fi
+  done
+  echo "total_limit $TOTAL_LIMIT -"
+}
+
 [ "${1:-}" = --run-stage ] || DRY=0
 case "${1:-}" in
-  --list)
-    for s in "${STAGE_ORDER[@]}"; do echo "$s ${BUDGET[$s]}"; done; echo "total_limit $TOTAL_LIMIT"; exit 0 ;;
+  --list) list_plan; exit 0 ;;
   --run-stage)  # internal: one stage's body, environment set by the driver
     name=$2; "stage_$name"; exit $? ;;
   --dry-run) DRY=1; shift ;;
@@ -321,7 +343,7 @@ T0=$(date +%s)
 
 if [ "$DRY" = 1 ]; then
   export TRITON_INTERPRET=1 DEV=cpu
-  for s in "${STAGE_ORDER[@]}"; do BUDGET[$s]=${DRY_BUDGET[$s]}; done
+  for s in "${!DRY_BUDGET[@]}"; do BUDGET[$s]=${DRY_BUDGET[$s]}; done
   # --quick shapes, and results written under OUTDIR (tune writes its record even when quick)
   TUNE_EXTRA="--quick --out $OUT/dry_results"; BENCH_EXTRA="--quick --out $OUT/dry_results"
 else
@@ -329,11 +351,12 @@ else
   TUNE_EXTRA=""; BENCH_EXTRA=""
 fi
 export TUNE_EXTRA BENCH_EXTRA
-for s in "${STAGE_ORDER[@]}"; do v=BUDGET_$s; [ -n "${!v:-}" ] && BUDGET[$s]=${!v}; done
+for s in "${!BUDGET[@]}"; do v=BUDGET_$s; [ -n "${!v:-}" ] && BUDGET[$s]=${!v}; done
 selected=("${STAGE_ORDER[@]}")
 if [ -n "${STAGES:-}" ]; then
   selected=(); for s in "${STAGE_ORDER[@]}"; do [[ " ${STAGES//,/ } " == *" $s "* ]] && selected+=("$s"); done
 fi
+is_selected() { [[ " ${selected[*]} " == *" $1 "* ]]; }
 
 PY=""
 pick_py() {  # the venv once setup made it, else the machine's python3
@@ -343,29 +366,64 @@ pick_py() {  # the venv once setup made it, else the machine's python3
   else echo "${PYTHON:-python3}"; fi
 }
 
-printf '%-10s %-9s %4s %7s %7s  %s\n' stage status rc time_s budget note > "$OUT/summary.txt"
-echo "[gpu.sh] $([ "$DRY" = 1 ] && echo DRY-RUN || echo GPU) run, stages: ${selected[*]}, out: $OUT, $(date -u +%FT%TZ)"
-deadline=$T0
-for s in "${selected[@]}"; do
-  deadline=$((deadline + BUDGET[$s]))
-  ((deadline > T0 + TOTAL_LIMIT - 8)) && [ "$DRY" != 1 ] && deadline=$((T0 + TOTAL_LIMIT - 8))
-  now=$(date +%s); t=$((deadline - now))
-  log=$LOGDIR/$s.log; NOTE=$LOGDIR/$s.note; : > "$NOTE"
+line() { printf '%-10s %-9s %4s %7s %7s  %s\n' "$@"; }
+write_summary() {  # in stage order, whatever has finished so far (the file stays useful if the call is cut)
+  { line stage status rc time_s budget note
+    for s in "${STAGE_ORDER[@]}"; do [ -f "$LOGDIR/$s.sum" ] && cat "$LOGDIR/$s.sum"; done
+    [ -n "${1:-}" ] && echo "$1"; } > "$OUT/summary.txt"
+}
+
+run_stage() {  # NAME DEADLINE: the stage's body under timeout, its log, its summary line
+  local s=$1 deadline=$2 now t log rc el st block
+  now=$(date +%s); t=$((deadline - now)); log=$LOGDIR/$s.log
+  local note_file=$LOGDIR/$s.note; : > "$note_file"
   if ((t < 15)); then
-    printf '%-10s %-9s %4s %7s %7s  %s\n' "$s" skipped - 0 "${BUDGET[$s]}" "no time left ($t s)" >> "$OUT/summary.txt"
-    echo "[gpu.sh] == $s skipped: $t s left"; continue
+    line "$s" skipped - 0 "${BUDGET[$s]}" "no time left ($t s)" > "$LOGDIR/$s.sum"
+    echo "[gpu.sh] == $s skipped: $t s left"; return
   fi
-  PY=$(pick_py); export PY STAGE_DEADLINE=$deadline NOTE TUNE_EXTRA BENCH_EXTRA
   echo "[gpu.sh] == $s (up to $t s; budget ${BUDGET[$s]} s) $(date -u +%T)"
-  timeout -k 5 "$t" bash "${BASH_SOURCE[0]}" --run-stage "$s" > "$log" 2>&1
+  PY=$PY STAGE_DEADLINE=$deadline NOTE=$note_file timeout -k 5 "$t" bash "${BASH_SOURCE[0]}" --run-stage "$s" > "$log" 2>&1
   rc=$?; el=$(($(date +%s) - now))
   case $rc in 0) st=ok ;; 124|137) st=TIMEOUT ;; *) st=FAILED ;; esac
-  tail -n "${TAIL_LINES:-12}" "$log" | cut -c1-220
-  printf '%-10s %-9s %4s %7s %7s  %s\n' "$s" "$st" "$rc" "$el" "${BUDGET[$s]}" "$(tr '\n' ' ' < "$NOTE" | cut -c1-400)" >> "$OUT/summary.txt"
-  echo "[gpu.sh] == $s: $st (rc $rc) in $el s"
+  line "$s" "$st" "$rc" "$el" "${BUDGET[$s]}" "$(tr '\n' ' ' < "$note_file" | cut -c1-400)" > "$LOGDIR/$s.sum"
+  block=$(tail -n "${TAIL_LINES:-12}" "$log" | cut -c1-220)  # one write, so side-by-side lanes don't interleave lines
+  printf '%s\n[gpu.sh] == %s: %s (rc %s) in %s s\n' "$block" "$s" "$st" "$rc" "$el"
+}
+
+run_lane() {  # END STAGE...: the selected stages in turn, each within its budget, the last one up to END
+  local end=$1 i d mine=() s; shift
+  for s in "$@"; do is_selected "$s" && mine+=("$s"); done
+  for ((i = 0; i < ${#mine[@]}; i++)); do
+    s=${mine[i]}
+    if ((i == ${#mine[@]} - 1)); then d=$end; else d=$(($(date +%s) + BUDGET[$s])); ((d > end)) && d=$end; fi
+    run_stage "$s" "$d"
+  done
+}
+
+echo "[gpu.sh] $([ "$DRY" = 1 ] && echo DRY-RUN || echo GPU) run, stages: ${selected[*]}, out: $OUT, $(date -u +%FT%TZ)"
+write_summary
+deadline=$T0
+cap=$((T0 + TOTAL_LIMIT - 8))  # 8 s stay for packing
+for step in "${PLAN[@]}"; do
+  if [[ $step == *=* ]]; then
+    g=${step%%=*}; IFS='|' read -ra lane_specs <<< "${step#*=}"
+    any=0; for lane in "${lane_specs[@]}"; do for s in ${lane//,/ }; do is_selected "$s" && any=1; done; done
+    ((any)) || continue
+    deadline=$((deadline + BUDGET[$g])); [ "$DRY" != 1 ] && ((deadline > cap)) && deadline=$cap
+    PY=$(pick_py)
+    echo "[gpu.sh] == group $g: lanes ${lane_specs[*]} side by side, until $(date -u -d @"$deadline" +%T)"
+    pids=()
+    for lane in "${lane_specs[@]}"; do run_lane "$deadline" ${lane//,/ } & pids+=($!); done
+    wait "${pids[@]}"
+  else
+    is_selected "$step" || continue
+    deadline=$((deadline + BUDGET[$step])); [ "$DRY" != 1 ] && ((deadline > cap)) && deadline=$cap
+    PY=$(pick_py)
+    run_stage "$step" "$deadline"
+  fi
+  write_summary
 done
-total=$(($(date +%s) - T0))
-echo "total ${total}s (limit ${TOTAL_LIMIT}s), finished $(date -u +%FT%TZ)" >> "$OUT/summary.txt"
+write_summary "total $(($(date +%s) - T0))s (limit ${TOTAL_LIMIT}s), finished $(date -u +%FT%TZ)"
 
 # pack: the device tool returns at most 8 files from OUTDIR, no deeper than 2 folders
 results=()
