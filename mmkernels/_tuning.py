@@ -214,7 +214,7 @@ def _choose(name: str, key: tuple, heuristic, candidates: Callable[[], list], la
             best = _autotuned.get(k)
             if best is None:
                 best = _autotuned[k] = _autotune(name, key, _unique([heuristic] + list(candidates())), launch)
-            return best
+            return convert(best)
     if on_cuda:
         tuned = _table(device).get(name)
         if tuned:

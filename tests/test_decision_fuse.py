@@ -192,7 +192,7 @@ def test_bad_inputs():
     x, w, s, mask, c = inputs(2, 4, 3, torch.float32, "cpu", "bool", "m")
     cases = [
         (lambda: decision_fuse(x[0], w, s), ValueError, r"\(M, B, K\)"),
-        (lambda: decision_fuse(x.long(), w, s), TypeError, "logits must have a floating dtype"),
+        (lambda: decision_fuse(x.long(), w, s), TypeError, "logits must be float16/bfloat16/float32/float64, got torch.int64"),
         (lambda: decision_fuse(x.numpy(), w, s), TypeError, "logits must be a torch.Tensor"),
         (lambda: decision_fuse(torch.randn(0, 4, 3), torch.rand(0, 3), torch.rand(0)), ValueError, "at least one modality"),
         (lambda: decision_fuse(torch.randn(2, 4, 0), torch.rand(2, 0), s), ValueError, "one class"),

@@ -7,7 +7,7 @@ import torch
 
 import mmkernels
 from mmkernels import _tuning
-from mmkernels.ops.frm import _frm_triton, frm_ref
+from mmkernels.ops.frm import _frm_fwd_kernel, _frm_fwd_triton, frm_ref
 from tests.helpers import assert_close
 
 U32 = 2.0 ** -24  # unit roundoff of the fp32 accumulation
@@ -211,15 +211,15 @@ def test_triton_work_split(device, max_tile, target):
     x = well_conditioned((3, 2, 16, 40), 8, 2, torch.float32, device)
     want, _ = oracle(x)
     cfg = {"ROW_TILE": max_tile, "PROGRAMS_PER_SM": target, "num_warps": 1}
-    with _tuning.forced("frm", cfg):  # PROGRAMS_PER_SM = programs in all on the CPU (one "SM")
-        got = _frm_triton(x, 8, 2, 1e-6, "none")
+    with _tuning.forced(_frm_fwd_kernel, cfg):  # PROGRAMS_PER_SM = programs in all on the CPU (one "SM")
+        got = _frm_fwd_triton(x, 8, 2, 1e-6, "none")
     assert_close(got, want, rtol=3e-5, atol=0, what=f"tile={max_tile} target={target}")
 
 
 def test_triton_deterministic(device):
     x = image_like((2, 2, 16, 24), device=device)
-    a = _frm_triton(x, 8, 2, 1e-6, "none")
-    b = _frm_triton(x, 8, 2, 1e-6, "none")
+    a = _frm_fwd_triton(x, 8, 2, 1e-6, "none")
+    b = _frm_fwd_triton(x, 8, 2, 1e-6, "none")
     assert torch.equal(a, b)
 
 
@@ -241,13 +241,13 @@ def test_opcheck(backend, device, reduction):
     (lambda: mmkernels.frm(torch.randn(1, 1, 1, 16, 16)), ValueError, "rank 5"),
     (lambda: mmkernels.frm(torch.randn(2, 3, 20, 16)), ValueError, r"\(2, 3, 20, 16\).*multiples of patch_size=8.*crop"),
     (lambda: mmkernels.frm(torch.randn(2, 3, 16, 12)), ValueError, "multiples of patch_size"),
-    (lambda: mmkernels.frm(torch.ones(2, 3, 16, 16, dtype=torch.int64)), TypeError, r"floating.*int64.*x\.float\(\)"),
-    (lambda: mmkernels.frm(torch.ones(2, 3, 16, 16, dtype=torch.complex64)), TypeError, "floating"),
+    (lambda: mmkernels.frm(torch.ones(2, 3, 16, 16, dtype=torch.int64)), TypeError, r"float16/bfloat16/float32/float64.*int64.*x\.float\(\)"),
+    (lambda: mmkernels.frm(torch.ones(2, 3, 16, 16, dtype=torch.complex64)), TypeError, "float16/bfloat16/float32/float64, got torch.complex64"),
     (lambda: mmkernels.frm([[1.0]]), TypeError, "torch.Tensor"),
     (lambda: mmkernels.frm(torch.randn(1, 1, 8, 8), window=5), ValueError, "window.*overlap"),
     (lambda: mmkernels.frm(torch.randn(1, 1, 8, 8), window=0), ValueError, "window"),
     (lambda: mmkernels.frm(torch.randn(1, 1, 8, 8), patch_size=1, window=1), ValueError, "patch_size"),
-    (lambda: mmkernels.frm(torch.randn(1, 1, 8, 8), patch_size=8.0), ValueError, "patch_size"),
+    (lambda: mmkernels.frm(torch.randn(1, 1, 8, 8), patch_size=8.0), TypeError, "patch_size must be an int"),
     (lambda: mmkernels.frm(torch.randn(1, 1, 8, 8), reduction="mean"), ValueError, "reduction"),
     (lambda: mmkernels.frm(torch.randn(1, 1, 8, 8), eps=float("nan")), ValueError, "eps"),
     (lambda: mmkernels.frm(torch.randn(1, 1, 8, 8), eps=float("inf")), ValueError, "eps"),

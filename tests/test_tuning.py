@@ -122,8 +122,8 @@ def test_band_energy_2d_images_per_program_tail(triton_backend, device):
     # 5 images with 4 per program: the last program redoes image 4 three times; results must not change.
     x = torch.randn(5, 12, 12, device=device)
     spaces = _space(lambda: mmkernels.band_energy(x, [0.2], ndim=2))
-    cfg = dict(spaces["band_energy_2d_fwd"][0], IMGS=4)
-    with _tuning.forced("band_energy_2d_fwd", cfg):
+    cfg = dict(spaces["_band_energy_2d_fwd_kernel"][0], IMGS=4)
+    with _tuning.forced("_band_energy_2d_fwd_kernel", cfg):
         got = mmkernels.band_energy(x, [0.2], ndim=2)
     assert_bands_close(got, oracle_2d_diff(x.double(), [0.2]), "IMGS=4 tail")
 
@@ -141,7 +141,7 @@ def test_heuristic_without_search_or_table(triton_backend, device):
     with _tuning.recording() as log:
         call()
     (name, key, heur, cands), = log
-    assert name == "modality_scores" and key[2] == torch.float32
+    assert name == "_modality_scores_fwd_kernel" and key[2] == torch.float32
     # select() returns the heuristic when nothing is forced, no search runs and (CPU) no table applies
     assert _tuning.select(name, key, heur, lambda: cands, lambda cfg: None, torch.device("cpu")) == heur
 
@@ -223,16 +223,11 @@ def test_shipped_tables_are_valid():
     import glob
     import os
 
-    known = {
-        "frm": {"ROW_TILE", "PROGRAMS_PER_SM", "num_warps"},
-        "modality_scores": {"BLOCK_R", "BLOCK_K", "num_warps", "num_stages"},
-        "decision_fuse_fwd": {"BLOCK_K", "num_warps"},
-        "decision_fuse_bwd": {"BLOCK_K", "num_warps"},
-        "band_energy_1d_fwd": {"BLOCK_M", "BLOCK_N", "BLOCK_F", "num_warps"},
-        "band_energy_1d_bwd": {"BLOCK_M", "BLOCK_N", "BLOCK_F", "num_warps"},
-        "band_energy_2d_fwd": {"BLOCK_U", "BLOCK_V2", "BLOCK_H", "BLOCK_W", "IMGS", "num_warps", "num_stages"},
-        "band_energy_2d_bwd": {"BLOCK_U", "BLOCK_V2", "BLOCK_H", "BLOCK_W", "IMGS", "num_warps", "num_stages"},
-    }
+    from mmkernels.ops import band_energy, decision_fuse, frm, modality_scores  # noqa: F401  (register kernels)
+
+    known = _tuning.registry()
+    assert {"_frm_fwd_kernel", "_modality_scores_fwd_kernel", "_decision_fuse_fwd_kernel",
+            "_decision_fuse_bwd_kernel"} <= set(known)
     for path in glob.glob(os.path.join(os.path.dirname(_tuning.__file__), "tuned", "*.json")):
         with open(path) as f:
             data = json.load(f)
@@ -240,7 +235,8 @@ def test_shipped_tables_are_valid():
         for kernel, entries in data["configs"].items():
             assert kernel in known, (path, kernel)
             for key, cfg in entries.items():
-                assert set(cfg) == known[kernel], (path, kernel, key, cfg)
+                # the entry is a config of that kernel, field for field
+                assert known[kernel].config.from_dict(cfg).as_dict() == cfg, (path, kernel, key, cfg)
 
 
 @pytest.mark.gpu
@@ -322,10 +318,9 @@ def test_static_resources_tool_compiles_for_sm90(tmp_path):
     assert run.returncode == 0, run.stderr[-2000:]
     with open(tmp_path / "resources_sm90.json") as f:
         rows = json.load(f)["rows"]
-    assert {r["kernel"] for r in rows} == {"decision_fuse_fwd", "decision_fuse_bwd"}
+    assert {r["kernel"] for r in rows} == {"_decision_fuse_fwd_kernel", "_decision_fuse_bwd_kernel"}
     for r in rows:
         assert 0 < r["regs"] <= 255 and 0 < r["warps_per_sm"] <= 64, r
-        assert r["triton_kernel"] == {"decision_fuse_fwd": "_fuse_fwd", "decision_fuse_bwd": "_fuse_bwd"}[r["kernel"]]
     assert sum(r["heuristic"] for r in rows) == 2
 
 
@@ -340,7 +335,7 @@ def test_gpu_autotune_search_runs_and_stays_correct(monkeypatch):
         s, c = mmkernels.modality_scores(logits, labels)
     finally:
         _tuning.set_autotune(False)
-    assert [k[0] for k in _tuning._autotuned] == ["modality_scores"]
+    assert [k[0] for k in _tuning._autotuned] == ["_modality_scores_fwd_kernel"]
     assert_close(s, want_s, rtol=1e-5, atol=1e-5, what="after the search")
     assert_close(c, want_c, rtol=0, atol=0, what="after the search")
 

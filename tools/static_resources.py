@@ -31,10 +31,11 @@ from triton.runtime.jit import JITFunction  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import mmkernels  # noqa: E402
 from mmkernels import _tuning  # noqa: E402
-from mmkernels.ops import band_energy as _be, decision_fuse as _df, frm as _frm, modality_scores as _ms  # noqa: E402,F401
+# The kernels are module-level @triton.jit functions: importing the ops before the switch below makes them
+# JITFunctions (compilable), while the switch lets mmkernels send CPU tensors down the Triton path.
+from mmkernels.ops import band_energy, decision_fuse, frm, modality_scores  # noqa: E402,F401
 
-_df._get_kernels(), _frm._get_kernel(), _ms._get_kernel()  # built as JITFunctions before the switch below
-os.environ["TRITON_INTERPRET"] = "1"  # now mmkernels sends CPU tensors down the Triton path
+os.environ["TRITON_INTERPRET"] = "1"
 
 TARGET = GPUTarget("cuda", 90, 32)
 REGS_PER_SM, WARPS_PER_SM, SMEM_PER_SM, BLOCKS_PER_SM = 65536, 64, 228 * 1024, 32
@@ -43,11 +44,6 @@ _DT = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", tor
 _CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 
 _launches: list = []
-# tuning name -> the Triton kernel it configures
-KERNELS = {"band_energy_1d_fwd": "_band1d_fwd_kernel", "band_energy_1d_bwd": "_band1d_bwd_kernel",
-           "band_energy_2d_fwd": "_band2d_fwd_kernel", "band_energy_2d_bwd": "_band2d_bwd_kernel",
-           "modality_scores": "_scores_rows", "frm": "_frm_kernel", "decision_fuse_fwd": "_fuse_fwd",
-           "decision_fuse_bwd": "_fuse_bwd"}
 
 
 def _intercept(self, *args, grid, warmup, **kwargs):
@@ -154,7 +150,8 @@ def main(argv=None) -> int:
                         _launches.clear()
                         with _tuning.forced(name, cfg):
                             call()
-                        hits = [(fn, a, kw) for fn, a, kw in _launches if fn.__name__ == KERNELS[name]]
+                        # a kernel's tuning name is its own name (mmkernels._tuning.kernel_name)
+                        hits = [(fn, a, kw) for fn, a, kw in _launches if fn.__name__ == name]
                         for fn, a, kw in hits[:1]:
                             sig = (fn.__name__, repr(sorted((k, str(v)) for k, v in kw.items())),
                                    tuple((str(t.dtype), tuple(t.shape)) if isinstance(t, torch.Tensor) else t for t in a))
@@ -163,10 +160,10 @@ def main(argv=None) -> int:
                                 use = _usage(k.asm["cubin"], tmp)
                                 use["shared_bytes"] = k.metadata.shared
                                 seen[sig] = dict(use, **_occupancy(use["regs"], k.metadata.shared, opts["num_warps"]))
-                            row = {"op": op, "case": case, "kernel": name, "triton_kernel": fn.__name__,
+                            row = {"op": op, "case": case, "kernel": name,
                                    "config": _tuning.cfg_str(cfg), "heuristic": cfg == heur, **seen[sig]}
                             rows.append(row)
-                            print(f"{name:<20} {row['config']:<82} regs {row['regs']:>3} stack {row['stack_bytes']:>4} "
+                            print(f"{name:<28} {row['config']:<82} regs {row['regs']:>3} stack {row['stack_bytes']:>4} "
                                   f"smem {row['shared_bytes']:>6} -> {row['warps_per_sm']:>2} warps/SM "
                                   f"({row['limited_by']}){'  <- heuristic' if row['heuristic'] else ''}", flush=True)
     os.makedirs(args.out, exist_ok=True)
