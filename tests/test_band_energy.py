@@ -1,9 +1,15 @@
-"""band_energy / band_ratio (SPEC §2.2) against a float64 torch.fft oracle written out here.
+"""band_energy / band_ratio against a float64 torch.fft oracle written out here.
 
-The oracle computes the full spectrum with torch.fft in float64 and builds the band masks itself from
-fftfreq/rfftfreq, so it shares no code (no basis, no Parseval subtraction) with the op under test.
+The oracle computes the full spectrum with torch.fft in float64 and decides band membership itself, from the
+integer bin indices in exact rational arithmetic (``fractions``), so it shares no code (no basis, no Parseval
+subtraction, no membership table) with the op under test. The documented rule it implements: bin ``k`` of a
+length-N row (frequency ``k/N``) is at or above cutoff ``c`` when ``k >= c·N·(1 − 2^-49)``; bin ``(u, v)`` of an
+H×W image (signed indices, ``r² = (u/H)² + (v/W)²``) when ``u²W² + v²H² >= c²H²W²·(1 − 2^-49)`` — a bin on the
+cutoff, however the cutoff was rounded, goes to the upper band.
 """
 import math
+from fractions import Fraction
+from functools import lru_cache
 
 import pytest
 import torch
@@ -12,38 +18,60 @@ import mmkernels
 from mmkernels import band_energy, band_energy_ref, band_ratio
 from tests.helpers import assert_close
 
-
 # ---------------------------------------------------------------------------------------------- oracle
+
+RTOL = Fraction(1, 2 ** 49)  # the documented relative tolerance at a cutoff
+
+
+def _band(q: int, thresholds) -> int:
+    return sum(1 for t in thresholds if q >= t * (1 - RTOL))
+
+
+@lru_cache(maxsize=None)
+def bin_bands_1d(n: int, cutoffs: tuple) -> torch.Tensor:
+    """Band of each one-sided bin k = 0..n//2: k against c·n, exactly."""
+    thr = [Fraction(c) * n for c in cutoffs]
+    return torch.tensor([_band(k, thr) for k in range(n // 2 + 1)])
+
+
+def _signed(p: int, n: int) -> int:
+    return p if p < (n + 1) // 2 else p - n  # torch.fft order: 0, 1, .., then the negative frequencies
+
+
+@lru_cache(maxsize=None)
+def bin_bands_2d(h: int, w: int, cutoffs: tuple) -> torch.Tensor:
+    """Band of each bin of the full (h, w) spectrum: u²w² + v²h² against c²h²w², exactly."""
+    thr = [Fraction(c) ** 2 * (h * h * w * w) for c in cutoffs]
+    return torch.tensor([[_band(_signed(p, h) ** 2 * w * w + _signed(q, w) ** 2 * h * h, thr) for q in range(w)]
+                         for p in range(h)])
+
+
+def _one_sided_mult(n: int) -> torch.Tensor:
+    mult = torch.full((n // 2 + 1,), 2.0, dtype=torch.float64)
+    mult[0] = 1.0
+    if n % 2 == 0:
+        mult[-1] = 1.0
+    return mult
+
+
+def _sum_bands(power, band, nbands):
+    return torch.stack([power[..., band == j].sum(-1) for j in range(nbands)], -1)
+
 
 def oracle_1d(x, cutoffs):
     """One-sided spectrum of the last dim; DC and (even N) Nyquist counted once, other bins twice."""
     x = x.detach().double()
     n = x.shape[-1]
-    power = torch.fft.rfft(x, dim=-1).abs().square()
-    f = torch.fft.rfftfreq(n, dtype=torch.float64).to(x.device)
-    mult = torch.full_like(f, 2.0)
-    mult[0] = 1.0
-    if n % 2 == 0:
-        mult[-1] = 1.0
-    power = power * mult
-    edges = [0.0, *cutoffs]
-    bands = [power[..., (f >= edges[j]) & (f < edges[j + 1])].sum(-1) for j in range(len(cutoffs))]
-    bands.append(power[..., f >= edges[-1]].sum(-1))
-    return torch.stack(bands, -1)
+    power = torch.fft.rfft(x, dim=-1).abs().square() * _one_sided_mult(n).to(x.device)
+    return _sum_bands(power, bin_bands_1d(n, tuple(cutoffs)).to(x.device), len(cutoffs) + 1)
 
 
 def oracle_2d(x, cutoffs):
     """Full 2-D spectrum, radial frequency sqrt(fu² + fv²)."""
     x = x.detach().double()
     h, w = x.shape[-2:]
-    power = torch.fft.fft2(x).abs().square()
-    fu = torch.fft.fftfreq(h, dtype=torch.float64)
-    fv = torch.fft.fftfreq(w, dtype=torch.float64)
-    r = torch.sqrt(fu[:, None] ** 2 + fv[None, :] ** 2).to(x.device)  # radii on the CPU: bins on a cutoff stay put
-    edges = [0.0, *cutoffs]
-    bands = [power[..., (r >= edges[j]) & (r < edges[j + 1])].sum(-1) for j in range(len(cutoffs))]
-    bands.append(power[..., r >= edges[-1]].sum(-1))
-    return torch.stack(bands, -1)
+    power = torch.fft.fft2(x).abs().square().flatten(-2)
+    return _sum_bands(power, bin_bands_2d(h, w, tuple(cutoffs)).flatten().to(x.device), len(cutoffs) + 1)
 
 
 def assert_bands_close(got, want, what=""):
@@ -150,6 +178,75 @@ def test_2d_radial_boundary(backend, device):
     assert got[1, 1].abs() < 1e-3 and abs(got[1, 0] - tot[1]) < 1e-3 * tot[1]
 
 
+def _upper_power(x, cond):
+    """float64 Σ|X[u, v]|² over the bins whose signed indices satisfy ``cond(u, v)`` (from torch.fft directly)."""
+    h, w = x.shape[-2:]
+    p = torch.fft.fft2(x.detach().double().cpu()).abs().square()
+    keep = torch.tensor([[cond(_signed(a, h), _signed(b, w)) for b in range(w)] for a in range(h)])
+    return p[..., keep].sum(-1)
+
+
+@pytest.mark.parametrize("make", [lambda: math.sqrt(0.5), lambda: math.hypot(0.5, 0.5), lambda: 0.5 ** 0.5])
+def test_2d_cutoff_at_corner_radius(backend, device, make):
+    # 8x8: the corner bin (4, 4) has r = sqrt(0.5) exactly; a cutoff there, however it was computed, puts it
+    # in the upper band (it was dropped into the lower one when radius and cutoff were rounded separately).
+    x = (torch.randn(2, 8, 8) * 10).to(device)
+    c = make()
+    got = band_energy(x, [c], ndim=2)
+    corner = _upper_power(x, lambda u, v: abs(u) == 4 and abs(v) == 4)
+    total = 64 * x.double().cpu().square().sum((-2, -1))
+    assert_bands_close(got, torch.stack([total - corner, corner], -1), f"[{c!r}]")
+    # With 0.5 as well: r = 0.5 exactly at (4, 0) and (0, 4) (and (±4, v) / (u, ±4) rows above it).
+    mid = _upper_power(x, lambda u, v: u * u + v * v >= 16) - corner
+    got = band_energy(x, [0.5, c], ndim=2)
+    assert_bands_close(got, torch.stack([total - mid - corner, mid, corner], -1), f"[0.5, {c!r}]")
+
+
+def _exact_radii_2d(h, w):
+    """Every distinct radius ≤ sqrt(0.5) of an h×w grid, each computed three ways (rounding differently)."""
+    pairs = sorted({(u * u * w * w + v * v * h * h, u, v) for u in range(h // 2 + 1) for v in range(w // 2 + 1)})
+    out = {}
+    for q, u, v in pairs:
+        if q == 0 or q in out:
+            continue
+        fu, fv = u / h, v / w
+        out[q] = (math.sqrt(fu * fu + fv * fv), math.hypot(fu, fv), (fu ** 2 + fv ** 2) ** 0.5)
+    return [rs for rs in out.values() if max(rs) <= math.sqrt(0.5)]
+
+
+@pytest.mark.parametrize("hw", [(1, 12), (12, 1), (5, 7), (6, 6), (8, 8), (9, 4)])
+def test_2d_exact_hit_cutoffs(backend, device, hw):
+    x = torch.randn(2, *hw, device=device)
+    radii = _exact_radii_2d(*hw)
+    for way in range(3):
+        cuts = [rs[way] for rs in radii]
+        for i in range(0, len(cuts), 3):  # three increasing cutoffs per call, every radius once
+            cut = cuts[i:i + 3]
+            assert_bands_close(band_energy(x, cut, ndim=2), oracle_2d(x, cut), f"hw={hw} cutoffs={cut}")
+
+
+@pytest.mark.parametrize("n", [5, 6, 7, 10, 12, 15])
+def test_1d_exact_hit_cutoffs(backend, device, n):
+    x = torch.randn(3, n, device=device)
+    # k/n rounded three ways: the nearest float, a product, and one ulp below (all on bin k's frequency).
+    for way in (lambda k: k / n, lambda k: k * (1.0 / n), lambda k: math.nextafter(k / n, 0.0)):
+        cuts = [way(k) for k in range(1, n // 2 + 1) if way(k) <= 0.5]
+        for i in range(0, len(cuts), 3):
+            cut = cuts[i:i + 3]
+            assert_bands_close(band_energy(x, cut), oracle_1d(x, cut), f"n={n} cutoffs={cut}")
+
+
+@pytest.mark.parametrize("ndim,shape,cut", [(1, (512, 7), [0.5]), (1, (512, 9), [0.2, 0.5]),
+                                            (2, (16, 3, 3), [math.sqrt(0.5)]), (2, (16, 5, 3), [0.2, 0.7])])
+def test_last_band_never_negative(backend, device, ndim, shape, cut):
+    # The last band is empty here (no bin reaches the last cutoff); as total − others it rounds to a few ulps
+    # either side of 0 in fp32, and is clamped at 0.
+    x = torch.randn(*shape, device=device)
+    got = band_energy(x, cut, ndim=ndim)
+    assert (got >= 0).all(), f"negative band: {got.min().item()}"
+    assert_bands_close(got, (oracle_1d if ndim == 1 else oracle_2d)(x, cut), "empty last band")
+
+
 @pytest.mark.parametrize("ndim,shape,cutoffs", [(2, (1, 70, 70), [0.3, 0.7]), (1, (3, 150), [0.1, 0.45])])
 def test_multi_tile_forward_and_grad(backend, device, ndim, shape, cutoffs):
     # More bins than one basis tile (64): the kernels loop over frequency, row and column tiles.
@@ -251,10 +348,10 @@ def test_gradcheck(backend, device, ndim, shape, cutoffs):
 @pytest.mark.parametrize("ndim", [1, 2])
 def test_reference_gradcheck_fft_branch(device, ndim):
     # band_energy_ref switches to torch.fft for many bins; its autograd must be right too.
-    from mmkernels.ops.band_energy import _use_fft_ref
+    from mmkernels.ops.band_energy.plans import plan_1d, plan_2d
 
     shape, cut = ((2, 64), [0.3, 0.45]) if ndim == 1 else ((2, 12, 12), [0.3, 0.6])
-    assert _use_fft_ref(shape, tuple(cut), ndim)
+    assert (plan_1d if ndim == 1 else plan_2d)(shape[1:], tuple(cut)).use_fft
     x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda t: band_energy_ref(t, cut, ndim=ndim), (x,))
     with mmkernels.use_backend("reference"):
@@ -277,26 +374,20 @@ def test_grad_matches_oracle(backend, device, ndim, dtype):
     assert_close(gx.double(), want, rtol=tol, atol=tol * float(want.abs().max()), what="grad")
 
 
+def _masks(band, nbands):
+    return torch.stack([band == j for j in range(nbands)], -1).double()
+
+
 def oracle_1d_diff(x, cutoffs):
     n = x.shape[-1]
-    power = torch.view_as_real(torch.fft.rfft(x, dim=-1)).square().sum(-1)
-    f = torch.fft.rfftfreq(n, dtype=torch.float64).to(x.device)
-    mult = torch.where((f == 0) | ((n % 2 == 0) & (f == f[-1])), 1.0, 2.0).double()
-    edges = [0.0, *cutoffs, float("inf")]
-    masks = torch.stack([((f >= edges[j]) & (f < edges[j + 1])) | ((j == len(cutoffs)) & (f >= edges[j]))
-                         for j in range(len(cutoffs) + 1)], -1).double()
-    return (power * mult) @ masks
+    power = torch.view_as_real(torch.fft.rfft(x, dim=-1)).square().sum(-1) * _one_sided_mult(n).to(x.device)
+    return power @ _masks(bin_bands_1d(n, tuple(cutoffs)), len(cutoffs) + 1).to(x.device)
 
 
 def oracle_2d_diff(x, cutoffs):
     h, w = x.shape[-2:]
     power = torch.view_as_real(torch.fft.fft2(x)).square().sum(-1).flatten(-2)
-    fu = torch.fft.fftfreq(h, dtype=torch.float64)
-    fv = torch.fft.fftfreq(w, dtype=torch.float64)
-    r = torch.sqrt(fu[:, None] ** 2 + fv[None, :] ** 2).flatten().to(x.device)
-    edges = [0.0, *cutoffs]
-    masks = [((r >= edges[j]) & (r < edges[j + 1])) for j in range(len(cutoffs))] + [r >= edges[-1]]
-    return power @ torch.stack(masks, -1).double()
+    return power @ _masks(bin_bands_2d(h, w, tuple(cutoffs)).flatten(), len(cutoffs) + 1).to(x.device)
 
 
 # ---------------------------------------------------------------------------------------------- compile / opcheck
@@ -322,11 +413,11 @@ def test_compile_fullgraph(device, ndim):
 def test_opcheck(backend, device, ndim):
     shape = (3, 10) if ndim == 1 else (3, 6, 7)
     x = torch.randn(*shape, device=device, requires_grad=True)
-    torch.library.opcheck(torch.ops.mmkernels.band_energy_fwd.default, (x, [0.1, 0.3], ndim, True))
-    torch.library.opcheck(torch.ops.mmkernels.band_energy_fwd.default, (x.detach(), [0.2], ndim, False))
-    out, proj = torch.ops.mmkernels.band_energy_fwd(x.detach(), [0.1, 0.3], ndim, True)
+    torch.library.opcheck(torch.ops.mmkernels.band_energy.default, (x, [0.1, 0.3], ndim, True))
+    torch.library.opcheck(torch.ops.mmkernels.band_energy.default, (x.detach(), [0.2], ndim, False))
+    out, proj = torch.ops.mmkernels.band_energy(x.detach(), [0.1, 0.3], ndim, True)
     g = torch.randn_like(out)
-    torch.library.opcheck(torch.ops.mmkernels.band_energy_bwd.default, (g, x.detach(), proj, [0.1, 0.3], ndim))
+    torch.library.opcheck(torch.ops.mmkernels.band_energy_backward.default, (g, x.detach(), proj, [0.1, 0.3], ndim))
 
 
 # ---------------------------------------------------------------------------------------------- bad input
@@ -335,7 +426,7 @@ def test_bad_inputs():
     x = torch.randn(2, 8)
     with pytest.raises(ValueError, match="ndim"):
         band_energy(x, 0.1, ndim=3)
-    with pytest.raises(ValueError, match="ndim"):
+    with pytest.raises(TypeError, match="ndim"):
         band_energy(x, 0.1, ndim=True)
     with pytest.raises(TypeError, match="floating"):
         band_energy(torch.ones(2, 8, dtype=torch.int64), 0.1)
