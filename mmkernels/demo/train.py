@@ -9,35 +9,51 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-from mmkernels.demo.data import NUM_CLASSES, Dataset, Split
-from mmkernels.demo.models import ConcatFusion, Unimodal
+from mmkernels.demo.data import Dataset, Split
+from mmkernels.demo.models import ConcatFusion, Unimodal, for_dataset
+
+# Per optimizer: learning rate, weight decay (and SGD's momentum). SGD with momentum is OGM-GE's released
+# setting: a per-encoder gradient coefficient changes an SGD step proportionally. AdamW divides each
+# parameter's gradient by its running RMS, so a coefficient that stays steady over ~1/(1 - beta2) steps
+# cancels: the gradient-level balancers are expected to do little there, and the demo measures it.
+OPTIMIZERS = {
+    "sgd": {"lr": 0.1, "momentum": 0.9, "weight_decay": 1e-4},
+    "adamw": {"lr": 1e-2, "weight_decay": 1e-2},
+}
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = 30
+    epochs: int = 12
     batch_size: int = 64
-    # SGD with momentum, as in OGM-GE's released code: a per-encoder gradient coefficient changes an SGD
-    # step proportionally, whereas Adam's per-parameter normalisation would largely undo it.
-    lr: float = 0.05
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
+    optimizer: str = "sgd"
     device: str = "cpu"
+    # a smoke run (--quick) stops each epoch after this many batches
+    max_batches: int | None = None
+
+    def __post_init__(self):
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"TrainConfig: optimizer must be one of {list(OPTIMIZERS)}, got {self.optimizer!r}")
 
     def as_dict(self):
-        return asdict(self)
+        return {**asdict(self), **OPTIMIZERS[self.optimizer], "schedule": "cosine over the epochs"}
 
 
 def _optimizer(model, cfg: TrainConfig):
-    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    hp = OPTIMIZERS[cfg.optimizer]
+    if cfg.optimizer == "sgd":
+        opt = torch.optim.SGD(model.parameters(), **hp)
+    else:
+        opt = torch.optim.AdamW(model.parameters(), **hp)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(cfg.epochs, 1))
     return opt, sched
 
 
-def _batches(n, batch_size, generator, device):
-    perm = torch.randperm(n, generator=generator).to(device)
-    for i in range(0, n, batch_size):
-        yield perm[i:i + batch_size]
+def _batches(n, cfg: TrainConfig, generator):
+    perm = torch.randperm(n, generator=generator).to(cfg.device)
+    starts = range(0, n, cfg.batch_size)
+    for i in starts if cfg.max_batches is None else starts[:cfg.max_batches]:
+        yield perm[i:i + cfg.batch_size]
 
 
 def subsets(names):
@@ -54,10 +70,13 @@ def availability(names, present, batch, device):
 
 @torch.no_grad()
 def evaluate(model: ConcatFusion, split: Split, fuse=None, present=None, batch_size: int = 1000):
-    """Fused accuracy and per-modality unimodal accuracy (argmax of the head-split logits).
+    """Fused accuracy, per-modality accuracy of the head-split logits, and each modality's share of the
+    fused head.
 
     ``present``: names available at test time (others are zeroed at the input and masked);
     ``fuse(unimodal, mask) -> logits``: the method's decision rule (default: the sum of the split head).
+    The share of modality m is ``Σ_b ‖ℓ_m[b] − b/M‖ / Σ_b Σ_j ‖ℓ_j[b] − b/M‖``: how much of the fused
+    logits (bias excluded) its features contribute. Returns ``(fused acc, {m: acc}, {m: share})``.
     """
     model.eval()
     names = model.names
@@ -65,6 +84,8 @@ def evaluate(model: ConcatFusion, split: Split, fuse=None, present=None, batch_s
     n = len(split)
     correct = 0
     uni_correct = {k: 0 for k in names}
+    norm = {k: 0.0 for k in names}
+    bias = model.head.bias / len(names)
     for i in range(0, n, batch_size):
         x, y = split.batch(slice(i, i + batch_size))
         B = y.shape[0]
@@ -77,16 +98,18 @@ def evaluate(model: ConcatFusion, split: Split, fuse=None, present=None, batch_s
         correct += int((fused.argmax(1) == y).sum())
         for k in names:
             uni_correct[k] += int((uni[k].argmax(1) == y).sum())
+            norm[k] += float((uni[k] - bias).norm(dim=1).sum())
     model.train()
-    return correct / n, {k: c / n for k, c in uni_correct.items()}
+    total = sum(norm.values()) or 1.0
+    return correct / n, {k: c / n for k, c in uni_correct.items()}, {k: v / total for k, v in norm.items()}
 
 
-def train_unimodal(split_train: Split, split_val: Split, split_test: Split | None, view: str, cfg: TrainConfig,
-                   seed: int, progress=None):
-    """An encoder of one view with its own head; returns (best val acc, test acc at that epoch)."""
+def train_unimodal(ds: Dataset, view: str, cfg: TrainConfig, seed: int, progress=None):
+    """An encoder of one modality with its own head; returns (best val acc, test acc at that epoch)."""
     torch.manual_seed(seed)
+    split_train, split_val, split_test = ds.train.to(cfg.device), ds.val.to(cfg.device), ds.test.to(cfg.device)
     x_tr, y_tr = split_train.x[view], split_train.y
-    model = Unimodal(x_tr.shape[1:]).to(cfg.device)
+    model = Unimodal(ds.kinds[view], x_tr.shape[1:], ds.num_classes).to(cfg.device)
     opt, sched = _optimizer(model, cfg)
     g = torch.Generator().manual_seed(seed)
 
@@ -99,7 +122,7 @@ def train_unimodal(split_train: Split, split_val: Split, split_test: Split | Non
 
     best = (-1.0, None)
     for _ in range(cfg.epochs):
-        for idx in _batches(len(y_tr), cfg.batch_size, g, cfg.device):
+        for idx in _batches(len(y_tr), cfg, g):
             loss = F.cross_entropy(model(x_tr[idx]), y_tr[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -107,27 +130,39 @@ def train_unimodal(split_train: Split, split_val: Split, split_test: Split | Non
         sched.step()
         va = acc(split_val)
         if va > best[0]:
-            best = (va, acc(split_test) if split_test is not None else None)
+            best = (va, acc(split_test))
         if progress is not None:
             progress(_, va)
     return best
 
 
 class Method:
-    """How one training method plugs into the loop. Subclasses hold the balancers."""
+    """How one training method plugs into the loop (the baseline itself). Subclasses hold the balancers.
 
-    name = "baseline"
+    ``loss(x, y, epoch)`` runs the forward pass and the balancer's ``step``; ``after_backward()`` runs
+    between ``backward()`` and ``optimizer.step()``; ``after_step()`` after it (for balancers that modulate
+    the optimizer's update); ``fuse()`` is the decision rule at evaluation; ``coefficients()`` what the
+    trajectory plot draws. ``optimizer`` (built before the method) is there for balancers that hook it.
+    """
+
     balanced = False
     coefficient_label = ""
 
-    def __init__(self, model: ConcatFusion, ds: Dataset, cfg: TrainConfig, seed: int, context: dict):
+    def __init__(self, model: ConcatFusion, ds: Dataset, cfg: TrainConfig, seed: int, context: dict,
+                 optimizer=None, **options):
         self.model = model
+        self.ds = ds
+        self.optimizer = optimizer
+        self.options = options
 
     def loss(self, x, y, epoch):
         fused, uni = self.model(x)
         return F.cross_entropy(fused, y)
 
     def after_backward(self):
+        pass
+
+    def after_step(self):
         pass
 
     def fuse(self):
@@ -146,29 +181,40 @@ class Method:
         return {}
 
 
-def train_joint(ds: Dataset, method_cls, cfg: TrainConfig, seed: int, context: dict, progress=None):
-    """Train one fused model with a method; model selection by validation fused accuracy only."""
+def build(ds: Dataset, spec, cfg: TrainConfig, seed: int, context: dict):
+    """The model, the method (from its table entry ``spec``) and the optimizer of one run."""
     torch.manual_seed(seed)
-    train, val, test = ds.train.to(cfg.device), ds.val.to(cfg.device), ds.test.to(cfg.device)
-    model = ConcatFusion(ds.info["shapes"], NUM_CLASSES).to(cfg.device)
-    method = method_cls(model, ds, cfg, seed, context)
+    model = for_dataset(ds).to(cfg.device)
     opt, sched = _optimizer(model, cfg)
+    method = spec.make(model, ds, cfg, seed, context, opt)
+    return model, method, opt, sched
+
+
+def train_step(method: Method, opt, x, y, epoch):
+    loss = method.loss(x, y, epoch)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    method.after_backward()
+    opt.step()
+    method.after_step()
+
+
+def train_joint(ds: Dataset, spec, cfg: TrainConfig, seed: int, context: dict, progress=None):
+    """Train one fused model with a method; model selection by validation fused accuracy only."""
+    train, val, test = ds.train.to(cfg.device), ds.val.to(cfg.device), ds.test.to(cfg.device)
+    model, method, opt, sched = build(ds, spec, cfg, seed, context)
     g = torch.Generator().manual_seed(seed)
     sync = torch.cuda.synchronize if cfg.device.startswith("cuda") else (lambda: None)
 
     step_times, trajectory, val_curve = [], [], []
-    best_val, best_state, best_epoch = -1.0, None, -1
+    best_val, best_state, best_epoch, best_method_state = -1.0, None, -1, None
     for epoch in range(cfg.epochs):
         coeff_sum, coeff_n = {}, 0
-        for idx in _batches(len(train), cfg.batch_size, g, cfg.device):
+        for idx in _batches(len(train), cfg, g):
             x, y = train.batch(idx)
             sync()
             t0 = time.perf_counter()
-            loss = method.loss(x, y, epoch)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            method.after_backward()
-            opt.step()
+            train_step(method, opt, x, y, epoch)
             sync()
             step_times.append(time.perf_counter() - t0)
             for k, v in method.coefficients().items():
@@ -177,7 +223,7 @@ def train_joint(ds: Dataset, method_cls, cfg: TrainConfig, seed: int, context: d
         sched.step()
         if coeff_sum:
             trajectory.append({k: v / coeff_n for k, v in coeff_sum.items()})
-        va, _ = evaluate(model, val, method.fuse())
+        va = evaluate(model, val, method.fuse())[0]
         val_curve.append(va)
         if va > best_val:
             best_val, best_epoch = va, epoch
@@ -188,11 +234,10 @@ def train_joint(ds: Dataset, method_cls, cfg: TrainConfig, seed: int, context: d
     model.load_state_dict(best_state)
     method.load_state(best_method_state)
     fuse = method.fuse()
-    test_acc, uni_acc = evaluate(model, test, fuse)
+    test_acc, uni_acc, share = evaluate(model, test, fuse)
     missing = {}
     for present in subsets(model.names):
-        a, _ = evaluate(model, test, fuse, present)
-        missing["+".join(present)] = a
+        missing["+".join(present)] = evaluate(model, test, fuse, present)[0]
     # the first epoch includes one-off costs (allocations, caches); steady-state steps are the later ones
     steady = step_times[len(step_times) // max(cfg.epochs, 1):] or step_times
     steady = sorted(steady)
@@ -202,6 +247,7 @@ def train_joint(ds: Dataset, method_cls, cfg: TrainConfig, seed: int, context: d
         "val_acc": best_val,
         "test_acc": test_acc,
         "unimodal_acc": uni_acc,
+        "head_share": share,
         "missing_acc": missing,
         "missing_avg": sum(missing.values()) / max(len(missing), 1),
         "step_time_ms_median": 1e3 * steady[len(steady) // 2],
@@ -211,7 +257,7 @@ def train_joint(ds: Dataset, method_cls, cfg: TrainConfig, seed: int, context: d
     }
 
 
-def time_steps(ds: Dataset, methods: dict, cfg: TrainConfig, context: dict, rounds: int = 6, steps: int = 10,
+def time_steps(ds: Dataset, specs: dict, cfg: TrainConfig, context: dict, rounds: int = 6, steps: int = 10,
                warmup: int = 3):
     """Time one training step of every method, interleaved round-robin so that a shared, busy CPU slows
     every method alike (timings taken during the training runs are not comparable across methods there).
@@ -222,28 +268,18 @@ def time_steps(ds: Dataset, methods: dict, cfg: TrainConfig, context: dict, roun
     sync = torch.cuda.synchronize if cfg.device.startswith("cuda") else (lambda: None)
     g = torch.Generator().manual_seed(1234)
     batches = [torch.randperm(len(train), generator=g)[:cfg.batch_size].to(cfg.device) for _ in range(steps)]
-    state = {}
-    for name, cls in methods.items():
-        torch.manual_seed(0)
-        model = ConcatFusion(ds.info["shapes"], NUM_CLASSES).to(cfg.device)
-        method = cls(model, ds, cfg, 0, context)
-        opt, _ = _optimizer(model, cfg)
-        state[name] = (model, method, opt)
+    state = {name: build(ds, spec, cfg, 0, context) for name, spec in specs.items()}
 
     def one(name, idx):
-        model, method, opt = state[name]
+        _, method, opt, _ = state[name]
         x, y = train.batch(idx)
         sync()
         t0 = time.perf_counter()
-        loss = method.loss(x, y, 0)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        method.after_backward()
-        opt.step()
+        train_step(method, opt, x, y, 0)
         sync()
         return time.perf_counter() - t0
 
-    names = list(methods)
+    names = list(specs)
     for name in names:
         for i in range(warmup):
             one(name, batches[i % steps])
