@@ -195,3 +195,235 @@ def test_lightning_checkpoint_resume_is_bit_identical_and_logs(L, tmp_path):
     logged = trainer.callback_metrics
     for name, k in straight.bal.coefficients.items():
         assert torch.equal(logged[f"balance/k/{name}"], k), name
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Hugging Face Trainer
+
+
+class HFModel(nn.Module):
+    """A plain nn.Module the Trainer can train: returns the loss; calls the balancer's step() in forward."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+        self.bal = None
+
+    def forward(self, xa, xb, labels):
+        fused, h = self.net(xa, xb)
+        if self.bal is not None and self.training:
+            with torch.no_grad():
+                self.bal.step(logits=split_linear_head(self.net.head, h), labels=labels)
+        return {"loss": F.cross_entropy(fused, labels), "logits": fused}
+
+
+def _hf_rows(batches):
+    return [{"xa": xa[i], "xb": xb[i], "labels": y[i]} for xa, xb, y in batches for i in range(len(y))]
+
+
+def _hf_args(transformers, tmp_path, **kw):
+    base = dict(output_dir=str(tmp_path / "out"), per_device_train_batch_size=8, learning_rate=0.1,
+                num_train_epochs=1, max_grad_norm=0.0, use_cpu=True, report_to=[], disable_tqdm=True,
+                save_strategy="no", logging_steps=1, seed=0, lr_scheduler_type="constant", warmup_steps=0)
+    base.update(kw)
+    return transformers.TrainingArguments(**base)
+
+
+def _hf_recorder(transformers):
+    class Recorder(transformers.TrainerCallback):
+        def __init__(self):
+            self.grads = []
+
+        def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+            self.grads.append({n.removeprefix("net."): p.grad.detach().clone() for n, p in model.named_parameters()})
+
+    return Recorder()
+
+
+@pytest.fixture
+def transformers():
+    return _need("transformers")
+
+
+def test_hf_callback_accumulation_applies_the_asked_coefficient(transformers, tmp_path):
+    from mmkernels.integrations.hf import BalancerTrainerCallback
+
+    torch.manual_seed(0)
+    net = TwoModal()
+    batches = _data(2)
+    # one accumulation window covers the whole data set: its gradient does not depend on the shuffle order
+    want = _reference_grads(net, batches, accumulate=2)
+    model = HFModel(net)
+    model.bal = _pdmp(net)
+    rec = _hf_recorder(transformers)
+    args = _hf_args(transformers, tmp_path, gradient_accumulation_steps=2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=_hf_rows(batches),
+                                   callbacks=[BalancerTrainerCallback(model.bal), rec], optimizers=(opt, None))
+    trainer.train()
+    assert len(rec.grads) == 1
+    for name, g in rec.grads[0].items():
+        torch.testing.assert_close(g.double(), want[name], rtol=1e-5, atol=1e-7, msg=name)
+    logged = [h for h in trainer.state.log_history if "loss" in h]
+    assert logged and logged[-1]["balance/k/a"] == K_A and logged[-1]["balance/k/b"] == K_B
+
+
+def test_hf_checkpoint_resume_restores_the_balancer(transformers, tmp_path):
+    from mmkernels.integrations.hf import STATE_FILE, BalancerTrainerCallback
+
+    batches = _data(2, seed=2)
+
+    def run(epochs, resume=False):
+        torch.manual_seed(0)
+        net = TwoModal()
+        model = HFModel(net)
+        model.bal = OGMGE({"a": net.enc_a, "b": net.enc_b}, alpha=0.8, mode="parameter", noise="ge", seed=5)
+        cb = BalancerTrainerCallback(model.bal)
+        args = _hf_args(transformers, tmp_path, num_train_epochs=epochs, save_strategy="epoch",
+                        per_device_train_batch_size=4)
+        trainer = transformers.Trainer(model=model, args=args, train_dataset=_hf_rows(batches), callbacks=[cb],
+                                       optimizers=(torch.optim.SGD(model.parameters(), lr=0.5), None))
+        trainer.train(resume_from_checkpoint=resume or None)
+        return model, cb
+
+    straight, _ = run(2)
+    (tmp_path / "out").rename(tmp_path / "straight")
+    run(1)
+    assert (tmp_path / "out" / "checkpoint-4" / STATE_FILE).exists()
+    resumed, cb = run(2, resume=True)
+    assert cb.loaded_from is not None and cb.loaded_from.endswith("checkpoint-4")
+    assert straight.bal.num_steps == resumed.bal.num_steps == 8
+    assert torch.equal(straight.bal.coefficient_tensor, resumed.bal.coefficient_tensor)
+    for (n, p), q in zip(straight.net.named_parameters(), resumed.net.parameters()):
+        assert torch.equal(p, q), n
+
+
+def test_hf_balanced_trainer_mwam_loss_mode(transformers, tmp_path):
+    """MWAM's loss mode through BalancedTrainer: the gradient of one step equals the gradient of
+    CE(fused) + sum_m K_m CE(unimodal_m) written out in float64 with the weights the balancer set."""
+    from mmkernels.balance import MWAM
+    from mmkernels.integrations.hf import BalancedTrainer
+
+    class ImageModal(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.enc_a = nn.Sequential(nn.Conv2d(1, 3, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+            self.enc_b = nn.Sequential(nn.Conv2d(1, 3, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+            self.head = nn.Linear(6, 5)
+
+        def forward(self, xa, xb, labels=None):
+            h = {"a": self.enc_a(xa), "b": self.enc_b(xb)}
+            return {"fused": self.head(torch.cat([h["a"], h["b"]], 1)),
+                    "unimodal": split_linear_head(self.head, h)}
+
+    torch.manual_seed(0)
+    model = ImageModal()
+    g = torch.Generator().manual_seed(0)
+    xa = torch.randn(8, 1, 16, 16, generator=g)
+    xb = torch.randn(8, 1, 16, 16, generator=g).cumsum(-1)  # smoother: a different frequency ratio
+    y = torch.randint(0, 5, (8,), generator=g)
+    rows = [{"xa": xa[i], "xb": xb[i], "labels": y[i]} for i in range(8)]
+    ref = copy.deepcopy(model).double()
+    bal = MWAM(["a", "b"], apply="loss")
+    seen = {}
+
+    def balance_loss(bal, out, batch, epoch):
+        bal.step(inputs={"a": batch["xa"], "b": batch["xb"]}, epoch=epoch)
+        seen.update(weights=dict(bal.loss_weights), batch=batch)
+        return bal.loss(out["fused"], out["unimodal"], batch["labels"])
+
+    rec = _hf_recorder(transformers)
+    trainer = BalancedTrainer(model=model, args=_hf_args(transformers, tmp_path), train_dataset=rows,
+                              balancer=bal, balance_loss=balance_loss, callbacks=[rec],
+                              optimizers=(torch.optim.SGD(model.parameters(), lr=0.1), None))
+    trainer.train()
+    w = seen["weights"]
+    assert not torch.equal(w["a"], w["b"])  # the two inputs' frequency ratios differ
+    b = seen["batch"]
+    out = ref(b["xa"].double(), b["xb"].double())
+    loss = F.cross_entropy(out["fused"], b["labels"]) + sum(
+        w[m].double() * F.cross_entropy(out["unimodal"][m], b["labels"]) for m in ("a", "b"))
+    loss.backward()
+    for name, p in ref.named_parameters():
+        torch.testing.assert_close(rec.grads[0][name].double(), p.grad, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
+    logged = [h for h in trainer.state.log_history if "loss" in h]
+    assert "balance/k/a" in logged[-1]
+
+
+# ------------------------------------------------------------------------------------------------------------
+# torchrun (examples/ddp_torchrun.py) and accelerate
+
+
+def test_torchrun_example_two_ranks_identical_and_equal_to_one_process(tmp_path):
+    import importlib.util
+    import json
+
+    out = tmp_path / "ddp.json"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          str(REPO / "examples" / "ddp_torchrun.py"), "--steps", "8", "--out", str(out)],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
+    got = json.loads(out.read_text())
+    assert got["world"] == 2 and got["identical"] and got["steps"] == 8
+    assert got["per_rank_coefficients"][0] == got["per_rank_coefficients"][1]
+    # independent check: one process on the concatenated global batches (no torch.distributed) gives the
+    # same training, because the statistics and the averaged gradient are those of the global batch
+    spec = importlib.util.spec_from_file_location("ddp_example", REPO / "examples" / "ddp_torchrun.py")
+    ex = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ex)
+    torch.manual_seed(0)
+    model = ex.TwoModal()
+    bal = OGMGE({"a": model.enc_a, "b": model.enc_b}, alpha=0.8, mode="parameter", noise="ge", seed=0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for (xa0, xb0, y0), (xa1, xb1, y1) in zip(ex.shard(0, 8), ex.shard(1, 8)):
+        xa, xb, y = torch.cat([xa0, xa1]), torch.cat([xb0, xb1]), torch.cat([y0, y1])
+        fused, h = model(xa, xb)
+        with torch.no_grad():
+            bal.step(logits=split_linear_head(model.head, h), labels=y, epoch=0)
+        opt.zero_grad()
+        F.cross_entropy(fused, y).backward()
+        bal.after_backward()
+        opt.step()
+    k = bal.coefficient_tensor
+    assert k.min() < 1  # OGM-GE damped the informative modality
+    torch.testing.assert_close(torch.tensor(got["per_rank_coefficients"][0]), k, rtol=1e-4, atol=1e-6)
+    flat = torch.cat([q.detach().flatten() for q in model.parameters()])
+    torch.testing.assert_close(torch.tensor(got["params"]), flat, rtol=1e-4, atol=1e-5)
+
+
+def test_accelerate_register_for_checkpointing_resumes_the_balancer(tmp_path):
+    accelerate = _need("accelerate")
+
+    def run(steps_before, steps_after, save=None, load=None):
+        torch.manual_seed(0)
+        acc = accelerate.Accelerator(cpu=True)
+        net = TwoModal()
+        bal = OGMGE({"a": net.enc_a, "b": net.enc_b}, alpha=0.8, mode="parameter", noise="ge", seed=1)
+        opt = torch.optim.SGD(net.parameters(), lr=0.5)
+        net, opt = acc.prepare(net, opt)
+        acc.register_for_checkpointing(bal)  # the balancer's state_dict travels with save_state/load_state
+        batches = _data(steps_before + steps_after, seed=4)
+        if load:
+            acc.load_state(load)
+            batches = batches[steps_before:]
+        for i, (xa, xb, y) in enumerate(batches):
+            if save and i == steps_before:
+                acc.save_state(save)
+                return net, bal
+            fused, h = net(xa, xb)
+            with torch.no_grad():
+                bal.step(logits=split_linear_head(acc.unwrap_model(net).head, h), labels=y)
+            opt.zero_grad()
+            acc.backward(F.cross_entropy(fused, y))
+            bal.after_backward()
+            opt.step()
+        return net, bal
+
+    straight_net, straight_bal = run(3, 3)
+    run(3, 3, save=str(tmp_path / "state"))
+    net, bal = run(3, 3, load=str(tmp_path / "state"))
+    assert bal.num_steps == straight_bal.num_steps == 6
+    assert torch.equal(bal.coefficient_tensor, straight_bal.coefficient_tensor)
+    for p, q in zip(straight_net.parameters(), net.parameters()):
+        assert torch.equal(p, q)
