@@ -4,6 +4,7 @@ its peers, and the peers compute what ours computes), the tuner's cases, tables,
 says it read and wrote. Timings here come from fake callables of known cost or scripted times, not kernels."""
 import csv
 import json
+import math
 import os
 import time
 import types
@@ -572,3 +573,85 @@ def test_time_interleaved_rotates_and_combines():
     # rotating order: the calls of one repeat of "fast" come before that repeat's "slow" calls, three times
     changes = sum(1 for a, b in zip(log, log[1:]) if a != b)
     assert changes == 5
+
+
+# ------------------------------------------------------------------------------------------------ transcriptions
+# The released code paths the benchmarks time and the tests compare against, checked against the oracles.
+def test_released_ogm_ge_score_and_rule():
+    from mmkernels.bench import released
+    from tests import oracles
+
+    logits, labels = 3 * torch.randn(2, 12, 5, dtype=torch.float64), torch.randint(0, 5, (12,))
+    want, _ = oracles.modality_scores(logits, labels)
+    got = torch.stack([released.ogm_ge_score(x, labels) for x in logits])
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
+    for s_a, s_v in ((30.0, 10.0), (10.0, 30.0), (5.0, 5.0), (1.0, 1.0 + 1e-6)):
+        k_a, k_v = released.ogm_ge_coefficients(torch.tensor(s_a, dtype=torch.float64),
+                                                 torch.tensor(s_v, dtype=torch.float64), 0.8)
+        assert (float(k_a), float(k_v)) == pytest.approx(oracles.ogm_ge_two(s_a, s_v, 0.8), rel=1e-12)
+    # a tie takes the released else branch: audio modulated by 1 - tanh(alpha)
+    assert float(released.ogm_ge_coefficients(torch.tensor(2.0), torch.tensor(2.0), 0.5)[0]) == \
+        pytest.approx(1 - torch.tanh(torch.tensor(0.5)).item())
+
+
+def test_released_ge_and_ogm_modulation():
+    from mmkernels.bench import released
+
+    torch.manual_seed(0)
+    conv = torch.nn.Parameter(torch.empty(64, 32, 3, 3))
+    bias = torch.nn.Parameter(torch.empty(64))
+    g, gb = torch.randn(64, 32, 3, 3) * 0.01, torch.randn(64)
+    conv.grad, bias.grad = g.clone(), gb.clone()
+    released.ge_modulate_([conv, bias], 0.3)
+    noise = conv.grad - 0.3 * g
+    assert noise.std().item() == pytest.approx(g.std().item() + 1e-8, rel=0.03)  # N(0, std(grad) + 1e-8)
+    assert abs(noise.mean().item()) < 4 * g.std().item() / g.numel() ** 0.5
+    assert torch.equal(bias.grad, gb)  # only 4-D gradients are modulated
+    conv.grad = g.clone()
+    grad = conv.grad
+    released.ogm_modulate_([conv, bias], 0.25)
+    assert conv.grad is grad and torch.equal(conv.grad, g * 0.25) and torch.equal(bias.grad, gb)
+
+
+def test_released_step_modulation_picks_the_stronger_modality():
+    from mmkernels.bench import released
+
+    torch.manual_seed(0)
+    feat_a, feat_v = torch.randn(16, 4), torch.randn(16, 4)
+    weight, bias = torch.randn(3, 8), torch.randn(3)
+    weight[:, 4:] *= 10  # the visual half dominates: visual is the stronger modality
+    labels = (feat_v @ weight[:, 4:].t()).argmax(1)
+    audio, visual = torch.nn.Parameter(torch.empty(2, 2, 1, 1)), torch.nn.Parameter(torch.empty(2, 2, 1, 1))
+    audio.grad, visual.grad = torch.ones(2, 2, 1, 1), torch.ones(2, 2, 1, 1)
+    k_a, k_v = released.ogm_ge_step_modulation([audio], [visual], weight, bias, feat_a, feat_v, labels, 0.8, ge=False)
+    out_a, out_v = released.concat_head_logits(weight, bias, feat_a, feat_v)
+    torch.testing.assert_close(out_a + out_v, torch.cat([feat_a, feat_v], 1) @ weight.t() + bias)
+    s_a, s_v = (float(torch.softmax(o, 1)[torch.arange(16), labels].sum()) for o in (out_a, out_v))
+    k_want = 1 - math.tanh(0.8 * s_v / s_a)  # fp32 tanh near 1: 1 − tanh keeps ~4 significant digits
+    assert s_v > s_a and k_a == 1 and float(k_v) == pytest.approx(k_want, rel=1e-4)
+    assert torch.equal(audio.grad, torch.ones(2, 2, 1, 1)) and torch.allclose(visual.grad, torch.full((2, 2, 1, 1), float(k_v)))
+
+
+def test_released_mwam_frm_and_dct():
+    from mmkernels.bench import released
+    from tests import oracles
+
+    x = torch.rand(2, 3, 16, 24, dtype=torch.float64)
+    want, _ = oracles.frm(x)
+    got = released.mwam_frm(x, dct_2d=released.dct_2d_fft)
+    torch.testing.assert_close(got, want.sum(), rtol=1e-9, atol=0)
+    low, high = released.mwam_frequency_layer(x, 8, 2, released.dct_2d_fft)
+    assert low.shape == high.shape == (2, 2, 3, 3, 2, 2)  # (b, npw, c, nph, q, q) after the released relabelling
+    p = torch.rand(5, 8, 8, dtype=torch.float64)
+    D = oracles.dct_matrix(8)
+    torch.testing.assert_close(released.dct_2d_fft(p), D @ p @ D.T, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="dct_2d_fft: norm must be 'ortho'"):
+        released.dct_2d_fft(p, norm=None)
+    fn, which = released.released_dct_2d()
+    try:
+        import torch_dct
+    except ImportError:
+        assert fn is released.dct_2d_fft and "not installed" in which
+    else:
+        assert fn is torch_dct.dct_2d and "torch-dct package" in which
+        torch.testing.assert_close(torch_dct.dct_2d(p, "ortho"), released.dct_2d_fft(p), rtol=1e-12, atol=1e-12)
