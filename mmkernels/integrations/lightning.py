@@ -67,7 +67,7 @@ class BalancerCallback(_pl.Callback):
         if self.log:
             metrics = balancer_metrics(self.balancer, self.prefix)
             if metrics:
-                pl_module.log_dict(metrics, on_step=True, on_epoch=False, logger=True, prog_bar=False)
+                pl_module.log_dict(metrics, on_step=True, on_epoch=False, logger=trainer.logger is not None, prog_bar=False)
 
     def state_dict(self) -> dict:
         return {"balancer": self.balancer.state_dict()}
