@@ -655,3 +655,12 @@ def test_released_mwam_frm_and_dct():
     else:
         assert fn is torch_dct.dct_2d and "torch-dct package" in which
         torch.testing.assert_close(torch_dct.dct_2d(p, "ortho"), released.dct_2d_fft(p), rtol=1e-12, atol=1e-12)
+
+
+def test_summary_bars_are_ours_against_the_best_peer_per_device():
+    results = [("toy_cpu", {"environment": CPU_ENV, "rows": FAKE_ROWS}),
+               ("toy_cuda_X", {"environment": CUDA_ENV, "rows": report.normalize(
+                   [{"op": "frm", "shape": "s", "impl": "frm_ref_eager", "median_ms": 2.0},
+                    {"op": "frm", "shape": "s", "impl": "mmkernels.frm", "median_ms": 0.5}])})]
+    assert report.summary_bars(results) == [("2-core CPU", [("toy 8x8 float32", 4.0, 1.5)]),  # cold, ours, timed
+                                            ("NVIDIA H100 80GB HBM3", [("frm s ", 4.0, None)])]

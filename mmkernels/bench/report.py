@@ -324,14 +324,14 @@ def speedup_panels(rows: list[dict]) -> list[tuple[str, list[tuple[str, str, flo
     return panels
 
 
-def _bar_axes(ax, labels, values, heads, xlabel, marks=(1.0,)):
+def _bar_axes(ax, labels, values, heads, xlabel, marks=(1.0,), colors=None):
     ys = list(range(len(labels)))[::-1]
     shown = [v for v in values if v is not None]
     log = max(shown) / min(shown) > 20 or max(shown) > 20
-    for y, label, value in zip(ys, labels, values):
+    for i, (y, label, value) in enumerate(zip(ys, labels, values)):
         if value is None:
             continue
-        color = "tab:orange" if label.startswith("mmkernels") else "tab:blue"
+        color = colors[i] if colors else "tab:orange" if label.startswith("mmkernels") else "tab:blue"
         ax.barh(y, value, color=color, height=0.7)
         ax.annotate(f"{value:.3g}×", (value, y), xytext=(3, 0), textcoords="offset points", va="center", fontsize=7)
     for m in marks:
@@ -395,7 +395,7 @@ def plot_file(json_path: str, png_path: str) -> bool:
 
 
 def summary_bars(results: list) -> list[tuple[str, list[tuple[str, float]]]]:
-    """Per device, ``(case, ours vs best peer)`` for every recorded L2-cold case of an op."""
+    """Per device, ``(case, ours vs best peer, target or None)`` for every recorded L2-cold case of an op."""
     by_device: dict = {}
     for _, data in results:
         dev = _device_label(data["environment"])
@@ -403,7 +403,7 @@ def summary_bars(results: list) -> list[tuple[str, list[tuple[str, float]]]]:
             if r.get("role") == "ours" and isinstance(r.get("vs_best_peer"), (int, float)) and r.get("l2") != "warm":
                 dtype = str(r.get("dtype", "")).replace("torch.", "")
                 case = f"{r['op']} {r['shape']} {dtype}" + (" fwd+bwd" if r.get("pass") == "fwd+bwd" else "")
-                by_device.setdefault(dev, []).append((case, float(r["vs_best_peer"])))
+                by_device.setdefault(dev, []).append((case, float(r["vs_best_peer"]), r.get("target_vs_best_peer")))
     return list(by_device.items())
 
 
@@ -416,9 +416,11 @@ def summary_plot(results: list, png_path: str) -> bool:
     heights = [len(bars) for _, bars in panels]
     fig, axes = _figure(sum(heights), len(panels), heights)
     for ax, (dev, bars) in zip(axes, panels):
-        _bar_axes(ax, [c for c, _ in bars], [v for _, v in bars], [False] * len(bars),
+        # green: meets its target (1.2× per-step, 1.5× large; files without one: ahead at all), red: behind
+        colors = ["tab:green" if v >= (t or 1.0) else "tab:red" for _, v, t in bars]
+        _bar_axes(ax, [c for c, _, _ in bars], [v for _, v, _ in bars], [False] * len(bars),
                   f"{dev}: ours ÷ the faster of eager and torch.compile (×; dashed: 1, 1.2, 1.5)",
-                  marks=(1.0, 1.2, 1.5))
+                  marks=(1.0, 1.2, 1.5), colors=colors)
     fig.suptitle("ours against the best plain-PyTorch peer, side by side in one run", fontsize=9)
     os.makedirs(os.path.dirname(png_path) or ".", exist_ok=True)
     fig.savefig(png_path, dpi=110, metadata={"Software": None})
