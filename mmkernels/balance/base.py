@@ -54,7 +54,9 @@ into the graph and the coefficient tensors are graph inputs, so ``step()`` filli
 reaches the compiled backward (tested). Hooks added to submodules of a model that has already been
 compiled and run are not seen by the cached graph (PyTorch's ``torch._dynamo.config.
 skip_nnmodule_hook_guards`` is True by default): call ``torch.compiler.reset()`` after creating the
-balancer in that case.
+balancer in that case. This is detected, not silent: in activation mode ``after_backward()`` raises when
+the hooks did not run since the previous one. ``mode="update"`` works however and whenever the model was
+compiled (it acts on the parameters after the optimizer step).
 
 DDP: when ``torch.distributed`` is initialised (and ``sync`` is not False) every statistic sum is
 all-reduced before a coefficient is computed, so every rank applies identical coefficients, and the GE
@@ -321,6 +323,7 @@ class Balancer:
         self._armed = False  # set by step(), cleared by after_backward(): see "Call order" above
         self._fallback_monitor = _FallbackMonitor()
         self._warned_adaptive = False
+        self._hooks_ran = False  # activation mode: set by the forward hooks, checked in after_backward()
         self._update = None
         self._adaptive_watch = None
         if self.modulates_gradients and mode == "activation":
@@ -388,6 +391,14 @@ class Balancer:
             return None
         if not self._armed:  # before any step(), or a second call in one window: a documented no-op
             return None
+        if self._hooks and not self._hooks_ran:
+            raise RuntimeError(
+                f"{type(self).__name__}.after_backward: the encoders' forward hooks did not run in this step, so "
+                "no gradient was modulated. The usual cause: the model was compiled (torch.compile) and run before "
+                "this balancer was built, and the compiled graph keeps the hooks it was traced with. Build the "
+                "balancer before the model's first call, or call torch.compiler.reset() after building it, or use "
+                "mode='update', optimizer=<your optimizer> (it works with any compiled model).")
+        self._hooks_ran = False
         work = []
         if self.modulates_gradients and self.mode == "parameter" and self._active:
             work = self._parameter_gradients()  # every gradient of every modality checked before any is scaled
@@ -531,6 +542,9 @@ class Balancer:
             def hook(_module, _args, output, k=k):
                 if not torch.is_grad_enabled():
                     return None
+                # a Python side effect that torch.compile replays: after_backward() tells from it that the
+                # hooks are in the graph (a graph compiled before they were added runs without them)
+                self._hooks_ran = True
                 return _map_tensors(output, lambda t: mmkernels.grad_scale(t, k))
 
             self._hooks.append(module.register_forward_hook(hook))

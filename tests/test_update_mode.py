@@ -1,0 +1,420 @@
+"""mode="update": each modality's optimizer update scaled by its coefficient.
+
+The reference is always the same training run without a balancer (torch's own optimizers): the modulated
+encoder's parameter change must be exactly ``k`` times the unmodulated one from the same state.
+"""
+import copy
+import os
+import socket
+import tempfile
+import warnings
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+from torch.nn import functional as F
+
+from mmkernels.balance import MWAM, OGMGE, PDMP
+
+K_A = 0.3  # PDMP below: modality "a" is the weaker one -> gamma_rest
+
+
+class Net(nn.Module):
+    def __init__(self, dtype=torch.float64):
+        super().__init__()
+        self.a = nn.Linear(6, 4)
+        self.v = nn.Linear(5, 4)
+        self.head = nn.Linear(8, 3)
+        self.to(dtype)
+
+    def forward(self, xa, xv):
+        return self.head(torch.cat([torch.tanh(self.a(xa)), torch.tanh(self.v(xv))], 1))
+
+
+def _batch(step, dtype=torch.float64, B=16):
+    g = torch.Generator().manual_seed(1000 + step)
+    return (torch.randn(B, 6, generator=g, dtype=dtype), torch.randn(B, 5, generator=g, dtype=dtype),
+            torch.randint(0, 3, (B,), generator=g))
+
+
+def _pdmp(net, opt, mode="update", **kw):
+    return PDMP({"a": net.a, "v": net.v}, performance={"a": 0.5, "v": 0.9}, gamma_dominant=1.0,
+                gamma_rest=K_A, mode=mode, optimizer=opt, **kw)
+
+
+def _flat(module):
+    return torch.cat([p.detach().flatten() for p in module.parameters()])
+
+
+OPTIMIZERS = [
+    ("sgd", lambda ps: torch.optim.SGD(ps, lr=0.1)),
+    ("sgd_momentum_wd", lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, weight_decay=1e-2)),
+    ("sgd_nesterov_foreach", lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, nesterov=True, foreach=True)),
+    ("adam_forloop", lambda ps: torch.optim.Adam(ps, lr=1e-2, foreach=False)),
+    ("adam_foreach", lambda ps: torch.optim.Adam(ps, lr=1e-2, foreach=True)),
+    ("adam_fused", lambda ps: torch.optim.Adam(ps, lr=1e-2, fused=True)),
+    ("adamw_forloop", lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1, foreach=False)),
+    ("adamw_foreach", lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1, foreach=True)),
+    ("adamw_fused", lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1, fused=True)),
+]
+
+
+def _run(make_opt, balance, steps, dtype=torch.float64, warm=0):
+    """Train ``warm`` unmodulated steps (to give the optimizer state), then ``steps`` steps; returns the
+    per-step parameter changes of encoder a and v in the last ``steps`` steps."""
+    torch.manual_seed(0)
+    net = Net(dtype)
+    opt = make_opt(list(net.parameters()))
+    changes = []
+    bal = None
+    for step in range(warm + steps):
+        if step == warm and balance:
+            bal = _pdmp(net, opt)
+        if bal is not None:
+            bal.step()
+        xa, xv, y = _batch(step, dtype)
+        before = (_flat(net.a), _flat(net.v), _flat(net.head))
+        opt.zero_grad()
+        F.cross_entropy(net(xa, xv), y).backward()
+        opt.step()
+        if step >= warm:
+            changes.append(tuple(_flat(m) - b for m, b in zip((net.a, net.v, net.head), before)))
+    return changes
+
+
+@pytest.mark.parametrize("name,make_opt", OPTIMIZERS, ids=[o[0] for o in OPTIMIZERS])
+def test_one_step_update_is_k_times_the_optimizers(name, make_opt):
+    # from the same state (3 unmodulated warm-up steps fill momentum / Adam moments), one modulated step
+    ref = _run(make_opt, balance=False, steps=1, warm=3)[0]
+    mod = _run(make_opt, balance=True, steps=1, warm=3)[0]
+    k = torch.tensor(K_A, dtype=torch.float32).double()  # the coefficient is stored in float32
+    rel = (mod[0] - k * ref[0]).norm() / (k * ref[0]).norm()
+    assert rel < 1e-5, f"{name}: encoder a's update is not k x the optimizer's (relative error {rel:.2e})"
+    assert torch.allclose(mod[1], ref[1], rtol=1e-12, atol=1e-15), "encoder v (k = 1) must be unchanged"
+    assert torch.allclose(mod[2], ref[2], rtol=1e-12, atol=1e-15), "the head is no encoder: unmodulated"
+
+
+@pytest.mark.parametrize("opt_name", ["adamw", "sgd_momentum"])
+def test_update_norm_ratio_over_1500_steps(opt_name):
+    # the issue's measurement: gradient scaling by k gives ratio 1.00 under AdamW; the update mode gives k
+    make = {"adamw": lambda ps: torch.optim.AdamW(ps, lr=1e-3),
+            "sgd_momentum": lambda ps: torch.optim.SGD(ps, lr=1e-2, momentum=0.9)}[opt_name]
+
+    def last_100_norm(balance):
+        torch.manual_seed(0)
+        net = Net(torch.float32)
+        opt = make(list(net.parameters()))
+        bal = _pdmp(net, opt) if balance else None
+        total = 0.0
+        for step in range(1500):
+            xa, xv, y = _batch(step % 50, torch.float32)
+            before = _flat(net.a)
+            if bal is not None:
+                bal.step()
+            opt.zero_grad()
+            F.cross_entropy(net(xa, xv), y).backward()
+            opt.step()
+            if step >= 1400:
+                total += float((_flat(net.a) - before).norm())
+        return total
+
+    ratio = last_100_norm(True) / last_100_norm(False)
+    assert abs(ratio / K_A - 1) < 0.02, f"{opt_name}: update-norm ratio {ratio:.4f}, expected {K_A} within 2%"
+
+
+def test_activation_mode_under_adamw_warns_once_and_points_to_update_mode():
+    net = Net()
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
+    bal = PDMP({"a": net.a, "v": net.v}, performance={"a": 0.5, "v": 0.9}, gamma_rest=K_A)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for step in range(3):
+            bal.step()
+            xa, xv, y = _batch(step)
+            opt.zero_grad()
+            F.cross_entropy(net(xa, xv), y).backward()
+            opt.step()
+    msgs = [str(w.message) for w in caught if "mode='update'" in str(w.message)]
+    assert len(msgs) == 1 and "AdamW" in msgs[0]
+    bal.remove()
+
+
+def test_no_warning_with_sgd_or_in_update_mode():
+    net = Net()
+    sgd = torch.optim.SGD(net.parameters(), lr=0.1)
+    bal = PDMP({"a": net.a, "v": net.v}, performance={"a": 0.5, "v": 0.9})
+    net2 = Net()
+    adam = torch.optim.Adam(net2.parameters(), lr=1e-3)
+    bal2 = _pdmp(net2, adam)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for n, o, b in ((net, sgd, bal), (net2, adam, bal2)):
+            b.step()
+            xa, xv, y = _batch(0)
+            o.zero_grad()
+            F.cross_entropy(n(xa, xv), y).backward()
+            o.step()
+
+
+def test_optimizer_given_to_a_gradient_mode_warns_at_construction():
+    net = Net()
+    with pytest.warns(RuntimeWarning, match="mode='update'"):
+        PDMP({"a": net.a, "v": net.v}, optimizer=torch.optim.Adam(net.parameters()))
+
+
+def test_amp_skipped_step_stays_skipped():
+    torch.manual_seed(0)
+    net = Net(torch.float32)
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-2)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8)
+    bal = _pdmp(net, opt)
+    ref = Net(torch.float32)
+    ref.load_state_dict(net.state_dict())
+    ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-2)
+    ref_scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8)
+    for step in range(3):
+        xa, xv, y = _batch(step, torch.float32)
+        for n, o, s, b in ((net, opt, scaler, bal), (ref, ref_opt, ref_scaler, None)):
+            if b is not None:
+                b.step()
+            o.zero_grad()
+            s.scale(F.cross_entropy(n(xa, xv), y)).backward()
+            if step == 1:  # an overflow: the scaler must skip this step
+                n.a.weight.grad[0, 0] = float("inf")
+            before = [p.detach().clone() for p in n.parameters()]
+            s.step(o)
+            s.update()
+            if step == 1:
+                assert all(torch.equal(p, q) for p, q in zip(n.parameters(), before)), "skipped step changed params"
+        # the run stays k x the reference after the skip (same scaler decisions)
+    assert scaler.get_scale() == ref_scaler.get_scale()
+
+
+def test_gradient_accumulation_statistics_of_the_window():
+    # OGM-GE in update mode: the coefficient at the step uses the statistics of both micro-batches, i.e. the
+    # one a single batch of both would give
+    torch.manual_seed(0)
+    net = Net()
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-2)
+    bal = OGMGE({"a": net.a, "v": net.v}, alpha=0.8, mode="update", optimizer=opt)
+    xa, xv, y = _batch(0)
+    with torch.no_grad():
+        la, lv = net.a(xa) @ net.head.weight[:, :4].t(), net.v(xv) @ net.head.weight[:, 4:].t()
+    for half in (slice(0, 8), slice(8, 16)):
+        bal.step(logits={"a": la[half], "v": lv[half]}, labels=y[half])
+    k_window = bal.coefficient_tensor.clone()
+    one = OGMGE({"a": Net().a, "v": Net().v}, alpha=0.8, mode="parameter")
+    k_big = one.step(logits={"a": la, "v": lv}, labels=y)
+    torch.testing.assert_close(k_window, k_big)
+    opt.zero_grad()
+    F.cross_entropy(net(xa, xv), y).backward()
+    opt.step()  # ends the window
+    k_next = bal.step(logits={"a": la[:8], "v": lv[:8]}, labels=y[:8])
+    fresh = OGMGE({"a": Net().a, "v": Net().v}, alpha=0.8, mode="parameter")
+    k_first_half = fresh.step(logits={"a": la[:8], "v": lv[:8]}, labels=y[:8])
+    torch.testing.assert_close(k_next, k_first_half)
+
+
+def test_ge_noise_on_the_update_has_the_updates_std():
+    # noise="ge" in update mode: Δθ <- k·Δθ + N(0, std(Δθ) + 1e-8) per tensor; with k = 1 the difference to
+    # the unmodulated step is the noise alone
+    torch.manual_seed(0)
+    enc_a, enc_v = nn.Linear(200, 100).double(), nn.Linear(5, 4).double()
+    twin = copy.deepcopy(enc_a)
+    opt = torch.optim.AdamW(list(enc_a.parameters()) + list(enc_v.parameters()), lr=1e-2)
+    opt_twin = torch.optim.AdamW(twin.parameters(), lr=1e-2)
+    bal = PDMP({"a": enc_a, "v": enc_v}, performance={"a": 0.5, "v": 0.9}, gamma_dominant=1.0, gamma_rest=1.0,
+               mode="update", optimizer=opt, noise="ge", seed=3)
+    x = torch.randn(32, 200, dtype=torch.float64)
+    bal.step()
+    for m, o in ((enc_a, opt), (twin, opt_twin)):
+        o.zero_grad()
+        m(x).square().mean().backward()
+    w0 = enc_a.weight.detach().clone()
+    opt.step()
+    opt_twin.step()
+    delta = twin.weight.detach() - w0
+    noise = enc_a.weight.detach() - twin.weight.detach()
+    expected_std = float(delta.std()) + 1e-8
+    assert abs(float(noise.std()) / expected_std - 1) < 0.05
+    assert abs(float(noise.mean())) < 0.05 * expected_std
+
+
+def test_state_dict_resume_is_bit_identical():
+    def train(net, opt, bal, steps, start):
+        for step in range(start, start + steps):
+            bal.step(epoch=0)
+            xa, xv, y = _batch(step)
+            opt.zero_grad()
+            F.cross_entropy(net(xa, xv), y).backward()
+            opt.step()
+
+    def build():
+        torch.manual_seed(0)
+        net = Net()
+        opt = torch.optim.AdamW(net.parameters(), lr=1e-2)
+        return net, opt, _pdmp(net, opt, noise="ge", seed=5)
+
+    net, opt, bal = build()
+    train(net, opt, bal, 3, 0)
+    saved = copy.deepcopy({"net": net.state_dict(), "opt": opt.state_dict(), "bal": bal.state_dict()})
+    train(net, opt, bal, 3, 3)
+    net2, opt2, bal2 = build()
+    net2.load_state_dict(saved["net"])
+    opt2.load_state_dict(saved["opt"])
+    bal2.load_state_dict(saved["bal"])
+    train(net2, opt2, bal2, 3, 3)
+    assert all(torch.equal(p, q) for p, q in zip(net.parameters(), net2.parameters()))
+
+
+def test_works_with_a_model_compiled_and_run_before_the_balancer():
+    torch.manual_seed(0)
+    net, ref = Net(), Net()
+    ref.load_state_dict(net.state_dict())
+    compiled = torch.compile(net)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1)
+    for m, o in ((compiled, opt), (ref, ref_opt)):  # one step each, before any balancer exists
+        xa, xv, y = _batch(0)
+        o.zero_grad()
+        F.cross_entropy(m(xa, xv), y).backward()
+        o.step()
+    bal = _pdmp(net, opt)
+    bal.step()
+    before = _flat(net.a)
+    ref_before = _flat(ref.a)
+    xa, xv, y = _batch(1)
+    for m, o in ((compiled, opt), (ref, ref_opt)):
+        o.zero_grad()
+        F.cross_entropy(m(xa, xv), y).backward()
+        o.step()
+    k = torch.tensor(K_A, dtype=torch.float32).double()
+    torch.testing.assert_close(_flat(net.a) - before, k * (_flat(ref.a) - ref_before), rtol=1e-6, atol=1e-12)
+
+
+def test_outside_the_epoch_window_the_step_is_untouched():
+    ref = _run(lambda ps: torch.optim.Adam(ps, lr=1e-2), balance=False, steps=1)[0]
+    torch.manual_seed(0)
+    net = Net()
+    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+    bal = _pdmp(net, opt, epochs=(1, None))
+    bal.step(epoch=0)
+    before = _flat(net.a)
+    xa, xv, y = _batch(0)
+    opt.zero_grad()
+    F.cross_entropy(net(xa, xv), y).backward()
+    opt.step()
+    assert torch.equal(_flat(net.a) - before, ref[0])
+
+
+def test_remove_detaches_the_hooks():
+    ref = _run(lambda ps: torch.optim.SGD(ps, lr=0.1), balance=False, steps=1)[0]
+    torch.manual_seed(0)
+    net = Net()
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    bal = _pdmp(net, opt)
+    bal.step()
+    bal.remove()
+    before = _flat(net.a)
+    xa, xv, y = _batch(0)
+    opt.zero_grad()
+    F.cross_entropy(net(xa, xv), y).backward()
+    opt.step()
+    assert torch.equal(_flat(net.a) - before, ref[0])
+
+
+@pytest.mark.parametrize("kwargs,exc,match", [
+    ({"mode": "update"}, ValueError, "optimizer="),
+    ({"mode": "update", "optimizer": "adam"}, TypeError, "optimizer"),
+    ({"mode": "update", "optimizer": torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)}, ValueError,
+     "holds no parameter"),
+])
+def test_update_mode_argument_errors(kwargs, exc, match):
+    net = Net()
+    with pytest.raises(exc, match=match):
+        PDMP({"a": net.a, "v": net.v}, **kwargs)
+
+
+def test_mwam_gradient_apply_accepts_update_mode():
+    torch.manual_seed(0)
+    enc = {"a": nn.Conv2d(1, 2, 3), "v": nn.Conv2d(1, 2, 3)}
+    opt = torch.optim.AdamW([p for m in enc.values() for p in m.parameters()], lr=1e-2)
+    bal = MWAM(enc, apply="gradient", mode="update", optimizer=opt)
+    x = {"a": torch.randn(4, 1, 8, 8), "v": torch.randn(4, 1, 8, 8) * 5}
+    k = bal.step(inputs=x)
+    before = {n: _flat(m) for n, m in enc.items()}
+    ref = copy.deepcopy(enc)
+    ref_opt = torch.optim.AdamW([p for m in ref.values() for p in m.parameters()], lr=1e-2)
+    for e, o in ((enc, opt), (ref, ref_opt)):
+        o.zero_grad()
+        sum(m(x[n]).square().mean() for n, m in e.items()).backward()
+        o.step()
+    for i, n in enumerate(enc):
+        torch.testing.assert_close(_flat(enc[n]) - before[n], k[i] * (_flat(ref[n]) - before[n]), rtol=1e-4,
+                                   atol=1e-7)
+
+
+# ------------------------------------------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank, world, port, out_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        net = Net()
+        model = nn.parallel.DistributedDataParallel(net)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        bal = OGMGE({"a": net.a, "v": net.v}, alpha=0.8, mode="update", optimizer=opt, noise="ge", seed=7)
+        coeffs = []
+        for step in range(3):
+            xa, xv, y = (t[rank * 8:(rank + 1) * 8] for t in _batch(step))
+            with torch.no_grad():
+                la = torch.tanh(net.a(xa)) @ net.head.weight[:, :4].t()
+                lv = torch.tanh(net.v(xv)) @ net.head.weight[:, 4:].t()
+            coeffs.append(bal.step(logits={"a": la, "v": lv}, labels=y).clone())
+            opt.zero_grad()
+            F.cross_entropy(model(xa, xv), y).backward()
+            opt.step()
+        torch.save({"params": [p.detach() for p in net.parameters()], "coeffs": coeffs},
+                   os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_two_ranks_stay_bit_identical():
+    with tempfile.TemporaryDirectory() as d:
+        mp.start_processes(_ddp_worker, args=(2, _free_port(), d), nprocs=2, join=True, start_method="spawn")
+        r0, r1 = (torch.load(os.path.join(d, f"rank{r}.pt")) for r in (0, 1))
+    assert all(torch.equal(a, b) for a, b in zip(r0["params"], r1["params"]))
+    assert all(torch.equal(a, b) for a, b in zip(r0["coeffs"], r1["coeffs"]))
+    assert any((c < 1).any() for c in r0["coeffs"]), "OGM-GE never modulated: the test would prove nothing"
+
+
+def test_activation_mode_refuses_a_model_compiled_before_it_and_works_after_reset():
+    torch.manual_seed(0)
+    net = Net()
+    compiled = torch.compile(net)
+    xa, xv, y = _batch(0)
+    F.cross_entropy(compiled(xa, xv), y).backward()  # compiled and run before the balancer exists
+    bal = PDMP({"a": net.a, "v": net.v}, performance={"a": 0.5, "v": 0.9}, gamma_dominant=1.0, gamma_rest=0.5)
+
+    def grads_a():
+        net.zero_grad()
+        bal.step()
+        F.cross_entropy(compiled(xa, xv), y).backward()
+        return net.a.weight.grad.clone()
+
+    g = grads_a()
+    with pytest.raises(RuntimeError, match="forward hooks did not run"):
+        bal.after_backward()
+    torch.compiler.reset()
+    g_mod = grads_a()
+    bal.after_backward()  # the hooks ran: no error
+    torch.testing.assert_close(g_mod, 0.5 * g)
