@@ -17,27 +17,8 @@ Usage contract (three added lines)::
     loss.backward()
     bal.after_backward()                                              # 3. after backward, before opt.step()
 
-Call order (what happens when the loop deviates; tested in ``tests/test_bad_input.py``):
-
-- ``step()`` arms the balancer, ``after_backward()`` disarms it. This flag is how "a new backward
-  happened" is told apart without reading any tensor on the host: the user's order step → backward →
-  after_backward is the only one in which gradients that ``step()`` measured are waiting.
-- ``after_backward()`` before any ``step()``, or a second ``after_backward()`` without a ``step()`` in
-  between: a **documented no-op** (returns None; no gradient is scaled, no GE noise drawn, the generator
-  does not advance). Parameter mode therefore never scales a gradient twice (k²) or adds noise twice.
-- ``step()`` twice before one backward: **allowed**, not an error. Activation mode: the backward reads the
-  coefficients in force when it runs, i.e. those of the latest ``step()``. Parameter mode: the statistics
-  of both calls are summed into one accumulation window (as for gradient accumulation), and the single
-  ``after_backward()`` applies the coefficient of that window once.
-- A failed call (an argument rejected) changes nothing: arguments are all checked before any coefficient,
-  statistic, EMA, counter, generator or gradient is touched, so the call can be repeated once fixed.
-
-Fallbacks are visible: where a statistic is undefined (NaN/Inf, a zero score, every sample of a modality
-masked out) the documented coefficient is 1, ``stats["fallback"]`` (``(M,)`` bool) marks the modalities it
-hit in that step, and the balancer warns once (:class:`BalancerFallbackWarning`; silence it with
-``warnings.filterwarnings("ignore", category=BalancerFallbackWarning)``). On CPU the warning comes in the
-step itself; on CUDA the flag is copied to pinned host memory without blocking and the warning comes from a
-later ``step()`` once that copy has landed (no host synchronisation).
+The call order (what each call does when a loop deviates from this) is part of the :class:`Balancer`
+contract; see its docstring.
 
 AMP: activation mode needs nothing (gradient scaling is linear). In parameter mode call
 ``scaler.unscale_(opt)`` before ``after_backward()`` so GE noise is drawn from the true gradient's std;
@@ -239,6 +220,30 @@ class Balancer:
         coefficient_tensor: the same as one ``(M,)`` tensor.
         stats: ``{name: tensor}`` statistics of the last ``step()`` (method-specific, for logging).
         num_steps: number of ``step()`` calls so far.
+        stats["fallback"]: ``(M,)`` bool, set by every ``step()``: where the documented fallback (coefficient 1)
+            was taken because the statistics were undefined.
+
+    Call order (what happens when the loop deviates; tested in ``tests/test_bad_input.py``):
+
+    - ``step()`` arms the balancer, ``after_backward()`` disarms it. This flag is how "a new backward
+      happened" is told apart without reading any tensor on the host: the user's order step → backward →
+      after_backward is the only one in which gradients that ``step()`` measured are waiting.
+    - ``after_backward()`` before any ``step()``, or a second ``after_backward()`` without a ``step()`` in
+      between: a **documented no-op** (returns None; no gradient is scaled, no GE noise drawn, the generator
+      does not advance). Parameter mode therefore never scales a gradient twice (k²) or adds noise twice.
+    - ``step()`` twice before one backward: **allowed**, not an error. Activation mode: the backward reads the
+      coefficients in force when it runs, i.e. those of the latest ``step()``. Parameter mode: the statistics
+      of both calls are summed into one accumulation window (as for gradient accumulation), and the single
+      ``after_backward()`` applies the coefficient of that window once.
+    - A failed call (an argument rejected) changes nothing: arguments are all checked before any coefficient,
+      statistic, EMA, counter, generator or gradient is touched, so the call can be repeated once fixed.
+
+    Fallbacks are visible: where a statistic is undefined (NaN/Inf, a zero score, every sample of a modality
+    masked out) the documented coefficient is 1, ``stats["fallback"]`` (``(M,)`` bool) marks the modalities it
+    hit in that step, and the balancer warns once (:class:`BalancerFallbackWarning`; silence it with
+    ``warnings.filterwarnings("ignore", category=BalancerFallbackWarning)``). On CPU the warning comes in the
+    step itself; on CUDA the flag is copied to pinned host memory without blocking and the warning comes from a
+    later ``step()`` once that copy has landed (no host synchronisation).
     """
 
     #: whether this balancer modulates encoder gradients (False: names only)
