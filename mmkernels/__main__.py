@@ -82,10 +82,16 @@ def bench(argv: list[str]) -> int:
         print(warning, file=sys.stderr, flush=True)
     elif args.repeats == 1 and all_rows:
         print("note: one repeat, so no run-to-run spread was measured; --repeats 3 measures it", flush=True)
-    if not args.quick:
-        from mmkernels.bench.report import main as report_main
+    if not args.quick and all_rows:
+        from mmkernels.bench.report import _default_root, main as report_main
 
-        report_main(["--results", args.out])
+        root = _default_root()
+        if os.path.abspath(args.out) == os.path.abspath(os.path.join(root, "benchmarks", "results")):
+            report_main(["--results", args.out])
+        else:  # the README and docs describe the recorded results only
+            report_main(["--results", args.out, "--readme", "", "--docs", ""])
+            print(f"report: README and docs/benchmarks.md not regenerated (results went to {os.path.abspath(args.out)}, "
+                  "not the repository's benchmarks/results)", flush=True)
     return 0
 
 

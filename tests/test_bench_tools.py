@@ -664,3 +664,22 @@ def test_summary_bars_are_ours_against_the_best_peer_per_device():
                     {"op": "frm", "shape": "s", "impl": "mmkernels.frm", "median_ms": 0.5}])})]
     assert report.summary_bars(results) == [("2-core CPU", [("toy 8x8 float32", 4.0, 1.5)]),  # cold, ours, timed
                                             ("NVIDIA H100 80GB HBM3", [("frm s ", 4.0, None)])]
+
+
+def test_bench_cli_records_elsewhere_without_touching_the_readme(monkeypatch, tmp_path, capsys):
+    from mmkernels import __main__ as cli
+
+    rows = [{"op": "frm", "shape": "8x8", "impl": "frm_ref_eager", "role": "eager", "median_ms": 2.0},
+            {"op": "frm", "shape": "8x8", "impl": "mmkernels.frm", "role": "ours", "median_ms": 1.0}]
+    harness.add_ratios(rows, "frm_ref_eager")
+    monkeypatch.setattr(harness, "run_op", lambda op, device, quick=False, module=None: ([dict(r) for r in rows],
+                                                                                          {"read_gbps": 3.0}))
+    readme = os.path.join(report._default_root(), "README.md")
+    before = open(readme).read() if os.path.exists(readme) else None
+    assert cli.main(["bench", "frm", "--device", "cpu", "--out", str(tmp_path)]) == 0
+    with open(tmp_path / "frm_cpu.json") as f:
+        data = json.load(f)
+    assert data["rows"][1]["vs_best_peer"] == 2.0 and data["environment"]["read_gbps"] == 3.0
+    out = capsys.readouterr().out
+    assert f"wrote {tmp_path / 'frm_cpu.json'}" in out and "README and docs/benchmarks.md not regenerated" in out
+    assert (open(readme).read() if os.path.exists(readme) else None) == before
