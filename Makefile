@@ -3,7 +3,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.mmkernels-ready
-EXT_SOURCES := $(wildcard setup.py csrc/*.cpp csrc/*.h csrc/cuda/*.cu csrc/cuda/*.cuh csrc/cuda/*.cpp)
+EXT_SOURCES := $(wildcard setup.py mmkernels/_build.py csrc/*.cpp csrc/*.h csrc/cuda/*.cu csrc/cuda/*.cuh csrc/cuda/*.cpp)
 PYTEST_ARGS ?=
 DEMO_ARGS ?=
 
@@ -18,7 +18,8 @@ setup: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m mmkernels demo $(DEMO_ARGS)
 
-# benchmarks/ runs each pytest-benchmark entry once (--benchmark-disable) so the entries stay working
+# benchmarks/ runs each pytest-benchmark entry once (--benchmark-disable) so the entries stay working.
+# Locally, PYTEST_ARGS='-m "not slow"' leaves out the slow tests (the pip install tests of tests/test_install.py among them); CI runs all.
 test: $(STAMP) cuda-check
 	$(PY) -m pytest tests benchmarks -q --benchmark-disable $(PYTEST_ARGS)
 
@@ -30,4 +31,4 @@ cuda-check:
 	bash tools/cuda_check.sh
 
 clean:
-	rm -rf build mmkernels/*.so build_ext.log $(STAMP)
+	rm -rf build mmkernels/*.so build_ext.log *.egg-info $(STAMP)

@@ -6,7 +6,11 @@ torch is downloaded; ``--no-index`` proves that installing the wheel needs nothi
 compiled extension comes from the first-use build cache (``python -m mmkernels._build``, which
 tools/setup_env.sh runs), so the test compiles nothing when that cache is warm.
 
-Marked slow (about a minute, most of it pip's isolated build): ``-m "not slow"`` deselects it locally.
+The pip tests are marked slow (about a minute, most of it pip's isolated builds): ``-m "not slow"``
+deselects them locally; CI runs them (``make test``).
+
+Also here: what works without triton (a CPU-only torch does not bring it), checked in a subprocess whose
+import system refuses ``triton``.
 """
 from __future__ import annotations
 
@@ -18,8 +22,6 @@ import zipfile
 from pathlib import Path
 
 import pytest
-
-pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -64,6 +66,7 @@ def installed(wheel, tmp_path_factory):
     return py, root
 
 
+@pytest.mark.slow
 def test_wheel_is_pure_and_carries_the_sources(wheel):
     # built under isolation (no torch there): no compiled module, but everything a first-use build needs
     assert wheel.name.endswith("-py3-none-any.whl"), wheel.name
@@ -105,6 +108,7 @@ def _check(py, cwd, **env):
     return json.loads(_run([py, "-c", CHECK], cwd=cwd, env=_clean_env(**env)).strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_installed_copy_compiles_or_loads_the_extension(installed):
     py, root = installed
     r = _check(py, root)
@@ -119,6 +123,7 @@ def test_installed_copy_compiles_or_loads_the_extension(installed):
     assert res.returncode == 0 and "compiling" not in res.stderr, res.stderr
 
 
+@pytest.mark.slow
 def test_without_a_compiler_the_pytorch_path_runs(installed, tmp_path):
     py, root = installed
     r = _check(py, root, CXX=str(tmp_path / "no-such-c++"), MMKERNELS_CACHE=str(tmp_path / "empty-cache"))
@@ -128,6 +133,7 @@ def test_without_a_compiler_the_pytorch_path_runs(installed, tmp_path):
     assert len(r["warnings"]) == 1 and "no C++ compiler" in r["warnings"][0]
 
 
+@pytest.mark.slow
 def test_jit_off_and_no_ext_say_so(installed, tmp_path):
     py, root = installed
     r = _check(py, root, MMKERNELS_JIT="0", MMKERNELS_CACHE=str(tmp_path / "c"))
@@ -136,9 +142,68 @@ def test_jit_off_and_no_ext_say_so(installed, tmp_path):
     assert r["ext"] is None and "MMKERNELS_NO_EXT=1" in r["why"] and r["exact"]
 
 
+@pytest.mark.slow
 def test_editable_install_uses_the_checkout(tmp_path):
     py = _fresh_venv(tmp_path / "venv")
     _run([py, "-m", "pip", "install", "-q", "--no-deps", "-e", str(REPO)], cwd=tmp_path, env=_clean_env())
     out = _run([py, "-c", "import mmkernels, mmkernels.balance; print(mmkernels.__file__)"], cwd=tmp_path,
                env=_clean_env())
     assert Path(out.strip()).resolve() == (REPO / "mmkernels" / "__init__.py").resolve()
+
+
+NO_TRITON = textwrap.dedent("""
+    import importlib.abc, json, sys
+    class NoTriton(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path, target=None):
+            if name == "triton" or name.startswith("triton."):
+                raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+    sys.meta_path.insert(0, NoTriton())
+    import torch
+    import mmkernels
+    from mmkernels.balance import OGMGE, PDMP, split_linear_head
+    out = {"triton_loaded": "triton" in sys.modules}
+    x = torch.randn(4, 3, 16, 16)
+    logits, y = torch.randn(2, 4, 5, dtype=torch.float64), torch.tensor([0, 1, 2, 3])
+    enc = {"a": torch.nn.Linear(3, 3), "b": torch.nn.Linear(3, 3)}
+    g = torch.randn(7, dtype=torch.float64)
+    cases = {
+        "modality_scores": lambda: mmkernels.modality_scores(logits, y)[0],
+        "scale_grads_": lambda: (mmkernels.scale_grads_([g], torch.tensor(0.5)), g)[1],
+        "grad_scale": lambda: mmkernels.grad_scale(torch.ones(3), torch.tensor(0.5)),
+        "OGMGE": lambda: OGMGE(enc).step(logits={"a": logits[0], "b": logits[1]}, labels=y),
+        "PDMP": lambda: PDMP(enc, performance={"a": 0.9, "b": 0.5}).step(),
+        "frm": lambda: mmkernels.frm(x),
+        "band_ratio": lambda: mmkernels.band_ratio(torch.randn(4, 32), 0.25),
+        "decision_fuse": lambda: mmkernels.decision_fuse(logits, torch.ones(2, 5, dtype=torch.float64),
+                                                         torch.ones(2, dtype=torch.float64)),
+    }
+    for name, f in cases.items():
+        try:
+            out[name] = f().double().tolist()
+        except ImportError as exc:
+            out[name] = f"ImportError: {exc}"
+    print(json.dumps(out))
+""")
+
+
+@pytest.fixture(scope="module")
+def without_triton():
+    import json
+
+    env = _clean_env(PYTHONPATH=str(REPO), MMKERNELS_NO_EXT="1")
+    return json.loads(_run([sys.executable, "-c", NO_TRITON], cwd=REPO, env=env).strip().splitlines()[-1])
+
+
+def test_import_and_reference_paths_work_without_triton(without_triton):
+    r = without_triton
+    assert r["triton_loaded"] is False  # import mmkernels and the balancers never import triton
+    assert len(r["scale_grads_"]) == 7 and r["grad_scale"] == [1.0, 1.0, 1.0]
+    assert r["PDMP"] == pytest.approx([1.2, 0.8])
+
+
+@pytest.mark.xfail(reason="mmkernels/ops/frm.py, modality_scores.py, decision_fuse.py and band_energy/ import triton "
+                          "at module level, so these ops (and OGMGE, MWAM, DecisionLevel) fail without triton even on "
+                          "CPU tensors", strict=False)
+@pytest.mark.parametrize("op", ["frm", "band_ratio", "decision_fuse", "modality_scores", "OGMGE"])
+def test_triton_importing_ops_without_triton(without_triton, op):
+    assert not str(without_triton[op]).startswith("ImportError"), without_triton[op]

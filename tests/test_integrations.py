@@ -427,3 +427,22 @@ def test_accelerate_register_for_checkpointing_resumes_the_balancer(tmp_path):
     assert torch.equal(bal.coefficient_tensor, straight_bal.coefficient_tensor)
     for p, q in zip(straight_net.parameters(), net.parameters()):
         assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("module,extra,blocked", [("mmkernels.integrations.lightning", "lightning", "lightning"),
+                                                  ("mmkernels.integrations.hf", "hf", "transformers")])
+def test_missing_extra_gives_one_message_naming_it(module, extra, blocked):
+    code = (
+        "import importlib.abc, sys\n"
+        "class Block(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path, target=None):\n"
+        f"        if name.split('.')[0] in ({blocked!r}, 'pytorch_lightning'):\n"
+        "            raise ModuleNotFoundError(name, name=name)\n"
+        "sys.meta_path.insert(0, Block())\n"
+        f"import {module}\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(REPO)},
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode != 0
+    last = res.stderr.strip().splitlines()[-1]
+    assert last.startswith("ImportError:") and f"pip install 'mmkernels[{extra}]'" in last, res.stderr[-1500:]
