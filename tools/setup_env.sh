@@ -32,7 +32,7 @@ fi
 need=()
 # lightning, transformers, accelerate: the integration tests (about 340 MB and 3 min on a new machine)
 for pair in triton:triton numpy:numpy pytest:pytest pytest_benchmark:pytest-benchmark ninja:ninja \
-            pybind11:pybind11 setuptools:setuptools matplotlib:matplotlib tqdm:tqdm hypothesis:hypothesis \
+            pybind11:pybind11 setuptools:setuptools matplotlib:matplotlib hypothesis:hypothesis \
             lightning:lightning transformers:transformers accelerate:accelerate; do
   mod=${pair%%:*}; pkg=${pair#*:}
   "$PY" -c "import $mod" >/dev/null 2>&1 || need+=("$pkg")
