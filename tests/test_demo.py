@@ -296,7 +296,7 @@ def test_conclusions_follow_the_two_std_rule():
     weak = next(s for s in lines if s.strip().startswith("b's own accuracy (head split) vs baseline+uni_ce"))
     assert "clear (+10.0)" in weak and "worse: noisy (-15.0)" in weak
     assert "alone, a reaches 95.0 ± 0.0 and b 60.0 ± 0.0" in text
-    assert "Best for robustness to a missing modality (missing-modality average) under sgd: clear" in text
+    assert "Best for robustness to a missing modality (missing-modality average) under sgd: highest mean clear" in text
 
 
 def test_plots_are_skipped_when_matplotlib_is_missing(monkeypatch, tmp_path):
@@ -422,7 +422,7 @@ def test_quick_run_end_to_end(quick_run):
     from mmkernels.demo.report import readme_section
 
     md = readme_section(str(out / "results.json"), plot_dir="benchmarks/results/demo")
-    assert md.count("\n| `") == 2 * len(DEFAULT_METHODS)
+    assert md.count("\n| `") == len(DEFAULT_METHODS)  # one row per method, both optimizers side by side
     assert "benchmarks/results/demo/accuracy_per_modality.png" in md and "paired by class" in md
 
 
@@ -448,3 +448,15 @@ def test_run_without_matplotlib_writes_results_and_skips_plots(tmp_path, capsys,
     assert "plots skipped: matplotlib is not installed" in captured.out
     assert (out / "results.json").exists() and not list(out.glob("*.png"))
     assert "\r" not in captured.err and "[demo] " in captured.err  # pytest's capture is not a terminal
+
+
+def test_conclusions_compare_the_update_mode_with_the_gradient_mode():
+    from mmkernels.demo.report import conclusions
+
+    res = _synthetic_results()
+    methods = res["grid"]["sgd"]["methods"]
+    methods["x_act"] = methods.pop("noisy")
+    methods["x_update"] = methods.pop("clear")
+    line = next(s for s in conclusions(res, detail=False) if "update mode against gradient mode" in s)
+    # missing avg 80 ± 1 vs 62 ± 5 -> +18 beyond 2 std; b's accuracy 80 ± 2 vs 55 ± 5 -> +25 beyond 2 std
+    assert "x_update vs x_act: missing-modality average +18.0 (beyond 2 std), b's own accuracy +25.0 (beyond" in line

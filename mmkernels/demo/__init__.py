@@ -58,7 +58,7 @@ def _parser():
                    help="avdigits only: resolution of the 8x8 images (8, 4, 2; default 4: the weak modality)")
     p.add_argument("--seeds", type=int, default=None, help=f"number of seeds (default {DEFAULT_SEEDS}; "
                                                            f"--quick: {QUICK_SEEDS})")
-    p.add_argument("--epochs", type=int, default=None, help=f"training epochs (default {DEFAULT_EPOCHS}; "
+    p.add_argument("--epochs", type=int, default=None, help=f"training epochs (default {DEFAULT_EPOCHS}, basicmotions 40; "
                                                             f"--quick: {QUICK_EPOCHS})")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--out", default="demo_out", help="output folder (created if needed; default demo_out/)")
@@ -119,7 +119,10 @@ def parse_args(argv):
         methods.remove("baseline")
     args.methods = ["baseline"] + list(dict.fromkeys(methods))
     args.seeds = args.seeds if args.seeds is not None else (QUICK_SEEDS if args.quick else DEFAULT_SEEDS)
-    args.epochs = args.epochs if args.epochs is not None else (QUICK_EPOCHS if args.quick else DEFAULT_EPOCHS)
+    from mmkernels.demo.data import TRAIN_DEFAULTS
+
+    default_epochs = TRAIN_DEFAULTS.get(args.dataset, {}).get("epochs", DEFAULT_EPOCHS)
+    args.epochs = args.epochs if args.epochs is not None else (QUICK_EPOCHS if args.quick else default_epochs)
     if args.seeds < 1:
         p.error(f"--seeds must be >= 1, got {args.seeds}")
     if args.epochs < 1:
@@ -187,7 +190,7 @@ def main(argv=None) -> int:
     print()
     print(report.format_table(results))
     print()
-    print("\n".join(report.conclusions(results)))
+    print("\n".join(report.conclusions(results, detail=False)))
     print(f"\nwrote {path}")
     if not args.no_plots:
         written, reason = report.write_plots(results, args.out)

@@ -325,6 +325,9 @@ DATASETS = {
     "mfeat": prepare_mfeat,
     "basicmotions": prepare_basicmotions,
 }
+# training defaults that differ from the demo's (BasicMotions: 48 training recordings, so small batches and
+# more epochs give a comparable number of steps)
+TRAIN_DEFAULTS = {"basicmotions": {"batch_size": 8, "epochs": 40}}
 DATASET_DESCRIPTIONS = {
     "avdigits": "spoken digits (MFCC) + 8x8 handwritten digits at 4x4 resolution, paired by class",
     "mfeat": "UCI Multiple Features, views pix, fou, mor (2000 handwritten digits)",

@@ -126,10 +126,15 @@ def _fmt_list(items):
     return ", ".join(items) if items else "none"
 
 
-def conclusions(results, markdown=False) -> list[str]:
+def _metric(summary, key, weak):
+    return summary["unimodal_acc"][weak] if key == "weak" else summary[key]
+
+
+def conclusions(results, markdown=False, detail=True) -> list[str]:
     """Sentences generated from the numbers: the measured imbalance, and per optimizer which methods beat the
     baseline and the unimodal-CE control beyond ``N_STD`` standard deviations, on fused accuracy, the
-    missing-modality average and the weak modality's own accuracy."""
+    missing-modality average and the weak modality's own accuracy (``detail=False``: one line per reference),
+    the update mode against the gradient mode, and the best method per metric."""
     _check(results)
     cfg = results["config"]
     q = (lambda s: f"`{s}`") if markdown else (lambda s: s)
@@ -139,7 +144,7 @@ def conclusions(results, markdown=False) -> list[str]:
         methods = g["methods"]
         a = alone(results, opt)
         weak = weak_modality(results, opt)
-        strong = max(a, key=lambda v: a[v]["mean"])
+        strong = max((v for v in a if v != weak), key=lambda v: a[v]["mean"])
         base = methods.get("baseline")
         lead = f"{opt.upper() if opt == 'sgd' else 'AdamW'}:"
         text = (f"{lead} alone, {q(strong)} reaches {_pct(a[strong])} and {q(weak)} {_pct(a[weak])} "
@@ -150,23 +155,51 @@ def conclusions(results, markdown=False) -> list[str]:
                      f"{_pct(bs['unimodal_acc'][weak])} ({100 * bs['head_share'][weak]['mean']:.0f} % of the "
                      f"fused logits) and the fused model {_pct(bs['test_acc'])}.")
         out.append(text)
+        metrics = (("missing_avg", "missing-modality average"), ("test_acc", "fused accuracy"),
+                   ("weak", f"{q(weak)}'s own accuracy (head split)"))
         for ref in ("baseline", CONTROL_UNI):
             if ref not in methods:
                 continue
-            for key, what in (("test_acc", "fused accuracy"), ("missing_avg", "missing-modality average"),
-                              ("weak", f"{weak}'s own accuracy (head split)")):
+            found = {}
+            for key, what in metrics:
                 better, worse = [], []
                 for name, m in methods.items():
                     if name in ("baseline", ref):
                         continue
-                    get = (lambda s: s["unimodal_acc"][weak]) if key == "weak" else (lambda s, key=key: s[key])
-                    d, kind = compare(get(m["summary"]), get(methods[ref]["summary"]))
-                    if kind == "better":
-                        better.append(f"{q(name)} ({d:+.1f})")
-                    elif kind == "worse":
-                        worse.append(f"{q(name)} ({d:+.1f})")
-                out.append(f"  {what} vs {q(ref)}: better beyond {N_STD} std: {_fmt_list(better)}; "
-                           f"worse: {_fmt_list(worse)}; every other method within {N_STD} std.")
+                    d, kind = compare(_metric(m["summary"], key, weak), _metric(methods[ref]["summary"], key, weak))
+                    if kind != "same":
+                        (better if kind == "better" else worse).append(f"{q(name)} ({d:+.1f})")
+                found[what] = (better, worse)
+            if detail:
+                for what, (better, worse) in found.items():
+                    out.append(f"  {what} vs {q(ref)}: better beyond {N_STD} std: {_fmt_list(better)}; "
+                               f"worse: {_fmt_list(worse)}; every other method within {N_STD} std.")
+            else:
+                b = "; ".join(f"{what}: {_fmt_list(bw[0])}" for what, bw in found.items())
+                w = "; ".join(f"{what}: {', '.join(bw[1])}" for what, bw in found.items() if bw[1])
+                out.append(f"  vs {q(ref)}, better beyond {N_STD} std on {b}." + (f" Worse: {w}." if w else ""))
+        # what each balancer did: its mean coefficient per modality over epochs and seeds
+        favour = []
+        for name, m in methods.items():
+            traj = [e for r in m["runs"] for e in r.get("coefficients", [])]
+            if m.get("balanced") and traj:
+                mean = {v: sum(e[v] for e in traj) / len(traj) for v in traj[0]}
+                favour.append(f"{q(name)} " + " / ".join(f"{v} {k:.2f}" for v, k in mean.items()))
+        if favour:
+            out.append("  mean coefficient per modality over training (" + ", ".join(results["config"]["views"])
+                       + "): " + "; ".join(favour) + ".")
+        # update mode against the gradient-level entry of the same method
+        pairs = [(n, n[:-len("_update")] + suffix) for n in methods if n.endswith("_update")
+                 for suffix in ("_act", "") if n[:-len("_update")] + suffix in methods]
+        if pairs:
+            parts = []
+            for upd, grad in pairs:
+                d, kind = compare(methods[upd]["summary"]["missing_avg"], methods[grad]["summary"]["missing_avg"])
+                d2, kind2 = compare(_metric(methods[upd]["summary"], "weak", weak),
+                                    _metric(methods[grad]["summary"], "weak", weak))
+                parts.append(f"{q(upd)} vs {q(grad)}: missing-modality average {d:+.1f} ({_verdict(kind)}), "
+                             f"{q(weak)}'s own accuracy {d2:+.1f} ({_verdict(kind2)})")
+            out.append("  update mode against gradient mode: " + "; ".join(parts) + ".")
     # which method when: the best method per metric and optimizer, and whether it clears the control
     for key, what in (("missing_avg", "robustness to a missing modality (missing-modality average)"),
                       ("test_acc", "fused accuracy")):
@@ -178,7 +211,7 @@ def conclusions(results, markdown=False) -> list[str]:
                 continue
             best = max(cand, key=lambda n: cand[n]["summary"][key]["mean"])
             d_b, k_b = compare(cand[best]["summary"][key], methods["baseline"]["summary"][key])
-            phrase = f"under {opt}: {q(best)} ({d_b:+.1f} points vs the baseline, {_verdict(k_b)}"
+            phrase = f"under {opt}: highest mean {q(best)} ({d_b:+.1f} points vs the baseline, {_verdict(k_b)}"
             if CONTROL_UNI in methods:
                 d_c, k_c = compare(cand[best]["summary"][key], methods[CONTROL_UNI]["summary"][key])
                 phrase += f"; {d_c:+.1f} vs {q(CONTROL_UNI)}, {_verdict(k_c)}"
@@ -187,6 +220,41 @@ def conclusions(results, markdown=False) -> list[str]:
             out.append(f"Best for {what} " + "; ".join(parts) + ".")
     out.append(f"({n} seeds; '{N_STD} std' = {N_STD} x the larger standard deviation over seeds of the two "
                f"methods compared; with {n} seeds the standard deviations are themselves rough.)")
+    return out
+
+
+def headline(results, markdown=True) -> list[str]:
+    """The README's short form of :func:`conclusions`: per optimizer the imbalance, which methods beat the
+    baseline and which beat the unimodal-CE control (beyond ``N_STD`` std, on any of the three metrics), then
+    the best method per metric."""
+    q = (lambda s: f"`{s}`") if markdown else (lambda s: s)
+    full = conclusions(results, markdown=markdown, detail=False)
+    out = [line for line in full if not line.startswith("  ") and not line.startswith("Best for")
+           and not line.startswith("(")]
+    for i, (opt, g) in enumerate(results["grid"].items()):
+        methods = g["methods"]
+        weak = weak_modality(results, opt)
+        for ref in ("baseline", CONTROL_UNI):
+            if ref not in methods:
+                continue
+            wins, losses = {}, {}
+            for name, m in methods.items():
+                if name in ("baseline", ref):
+                    continue
+                for key, what in (("missing_avg", "missing avg"), ("test_acc", "fused"), ("weak", weak)):
+                    d, kind = compare(_metric(m["summary"], key, weak), _metric(methods[ref]["summary"], key, weak))
+                    if kind == "better":
+                        wins.setdefault(name, []).append(f"{what} {d:+.1f}")
+                    elif kind == "worse":
+                        losses.setdefault(name, []).append(f"{what} {d:+.1f}")
+            text = (f"{'SGD' if opt == 'sgd' else 'AdamW'}, against {q(ref)} (beyond {N_STD} std): better "
+                    + (", ".join(f"{q(n)} ({'; '.join(v)})" for n, v in wins.items()) or "none")
+                    + "; worse " + (", ".join(f"{q(n)} ({'; '.join(v)})" for n, v in losses.items()) or "none")
+                    + ".")
+            out.insert(out.index(next(line for line in out if line.startswith(("SGD:", "AdamW:"))
+                                      and (line.startswith("SGD:") == (opt == "sgd")))) + 1
+                       + (ref == CONTROL_UNI), text)
+    out += [line for line in full if line.startswith("Best for") or line.startswith("(")]
     return out
 
 
@@ -344,6 +412,31 @@ def _md_table(results, opt, compact):
     return lines
 
 
+def _md_combined(results):
+    """One table, both optimizers side by side: fused, the weak modality's own accuracy, missing-modality
+    average; then the step time."""
+    opts = list(results["grid"])
+    names = list(dict.fromkeys(n for o in opts for n in results["grid"][o]["methods"]))
+    head = ["method"]
+    for o in opts:
+        w = weak_modality(results, o)
+        head += [f"{o}: fused", f"{o}: {w} (head)", f"{o}: missing avg"]
+    head.append(f"ms/step, {opts[0]} (vs base)")
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
+    for n in names:
+        row = [f"`{n}`"]
+        for o in opts:
+            m = results["grid"][o]["methods"].get(n)
+            w = weak_modality(results, o)
+            row += ([_pct(m["summary"]["test_acc"]), _pct(m["summary"]["unimodal_acc"][w]),
+                     _pct(m["summary"]["missing_avg"])] if m else ["", "", ""])
+        r = next(x for x in _rows(results, opts[0]) if x["method"] == n) if n in results["grid"][opts[0]]["methods"] \
+            else {"step ms": ""}
+        row.append(r["step ms"])
+        lines.append("| " + " | ".join(row) + " |")
+    return lines
+
+
 def _dataset_text(results):
     cfg = results["config"]
     d = cfg["data"]
@@ -380,14 +473,11 @@ def readme_section(json_path: str, plot_dir: str | None = None, docs_link: str =
              "AdamW, and reports fused accuracy, each modality's own accuracy (its share of the fused head, "
              "`ℓ_m = h_m·W_mᵀ + b/M`), its share of the fused logits, and accuracy with each modality "
              "missing.", "", _dataset_text(results), "", _recorded_text(results), ""]
-    for opt in results["grid"]:
-        lines.append(f"**{opt}**")
-        lines.append("")
-        lines += _md_table(results, opt, compact=True)
-        lines.append("")
+    lines += _md_combined(results)
+    lines.append("")
     lines.append("Conclusions, generated from these numbers:")
     lines.append("")
-    lines += [f"- {c.strip()}" for c in conclusions(results, markdown=True)]
+    lines += [f"- {c}" for c in headline(results)]
     lines.append("")
     lines.append(f"![per-modality accuracy]({plot_dir}/{PLOTS['accuracy']})")
     lines.append("")
@@ -440,12 +530,20 @@ def docs_page(json_path: str, plot_dir: str = "../benchmarks/results/demo") -> s
         lines.append("")
     lines += ["## Conclusions", "", "Generated from the table above (a difference counts beyond "
               f"{N_STD} standard deviations over seeds):", ""]
-    lines += [f"- {c.strip()}" for c in conclusions(results, markdown=True)]
+    lines += [("  - " + c.strip()) if c.startswith("  ") else f"- {c}" for c in conclusions(results, markdown=True)]
     lines += ["", "## Methods", ""]
     first = next(iter(results["grid"].values()))["methods"]
     for name, m in first.items():
         lines.append(f"- `{name}`: {m['description']}")
-    lines += ["", "## Figures", "",
+    lines += ["", "Adding a method to the demo is one entry of `METHODS` in `mmkernels/demo/methods.py`: the "
+              "balancer's factory, what its `step` is fed (`logits`/`labels`, `inputs`, or nothing), the loss "
+              "(fused CE, CE plus unimodal CE, or the balancer's own) and the decision rule; a method that fits "
+              "none of these passes its own `Method` subclass.", "",
+              "Other datasets: `--dataset mfeat` (UCI Multiple Features, views pix, fou, mor; MWAM's statistic "
+              "for its feature vectors is `1/band_ratio(x, 0.25)`, whose scale is unrelated to FRM's) and "
+              "`--dataset basicmotions` (accelerometer + gyroscope recorded together, 80 recordings: 16 test "
+              "samples, so one sample is 6 points).", "",
+              "## Figures", "",
               f"![per-modality accuracy]({plot_dir}/{PLOTS['accuracy']})", "",
               f"![coefficients]({plot_dir}/{PLOTS['coefficients']})", "",
               f"![missing-modality accuracy]({plot_dir}/{PLOTS['missing']})", ""]

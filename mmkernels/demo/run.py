@@ -7,7 +7,7 @@ import os
 import sys
 import time
 
-from mmkernels.demo.data import prepare
+from mmkernels.demo.data import TRAIN_DEFAULTS, prepare
 from mmkernels.demo.methods import METHODS
 from mmkernels.demo.train import TrainConfig, subsets, time_steps, train_joint, train_unimodal
 
@@ -120,6 +120,10 @@ def _base_config(ds, seed_list, epochs, device, load_start):
             "cpu_count": os.cpu_count(), "load_avg_start": load_start}
 
 
+def _batch_size(dataset):
+    return TRAIN_DEFAULTS.get(dataset, {}).get("batch_size", TrainConfig.batch_size)
+
+
 def run_unimodal(dataset, seeds, epochs, optimizers=("sgd",), device="cpu", progress=True, data_options=None):
     """Only the unimodal stage (how a dataset's imbalance is measured)."""
     load_start = _load()
@@ -128,7 +132,7 @@ def run_unimodal(dataset, seeds, epochs, optimizers=("sgd",), device="cpu", prog
     bar = Progress(len(optimizers) * len(ds.views) * len(seed_list) * epochs, enabled=progress)
     out = {"config": _base_config(ds, seed_list, epochs, device, load_start), "unimodal_models": {}}
     for opt in optimizers:
-        cfg = TrainConfig(epochs=epochs, optimizer=opt, device=device)
+        cfg = TrainConfig(epochs=epochs, batch_size=_batch_size(dataset), optimizer=opt, device=device)
         out["unimodal_models"][opt] = unimodal_stage(ds, seed_list, cfg, bar)
     bar.close()
     out["config"]["load_avg_end"] = _load()
@@ -145,7 +149,8 @@ def run_demo(dataset, methods, seeds, epochs, optimizers=("sgd", "adamw"), devic
     bar = Progress(len(optimizers) * per_opt, enabled=progress, stream=stream)
     grid, unimodal_all = {}, {}
     for opt in optimizers:
-        cfg = TrainConfig(epochs=epochs, optimizer=opt, device=device, max_batches=max_batches)
+        cfg = TrainConfig(epochs=epochs, batch_size=_batch_size(dataset), optimizer=opt, device=device,
+                          max_batches=max_batches)
         unimodal = unimodal_stage(ds, seed_list, cfg, bar)
         unimodal_all[opt] = unimodal
         out_methods = {}
@@ -174,7 +179,7 @@ def run_demo(dataset, methods, seeds, epochs, optimizers=("sgd", "adamw"), devic
     config.update({
         "methods": list(methods), "optimizers": list(optimizers),
         "missing_subsets": ["+".join(s) for s in subsets(views)],
-        "batch_size": TrainConfig().batch_size,
+        "batch_size": _batch_size(dataset),
         "load_avg_end": _load(),
         "timing": {"rounds": timing_rounds, "steps_per_round": timing_steps,
                    "how": "median wall time of one full training step (forward, balancer, backward, "
