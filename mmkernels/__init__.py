@@ -1,7 +1,7 @@
 """mmkernels: fused kernels and balancers for balanced multimodal learning.
 
-Operators (SPEC §2): frm, band_energy, band_ratio, modality_scores, decision_fuse, grad_scale, scale_grads_.
-Policies (SPEC §3): mmkernels.policies. Balancers (SPEC §4): mmkernels.balance.
+Operators: frm, band_energy, band_ratio, modality_scores, decision_fuse, grad_scale, scale_grads_.
+Policies: mmkernels.policies. Balancers: mmkernels.balance.
 
 Ops are imported lazily on first use, so ``import mmkernels`` stays cheap and does not import triton.
 """
@@ -23,6 +23,7 @@ _LAZY = {
     "decision_fuse": "mmkernels.ops.decision_fuse",
     "decision_fuse_ref": "mmkernels.ops.decision_fuse",
     "grad_scale": "mmkernels.ops.grad_scale",
+    "grad_scale_ref": "mmkernels.ops.grad_scale",
     "scale_grads_": "mmkernels.ops.scale_grads",
     "scale_grads_ref_": "mmkernels.ops.scale_grads",
     "policies": "mmkernels.policies",

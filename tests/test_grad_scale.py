@@ -152,3 +152,25 @@ def test_gpu_bf16_activation_compiled():
     y.backward(g)
     want = (g.float() * coeff[:, None] * 2).to(torch.bfloat16)
     assert_close(x.grad.float(), want.float(), 1e-2, 1e-2, "bf16 gradient")
+
+
+@pytest.mark.parametrize("per_sample", [False, True])
+def test_reference_gives_the_same_value_and_gradient(device, per_sample):
+    import mmkernels
+
+    leaf = torch.randn(4, 3, device=device, dtype=torch.float64, requires_grad=True)
+    coeff = torch.rand(4, device=device, dtype=torch.float64) if per_sample else torch.tensor(1.7, device=device, dtype=torch.float64)
+    g = torch.randn(4, 3, device=device, dtype=torch.float64)
+    y_ref = mmkernels.grad_scale_ref(leaf, coeff)
+    assert torch.equal(y_ref, leaf)
+    (want,) = torch.autograd.grad(y_ref, leaf, g)
+    (got,) = torch.autograd.grad(grad_scale(leaf, coeff), leaf, g)
+    c = coeff[:, None] if per_sample else coeff
+    assert_close(want, g * c, 1e-15, 0, "reference gradient vs formula")
+    assert_close(got, want, 1e-15, 0, "grad_scale vs reference")
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_python_coeff_is_refused(bad):
+    with pytest.raises(ValueError, match="grad_scale: coeff must be a finite number"):
+        grad_scale(torch.randn(3, requires_grad=True), bad)

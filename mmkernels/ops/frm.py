@@ -1,4 +1,4 @@
-"""``frm``: MWAM's Frequency Ratio Metric (SPEC §2.1).
+"""``frm``: MWAM's Frequency Ratio Metric.
 
 For every sample, channel and non-overlapping ``p×p`` patch ``P`` of a modality's raw input, take the
 orthonormal 2-D DCT-II ``Y = D P Dᵀ`` and sum ``|Y[a, d] / (Y[p-1-a, p-1-d] + eps)|`` over the top-left
@@ -142,7 +142,7 @@ _FRM_FWD = _tuning.Tunable(_frm_fwd_kernel, FrmConfig, _frm_heuristic, _frm_cand
 # 3. Launchers
 # --------------------------------------------------------------------------------------------------------
 def _dct_matrix64(p: int) -> torch.Tensor:
-    """Orthonormal DCT-II matrix ``D[k, n] = s_k cos(π (2n+1) k / (2p))`` in float64 (SPEC §2.1)."""
+    """Orthonormal DCT-II matrix ``D[k, n] = s_k cos(π (2n+1) k / (2p))`` in float64."""
     k = torch.arange(p, dtype=torch.float64)[:, None]
     n = torch.arange(p, dtype=torch.float64)[None, :]
     d = torch.cos(math.pi * (2 * n + 1) * k / (2 * p)) * math.sqrt(2.0 / p)
@@ -297,7 +297,7 @@ def _validate(fn: str, x, patch_size, window, eps, reduction) -> float:
 
 def frm(x: torch.Tensor, patch_size: int = 8, window: int = 2, eps: float = 1e-6,
         reduction: str = "none") -> torch.Tensor:
-    """MWAM's Frequency Ratio Metric of a modality's raw input ``x`` ``(B, C, H, W)`` (SPEC §2.1).
+    """MWAM's Frequency Ratio Metric of a modality's raw input ``x`` ``(B, C, H, W)``.
 
     Returns ``(B,)`` per-sample values (``reduction="none"``) or their sum (``"sum"``, the scalar the
     released MWAM code uses), float32 (float64 for float64 input). ``H`` and ``W`` must be multiples of

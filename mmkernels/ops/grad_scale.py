@@ -1,4 +1,4 @@
-"""``grad_scale(x, coeff)``: identity forward, gradient multiplied by ``coeff`` in backward (SPEC §2.5).
+"""``grad_scale(x, coeff)``: identity forward, gradient multiplied by ``coeff`` in backward.
 
 Scaling the gradient at encoder m's output scales the gradient of every parameter of encoder m by the same
 factor (chain rule), so gradient modulation costs one elementwise op on activations instead of a pass over
@@ -19,15 +19,36 @@ Design choices
   multiplies in the promoted dtype and casts back (two kernels eager, one under torch.compile); we did not
   write a Triton kernel for it because a Triton launch would save at most one elementwise pass, which is
   not where the time of a training step goes.
-* ``coeff`` gets no gradient.
+* ``coeff`` gets no gradient. A Python number must be finite (``ValueError`` otherwise); a tensor's values
+  are not checked, since the backward reads them only later (after an in-place fill).
+
+Sections 1-3 of the op anatomy (kernels, launch config, launchers) are empty here: the backward is one
+elementwise multiply that PyTorch already fuses, and there is no custom op to register (see above).
 """
 from __future__ import annotations
 
 import torch
 
-__all__ = ["grad_scale"]
+from mmkernels._common import check_number
+
+__all__ = ["grad_scale", "grad_scale_ref"]
 
 
+# --------------------------------------------------------------------------------------------------------
+# 4. Reference
+# --------------------------------------------------------------------------------------------------------
+def grad_scale_ref(x: torch.Tensor, coeff) -> torch.Tensor:
+    """The same value and gradient from plain autograd ops: ``x.detach() + coeff·(x − x.detach())`` (value
+    ``x``, gradient ``coeff``). Not a view of ``x``, and ``coeff`` is read at forward time; a test oracle
+    and a baseline, no argument checks."""
+    xd = x.detach()
+    c = coeff if not isinstance(coeff, torch.Tensor) or coeff.dim() == 0 else coeff.view((-1,) + (1,) * (x.dim() - 1))
+    return xd + c * (x - xd)
+
+
+# --------------------------------------------------------------------------------------------------------
+# 5. Registration (an autograd.Function: a custom op may not return a view of its input)
+# --------------------------------------------------------------------------------------------------------
 class _GradScale(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, coeff):
@@ -50,6 +71,9 @@ class _GradScale(torch.autograd.Function):
         return (grad * c).to(grad.dtype), None
 
 
+# --------------------------------------------------------------------------------------------------------
+# 6. Public function
+# --------------------------------------------------------------------------------------------------------
 def grad_scale(x: torch.Tensor, coeff) -> torch.Tensor:
     """Return ``x`` unchanged (a view, no copy); in backward the incoming gradient is multiplied by ``coeff``.
 
@@ -62,6 +86,7 @@ def grad_scale(x: torch.Tensor, coeff) -> torch.Tensor:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"grad_scale: x must be a torch.Tensor, got {type(x).__name__}")
     if isinstance(coeff, (int, float)) and not isinstance(coeff, bool):
+        check_number("grad_scale", "coeff", coeff)
         # a fill kernel, not torch.tensor(..., device="cuda"): that is a blocking host-to-device copy
         coeff = torch.full((), float(coeff), dtype=torch.float32, device=x.device)
     if not isinstance(coeff, torch.Tensor):

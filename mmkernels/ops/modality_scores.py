@@ -1,4 +1,4 @@
-"""``modality_scores``: per-modality confidence and correct count, OGM-GE's score (SPEC §2.3).
+"""``modality_scores``: per-modality confidence and correct count, OGM-GE's score.
 
 ``scores[m]  = Σ_i softmax(logits[m, i])[labels[i]]`` and ``correct[m] = Σ_i [argmax logits[m, i] == labels[i]]``
 over the available samples (``mask[i, m] != 0`` and ``labels[i] != -100``). OGM-GE's discrepancy ratio is
@@ -292,7 +292,7 @@ def _check_logits(fn: str, logits):
         raise TypeError(f"{fn}: logits must be float16/bfloat16/float32/float64, got {xs[0].dtype}; "
                         "convert them, e.g. logits.float()")
     if M == 0 or K == 0:
-        raise ValueError(f"{fn}: need at least one modality and one class, got M={M}, K={K}")
+        raise ValueError(f"{fn}: logits need at least one modality and one class, got M={M}, K={K}")
     return xs, M, B, K, xs[0].device
 
 
