@@ -93,22 +93,6 @@ def mwam(mode="activation", **kw):
     return make
 
 
-def _has_update_mode() -> bool:
-    """Whether this version of the library's balancers has ``mode="update"`` (scaling each modality's
-    optimizer update, so balancing survives AdamW)."""
-    from torch import nn
-
-    from mmkernels.balance import PDMP
-
-    enc = {"a": nn.Linear(1, 1), "b": nn.Linear(1, 1)}
-    opt = torch.optim.SGD([p for e in enc.values() for p in e.parameters()], lr=0.1)
-    try:
-        PDMP(enc, performance={"a": 1.0, "b": 0.0}, mode="update", optimizer=opt)
-    except (TypeError, ValueError):
-        return False
-    return True
-
-
 # ---- the one Method class of the table -----------------------------------------------------------------
 class Balanced(Method):
     """A method built from its table entry (see :func:`method`)."""
@@ -218,6 +202,18 @@ METHODS: dict[str, MethodSpec] = {
         "statistic: FRM (8x8 DCT patches) of each raw input as a 1-channel map (images as they are, "
         "sequences as time x channels); mfeat's vector views: 1/band_ratio(x, 0.25) (our extension)",
         balancer=mwam(), feeds=INPUTS, loss="balancer", label="weight K_m (gradient and loss)", family="MWAM"),
+    "ogm_ge_update": method(
+        f"OGM-GE in update mode: k_m (alpha={OGM_ALPHA}) scales the change the optimizer makes to every "
+        "parameter of encoder m (survives AdamW's normalisation); no GE noise",
+        balancer=ogm_ge("update"), feeds=LOGITS, label="update coefficient k_m", family="OGM-GE"),
+    "pdmp_update": method(
+        "PDMP in update mode: its static coefficients scale each encoder's optimizer update",
+        balancer=pdmp("update"), label="update coefficient k_m (static)", family="PDMP"),
+    "mwam_update": method(
+        "MWAM as 'mwam', its encoder weights applied to the optimizer update instead of the gradient "
+        "(the loss weights unchanged)",
+        balancer=mwam("update"), feeds=INPUTS, loss="balancer", label="weight K_m (update and loss)",
+        family="MWAM"),
     "decision": method(
         "decision-level weighting: the fused logit is decision_fuse of the head-split logits with EMA "
         "calibration scales and class-wise capability weights (tau=1), in training and at test time",
@@ -240,23 +236,7 @@ METHODS: dict[str, MethodSpec] = {
         family="combination"),
 }
 
-if _has_update_mode():
-    METHODS.update({
-        "ogm_ge_update": method(
-            f"OGM-GE in update mode: k_m (alpha={OGM_ALPHA}) scales the change the optimizer makes to every "
-            "parameter of encoder m (survives AdamW's normalisation); no GE noise",
-            balancer=ogm_ge("update"), feeds=LOGITS, label="update coefficient k_m", family="OGM-GE"),
-        "pdmp_update": method(
-            "PDMP in update mode: its static coefficients scale each encoder's optimizer update",
-            balancer=pdmp("update"), label="update coefficient k_m (static)", family="PDMP"),
-        "mwam_update": method(
-            "MWAM as 'mwam', its encoder weights applied to the optimizer update instead of the gradient "
-            "(the loss weights unchanged)",
-            balancer=mwam("update"), feeds=INPUTS, loss="balancer", label="weight K_m (update and loss)",
-            family="MWAM"),
-    })
-
 CONTROLS = ("baseline", "baseline+uni_ce")
 # `make demo`'s methods: the controls and one entry per library method (the rest: --methods all)
-DEFAULT_METHODS = tuple(n for n in ("baseline", "baseline+uni_ce", "ogm_ge_act", "ogm_ge_update", "pdmp", "mwam",
-                                     "mwam_update", "decision_rel") if n in METHODS)
+DEFAULT_METHODS = ("baseline", "baseline+uni_ce", "ogm_ge_act", "ogm_ge_update", "pdmp", "mwam", "mwam_update",
+                   "decision_rel")
