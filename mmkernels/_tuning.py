@@ -35,7 +35,7 @@ from typing import Any, Callable, ClassVar, Optional, Union
 
 import torch
 
-__all__ = ["LaunchConfig", "Tunable", "kernel_name", "registry", "select", "forced", "recording",
+__all__ = ["LaunchConfig", "Tunable", "kernel_name", "registry", "forced", "recording",
            "autotune_enabled", "set_autotune", "bucket", "key_str", "cfg_str", "table_path"]
 
 _TUNED_DIR = os.path.join(os.path.dirname(__file__), "tuned")
@@ -262,13 +262,6 @@ class Tunable:
 def registry() -> dict[str, Tunable]:
     """Every :class:`Tunable` of the op modules imported so far, by kernel name."""
     return dict(_registry)
-
-
-def select(name: str, key: tuple, heuristic: dict, candidates: Callable[[], list[dict]],
-           launch: Callable[[dict], None], device: torch.device) -> dict:
-    """Untyped form of :meth:`Tunable.select` (configs as dicts, the kernel named by a string), kept while
-    ops still call it."""
-    return _choose(name, key, heuristic, candidates, launch, device, _as_dict)
 
 
 def bucket(n: int) -> int:

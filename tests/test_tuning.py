@@ -1,5 +1,6 @@
 """Launch configurations: every candidate of every Triton kernel computes the right answer, and the selection
 (forced config, autotune search, tuned table, heuristic) behaves as documented in ``mmkernels._tuning``."""
+import dataclasses
 import json
 
 import pytest
@@ -136,6 +137,9 @@ def _scores_call(device):
     return lambda: mmkernels.modality_scores(logits, labels)
 
 
+SCORES_ARGS = (6, 40)  # the heuristic's arguments (B, K) of _scores_call
+
+
 def test_heuristic_without_search_or_table(triton_backend, device):
     call = _scores_call(device)
     with _tuning.recording() as log:
@@ -143,7 +147,8 @@ def test_heuristic_without_search_or_table(triton_backend, device):
     (name, key, heur, cands), = log
     assert name == "_modality_scores_fwd_kernel" and key[2] == torch.float32
     # select() returns the heuristic when nothing is forced, no search runs and (CPU) no table applies
-    assert _tuning.select(name, key, heur, lambda: cands, lambda cfg: None, torch.device("cpu")) == heur
+    tunable = _tuning.registry()[name]
+    assert tunable.select(key, SCORES_ARGS, lambda cfg: None, torch.device("cpu")).as_dict() == heur
 
 
 def test_autotune_picks_fastest_and_caches(triton_backend, device, monkeypatch):
@@ -151,6 +156,7 @@ def test_autotune_picks_fastest_and_caches(triton_backend, device, monkeypatch):
     with _tuning.recording() as log:
         call()
     (name, key, heur, cands), = log
+    tunable = _tuning.registry()[name]
     assert len(cands) > 2
     fastest = len(cands) - 2  # pretend the second-to-last candidate is the fastest
     timed = []
@@ -165,11 +171,11 @@ def test_autotune_picks_fastest_and_caches(triton_backend, device, monkeypatch):
     _tuning.set_autotune(True)
     try:
         launched = []
-        pick = _tuning.select(name, key, heur, lambda: cands, launched.append, torch.device(device))
-        assert pick == cands[fastest]
+        pick = tunable.select(key, SCORES_ARGS, launched.append, torch.device(device))
+        assert pick.as_dict() == cands[fastest]
         assert len(launched) == len(cands) and len(timed) == len(cands)
         # second launch: cached, no new search
-        assert _tuning.select(name, key, heur, lambda: cands, launched.append, torch.device(device)) == pick
+        assert tunable.select(key, SCORES_ARGS, launched.append, torch.device(device)) == pick
         assert len(timed) == len(cands)
         # the op itself still gives the right answer through the search
         s, c = call()
@@ -178,38 +184,49 @@ def test_autotune_picks_fastest_and_caches(triton_backend, device, monkeypatch):
         _tuning.set_autotune(False)
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class _ToyConfig(_tuning.LaunchConfig):
+    A: int
+
+
+def _toy(name, heur=0, cands=(0,)):
+    kernel = type(name, (), {"__name__": name})  # stands in for a @triton.jit function: only its name is used
+    return _tuning.Tunable(kernel, _ToyConfig, lambda: _ToyConfig(A=heur), lambda: [_ToyConfig(A=a) for a in cands])
+
+
 def test_autotune_skips_failing_configs_and_reports_when_none_runs(monkeypatch):
     monkeypatch.setattr(_tuning, "_autotuned", {})
-    cands = [{"A": 1}, {"A": 2}, {"A": 3}]
+    monkeypatch.setattr(_tuning, "_registry", {})
 
     def launch(cfg):
-        if cfg["A"] != 3:
+        if cfg.A != 3:
             raise RuntimeError("out of resources: shared memory")
 
     monkeypatch.setattr(_tuning, "_timer", lambda fn: (fn(), 1.0)[1])
     _tuning.set_autotune(True)
     try:
-        assert _tuning.select("k", (1,), cands[0], lambda: cands, launch, torch.device("cpu")) == {"A": 3}
+        assert _toy("k", 1, (1, 2, 3)).select((1,), (), launch, torch.device("cpu")) == _ToyConfig(A=3)
 
         def never(cfg):
             raise RuntimeError("out of resources")
 
         with pytest.raises(RuntimeError, match="no candidate config of kernel 'k2'"):
-            _tuning.select("k2", (1,), cands[0], lambda: cands, never, torch.device("cpu"))
+            _toy("k2", 1, (1, 2, 3)).select((1,), (), never, torch.device("cpu"))
     finally:
         _tuning.set_autotune(False)
 
 
-def test_forced_is_scoped_and_nests():
+def test_forced_is_scoped_and_nests(monkeypatch):
+    monkeypatch.setattr(_tuning, "_registry", {})
     cpu = torch.device("cpu")
-    heur = {"A": 0}
+    k, other = _toy("k"), _toy("other")
     with _tuning.forced("k", {"A": 1}):
-        assert _tuning.select("k", (), heur, list, None, cpu) == {"A": 1}
-        with _tuning.forced("k", {"A": 2}):
-            assert _tuning.select("k", (), heur, list, None, cpu) == {"A": 2}
-        assert _tuning.select("k", (), heur, list, None, cpu) == {"A": 1}
-        assert _tuning.select("other", (), heur, list, None, cpu) == heur
-    assert _tuning.select("k", (), heur, list, None, cpu) == heur
+        assert k.select((), (), None, cpu) == _ToyConfig(A=1)
+        with _tuning.forced(k, _ToyConfig(A=2)):
+            assert k.select((), (), None, cpu) == _ToyConfig(A=2)
+        assert k.select((), (), None, cpu) == _ToyConfig(A=1)
+        assert other.select((), (), None, cpu) == _ToyConfig(A=0)
+    assert k.select((), (), None, cpu) == _ToyConfig(A=0)
 
 
 def test_keys_and_table_names():
@@ -252,7 +269,7 @@ def test_gpu_tuned_table_is_used(tmp_path, monkeypatch):
     monkeypatch.setattr(_tuning, "_tables", {})
     with open(_tuning.table_path(name), "w") as f:
         json.dump({"device_name": name, "configs": {kernel: {_tuning.key_str(key): other}}}, f)
-    assert _tuning.select(kernel, key, heur, lambda: cands, None, torch.device("cuda")) == other
+    assert _tuning.registry()[kernel].select(key, (64, 1000), None, torch.device("cuda")).as_dict() == other
     s, c = mmkernels.modality_scores(logits, labels)
     want_s, want_c = scores_oracle(logits, labels)
     assert_close(s, want_s, rtol=1e-5, atol=1e-5, what="with tuned table")
