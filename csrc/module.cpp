@@ -18,4 +18,9 @@ TORCH_LIBRARY(mmkernels_C, m) {
   m.def("scale_grads_(Tensor(a!)[] tensors, Tensor coeff, Tensor? seed) -> Tensor");
   // The standard normals that list entry `tensor` gets for `seed` (the noise stream of scale_grads_).
   m.def("philox_normal(Tensor seed, int tensor, int numel) -> Tensor");
+  // In place: params[i] <- snapshots[i] + coeffs[group[i]] * (params[i] - snapshots[i]); returns one bool per
+  // group, true where its coefficient was NaN/Inf and its parameters were left unchanged.
+  m.def("update_scale_(Tensor(a!)[] params, Tensor[] snapshots, Tensor coeffs, int[] group) -> Tensor");
+  // (num_groups, 3) float64: per group, <a, b>, |a|^2, |b|^2 summed over the tensors of that group.
+  m.def("group_grad_stats(Tensor[] a, Tensor[] b, int[] group, int num_groups) -> Tensor");
 }

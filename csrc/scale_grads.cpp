@@ -95,10 +95,11 @@ __attribute__((target("avx2"))) void normals_tile_avx2(uint64_t seed, uint32_t t
   MMK_BOX_MULLER_LOOP
 }
 
+// MMKERNELS_NO_AVX2=1 forces the portable paths (the tests check both give the same bits)
+bool use_avx2();
+
 void normals_tile(uint64_t seed, uint32_t tensor, uint64_t g0, float* z) {
-  // MMKERNELS_NO_AVX2=1 forces the portable path (the tests check both give the same bits)
-  static const bool avx2 = __builtin_cpu_supports("avx2") && std::getenv("MMKERNELS_NO_AVX2") == nullptr;
-  if (avx2) {
+  if (use_avx2()) {
     normals_tile_avx2(seed, tensor, g0, z);
   } else {
     normals_tile_generic(seed, tensor, g0, z);
@@ -118,32 +119,63 @@ inline T store_sat(acc_t<T> v) {
   return static_cast<T>(v);
 }
 
-// Raw bits of one element, and the exponent field that marks Inf/NaN.
+// Raw bits of one element and its exponent field (all ones: Inf or NaN). (bits & exp) + lowest exponent bit
+// reaches the sign bit exactly when the exponent is all ones, so OR-ing those sums over a range and testing
+// the sign bit finds a NaN/Inf with adds and ORs only, which vectorise (a compare-and-branch loop did not).
 template <typename T> struct Bits;
-template <> struct Bits<float> { using U = uint32_t; static constexpr U exp = 0x7f800000u; };
-template <> struct Bits<double> { using U = uint64_t; static constexpr U exp = 0x7ff0000000000000ull; };
-template <> struct Bits<c10::Half> { using U = uint16_t; static constexpr U exp = 0x7c00u; };
-template <> struct Bits<c10::BFloat16> { using U = uint16_t; static constexpr U exp = 0x7f80u; };
+template <> struct Bits<float> { using U = uint32_t; static constexpr U exp = 0x7f800000u, low = 0x00800000u; };
+template <> struct Bits<double> {
+  using U = uint64_t;
+  static constexpr U exp = 0x7ff0000000000000ull, low = 0x0010000000000000ull;
+};
+template <> struct Bits<c10::Half> { using U = uint16_t; static constexpr U exp = 0x7c00u, low = 0x0400u; };
+template <> struct Bits<c10::BFloat16> { using U = uint16_t; static constexpr U exp = 0x7f80u, low = 0x0080u; };
 
-// Whether p[0 .. n) holds a NaN or an Inf: compares and ORs on the bits, which vectorise (a float
-// comparison loop would not reassociate).
 template <typename T>
-bool any_nonfinite(const T* p, int64_t n) {
+__attribute__((always_inline)) inline bool any_nonfinite_body(const T* p, int64_t n) {
   using U = typename Bits<T>::U;
-  const U e = Bits<T>::exp;
+  constexpr U sign = (U)(Bits<T>::exp + Bits<T>::low);
   U any = 0;
   for (int64_t i = 0; i < n; ++i) {
     U b;
     std::memcpy(&b, p + i, sizeof(U));
-    any |= (U)((b & e) == e);
+    any |= (U)((b & Bits<T>::exp) + Bits<T>::low);
   }
-  return any != 0;
+  return (any & sign) != 0;
 }
 
 template <typename T>
-void scale_range(T* p, int64_t n, double coeff) {
+__attribute__((always_inline)) inline void scale_body(T* p, int64_t n, double coeff) {
   const acc_t<T> c = static_cast<acc_t<T>>(coeff);
   for (int64_t i = 0; i < n; ++i) p[i] = store_sat<T>(static_cast<acc_t<T>>(p[i]) * c);
+}
+
+// The same loops compiled for AVX2 (twice the vector width on data the first pass left in cache), picked
+// at run time as for the noise tiles; there is no FMA in them, so both versions round alike.
+template <typename T>
+__attribute__((target("avx2"))) bool any_nonfinite_avx2(const T* p, int64_t n) { return any_nonfinite_body(p, n); }
+template <typename T>
+__attribute__((target("avx2"))) void scale_avx2(T* p, int64_t n, double coeff) { scale_body(p, n, coeff); }
+template <typename T>
+bool any_nonfinite_generic(const T* p, int64_t n) { return any_nonfinite_body(p, n); }
+template <typename T>
+void scale_generic(T* p, int64_t n, double coeff) { scale_body(p, n, coeff); }
+
+bool use_avx2() {
+  static const bool avx2 = __builtin_cpu_supports("avx2") && std::getenv("MMKERNELS_NO_AVX2") == nullptr;
+  return avx2;
+}
+
+template <typename T>
+bool any_nonfinite(const T* p, int64_t n) { return use_avx2() ? any_nonfinite_avx2(p, n) : any_nonfinite_generic(p, n); }
+
+template <typename T>
+void scale_range(T* p, int64_t n, double coeff) {
+  if (use_avx2()) {
+    scale_avx2(p, n, coeff);
+  } else {
+    scale_generic(p, n, coeff);
+  }
 }
 
 struct Partial {

@@ -56,8 +56,22 @@ def has_cuda() -> bool:
     return has_kernel("scale_grads_", "cuda")
 
 
+_pending_fakes: dict = {}
+
+
+def register_fake(op: str, fn) -> None:
+    """Declare the fake (meta) implementation of ``mmkernels_C::<op>``; it is registered when the extension is
+    first used through :func:`ops` (registering needs the op's schema, so importing the package loads nothing)."""
+    _pending_fakes[op] = fn
+
+
 def ops():
     """``torch.ops.mmkernels_C``: the compiled kernels, called through the dispatcher (after :func:`load`)."""
+    if _pending_fakes and load() is not None:
+        for op, fn in list(_pending_fakes.items()):
+            if has_kernel(op, "cpu") or has_kernel(op, "cuda"):
+                torch.library.register_fake(f"mmkernels_C::{op}")(fn)
+            del _pending_fakes[op]
     return torch.ops.mmkernels_C
 
 

@@ -7,11 +7,14 @@
 //   __device__ void operator()(const TensorListArgs<Depth>& a, int slot, int64_t chunk, int64_t start,
 //                              int64_t end, Extra... extra)
 // where slot indexes a.addr[d][slot] / a.numel[slot] / a.index[slot] and [start, end) is the chunk's
-// element range; the functor's own arguments (coefficients, workspaces) are its members, passed by value. CPU counterpart: csrc/multi_tensor_apply.h. CUDA toolkit headers only.
+// element range; the functor's own arguments (coefficients, workspaces) are its members, passed by value.
+// The sizes and the chunk count are also visible to host-only C++ (the torch-facing glue sizes its
+// workspaces with them); the kernel and the launchers need nvcc. CPU counterpart: csrc/multi_tensor_apply.h. CUDA toolkit headers only.
 #pragma once
 #include <cuda_runtime.h>
 #include <stdint.h>
 
+#include <type_traits>
 #include <vector>
 
 namespace mmk {
@@ -52,7 +55,12 @@ static_assert(sizeof(TensorListArgs<1>) < 4000 && sizeof(TensorListArgs<2>) < 40
                   sizeof(TensorListArgs<3>) < 4000 && sizeof(TensorListArgs<4>) < 4000,
               "kernel arguments must stay under 4 KB");
 
-__host__ __device__ inline int64_t num_chunks(int64_t numel) { return (numel + kChunk - 1) / kChunk; }
+#if defined(__CUDACC__)
+__host__ __device__
+#endif
+inline int64_t num_chunks(int64_t numel) { return (numel + kChunk - 1) / kChunk; }
+
+#if defined(__CUDACC__)
 
 template <int Depth, typename Functor, typename... Extra>
 __global__ void __launch_bounds__(kBlockThreads)
@@ -164,6 +172,27 @@ __device__ __forceinline__ void store4(T* p, int64_t i, int64_t end, bool aligne
       if (i + k < end) p[i + k] = in[k];
   }
 }
+
+// fp32 arithmetic for fp16/bf16/fp32 elements, fp64 for fp64
+template <typename T>
+using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
+
+// Deterministic sum over the block (fixed shuffle tree, then the warps in order); valid in thread 0.
+// smem: kBlockThreads / 32 doubles of shared memory.
+__device__ inline double block_sum(double v, double* smem) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffffu, v, o);
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  __syncthreads();
+  if (lane == 0) smem[warp] = v;
+  __syncthreads();
+  double total = 0;
+  if (threadIdx.x == 0)
+    for (int w = 0; w < (int)(blockDim.x >> 5); ++w) total += smem[w];
+  return total;
+}
+
+#endif  // __CUDACC__
 
 }  // namespace cuda
 }  // namespace mmk

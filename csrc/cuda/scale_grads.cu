@@ -30,9 +30,6 @@ namespace mmk {
 namespace cuda {
 namespace {
 
-template <typename T>
-using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
-
 template <typename T> __device__ __forceinline__ acc_t<T> finite_max();
 template <> __device__ __forceinline__ float finite_max<float>() { return FLT_MAX; }
 template <> __device__ __forceinline__ double finite_max<double>() { return DBL_MAX; }
@@ -50,20 +47,6 @@ __device__ __forceinline__ T store_sat(acc_t<T> v) {
 __device__ __forceinline__ bool nonfinite(float v) { return (__float_as_uint(v) & 0x7f800000u) == 0x7f800000u; }
 __device__ __forceinline__ bool nonfinite(double v) {
   return (__double_as_longlong(v) & 0x7ff0000000000000ll) == 0x7ff0000000000000ll;
-}
-
-// Deterministic block sum (fixed shuffle tree, then fixed order over warps); valid in thread 0.
-__device__ double block_sum(double v, double* smem) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffffu, v, o);
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  __syncthreads();
-  if (lane == 0) smem[warp] = v;
-  __syncthreads();
-  double total = 0;
-  if (threadIdx.x == 0)
-    for (int w = 0; w < (int)(blockDim.x >> 5); ++w) total += smem[w];
-  return total;
 }
 
 // noise=None, pass 1: any block that sees a NaN/Inf flags its tensor (racing stores of the same value).

@@ -176,19 +176,8 @@ def _apply_ref(tensors: Sequence[torch.Tensor], coeff: torch.Tensor, seed: Optio
 # registration: the custom op mmkernels::scale_grads_, whose implementation calls the compiled kernel
 # torch.ops.mmkernels_C.scale_grads_ (the dispatcher picks its CPU or CUDA implementation) or the reference
 # ----------------------------------------------------------------------------------------------------------
-_kernel_fakes_registered = False
-
-
-def _kernels():
-    """torch.ops.mmkernels_C, with fake implementations of its ops registered once (for tracing/opcheck)."""
-    global _kernel_fakes_registered
-    if not _kernel_fakes_registered:
-        _kernel_fakes_registered = True
-        torch.library.register_fake("mmkernels_C::scale_grads_")(
-            lambda tensors, coeff, seed: coeff.new_empty(len(tensors), dtype=torch.bool))
-        torch.library.register_fake("mmkernels_C::philox_normal")(
-            lambda seed, tensor, numel: seed.new_empty(numel, dtype=torch.float32))
-    return _ext.ops()
+_ext.register_fake("scale_grads_", lambda tensors, coeff, seed: coeff.new_empty(len(tensors), dtype=torch.bool))
+_ext.register_fake("philox_normal", lambda seed, tensor, numel: seed.new_empty(numel, dtype=torch.float32))
 
 
 def _use_extension(device: torch.device) -> bool:
@@ -200,9 +189,12 @@ def _use_extension(device: torch.device) -> bool:
     return _ext.has_kernel("scale_grads_", device)
 
 
-def _check_memory(name: str, tensors: Sequence[torch.Tensor]) -> None:
+def _check_memory(name: str, tensors: Sequence[torch.Tensor], labels: Optional[Sequence[str]] = None) -> None:
     """In-place writes need each element once: reject a tensor whose elements share memory (an expanded
-    tensor) and two tensors that share memory (one gradient listed twice, overlapping views)."""
+    tensor) and two tensors that share memory (one gradient listed twice, overlapping views). Two tensors
+    whose address ranges interleave (x[::2] and x[1::2]) are rejected too: the check compares ranges.
+    ``labels[i]`` names tensor i in the message (default ``tensors[i]``). Shared by the multi-tensor ops."""
+    label = (lambda i: labels[i]) if labels is not None else (lambda i: f"tensors[{i}]")
     spans = []
     for i, t in enumerate(tensors):
         if t.numel() == 0:
@@ -215,9 +207,9 @@ def _check_memory(name: str, tensors: Sequence[torch.Tensor]) -> None:
             for stride, size in sorted((st, sz) for sz, st in zip(t.shape, t.stride()) if sz > 1):
                 if stride <= reach:
                     raise ValueError(
-                        f"{name}: tensors[{i}] has overlapping memory (shape {tuple(t.shape)}, strides {t.stride()}, "
+                        f"{name}: {label(i)} has overlapping memory (shape {tuple(t.shape)}, strides {t.stride()}, "
                         "e.g. an expanded tensor): one stored value stands for several elements, so it cannot be "
-                        f"updated in place element by element; pass tensors[{i}].clone()")
+                        f"updated in place element by element; pass {label(i)}.clone()")
                 reach += stride * (size - 1)
         if t.device.type != "meta":
             start = t.data_ptr()
@@ -227,7 +219,7 @@ def _check_memory(name: str, tensors: Sequence[torch.Tensor]) -> None:
     for start, stop, i in spans:
         if start < end:
             a, b = sorted((owner, i))
-            raise ValueError(f"{name}: tensors[{a}] and tensors[{b}] share memory, so elements would be updated "
+            raise ValueError(f"{name}: {label(a)} and {label(b)} share memory, so elements would be updated "
                              "twice (the second time from already-updated values); pass each tensor once")
         if stop > end:
             end, owner = stop, i
@@ -239,7 +231,7 @@ def _scale_grads_impl(tensors: list[torch.Tensor], coeff: torch.Tensor, seed: Op
     if not _use_extension(tensors[0].device):
         return _apply_ref(tensors, coeff, seed)
     work = [t if t.is_contiguous() else t.contiguous() for t in tensors]
-    flags = _kernels().scale_grads_(work, coeff, seed)
+    flags = _ext.ops().scale_grads_(work, coeff, seed)
     for t, w in zip(tensors, work):
         if w is not t:
             t.copy_(w)

@@ -1,0 +1,186 @@
+"""``update_scale_(params, snapshots, coeffs)``: scale each group's last parameter update, in place, in one pass.
+
+For parameter groups (one per modality encoder), snapshots ``theta0`` taken before the optimizer step and
+one coefficient ``k_g`` per group, in place: ``theta <- theta0 + k_g * (theta - theta0)``. Modulating the
+*update* rather than the gradient is how balancing reaches adaptive optimizers: for AdamW a gradient scale
+is normalised away by the second moment, an update scale is not.
+
+Design choices
+--------------
+* ``params`` and ``snapshots``: sequences of groups, each a sequence of tensors; ``snapshots[g][j]`` has the
+  shape and dtype of ``params[g][j]``. ``coeffs``: one per group, as 0-d tensors or Python floats, or one
+  1-D tensor of length G. Tensor coefficients are read on the device (no host sync).
+* A Python coefficient that is NaN/Inf is a ``ValueError``; a non-finite *tensor* coefficient leaves its
+  group unchanged and sets its flag. Returns a ``torch.bool`` tensor ``(G,)``: those flags.
+* Arithmetic: fp32 for fp16/bf16/fp32 parameters (fp64 for fp64): ``d = theta - theta0``, ``k*d``,
+  ``theta0 + k*d``, each rounded once (no FMA), then rounded to the parameter's dtype. The kernels and the
+  reference below round alike, so they agree bit for bit.
+* Paths: ``torch.ops.mmkernels_C.update_scale_`` (a functor on the multi-tensor apply of ``csrc/``: one
+  OpenMP pass on the CPU, one launch per dtype on CUDA) when the extension has a kernel for the device,
+  else :func:`update_scale_ref_`. Non-contiguous parameters go through a contiguous copy written back.
+* Everything is checked before anything is written (shapes, dtypes, devices, shared memory, coefficients).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+
+from mmkernels import _backend, _ext
+from mmkernels._common import FLOAT_DTYPES, acc_dtype, skip_dispatch
+from mmkernels.ops.scale_grads import _check_memory
+
+__all__ = ["update_scale_", "update_scale_ref_"]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# reference
+# ----------------------------------------------------------------------------------------------------------
+def _apply_ref(params: Sequence[torch.Tensor], snapshots: Sequence[torch.Tensor], coeffs: torch.Tensor,
+               group: Sequence[int]) -> torch.Tensor:
+    bad = ~torch.isfinite(coeffs)
+    for p, s, g in zip(params, snapshots, group):
+        if p.numel() == 0:
+            continue
+        acc = acc_dtype(p.dtype)
+        x0 = s.to(acc)
+        y = (x0 + coeffs[g].to(acc) * (p.to(acc) - x0)).to(p.dtype)
+        p.copy_(torch.where(bad[g], p, y))
+    return bad
+
+
+# ----------------------------------------------------------------------------------------------------------
+# registration
+# ----------------------------------------------------------------------------------------------------------
+def _impl(params: list[torch.Tensor], snapshots: list[torch.Tensor], coeffs: torch.Tensor,
+          group: list[int]) -> torch.Tensor:
+    if (not params or _backend.get_backend() == "reference" or _ext.load() is None
+            or not _ext.has_kernel("update_scale_", params[0].device)):
+        return _apply_ref(params, snapshots, coeffs, group)
+    work = [p if p.is_contiguous() else p.contiguous() for p in params]
+    flags = _ext.ops().update_scale_(work, [s.contiguous() for s in snapshots], coeffs, group)
+    for p, w in zip(params, work):
+        if w is not p:
+            p.copy_(w)
+    return flags
+
+
+_ext.register_fake("update_scale_", lambda params, snapshots, coeffs, group: coeffs.new_empty(coeffs.shape, dtype=torch.bool))
+
+
+@torch.library.custom_op("mmkernels::update_scale_", mutates_args={"params"})
+def _update_scale_op(params: list[torch.Tensor], snapshots: list[torch.Tensor], coeffs: torch.Tensor,
+                     group: list[int]) -> torch.Tensor:
+    _check_memory("update_scale_", params)
+    return _impl(params, snapshots, coeffs, group)
+
+
+@_update_scale_op.register_fake
+def _(params, snapshots, coeffs, group):
+    return torch.empty(coeffs.shape, dtype=torch.bool, device=coeffs.device)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# public API
+# ----------------------------------------------------------------------------------------------------------
+def _prepare(name, params, snapshots, coeffs):
+    def groups_of(arg, value):
+        if isinstance(value, torch.Tensor) or not isinstance(value, (list, tuple)):
+            raise TypeError(f"{name}: {arg} must be a list of groups (lists of tensors), got {type(value).__name__}")
+        for g, grp in enumerate(value):
+            if isinstance(grp, torch.Tensor) or not isinstance(grp, (list, tuple)):
+                raise TypeError(f"{name}: {arg}[{g}] must be a list of tensors (one group), got {type(grp).__name__}")
+        return [list(grp) for grp in value]
+
+    params, snapshots = groups_of("params", params), groups_of("snapshots", snapshots)
+    if len(snapshots) != len(params):
+        raise ValueError(f"{name}: {len(params)} parameter groups but {len(snapshots)} snapshot groups")
+    flat_p, flat_s, group, labels = [], [], [], []
+    device = None
+    for g, (gp, gs) in enumerate(zip(params, snapshots)):
+        if len(gp) != len(gs):
+            raise ValueError(f"{name}: params[{g}] has {len(gp)} tensors but snapshots[{g}] has {len(gs)}")
+        for j, (p, s) in enumerate(zip(gp, gs)):
+            for arg, t in (("params", p), ("snapshots", s)):
+                if not isinstance(t, torch.Tensor):
+                    raise TypeError(f"{name}: {arg}[{g}][{j}] is {type(t).__name__}, not a tensor")
+                if t.layout != torch.strided:
+                    raise TypeError(f"{name}: {arg}[{g}][{j}] is a sparse tensor ({t.layout}); pass dense tensors")
+                if t.dtype not in FLOAT_DTYPES:
+                    raise TypeError(f"{name}: {arg}[{g}][{j}] has dtype {t.dtype}; supported are float32, float16, "
+                                    "bfloat16, float64")
+                device = t.device if device is None else device
+                if t.device != device:
+                    raise ValueError(f"{name}: {arg}[{g}][{j}] is on {t.device} but the first tensor is on {device}; "
+                                     "call once per device")
+            if s.shape != p.shape or s.dtype != p.dtype:
+                raise ValueError(f"{name}: snapshots[{g}][{j}] is {s.dtype} {tuple(s.shape)} but params[{g}][{j}] is "
+                                 f"{p.dtype} {tuple(p.shape)}; snapshot each parameter with p.detach().clone()")
+            if p.requires_grad and torch.is_grad_enabled():
+                raise ValueError(f"{name}: params[{g}][{j}] requires grad; call update_scale_ under torch.no_grad() "
+                                 "(as the optimizer step runs)")
+            flat_p.append(p)
+            flat_s.append(s)
+            group.append(g)
+            labels.append(f"params[{g}][{j}]")
+    if not torch.compiler.is_compiling():
+        _check_memory(name, flat_p, labels)
+    num_groups = len(params)
+    dev = device if device is not None else torch.device("cpu")
+    if isinstance(coeffs, torch.Tensor):
+        if coeffs.dim() != 1 or coeffs.numel() != num_groups:
+            raise ValueError(f"{name}: coeffs must have one entry per group ({num_groups}), got shape "
+                             f"{tuple(coeffs.shape)}")
+        if not coeffs.is_floating_point():
+            raise TypeError(f"{name}: coeffs must be floating point, got {coeffs.dtype}")
+        if coeffs.device != dev and coeffs.device.type != "cpu":
+            raise ValueError(f"{name}: coeffs is on {coeffs.device} but the parameters are on {dev}")
+        k = coeffs.to(dev, non_blocking=True)
+    else:
+        if not isinstance(coeffs, (list, tuple)) or len(coeffs) != num_groups:
+            raise ValueError(f"{name}: coeffs must be one coefficient per group ({num_groups} groups), got "
+                             f"{coeffs!r}")
+        parts = []
+        for g, c in enumerate(coeffs):
+            if isinstance(c, torch.Tensor):
+                if c.dim() != 0 or not c.is_floating_point():
+                    raise TypeError(f"{name}: coeffs[{g}] must be a 0-d floating tensor or a float, got "
+                                    f"{c.dtype} of shape {tuple(c.shape)}")
+                if c.device != dev and c.device.type != "cpu":
+                    raise ValueError(f"{name}: coeffs[{g}] is on {c.device} but the parameters are on {dev}")
+                parts.append(c.to(dev, torch.float64, non_blocking=True))
+            elif isinstance(c, (int, float)) and not isinstance(c, bool):
+                v = float(c) if isinstance(c, float) or abs(c) < 2**1023 else math.inf
+                if not math.isfinite(v):
+                    raise ValueError(f"{name}: coeffs[{g}] must be finite, got {c!r}")
+                parts.append(torch.full((), v, dtype=torch.float64, device=dev))
+            else:
+                raise TypeError(f"{name}: coeffs[{g}] must be a 0-d floating tensor or a float, got "
+                                f"{type(c).__name__}")
+        k = torch.stack(parts) if parts else torch.zeros(0, dtype=torch.float64, device=dev)
+    return flat_p, flat_s, k, group
+
+
+def update_scale_(params, snapshots, coeffs) -> torch.Tensor:
+    """In place, for each group g and each tensor of it: ``theta <- theta0 + coeffs[g] * (theta - theta0)``.
+
+    Args:
+        params: list of groups, each a list of parameter tensors (one group per modality encoder).
+        snapshots: the same structure, ``theta0`` (e.g. ``p.detach().clone()`` before ``optimizer.step()``).
+        coeffs: one coefficient per group: a list of 0-d tensors / finite floats, or a 1-D tensor (G,).
+
+    Returns:
+        ``torch.bool`` tensor ``(G,)``: ``True`` where the group's coefficient was NaN/Inf and the group was
+        left unchanged.
+    """
+    flat_p, flat_s, k, group = _prepare("update_scale_", params, snapshots, coeffs)
+    if skip_dispatch(k):
+        return _impl(flat_p, flat_s, k, group)
+    return _update_scale_op(flat_p, flat_s, k, group)
+
+
+def update_scale_ref_(params, snapshots, coeffs) -> torch.Tensor:
+    """Pure-PyTorch :func:`update_scale_` (per tensor, same rounding)."""
+    flat_p, flat_s, k, group = _prepare("update_scale_ref_", params, snapshots, coeffs)
+    return _apply_ref(flat_p, flat_s, k, group)
