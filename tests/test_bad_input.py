@@ -334,6 +334,8 @@ _add("OGMGE.after_backward-complex_grad", TypeError, "gradient", _after_backward
 _add("OGMGE.after_backward-sparse_grad", TypeError, "gradient", _after_backward("sparse"))
 _add("OGMGE.after_backward-expanded_grad", ValueError, "gradient", _after_backward("expanded"))
 _add("OGMGE.active-epoch_str", TypeError, "epoch", lambda: (lambda b=_ogm()[0]: (lambda: b.active("3"), [b]))())
+_add("OGMGE.to-device_type", TypeError, "device", lambda: (lambda b=_ogm()[0]: (lambda: b.to(3), [b]))())
+_add("OGMGE.to-device_name", ValueError, "device", lambda: (lambda b=_ogm()[0]: (lambda: b.to("gpu0"), [b]))())
 
 
 # ---- load_state_dict: checked completely before anything is loaded
@@ -564,7 +566,7 @@ def test_bad_input_is_rejected_before_anything_changes(name):
 def test_table_covers_every_public_entry_point():
     entry = {n.split("-")[0] for n in CASES}
     want = {"ogm_ge", "pdmp", "mwam", "mwam_update_bank", "ema", "decision_weights", "decision_scale", "OGMGE",
-            "PDMP", "MWAM", "DecisionLevel", "OGMGE.step", "OGMGE.after_backward", "OGMGE.active",
+            "PDMP", "MWAM", "DecisionLevel", "OGMGE.step", "OGMGE.after_backward", "OGMGE.active", "OGMGE.to",
             "OGMGE.load_state_dict", "PDMP.load_state_dict", "MWAM.load_state_dict", "DecisionLevel.load_state_dict",
             "PDMP.set_performance", "PDMP.step", "MWAM.step", "MWAM.loss", "DecisionLevel.fuse", "DecisionLevel.step",
             "split_linear_head", "masked_unimodal_logits", "unimodal_performance"}

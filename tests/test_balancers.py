@@ -8,8 +8,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from mmkernels import policies as P
-from mmkernels.balance import MWAM, OGMGE, PDMP, DecisionLevel, masked_unimodal_logits, split_linear_head, \
-    unimodal_performance
+from mmkernels.balance import MWAM, OGMGE, PDMP, BalancerFallbackWarning, DecisionLevel, masked_unimodal_logits, \
+    split_linear_head, unimodal_performance
 
 K = 5
 NAMES = ("audio", "visual", "depth")
@@ -141,7 +141,9 @@ def test_ogmge_mask_excludes_missing_samples_and_all_missing_falls_back():
     mask[:, 1] = False
     model.zero_grad()
     fused, uni = model(inputs)
-    k = bal.step(logits=uni, labels=y, mask=mask)
+    with pytest.warns(BalancerFallbackWarning):
+        k = bal.step(logits=uni, labels=y, mask=mask)
+    assert bal.stats["fallback"].tolist() == [True, True]
     F.cross_entropy(fused, y).backward()
     assert k.tolist() == [1.0, 1.0]
     _check_scaled(model, g0, _grads(model), [1.0, 1.0], model.names)
@@ -156,7 +158,9 @@ def test_ogmge_nan_statistics_never_corrupt_gradients():
     fused, uni = model(inputs)
     uni = {n: v.clone() for n, v in uni.items()}
     uni["audio"][0, 0] = float("nan")
-    k = bal.step(logits=uni, labels=y)
+    with pytest.warns(BalancerFallbackWarning):
+        k = bal.step(logits=uni, labels=y)
+    assert bal.stats["fallback"].tolist() == [True, True]
     F.cross_entropy(fused, y).backward()
     assert k.tolist() == [1.0, 1.0]
     g1 = _grads(model)
@@ -438,7 +442,9 @@ def test_mwam_mask_state_and_nan():
     bank = a.bank.clone()
     bad = {n: v.clone() for n, v in inputs2.items()}
     bad["audio"][0, 0, 0, 0] = float("nan")
-    k = a.step(inputs=bad)
+    with pytest.warns(BalancerFallbackWarning):
+        k = a.step(inputs=bad)
+    assert a.stats["fallback"].tolist() == [True, True]
     assert torch.isfinite(k).all() and torch.isfinite(a.bank).all()
     assert k.tolist() == [1.0, 1.0]
     assert a.bank[0] == bank[0]  # the NaN modality's bank entry is kept

@@ -329,6 +329,7 @@ class Balancer:
         self._fallback_monitor = _FallbackMonitor()
         self._warned_adaptive = False
         self._hooks_ran = False  # activation mode: set by the forward hooks, checked in after_backward()
+        self._warned_bypass = False
         self._update = None
         self._adaptive_watch = None
         if self.modulates_gradients and mode == "activation":
@@ -364,7 +365,13 @@ class Balancer:
 
     def to(self, device) -> "Balancer":
         """Move the coefficient storage (and noise generator) to ``device``; call after moving the model."""
-        device = torch.device(device)
+        if not isinstance(device, (str, torch.device)):
+            raise TypeError(f"{type(self).__name__}.to: device must be a torch.device or a string, got "
+                            f"{type(device).__name__}")
+        try:
+            device = torch.device(device)
+        except RuntimeError as e:
+            raise ValueError(f"{type(self).__name__}.to: device {device!r} is not a device ({e})") from None
         for t in self._k:
             t.data = t.data.to(device)  # keep tensor identity: hooks and compiled graphs hold these objects
         if self._generator is not None and self._generator.device != device:
@@ -396,17 +403,25 @@ class Balancer:
             return None
         if not self._armed:  # before any step(), or a second call in one window: a documented no-op
             return None
-        if self._hooks and not self._hooks_ran:
-            raise RuntimeError(
-                f"{type(self).__name__}.after_backward: the encoders' forward hooks did not run in this step, so "
-                "no gradient was modulated. The usual cause: the model was compiled (torch.compile) and run before "
-                "this balancer was built, and the compiled graph keeps the hooks it was traced with. Build the "
-                "balancer before the model's first call, or call torch.compiler.reset() after building it, or use "
-                "mode='update', optimizer=<your optimizer> (it works with any compiled model).")
-        self._hooks_ran = False
+        bypassed = bool(self._hooks) and not self._hooks_ran
         work = []
-        if self.modulates_gradients and self.mode == "parameter" and self._active:
+        if self.modulates_gradients and self._active and (self.mode == "parameter" or bypassed):
             work = self._parameter_gradients()  # every gradient of every modality checked before any is scaled
+        if bypassed and work:
+            # Activation mode whose forward hooks did not run since the last after_backward(): the gradients
+            # were computed unmodulated (typically a model compiled and run before this balancer was built:
+            # its cached graph has no hooks). Scaling every encoder parameter's gradient by k_m gives the same
+            # result (chain rule), so do that, and say so once.
+            self.stats["hooks_bypassed"] = torch.ones((), dtype=torch.bool, device=work[0][0].device)
+            if not self._warned_bypass:
+                self._warned_bypass = True
+                warnings.warn(
+                    f"{type(self).__name__}: the encoders' forward hooks did not run in this step (the model was "
+                    "probably compiled and run before this balancer was built; a compiled graph keeps the hooks it "
+                    "was traced with), so after_backward() scales the encoders' parameter gradients instead. Build "
+                    "the balancer before the model's first call or call torch.compiler.reset() after building it "
+                    "to get the activation path back.", RuntimeWarning, stacklevel=2)
+        self._hooks_ran = False
         self._armed = False
         self._end_accumulation()
         if not work:

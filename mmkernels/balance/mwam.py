@@ -40,7 +40,9 @@ class MWAM(Balancer):
         loss_weights: ``{name: 0-d tensor}``: ``K_m`` in loss/both mode, ones in gradient mode.
         bank: the ``(M,)`` FRM bank F̂ (None before the first step).
 
-    ``stats``: ``frm`` (this step's F), ``bank``, ``T``, ``weights`` (K).
+    ``stats``: ``frm`` (this step's F), ``bank``, ``T``, ``weights`` (K), ``fallback`` (``(M,)`` bool: T was
+    non-finite, so K = 1; warned once). Masked-out samples are *selected* out of the sums, so an inf or NaN
+    statistic of a missing sample (e.g. ``1 / band_ratio`` of an all-zero placeholder) has no effect.
     K = 1 at inference: hooks only act in backward, and ``loss_weights`` are not used by an eval loop.
     Gradient accumulation: each ``step()`` (micro-batch) updates the bank; parameter mode applies the
     latest K in ``after_backward()``.

@@ -36,7 +36,8 @@ class OGMGE(Balancer):
         sync, process_group, seed: see :class:`~mmkernels.balance.base.Balancer`.
 
     ``stats`` after each step: ``scores``, ``correct``, ``counts`` (available samples), ``accuracy``,
-    ``ratio`` (``s_m / min_j s_j``).
+    ``ratio`` (``s_m / min_j s_j``), ``fallback`` (``(M,)`` bool: the scores were undefined, e.g. NaN logits
+    or a modality with no available sample, so every coefficient is 1; warned once).
     """
 
     def __init__(self, encoders: Mapping[str, nn.Module], alpha: float = 0.8, *, shift: bool = False,
