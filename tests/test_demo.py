@@ -407,6 +407,9 @@ def test_quick_run_end_to_end(quick_run):
     views = cfg["views"]
     assert cfg["optimizers"] == ["sgd", "adamw"] and cfg["quick"] is True and len(cfg["seeds"]) >= 2
     assert len(cfg["load_avg_start"]) == 3 and cfg["wall_s"] > 0
+    # the degraded image is also trained alone at full resolution (the imbalance is measured)
+    for opt in cfg["optimizers"]:
+        _check_ms(res["reference_unimodal"][opt]["image at 8x8 alone"]["test"])
     for opt in cfg["optimizers"]:
         methods = res["grid"][opt]["methods"]
         assert list(methods) == list(DEFAULT_METHODS)

