@@ -569,7 +569,8 @@ def test_time_interleaved_rotates_and_combines():
                                    repeats=3)
     assert set(out) == {"fast", "slow"}
     assert out["fast"]["repeats"] == 3 and out["fast"]["spread_pct"] >= 0
-    assert 2.0 < out["slow"]["median_ms"] / out["fast"]["median_ms"] < 8.0
+    # busy waits of 0.5 and 2 ms: no call is shorter (a loaded machine only makes them longer)
+    assert out["fast"]["median_ms"] >= 0.5 and out["slow"]["median_ms"] >= 2.0
     # rotating order: the calls of one repeat of "fast" come before that repeat's "slow" calls, three times
     changes = sum(1 for a, b in zip(log, log[1:]) if a != b)
     assert changes == 5
