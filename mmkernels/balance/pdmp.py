@@ -193,12 +193,12 @@ def unimodal_performance(forward: Callable, loader: Iterable, names: Iterable[st
     if total is None:
         raise ValueError(f"{fn}: loader yielded no batches")
     vec = torch.stack([correct[n] for n in keys] + [total, bad]).to(torch.float64)
+    if _dist_ready(sync):
+        torch.distributed.all_reduce(vec)  # before the check, so every rank raises together (no hang)
     if int(vec[-1]) > 0:
         raise ValueError(f"{fn}: {int(vec[-1])} label(s) lie outside [0, K) and are not {IGNORE_INDEX} (ignored); "
                          "fix the labels or the number of classes of the logits")
     vec = vec[:-1]
-    if _dist_ready(sync):
-        torch.distributed.all_reduce(vec)
     return {n: (vec[i] / vec[-1].clamp_min(1)).to(torch.float32) for i, n in enumerate(keys)}
 
 
