@@ -1,0 +1,120 @@
+"""Step overhead of the update mode beside the activation and parameter modes, under AdamW (issue 13 §5).
+
+Same model, data and timing as :mod:`mmkernels.bench.bench_overhead` (two small CNN encoders, concat head;
+CPU B = 64, S = 64, c = 16, K = 10), with AdamW (lr 1e-3, weight decay 1e-2, foreach) instead of SGD.
+Under AdamW the activation and parameter modes are timed for comparison only: their coefficients cancel
+in Adam's normalisation (that is why the update mode exists). ``added_ms`` is the balancer's own work on
+one real step: ``step()`` + ``after_backward()``, and for the update mode the snapshot before and the
+``θ₀ + k(θ − θ₀)`` after the optimizer step (its two optimizer hooks).
+"""
+from __future__ import annotations
+
+import copy
+import warnings
+
+import torch
+from torch.nn import functional as F
+
+from mmkernels.bench.bench_overhead import AVNet, _config, _interleaved
+from mmkernels.bench.harness import time_interleaved
+
+
+def _cases(cfg: dict, device: str):
+    from mmkernels.balance import MWAM, OGMGE, PDMP, split_linear_head
+
+    torch.manual_seed(0)
+    base_model = AVNet(cfg["c"], cfg["K"]).to(device)
+    g = torch.Generator(device="cpu").manual_seed(1)
+    xa = torch.randn(cfg["B"], 1, cfg["S"], cfg["S"], generator=g).to(device)
+    xv = torch.randn(cfg["B"], 3, cfg["S"], cfg["S"], generator=g).to(device)
+    y = torch.randint(0, cfg["K"], (cfg["B"],), generator=g).to(device)
+
+    def fresh():
+        m = copy.deepcopy(base_model)
+        return m, torch.optim.AdamW(m.parameters(), lr=1e-3, weight_decay=1e-2, foreach=True)
+
+    cases, added = {}, {}
+    m, opt = fresh()
+
+    def baseline(m=m, opt=opt):
+        opt.zero_grad()
+        out, _, _ = m(xa, xv)
+        F.cross_entropy(out, y).backward()
+        opt.step()
+
+    cases["baseline"] = baseline
+
+    methods = {
+        "OGMGE": (lambda m, mode, opt: OGMGE({"audio": m.audio, "visual": m.visual}, alpha=0.8, mode=mode,
+                                             params="all", noise=None, optimizer=opt),
+                  lambda m, bal, ha, hv: bal.step(logits=split_linear_head(m.head, {"audio": ha.detach(),
+                                                                                   "visual": hv.detach()}),
+                                                  labels=y, epoch=0)),
+        "PDMP": (lambda m, mode, opt: PDMP({"audio": m.audio, "visual": m.visual}, {"audio": 0.6, "visual": 0.4},
+                                           mode=mode, optimizer=opt),
+                 lambda m, bal, ha, hv: bal.step(epoch=0)),
+        "MWAM": (lambda m, mode, opt: MWAM({"audio": m.audio, "visual": m.visual}, apply="gradient", mode=mode,
+                                           optimizer=opt),
+                 lambda m, bal, ha, hv: bal.step(inputs={"audio": xa, "visual": xv}, epoch=0)),
+    }
+    for method, (build, bal_step) in methods.items():
+        for mode in ("activation", "parameter", "update"):
+            m, opt = fresh()
+            with warnings.catch_warnings():  # the adaptive-optimizer warning is the point of this benchmark
+                warnings.simplefilter("ignore")
+                bal = build(m, mode, opt if mode == "update" else None)
+
+            def run(m=m, opt=opt, bal=bal, bal_step=bal_step):
+                opt.zero_grad()
+                out, ha, hv = m(xa, xv)
+                bal_step(m, bal, ha, hv)
+                F.cross_entropy(out, y).backward()
+                bal.after_backward()
+                opt.step()
+
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                run()
+            with torch.no_grad():
+                _, ha0, hv0 = m(xa, xv)
+
+            def extra(m=m, opt=opt, bal=bal, bal_step=bal_step, ha0=ha0, hv0=hv0):
+                bal_step(m, bal, ha0, hv0)
+                bal._hooks_ran = True  # the forward whose hooks this stands for ran above, once, outside the timing
+                bal.after_backward()
+                if bal._update is not None:  # the two optimizer hooks, around no step
+                    bal._update._before_step(opt, (), {})
+                    bal._update._after_step(opt, (), {})
+
+            cases[f"{method}_{mode}"], added[f"{method}_{mode}"] = run, extra
+    return cases, added
+
+
+def run(device: str, quick: bool) -> list[dict]:
+    cfg = _config(device, quick)
+    cases, added = _cases(cfg, device)
+    threads = torch.get_num_threads()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if device == "cuda":
+            timed = time_interleaved(cases, device, quick)
+            extra = time_interleaved(added, device, quick)
+        else:
+            torch.set_num_threads(1)  # as in bench_overhead: oversubscribed threads swamp a few-percent overhead
+            try:
+                timed = _interleaved(cases, rounds=6 if quick else 30)
+                extra = _interleaved(added, rounds=6 if quick else 30)
+            finally:
+                torch.set_num_threads(threads)
+    shape = f"B={cfg['B']} S={cfg['S']} c={cfg['c']} K={cfg['K']} AdamW"
+    base = timed["baseline"]["median_ms"]
+    rows = []
+    for name, t in timed.items():
+        row = {"op": "overhead_adamw", "shape": shape, "impl": name, "device": device, **t,
+               "threads": 1 if device == "cpu" else threads,
+               "overhead_pct": 100.0 * (t["median_ms"] - base) / base, "speedup_vs_baseline": base / t["median_ms"]}
+        if name in extra:
+            row["added_ms"] = extra[name]["median_ms"]
+            row["added_pct"] = 100.0 * extra[name]["median_ms"] / base
+        rows.append(row)
+    return rows
