@@ -285,7 +285,8 @@ def _synthetic_results():
                "baseline+uni_ce": summ((0.90, 0.01), (0.70, 0.01), (0.70, 0.01)),
                "clear": summ((0.95, 0.01), (0.80, 0.02), (0.80, 0.01)),   # +5 points, 2 std = 2 points
                "noisy": summ((0.95, 0.05), (0.55, 0.05), (0.62, 0.05))}   # +5 points, 2 std = 10 points
-    grid = {"methods": {k: {"summary": v, "description": k, "runs": [{"coefficients": []}]} for k, v in methods.items()},
+    grid = {"methods": {k: {"summary": v, "description": k, "runs": [{"coefficients": []}]}
+                        for k, v in methods.items()},
             "train": {"lr": 0.1, "weight_decay": 0, "epochs": 1, "batch_size": 2}}
     return {"config": {"views": views, "seeds": [0, 1, 2], "missing_subsets": ["a", "b"], "optimizers": ["sgd"],
                        "data": {"n_test": 10, "n_train": 10, "n_val": 10, "split_seed": 0}, "dataset": "x",

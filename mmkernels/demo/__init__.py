@@ -58,8 +58,8 @@ def _parser():
                    help="avdigits only: resolution of the 8x8 images (8, 4, 2; default 4: the weak modality)")
     p.add_argument("--seeds", type=int, default=None, help=f"number of seeds (default {DEFAULT_SEEDS}; "
                                                            f"--quick: {QUICK_SEEDS})")
-    p.add_argument("--epochs", type=int, default=None, help=f"training epochs (default {DEFAULT_EPOCHS}, basicmotions 40; "
-                                                            f"--quick: {QUICK_EPOCHS})")
+    p.add_argument("--epochs", type=int, default=None,
+                   help=f"training epochs (default {DEFAULT_EPOCHS}, basicmotions 40; --quick: {QUICK_EPOCHS})")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--out", default="demo_out", help="output folder (created if needed; default demo_out/)")
     p.add_argument("--quick", action="store_true",
@@ -181,7 +181,9 @@ def main(argv=None) -> int:
                        timing_steps=3 if args.quick else 10, data_options=args.data_options,
                        max_batches=QUICK_BATCHES if args.quick else None)
     cfg = results["config"]
-    cfg.update(wall_s=round(time.perf_counter() - t0, 1), command=command, quick=bool(args.quick),
+    # CPU time next to wall time: on a shared machine the wall time is inflated by the other processes
+    cfg.update(wall_s=round(time.perf_counter() - t0, 1), cpu_s=round(time.process_time(), 1),
+               command=command, quick=bool(args.quick),
                platform={"python": platform.python_version(), "torch": torch.__version__,
                          "machine": platform.machine(), "cpu_threads": torch.get_num_threads()})
     path = os.path.join(args.out, "results.json")
@@ -201,6 +203,6 @@ def main(argv=None) -> int:
     if args.record:
         for p in report.record(path):
             print(f"wrote {p}")
-    print(f"total {cfg['wall_s']:.0f} s (load average {cfg['load_avg_start']} at the start, "
-          f"{cfg['load_avg_end']} at the end, {cfg['cpu_count']} CPUs)")
+    print(f"total {cfg['wall_s']:.0f} s wall, {cfg['cpu_s']:.0f} s CPU (load average {cfg['load_avg_start']} at the "
+          f"start, {cfg['load_avg_end']} at the end, {cfg['cpu_count']} CPUs)")
     return 0

@@ -455,9 +455,10 @@ def _recorded_text(results):
     load_end = cfg.get("load_avg_end")
     return (f"Recorded with `{cfg.get('command', 'python -m mmkernels demo')}` on {cfg['device']} "
             f"({cfg['date'][:10]}): {cfg['epochs']} epochs, {len(cfg['seeds'])} seeds, optimizers "
-            f"{', '.join(cfg['optimizers'])}; wall time {cfg.get('wall_s', '?')} s on {cfg.get('cpu_count')} "
-            f"CPUs with a load average of {load[0] if load else '?'} at the start and "
-            f"{load_end[0] if load_end else '?'} at the end (a shared machine: the times are inflated). "
+            f"{', '.join(cfg['optimizers'])}; wall time {cfg.get('wall_s', '?')} s and {cfg.get('cpu_s', '?')} s of "
+            f"CPU time (one torch thread) on {cfg.get('cpu_count')} CPUs with a load average of "
+            f"{load[0] if load else '?'} at the start and {load_end[0] if load_end else '?'} at the end (a "
+            f"shared machine: the wall time and the step times are inflated; the CPU time is not). "
             f"Test split, mean ± std over seeds, accuracy in %.")
 
 
@@ -483,7 +484,8 @@ def readme_section(json_path: str, plot_dir: str | None = None, docs_link: str =
     lines.append("")
     lines.append(f"Every method, each missing modality, the coefficients and the timing: [{docs_link}]({docs_link}); "
                  f"figures: [coefficients]({plot_dir}/{PLOTS['coefficients']}), "
-                 f"[missing-modality accuracy]({plot_dir}/{PLOTS['missing']}), [results.json]({plot_dir}/results.json).")
+                 f"[missing-modality accuracy]({plot_dir}/{PLOTS['missing']}), "
+                 f"[results.json]({plot_dir}/results.json).")
     return "\n".join(lines)
 
 
