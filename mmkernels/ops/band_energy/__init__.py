@@ -102,6 +102,9 @@ def _setup_context(ctx, inputs, output):
     x, cutoffs, ndim, save_proj = inputs
     ctx.cutoffs, ctx.ndim, ctx.save_proj = list(cutoffs), ndim, save_proj
     ctx.save_for_backward(x, output[1])
+    # The projections are saved state, not a result: no gradient flows into them, so none is materialised.
+    ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)
 
 
 def _backward_inputs(ctx, grad_out, grad_proj):
@@ -109,6 +112,8 @@ def _backward_inputs(ctx, grad_out, grad_proj):
         raise RuntimeError("band_energy: backward through a forward that did not save its projections; "
                            "call band_energy with x.requires_grad=True and grad mode enabled")
     x, proj = ctx.saved_tensors
+    if grad_out is None:  # the energies did not reach the loss (only possible through the raw op)
+        grad_out = x.new_zeros(x.shape[0], len(ctx.cutoffs) + 1, dtype=proj.dtype)
     return grad_out.contiguous(), x, proj, ctx.cutoffs, ctx.ndim
 
 

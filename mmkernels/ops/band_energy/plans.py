@@ -36,7 +36,7 @@ def dot_precision(cd: torch.dtype) -> str:
 def check_x(fn: str, x, ndim) -> None:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{fn}: x must be a torch.Tensor, got {type(x).__name__}")
-    if isinstance(ndim, bool) or not isinstance(ndim, int):
+    if type(ndim) is not int:  # bool and numpy integers included: ndim picks code paths, so an exact int
         raise TypeError(f"{fn}: ndim must be the int 1 (last dim) or 2 (last two dims), got "
                         f"{type(ndim).__name__} {ndim!r}")
     check_int(fn, "ndim", ndim, lo=1, hi=2)
@@ -48,25 +48,32 @@ def check_x(fn: str, x, ndim) -> None:
     if x.dim() < ndim:
         raise ValueError(f"{fn}: x must have at least {ndim} dimension(s) for ndim={ndim}, got shape "
                          f"{tuple(x.shape)}")
-    if any(s == 0 for s in x.shape[x.dim() - ndim:]):
+    if 0 in x.shape[x.dim() - ndim:]:
         raise ValueError(f"{fn}: the transformed dimension(s) of x must be non-empty, got shape {tuple(x.shape)}")
 
 
 def _is_real(c) -> bool:
-    return isinstance(c, numbers.Real) and not isinstance(c, bool) and not isinstance(c, torch.Tensor)
+    t = type(c)
+    if t is float or t is int:  # the common case, without the slower ABC check
+        return True
+    return isinstance(c, numbers.Real) and t is not bool and not isinstance(c, torch.Tensor)
 
 
 def check_cutoffs(fn: str, name: str, cutoffs, ndim: int) -> tuple:
     """``cutoffs`` as a tuple of floats: a real number or a list/tuple (or array) of them, strictly increasing,
-    each in ``(0, 0.5]`` (1-D) or ``(0, sqrt(0.5)]`` (2-D). Tensors are refused: the cutoffs select DFT bins
-    on the host (reading a CUDA tensor would synchronise)."""
-    if isinstance(cutoffs, torch.Tensor):
+    each in ``(0, 0.5]`` (1-D) or ``(0, sqrt(0.5)]`` (2-D), the top frequency however it was rounded.
+    Tensors are refused: the cutoffs select DFT bins on the host (reading a CUDA tensor would synchronise)."""
+    if type(cutoffs) is float:
+        values = (cutoffs,)
+    elif type(cutoffs) is list or type(cutoffs) is tuple:
+        values = cutoffs
+    elif isinstance(cutoffs, torch.Tensor):
         raise TypeError(f"{fn}: {name} must be a Python float or a list of floats, not a tensor (they select DFT "
                         f"bins on the host); pass {name}.tolist()")
-    if _is_real(cutoffs):
-        values = [cutoffs]
+    elif _is_real(cutoffs):
+        values = (cutoffs,)
     elif isinstance(cutoffs, (list, tuple)):
-        values = list(cutoffs)
+        values = tuple(cutoffs)
     elif hasattr(cutoffs, "tolist") and not isinstance(cutoffs, (str, bytes)):  # numpy arrays and scalars
         values = cutoffs.tolist()
         values = values if isinstance(values, list) else [values]
@@ -77,13 +84,13 @@ def check_cutoffs(fn: str, name: str, cutoffs, ndim: int) -> tuple:
         if not _is_real(c):
             raise TypeError(f"{fn}: {name} must be a float or a list of floats, got {name}[{i}] = "
                             f"{type(c).__name__} {c!r}")
-    cut = tuple(float(c) for c in values)
+    cut = tuple(map(float, values))
     if not cut:
         raise ValueError(f"{fn}: {name} must be non-empty, e.g. [0.1]")
-    hi, hi_name = (0.5, "0.5") if ndim == 1 else (math.sqrt(0.5), "sqrt(0.5)")
-    top = hi * (1.0 + CUTOFF_RTOL)  # the top frequency itself, however it was rounded
+    top = _TOP_1D if ndim == 1 else _TOP_2D
     for i, c in enumerate(cut):
         if not (0.0 < c <= top):  # also rejects NaN
+            hi_name = "0.5" if ndim == 1 else "sqrt(0.5)"
             raise ValueError(f"{fn}: {name}[{i}] = {c!r} is out of range; for ndim={ndim} every cutoff must lie in "
                              f"(0, {hi_name}] (cycles per sample)")
     for a, b in zip(cut, cut[1:]):
@@ -101,6 +108,9 @@ def check_cutoffs(fn: str, name: str, cutoffs, ndim: int) -> tuple:
 #: two; 2^-49 is eight ulps of 1.0). Two distinct bins differ by at least 1 in the integer ``q`` below, so
 #: the rule only merges genuinely different radii for grids over ~2^49 / 2 squared bins (H·W > ~2^25).
 CUTOFF_RTOL = 2.0 ** -49
+# The highest frequency, however it was rounded: 0.5 (1-D), sqrt(0.5) (2-D).
+_TOP_1D = 0.5 * (1.0 + CUTOFF_RTOL)
+_TOP_2D = math.sqrt(0.5) * (1.0 + CUTOFF_RTOL)
 
 
 def _band_index(q: torch.Tensor, thresholds) -> torch.Tensor:

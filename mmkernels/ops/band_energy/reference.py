@@ -20,7 +20,9 @@ class _Ref1d:
     b: torch.Tensor         # (F, N)
     col_band: torch.Tensor  # (F,) int64
     sqrt_w: torch.Tensor    # (K,)
-    onehot: torch.Tensor    # (F, J) column -> band
+    neg_sqrt_w: torch.Tensor
+    onehot: torch.Tensor    # (F, J+1) column -> band, and -1 in the last column (see _bands)
+    scale: torch.Tensor     # (J+1,) zeros, N last
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,22 +30,37 @@ class _Ref2d:
     csv_t: torch.Tensor     # (W, 2V) stage-1 basis [cos | sin]
     csu: torch.Tensor       # (2U, H) stage-2 basis [cos; sin]
     csu_t: torch.Tensor     # (H, 2U)
-    onehot: torch.Tensor    # (U·V, J), zero rows for last-band bins
+    onehot: torch.Tensor    # (U·V, J+1) bin -> band (zero rows for last-band bins), -valid last (see _bands)
+    scale: torch.Tensor     # (J+1,) zeros, H·W last
     band: torch.Tensor      # (U·V,) int64, last-band bins as 0 (masked by valid)
     valid: torch.Tensor     # (U·V,) 1 inside a non-last band
     u: torch.Tensor         # (U,) row positions
     sqrt_wv: torch.Tensor   # (V,)
+    neg_sqrt_wv: torch.Tensor
 
 
 _TENSORS = BoundedCache(maxsize=128)
 
 
+def _with_last_column(onehot: torch.Tensor) -> torch.Tensor:
+    return torch.cat([onehot, -onehot.sum(1, keepdim=True)], 1)
+
+
+def _scale(j: int, s: int) -> torch.Tensor:
+    out = torch.zeros(j + 1, dtype=torch.float64)
+    out[j] = s
+    return out
+
+
 def _ref_1d(plan: Plan1d, device, dtype) -> _Ref1d:
     def build():
         basis = plan.basis.to(dtype)
-        onehot = torch.nn.functional.one_hot(plan.col_band, len(plan.cutoffs)).to(dtype)
+        j = len(plan.cutoffs)
+        onehot = _with_last_column(torch.nn.functional.one_hot(plan.col_band, j).to(torch.float64))
+        t = lambda a: a.to(dtype).to(device)  # noqa: E731
         return _Ref1d(bt=basis.t().contiguous().to(device), b=basis.to(device), col_band=plan.col_band.to(device),
-                      sqrt_w=plan.sqrt_w.to(dtype).to(device), onehot=onehot.to(device))
+                      sqrt_w=t(plan.sqrt_w), neg_sqrt_w=t(-plan.sqrt_w), onehot=t(onehot),
+                      scale=t(_scale(j, plan.n)))
     return _TENSORS.get((plan, device, dtype), build)
 
 
@@ -53,18 +70,21 @@ def _ref_2d(plan: Plan2d, device, dtype) -> _Ref2d:
         csu = torch.cat([plan.cu, plan.su], 0)
         band = plan.band.flatten()
         valid = band >= 0
-        onehot = torch.nn.functional.one_hot(band.clamp(min=0), len(plan.cutoffs)).to(torch.float64) * valid[:, None]
+        j = len(plan.cutoffs)
+        onehot = torch.nn.functional.one_hot(band.clamp(min=0), j).to(torch.float64) * valid[:, None]
         t = lambda a: a.to(dtype).to(device)  # noqa: E731
-        return _Ref2d(csv_t=t(csv_t), csu=t(csu), csu_t=t(csu.t().contiguous()), onehot=t(onehot),
-                      band=band.clamp(min=0).to(device), valid=t(valid), u=plan.u.to(device),
-                      sqrt_wv=t(plan.sqrt_wv))
+        return _Ref2d(csv_t=t(csv_t), csu=t(csu), csu_t=t(csu.t().contiguous()), onehot=t(_with_last_column(onehot)),
+                      scale=t(_scale(j, plan.h * plan.w)), band=band.clamp(min=0).to(device), valid=t(valid),
+                      u=plan.u.to(device), sqrt_wv=t(plan.sqrt_wv), neg_sqrt_wv=t(-plan.sqrt_wv))
     return _TENSORS.get((plan, device, dtype), build)
 
 
-def _with_last(part: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
-    """Append the last band, ``total − Σ others``. Rounding can take that difference a few ulps of the total
-    below zero when the band is (nearly) empty; it is clamped at 0, its true value (NaN passes through)."""
-    return torch.cat([part, (total - part.sum(-1)).clamp_min(0.0).unsqueeze(-1)], -1)
+def _bands(sq: torch.Tensor, sumsq: torch.Tensor, t) -> torch.Tensor:
+    """Energies ``(M, J+1)`` from the squared projections ``sq`` and ``Σx²``: one ``addmm`` gives the bands
+    below the last cutoff and ``S·Σx² − Σ others`` for the last (the one-hot's last column is -1, ``scale``
+    is ``S`` there). Rounding can take that difference a few ulps of the total below zero when the last band is
+    (nearly) empty; it is clamped at 0, its true value (NaN passes through)."""
+    return torch.addmm(torch.outer(sumsq, t.scale), sq, t.onehot).clamp_min(0.0)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -74,21 +94,19 @@ def forward_1d(x: torch.Tensor, plan: Plan1d, save_proj: bool):
     """``(energies (M, J+1), projections (M, 2K) or empty)`` of the rows of ``x`` ``(M, N)``."""
     cd = acc_dtype(x.dtype)
     m = x.shape[0]
-    xc = x.to(cd)
-    total = torch.linalg.vector_norm(xc, dim=-1).square() * plan.n
+    xc = x if x.dtype == cd else x.to(cd)
+    sumsq = torch.linalg.vector_norm(xc, dim=-1).square()  # fused: no x-sized temporary
     if plan.num_bins == 0:
-        part = xc.new_zeros(m, len(plan.cutoffs))
-        proj = xc.new_zeros(m, 0)
+        out = torch.cat([xc.new_zeros(m, len(plan.cutoffs)), (sumsq * plan.n).unsqueeze(-1)], -1)
+        return out, xc.new_zeros((m, 0) if save_proj else (0,))
+    t = _ref_1d(plan, x.device, cd)
+    if plan.use_fft:
+        # Σx·cos = Re X_k and Σx·sin = −Im X_k: the same projections from the FFT.
+        spec = torch.fft.rfft(xc, dim=-1)[:, : plan.num_bins]
+        proj = torch.cat([spec.real * t.sqrt_w, spec.imag * t.neg_sqrt_w], -1)
     else:
-        t = _ref_1d(plan, x.device, cd)
-        if plan.use_fft:
-            # Σx·cos = Re X_k and Σx·sin = −Im X_k: the same projections from the FFT.
-            spec = torch.fft.rfft(xc, dim=-1)[:, : plan.num_bins]
-            proj = torch.cat([spec.real * t.sqrt_w, spec.imag * -t.sqrt_w], -1)
-        else:
-            proj = xc @ t.bt
-        part = proj.square() @ t.onehot
-    return _with_last(part, total), (proj if save_proj else xc.new_empty(0))
+        proj = xc @ t.bt
+    return _bands(proj.square(), sumsq, t), (proj if save_proj else xc.new_empty(0))
 
 
 def backward_1d(grad: torch.Tensor, x: torch.Tensor, proj: torch.Tensor, plan: Plan1d) -> torch.Tensor:
@@ -115,23 +133,23 @@ def forward_2d(x: torch.Tensor, plan: Plan2d, save_proj: bool):
     the ``u``-basis: ``Re = Cu Yc − Su Ys``, ``Im' = Su Yc + Cu Ys`` (``Im' = −Im X``; only ``|X|²`` matters)."""
     cd = acc_dtype(x.dtype)
     m = x.shape[0]
-    xc = x.to(cd)
+    xc = x if x.dtype == cd else x.to(cd)
     nu, nv = plan.num_u, plan.num_v
-    total = torch.linalg.vector_norm(xc.reshape(m, -1), dim=-1).square() * (plan.h * plan.w)
+    sumsq = torch.linalg.vector_norm(xc.reshape(m, -1), dim=-1).square()
     if nu == 0 or nv == 0:
-        return _with_last(xc.new_zeros(m, len(plan.cutoffs)), total), xc.new_zeros(plan.proj_shape(m) if save_proj
-                                                                                     else (0,))
+        out = torch.cat([xc.new_zeros(m, len(plan.cutoffs)), (sumsq * (plan.h * plan.w)).unsqueeze(-1)], -1)
+        return out, xc.new_zeros(plan.proj_shape(m) if save_proj else (0,))
     t = _ref_2d(plan, x.device, cd)
     if plan.use_fft:
         spec = torch.fft.rfft2(xc)[:, t.u, :nv]  # (M, U, V)
-        re, im = spec.real * t.sqrt_wv, spec.imag * -t.sqrt_wv
+        re, im = spec.real * t.sqrt_wv, spec.imag * t.neg_sqrt_wv
     else:
         y = xc @ t.csv_t  # (M, H, 2V): stage 1 along W
         z = t.csu @ y  # (M, 2U, 2V): stage 2 along H
         re = z[:, :nu, :nv] - z[:, nu:, nv:]
         im = z[:, nu:, :nv] + z[:, :nu, nv:]
-    part = (re.square() + im.square()).reshape(m, nu * nv) @ t.onehot
-    return _with_last(part, total), (torch.stack([re, im], 1) if save_proj else xc.new_empty(0))
+    sq = (re.square() + im.square()).reshape(m, nu * nv)
+    return _bands(sq, sumsq, t), (torch.stack([re, im], 1) if save_proj else xc.new_empty(0))
 
 
 def backward_2d(grad: torch.Tensor, x: torch.Tensor, proj: torch.Tensor, plan: Plan2d) -> torch.Tensor:
