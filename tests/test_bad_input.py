@@ -690,3 +690,44 @@ def test_readme_statistic_recipe_with_a_masked_out_zero_sample():
     want = (1 / mmkernels.band_ratio(vec[keep], 0.25)).double().sum().item()
     assert bal.stats["frm"][1].item() == pytest.approx(want, rel=1e-5)
     assert not torch.equal(k, torch.ones(2))  # balancing stayed on
+
+
+@pytest.mark.gpu
+def test_cuda_invalid_labels_and_fallback_warning_without_host_sync():
+    # written for a CUDA machine and not run in this session (no GPU): on CUDA an out-of-range label is left
+    # out of the capability update (no host read to raise on) and the fallback warning arrives from a later
+    # step once the flag's non-blocking copy has landed; neither may synchronise the stream
+    dev = "cuda"
+    logits = {n: v.to(dev) for n, v in _logits().items()}
+    y = _labels().to(dev)
+    dec, ref = DecisionLevel(list(NAMES), K).to(dev), DecisionLevel(list(NAMES), K).to(dev)
+    dec.fuse(logits, labels=y)  # warm-up: kernel compilation may synchronise
+    ref.fuse(logits, labels=y)
+    bad, ignored = y.clone(), y.clone()
+    bad[0], ignored[0] = K + 2, -100
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        dec.fuse(logits, labels=bad)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    ref.fuse(logits, labels=ignored)
+    assert int(dec.stats["invalid_labels"]) == 1
+    torch.testing.assert_close(dec.capability, ref.capability)  # no class got the bad sample
+    bal = OGMGE({n: _enc().to(dev) for n in NAMES}, alpha=0.8)
+    nan_logits = {n: v.clone() for n, v in logits.items()}
+    nan_logits["audio"][0, 0] = NAN
+    bal.step(logits=logits, labels=y)  # warm-up
+    torch.cuda.synchronize()
+    caught = []
+    for _ in range(3):
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                bal.step(logits=nan_logits, labels=y)
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+        caught += [x for x in w if issubclass(x.category, BalancerFallbackWarning)]
+        torch.cuda.synchronize()  # let the flag's copy land before the next step looks at it
+    assert len(caught) == 1 and bal.stats["fallback"].all()
