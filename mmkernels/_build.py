@@ -13,7 +13,7 @@ time; that build is found first and nothing is compiled here.
 
 Environment:
     MMKERNELS_NO_EXT=1   never use the extension (pure PyTorch paths).
-    MMKERNELS_JIT=0      use a built extension if there is one, never compile.
+    MMKERNELS_JIT=0      use a built (or cached) extension if there is one, never compile.
     MMKERNELS_CACHE=dir  where compiled extensions are kept.
     CXX                  the C++ compiler (default ``c++``), as for any torch extension.
 
@@ -96,25 +96,37 @@ def missing_tools() -> str | None:
     return None
 
 
-def build(verbose: bool = False):
+def build(verbose: bool = False, compile: bool = True):
     """Compile (or load the cached build of) the extension for the imported torch; returns the module.
 
-    Raises RuntimeError saying what is missing when it cannot be compiled here.
+    ``compile=False`` only loads a cached build. Raises RuntimeError saying what is missing when there is
+    no cached build and it cannot be compiled here.
     """
     src = source_dir()
     if src is None:
         raise RuntimeError("the C++ sources are not part of this installation (mmkernels/_csrc is missing)")
+    cpu, cuda = sources(src)
+    with_cuda = _cuda_toolkit() and bool(cuda)
+    out = build_dir(src, with_cuda)
+    cached = sorted(out.glob("_C*.so")) + sorted(out.glob("_C*.pyd"))
+    if cached and not (out / "lock").exists():
+        # the folder is keyed by torch, CUDA, Python and source hash: a finished build there is current,
+        # and loading it needs neither a compiler nor ninja (e.g. a runtime image built from a dev image)
+        import importlib.util
+
+        spec = importlib.util.spec_from_file_location("_C", cached[0])
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        return mod
+    if not compile:
+        raise RuntimeError(f"no compiled build in {out}")
     why = missing_tools()
     if why is not None:
         raise RuntimeError(f"cannot compile mmkernels._C: {why}")
     from torch.utils import cpp_extension
 
-    cpu, cuda = sources(src)
-    with_cuda = _cuda_toolkit() and bool(cuda)
-    out = build_dir(src, with_cuda)
     out.mkdir(parents=True, exist_ok=True)
-    built = any(out.glob("_C*.so")) or any(out.glob("_C*.pyd"))
-    if not built:
+    if not cached:
         print(f"mmkernels: compiling the C++{'/CUDA' if with_cuda else ''} extension once for this torch "
               f"(about a minute; cached in {out})", file=sys.stderr, flush=True)
     cflags = CXX_FLAGS + (["-DMMKERNELS_WITH_CUDA"] if with_cuda else [])
@@ -143,8 +155,13 @@ def load_fallback(import_error: Exception):
     if os.environ.get("MMKERNELS_NO_EXT", "0") == "1":
         return None, f"mmkernels._C is disabled (MMKERNELS_NO_EXT=1). {fallback}"
     if os.environ.get("MMKERNELS_JIT", "1") == "0":
-        return None, (f"mmkernels._C is not built ({import_error}) and MMKERNELS_JIT=0 forbids compiling it on "
-                      f"first use; run `python -m mmkernels._build` to compile it. {fallback}")
+        try:
+            mod = build(compile=False)
+        except Exception:
+            return None, (f"mmkernels._C is not built ({import_error}) and MMKERNELS_JIT=0 forbids compiling it "
+                          f"on first use; run `python -m mmkernels._build` to compile it. {fallback}")
+        sys.modules["mmkernels._C"] = mod
+        return mod, None
     try:
         mod = build()
     except Exception as exc:  # a missing tool or a failed compile must not break the pure-PyTorch package

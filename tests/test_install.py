@@ -134,6 +134,14 @@ def test_without_a_compiler_the_pytorch_path_runs(installed, tmp_path):
 
 
 @pytest.mark.slow
+def test_a_cached_build_loads_without_compiler_or_compiling(installed, tmp_path):
+    py, root = installed
+    r = _check(py, root, CXX=str(tmp_path / "no-such-c++"), MMKERNELS_JIT="0")
+    assert r["ext"] is not None and r["why"] is None, r["why"]  # the cache filled by the test above
+    assert r["exact"] and r["warnings"] == []
+
+
+@pytest.mark.slow
 def test_jit_off_and_no_ext_say_so(installed, tmp_path):
     py, root = installed
     r = _check(py, root, MMKERNELS_JIT="0", MMKERNELS_CACHE=str(tmp_path / "c"))
