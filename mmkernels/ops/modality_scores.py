@@ -38,7 +38,7 @@ import triton.language as tl
 
 from mmkernels import _tuning
 from mmkernels._backend import skip_dispatch, use_triton
-from mmkernels._common import FLOAT_DTYPES, IGNORE_INDEX, acc_dtype, cdiv, next_pow2
+from mmkernels._common import FLOAT_DTYPES, IGNORE_INDEX, BoundedCache, acc_dtype, cdiv, next_pow2
 from mmkernels._common import check_labels as _check_labels_arg
 from mmkernels._common import check_mask as _check_mask_arg
 
@@ -187,6 +187,14 @@ def _scores_ref_in_range(logits, labels):
     return scores.float() if scores.dtype != torch.float32 else scores, correct.float()
 
 
+_ZEROS = BoundedCache(16)  # (dtype, device) -> 0-d zero
+
+
+def _zero(dtype, device) -> torch.Tensor:
+    # torch.where with a 0-d tensor costs about half of torch.where with a Python 0.0 (wrapped on every call)
+    return _ZEROS.get((dtype, device), lambda: torch.zeros((), dtype=dtype, device=device))
+
+
 def _scores_ref(logits, labels, mask, checked: bool = False):
     """``checked``: the labels passed the eager range check, so only :data:`IGNORE_INDEX` is out of range."""
     stacked = isinstance(logits, torch.Tensor)
@@ -214,7 +222,8 @@ def _scores_ref(logits, labels, mask, checked: bool = False):
         pairs = [rows(x) for x in logits]
         p, hit = torch.stack([q[0] for q in pairs]), torch.stack([q[1] for q in pairs])
     # selection, not a product with 0: NaN logits of a sample that does not count stay out of the sums
-    scores, correct = torch.where(keep, p, 0.0).sum(-1), torch.where(keep, hit, 0.0).sum(-1)
+    zero = _zero(acc, labels.device)
+    scores, correct = torch.where(keep, p, zero).sum(-1), torch.where(keep, hit, zero).sum(-1)
     if not checked:
         # a bad label poisons every sum with NaN, masked or not, as the kernel does
         poison = torch.where((labels != y) & (labels != IGNORE_INDEX), float("nan"), 0.0).sum()
