@@ -16,7 +16,6 @@ import warnings
 import pytest
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from mmkernels import policies as P
 from mmkernels.balance import (MWAM, OGMGE, PDMP, BalancerFallbackWarning, DecisionLevel, masked_unimodal_logits,

@@ -1,4 +1,4 @@
-"""Shared machinery of every balancer: modality names, coefficient storage, the two modulation modes,
+"""Shared machinery of every balancer: modality names, coefficient storage, the modulation modes (one table, _MODES),
 epoch window, DDP reduction of statistics, reproducible GE noise, state_dict.
 
 A balancer holds one 0-d float32 tensor per modality (``k_m``), allocated once on the encoders' device
@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import numbers
 import warnings
+from dataclasses import dataclass
 from typing import Iterable, Mapping, Sequence
 
 import torch
@@ -63,10 +64,28 @@ from torch import nn
 from mmkernels._common import FLOAT_DTYPES, check_mask
 from mmkernels.policies import _number
 
-_MODES = ("activation", "parameter", "update")
-#: modes whose coefficient is applied once per optimizer step (statistics of a gradient-accumulation window are
-#: summed, so the coefficient equals the one a single large batch would give)
-_PER_STEP_MODES = ("parameter", "update")
+
+@dataclass(frozen=True)
+class _Mode:
+    """What a modulation mode does; :data:`_MODES` is the one place that lists the modes, and the Balancer
+    dispatches on these fields (a new mode is one entry here plus its own machinery)."""
+    hooks: bool            # forward hooks on the encoders: grad_scale(output, k_m) (activation)
+    scales_gradients: bool  # after_backward() scales the encoders' parameter gradients (scale_grads_, GE noise)
+    after_backward: bool   # after_backward() ends the accumulation window (False: the optimizer's hooks do)
+    optimizer_hooks: bool  # the modulation runs in the optimizer's step hooks; needs optimizer=
+    per_step: bool         # applied once per optimizer step: a gradient-accumulation window's statistics are
+                           # summed, so the coefficient equals the one a single large batch would give
+    parameter_options: bool  # params= / noise= select and perturb parameter tensors
+
+
+_MODES = {
+    "activation": _Mode(hooks=True, scales_gradients=False, after_backward=True, optimizer_hooks=False,
+                        per_step=False, parameter_options=False),
+    "parameter": _Mode(hooks=False, scales_gradients=True, after_backward=True, optimizer_hooks=False,
+                       per_step=True, parameter_options=True),
+    "update": _Mode(hooks=False, scales_gradients=False, after_backward=False, optimizer_hooks=True,
+                    per_step=True, parameter_options=True),
+}
 _PARAMS = ("all", "conv")
 
 
@@ -270,18 +289,19 @@ class Balancer:
             if mod is not None and not isinstance(mod, nn.Module):
                 raise TypeError(f"encoders[{n!r}] must be an nn.Module, got {type(mod).__name__}")
         if mode not in _MODES:
-            raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
+            raise ValueError(f"mode must be one of {tuple(_MODES)}, got {mode!r}")
         if params not in _PARAMS:
             raise ValueError(f"params must be one of {_PARAMS}, got {params!r}")
         if noise not in (None, "ge"):
             raise ValueError(f"noise must be None or 'ge', got {noise!r}")
-        if noise is not None and mode not in _PER_STEP_MODES:
+        spec = _MODES[mode]
+        if noise is not None and not spec.parameter_options:
             raise ValueError("noise='ge' needs mode='parameter' (noise added to parameter gradients after "
                              "backward) or mode='update' (noise added to the update); activation mode adds none")
-        if params != "all" and mode not in _PER_STEP_MODES:
+        if params != "all" and not spec.parameter_options:
             raise ValueError(f"params={params!r} needs mode='parameter' or 'update'; activation mode always scales "
                              "every parameter of the encoder")
-        if mode == "update" and optimizer is None:
+        if spec.optimizer_hooks and optimizer is None:
             raise ValueError("mode='update' needs optimizer=<the torch.optim.Optimizer that steps the encoders>: "
                              "the modulation runs in its step hooks")
         if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
@@ -302,7 +322,7 @@ class Balancer:
             raise TypeError(f"seed must be an int, got {type(seed).__name__} {seed!r}")
         if device is not None and not isinstance(device, (str, torch.device)):
             raise TypeError(f"device must be a torch.device, a string or None, got {type(device).__name__}")
-        if self.modulates_gradients and mode == "activation":
+        if self.modulates_gradients and spec.hooks:
             absent = [n for n, mod in modules.items() if mod is None]
             if absent:  # checked before any hook is installed on the other encoders
                 raise ValueError(f"mode='activation' needs an encoder module for modality {absent[0]!r}")
@@ -332,12 +352,12 @@ class Balancer:
         self._warned_bypass = False
         self._update = None
         self._adaptive_watch = None
-        if self.modulates_gradients and mode == "activation":
+        if self.modulates_gradients and spec.hooks:
             self._install_hooks()
         if self.modulates_gradients:
             from mmkernels.balance import update
 
-            if mode == "update":
+            if spec.optimizer_hooks:
                 self._update = update.UpdateModulator(self, optimizer)
             else:
                 self._adaptive_watch = update.AdaptiveOptimizerWatch(self)
@@ -349,7 +369,7 @@ class Balancer:
     def per_step(self) -> bool:
         """Whether the coefficient is applied once per optimizer step (parameter and update modes), so a
         gradient-accumulation window's statistics are summed before it is computed."""
-        return self.mode in _PER_STEP_MODES
+        return _MODES[self.mode].per_step
 
     @property
     def num_modalities(self) -> int:
@@ -399,13 +419,14 @@ class Balancer:
         returns a 0-d bool tensor, True when some gradient was non-finite (left unchanged). Activation
         mode: nothing to do (returns None). Ends a gradient-accumulation window either way. Update mode:
         nothing to do (the optimizer's step hooks modulate the update and end the window)."""
-        if self.mode == "update":
+        spec = _MODES[self.mode]
+        if not spec.after_backward:
             return None
         if not self._armed:  # before any step(), or a second call in one window: a documented no-op
             return None
         bypassed = bool(self._hooks) and not self._hooks_ran
         work = []
-        if self.modulates_gradients and self._active and (self.mode == "parameter" or bypassed):
+        if self.modulates_gradients and self._active and (spec.scales_gradients or bypassed):
             work = self._parameter_gradients()  # every gradient of every modality checked before any is scaled
         if bypassed and work:
             # Activation mode whose forward hooks did not run since the last after_backward(): the gradients
@@ -664,7 +685,7 @@ class Balancer:
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(names={list(self.names)}, mode={self.mode!r}"
-                + (f", params={self.params!r}, noise={self.noise!r}" if self.mode == "parameter" else "")
+                + (f", params={self.params!r}, noise={self.noise!r}" if _MODES[self.mode].parameter_options else "")
                 + f", epochs={self.epochs})")
 
 
