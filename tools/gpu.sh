@@ -27,8 +27,8 @@ ROOT=$PWD
 PLAN=(env setup "checks=tests_gpu,sanitize|tests|warm" tune bench steps ncu)
 STAGE_ORDER=(env setup tests_gpu sanitize tests warm tune bench steps ncu)
 # real budgets (s): serial steps and the group sum to 530, under the 540 s (9 min) of one call
-declare -A BUDGET=([env]=15 [setup]=100 [checks]=150 [tests_gpu]=60 [sanitize]=60 [tests]=150 [warm]=150 [tune]=80
-                   [bench]=130 [steps]=55 [ncu]=0)
+declare -A BUDGET=([env]=15 [setup]=100 [checks]=150 [tests_gpu]=60 [sanitize]=60 [tests]=150 [warm]=150 [tune]=70
+                   [bench]=125 [steps]=70 [ncu]=0)
 # dry-run budgets: the 2-core CPU runs the interpreter, so the caps are looser, but the selections are tiny
 # (each interpreter start alone took 35 s here under a load of 12; a changed csrc/ means a C++ rebuild).
 declare -A DRY_BUDGET=([env]=90 [setup]=600 [checks]=420 [tests_gpu]=200 [sanitize]=200 [tests]=400 [warm]=400
@@ -147,7 +147,9 @@ stage_tests_gpu() {
   local rc=0 a b
   sub $(($(left) * 2 / 3)) "$PY" -u -m pytest tests/test_large_gpu.py -v "${PYTEST_COMMON[@]}" 2>&1 | tee "$LOGDIR/tests_gpu_large.part"
   a=${PIPESTATUS[0]}
-  sub "$(left)" "$PY" -u -m pytest tests -k sync -v "${PYTEST_COMMON[@]}" --ignore=tests/test_large_gpu.py 2>&1 | tee "$LOGDIR/tests_gpu_sync.part"
+  # only the files that hold such tests are collected (collecting the whole suite costs more than they take)
+  local files; files=$(grep -lE '^[[:space:]]*def test[A-Za-z0-9_]*sync' tests/test_*.py | grep -v test_large_gpu.py | tr '\n' ' ')
+  sub "$(left)" "$PY" -u -m pytest $files -k sync -v "${PYTEST_COMMON[@]}" 2>&1 | tee "$LOGDIR/tests_gpu_sync.part"
   b=${PIPESTATUS[0]}
   note "large: $(pytest_counts "$LOGDIR/tests_gpu_large.part") | sync: $(pytest_counts "$LOGDIR/tests_gpu_sync.part")"
   rm -f "$LOGDIR"/tests_gpu_*.part
@@ -277,23 +279,34 @@ except Exception as exc:  # a refusal of the mode names the value given; anythin
 EOF
 }
 
+step_cases() {  # the step benchmarks (whole training steps) the CLI lists, in its order
+  "$PY" - <<'EOF'
+import mmkernels.__main__ as cli
+print(*getattr(cli, "STEP_BENCHMARKS", ("overhead", "vit_step")))
+EOF
+}
+
 stage_steps() {
-  local rc=0 a=0 b=0 um rows
+  local rc=0 r um rows names n s res=()
   um=$(update_mode)
   echo "update mode in mmkernels.balance: $um"
-  sub "$(share 2)" bash -c 'bench_call "$@"' _ overhead --device "$DEV" --repeats 3 $BENCH_EXTRA 2>&1 | tee "$LOGDIR/steps.part"
-  a=${PIPESTATUS[0]}
-  sub "$(left)" bash -c 'bench_call "$@"' _ vit_step --device "$DEV" --repeats 3 $BENCH_EXTRA 2>&1 | tee -a "$LOGDIR/steps.part"
-  b=${PIPESTATUS[0]}
-  rows=$(grep -E '^(overhead|vit_step) ' "$LOGDIR/steps.part" | grep -ci update)
+  names=$(step_cases) || return 1
+  n=$(wc -w <<< "$names")
+  : > "$LOGDIR/steps.part"
+  for s in $names; do  # each gets its share of what is left, less 15 s kept for the profile below
+    sub $((($(left) - 15) / n)) bash -c 'bench_call "$@"' _ "$s" --device "$DEV" --repeats 3 $BENCH_EXTRA 2>&1 \
+      | tee -a "$LOGDIR/steps.part"
+    r=${PIPESTATUS[0]}; res+=("$s rc $r"); ((r != 0 && rc == 0)) && rc=$r
+    n=$((n - 1))
+  done
+  rows=$(grep -E "^($(tr ' ' '|' <<< "$names")) " "$LOGDIR/steps.part" | grep -ci update)
   rm -f "$LOGDIR/steps.part"
   # where the host time of the OGM-GE step goes (a diagnostic: its failure is noted, not the stage's)
   local prof="not run (no time left)"
-  if (($(left) >= 20)); then
+  if (($(left) >= 10)); then
     sub "$(left)" "$PY" -u tools/profile_ogm_step.py --device "$DEV" $([ "$DRY" = 1 ] && echo --quick); prof="rc $?"
   fi
-  note "update mode: $um; rows timing it: $rows; overhead rc $a, vit_step rc $b; profile_ogm_step $prof"
-  ((a != 0)) && rc=$a; ((b != 0 && rc == 0)) && rc=$b
+  note "update mode: $um; rows timing it: $rows; ${res[*]}; profile_ogm_step $prof"
   if [[ $um == present* ]] && ((rows == 0)) && ((rc == 0)); then
     echo "[gpu.sh] mode='update' exists but no step-overhead row times it"; rc=3
   fi
@@ -313,10 +326,11 @@ stage_sanitize() {
   fi
   local n=2
   for f in modality_scores band_energy; do
-    PYTORCH_NO_CUDA_MEMORY_CACHING=1 sub "$(share $n)" "${san[@]}" "$PY" -u -m pytest "tests/test_$f.py" -q -k "$sel" \
+    PYTORCH_NO_CUDA_MEMORY_CACHING=1 sub "$(share $n)" "${san[@]}" "$PY" -u -m pytest "tests/test_$f.py" -v -k "$sel" \
       "${PYTEST_COMMON[@]}" 2>&1 | tee "$LOGDIR/san.part"
     r=${PIPESTATUS[0]}
-    res+=("$f: rc $r, $(grep -E 'ERROR SUMMARY' "$LOGDIR/san.part" | tail -1 | sed 's/^=* *//')$([ ${#san[@]} = 0 ] && echo 'no sanitizer (dry-run)'), $(pytest_counts "$LOGDIR/san.part")")
+    # memcheck prints each error as it finds it and a summary at exit (absent when the stage cut it short)
+    res+=("$f: rc $r, $(grep -E 'ERROR SUMMARY' "$LOGDIR/san.part" | tail -1 | sed 's/^=* *//')$([ ${#san[@]} = 0 ] && echo 'no sanitizer (dry-run)'), $(grep -cE '^========= (Invalid|Program hit|Out-of-range)' "$LOGDIR/san.part") error reports, $(pytest_counts "$LOGDIR/san.part")")
     ((r != 0 && rc == 0)) && rc=$r
     n=$((n - 1))
   done
