@@ -55,7 +55,8 @@ def _balancer_snap(bal):
 def _same(a, b, where="") -> None:
     assert type(a) is type(b), f"{where}: {type(a).__name__} != {type(b).__name__}"
     if isinstance(a, torch.Tensor):
-        assert a.dtype == b.dtype and a.shape == b.shape, f"{where}: {a.dtype}{tuple(a.shape)} != {b.dtype}{tuple(b.shape)}"
+        assert a.dtype == b.dtype and a.shape == b.shape, \
+            f"{where}: {a.dtype}{tuple(a.shape)} != {b.dtype}{tuple(b.shape)}"
         assert torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8)) if a.dtype != torch.bool \
             else torch.equal(a, b), f"{where}: values changed"
     elif isinstance(a, (tuple, list)):
@@ -253,7 +254,8 @@ for nm, kw, exc, arg in [
     _add(f"MWAM-{nm}", exc, arg, lambda kw=kw: (lambda e=_encs(): (lambda: MWAM(e, **kw), [e]))())
 for nm, args, kw, exc, arg in [
         ("K0", (0,), {}, ValueError, "num_classes"), ("Kfloat", (2.0,), {}, TypeError, "num_classes"),
-        ("tau_nan", (K,), {"tau": NAN}, ValueError, "tau"), ("momentum", (K,), {"momentum": 1.0}, ValueError, "momentum"),
+        ("tau_nan", (K,), {"tau": NAN}, ValueError, "tau"),
+        ("momentum", (K,), {"momentum": 1.0}, ValueError, "momentum"),
         ("calibration", (K,), {"calibration": "per-class"}, ValueError, "calibration")]:
     _add(f"DecisionLevel-{nm}", exc, arg,
          lambda args=args, kw=kw: (lambda: DecisionLevel(list(NAMES), *args, **kw), []))

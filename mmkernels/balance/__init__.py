@@ -43,5 +43,6 @@ from mmkernels.balance.mwam import MWAM
 from mmkernels.balance.ogm_ge import OGMGE
 from mmkernels.balance.pdmp import PDMP, unimodal_performance
 
-__all__ = ["Balancer", "BalancerFallbackWarning", "OGMGE", "PDMP", "MWAM", "DecisionLevel", "split_linear_head", "masked_unimodal_logits",
+__all__ = ["Balancer", "BalancerFallbackWarning", "OGMGE", "PDMP", "MWAM", "DecisionLevel", "split_linear_head",
+           "masked_unimodal_logits",
            "unimodal_performance"]

@@ -80,9 +80,11 @@ class MWAM(Balancer):
                             f"{type(statistic).__name__}")
         for key, f in (statistic or {}).items():
             if key not in names:
-                raise ValueError(f"{fn}: statistic has a key {key!r} that names no modality; the modalities are {names}")
+                raise ValueError(f"{fn}: statistic has a key {key!r} that names no modality; the modalities are "
+                                 f"{names}")
             if not callable(f):
-                raise TypeError(f"{fn}: statistic[{key!r}] must be callable (x -> (B,) per-sample values or a 0-d sum), "
+                raise TypeError(f"{fn}: statistic[{key!r}] must be callable (x -> (B,) per-sample values or a 0-d "
+                                "sum), "
                                 f"got {type(f).__name__}")
         self.apply = apply
         self.preset = preset
@@ -190,7 +192,8 @@ class MWAM(Balancer):
         return total
 
     def _extra_state(self) -> dict:
-        return {"bank": None if self.bank is None else self.bank.detach().cpu(), "weights": self._weights.detach().cpu()}
+        return {"bank": None if self.bank is None else self.bank.detach().cpu(),
+                "weights": self._weights.detach().cpu()}
 
     def _check_extra_state(self, fn: str, state) -> dict:
         M = self.num_modalities

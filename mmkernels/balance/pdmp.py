@@ -126,7 +126,8 @@ def unimodal_performance(forward: Callable, loader: Iterable, names: Iterable[st
       modality with every other modality's input replaced by zeros.
 
     Labels equal to ``IGNORE_INDEX`` (-100) are ignored; any other label outside ``[0, K)`` raises
-    ``ValueError`` (after the loop: nothing the user owns is changed by this helper). Under DDP the counts are summed over ranks. Returns
+    ``ValueError`` (after the loop: nothing the user owns is changed by this helper). Under DDP the counts are
+    summed over ranks. Returns
     ``{name: 0-d accuracy tensor}`` (one host sync per call, at the end; this is an evaluation helper).
     Users with their own numbers (e.g. accuracies of separately trained unimodal models, as in the paper)
     pass those to :class:`PDMP` directly.
@@ -157,7 +158,8 @@ def unimodal_performance(forward: Callable, loader: Iterable, names: Iterable[st
         if not isinstance(inputs, Mapping):
             raise TypeError(f"{fn}: inputs of batch {b} must be a dict {{name: tensor}}, got {type(inputs).__name__}")
         if not isinstance(labels, torch.Tensor) or labels.dtype != torch.int64 or labels.dim() != 1:
-            what = f"{labels.dtype} {tuple(labels.shape)}" if isinstance(labels, torch.Tensor) else type(labels).__name__
+            what = (f"{labels.dtype} {tuple(labels.shape)}" if isinstance(labels, torch.Tensor)
+                    else type(labels).__name__)
             raise TypeError(f"{fn}: labels of batch {b} must be a (B,) int64 tensor, got {what}; use labels.long()")
         if zero_others:
             have = list(inputs)
@@ -176,7 +178,8 @@ def unimodal_performance(forward: Callable, loader: Iterable, names: Iterable[st
         if keys is None:
             keys = list(batch_keys)
         elif list(batch_keys) != keys:
-            raise ValueError(f"{fn}: batch {b} gives modalities {list(batch_keys)}, earlier batches {keys}; pass names=")
+            raise ValueError(f"{fn}: batch {b} gives modalities {list(batch_keys)}, earlier batches {keys}; "
+                             "pass names=")
         valid = labels != IGNORE_INDEX
         for n in keys:
             lg = logits[n]
