@@ -7,6 +7,8 @@ they are transcriptions of other projects' code, in :mod:`mmkernels.bench.releas
 from __future__ import annotations
 
 import math
+from fractions import Fraction
+from functools import lru_cache
 
 import torch
 
@@ -59,64 +61,66 @@ def frm(x: torch.Tensor, p: int = 8, q: int = 2, eps: float = 1e-6):
 
 
 # ------------------------------------------------------------------------------------------------ band_energy
-def _bands(power: torch.Tensor, freq: torch.Tensor, cutoffs) -> torch.Tensor:
-    """Σ of ``power`` over the bins of each band [0, c1), [c1, c2), ..., [c_last, ∞) of ``freq``."""
-    edges = [0.0, *cutoffs]
-    bands = [power[..., (freq >= edges[j]) & (freq < edges[j + 1])].sum(-1) for j in range(len(cutoffs))]
-    bands.append(power[..., freq >= edges[-1]].sum(-1))
-    return torch.stack(bands, -1)
+# Band membership decided from the integer bin indices in exact rational arithmetic (no basis, no Parseval
+# subtraction, no membership table shared with the op): bin k of a length-N row is at or above cutoff c when
+# k >= c·N·(1 − 2^-49); bin (u, v) of an H×W image (signed indices) when u²W² + v²H² >= c²H²W²·(1 − 2^-49).
+BAND_RTOL = Fraction(1, 2 ** 49)  # the documented relative tolerance at a cutoff
 
+def _band_of(q: int, thresholds) -> int:
+    return sum(1 for t in thresholds if q >= t * (1 - BAND_RTOL))
 
-def _one_sided_weights(n: int, device) -> torch.Tensor:
-    """DC and (even N) Nyquist counted once, every other one-sided bin twice (for its conjugate twin)."""
-    mult = torch.full((n // 2 + 1,), 2.0, dtype=torch.float64, device=device)
+@lru_cache(maxsize=None)
+def bin_bands_1d(n: int, cutoffs: tuple) -> torch.Tensor:
+    """Band of each one-sided bin k = 0..n//2: k against c·n, exactly."""
+    thr = [Fraction(c) * n for c in cutoffs]
+    return torch.tensor([_band_of(k, thr) for k in range(n // 2 + 1)])
+
+def signed_bin(p: int, n: int) -> int:
+    return p if p < (n + 1) // 2 else p - n  # torch.fft order: 0, 1, .., then the negative frequencies
+
+@lru_cache(maxsize=None)
+def bin_bands_2d(h: int, w: int, cutoffs: tuple) -> torch.Tensor:
+    """Band of each bin of the full (h, w) spectrum: u²w² + v²h² against c²h²w², exactly."""
+    thr = [Fraction(c) ** 2 * (h * h * w * w) for c in cutoffs]
+    return torch.tensor([[_band_of(signed_bin(p, h) ** 2 * w * w + signed_bin(q, w) ** 2 * h * h, thr) for q in range(w)]
+                         for p in range(h)])
+
+def _one_sided_mult(n: int) -> torch.Tensor:
+    mult = torch.full((n // 2 + 1,), 2.0, dtype=torch.float64)
     mult[0] = 1.0
     if n % 2 == 0:
         mult[-1] = 1.0
     return mult
 
+def _sum_bands(power, band, nbands):
+    return torch.stack([power[..., band == j].sum(-1) for j in range(nbands)], -1)
 
-def band_energy_1d(x: torch.Tensor, cutoffs) -> torch.Tensor:
-    """float64 band energies of the last dim from the one-sided torch.fft spectrum."""
+def band_energy_1d(x, cutoffs):
+    """One-sided spectrum of the last dim; DC and (even N) Nyquist counted once, other bins twice."""
     x = x.detach().double()
     n = x.shape[-1]
-    power = torch.fft.rfft(x, dim=-1).abs().square() * _one_sided_weights(n, x.device)
-    return _bands(power, torch.fft.rfftfreq(n, dtype=torch.float64).to(x.device), cutoffs)
+    power = torch.fft.rfft(x, dim=-1).abs().square() * _one_sided_mult(n).to(x.device)
+    return _sum_bands(power, bin_bands_1d(n, tuple(cutoffs)).to(x.device), len(cutoffs) + 1)
 
-
-def band_energy_2d(x: torch.Tensor, cutoffs) -> torch.Tensor:
-    """float64 band energies of the last two dims from the full 2-D spectrum, radial frequency √(fu² + fv²)."""
+def band_energy_2d(x, cutoffs):
+    """Full 2-D spectrum, radial frequency sqrt(fu² + fv²)."""
     x = x.detach().double()
     h, w = x.shape[-2:]
     power = torch.fft.fft2(x).abs().square().flatten(-2)
-    fu = torch.fft.fftfreq(h, dtype=torch.float64)
-    fv = torch.fft.fftfreq(w, dtype=torch.float64)
-    r = torch.sqrt(fu[:, None] ** 2 + fv[None, :] ** 2).flatten()  # radii on the CPU: bins on a cutoff stay put
-    return _bands(power, r.to(x.device), cutoffs)
+    return _sum_bands(power, bin_bands_2d(h, w, tuple(cutoffs)).flatten().to(x.device), len(cutoffs) + 1)
 
+def _band_masks(band, nbands):
+    return torch.stack([band == j for j in range(nbands)], -1).double()
 
-def band_energy_1d_diff(x: torch.Tensor, cutoffs) -> torch.Tensor:
-    """:func:`band_energy_1d` differentiable in ``x`` (no detach; masks as a matrix product)."""
+def band_energy_1d_diff(x, cutoffs):
     n = x.shape[-1]
-    power = torch.view_as_real(torch.fft.rfft(x, dim=-1)).square().sum(-1) * _one_sided_weights(n, x.device)
-    f = torch.fft.rfftfreq(n, dtype=torch.float64).to(x.device)
-    return power @ _band_masks(f, cutoffs)
+    power = torch.view_as_real(torch.fft.rfft(x, dim=-1)).square().sum(-1) * _one_sided_mult(n).to(x.device)
+    return power @ _band_masks(bin_bands_1d(n, tuple(cutoffs)), len(cutoffs) + 1).to(x.device)
 
-
-def band_energy_2d_diff(x: torch.Tensor, cutoffs) -> torch.Tensor:
-    """:func:`band_energy_2d` differentiable in ``x``."""
+def band_energy_2d_diff(x, cutoffs):
     h, w = x.shape[-2:]
     power = torch.view_as_real(torch.fft.fft2(x)).square().sum(-1).flatten(-2)
-    fu = torch.fft.fftfreq(h, dtype=torch.float64)
-    fv = torch.fft.fftfreq(w, dtype=torch.float64)
-    r = torch.sqrt(fu[:, None] ** 2 + fv[None, :] ** 2).flatten()
-    return power @ _band_masks(r, cutoffs).to(x.device)
-
-
-def _band_masks(freq: torch.Tensor, cutoffs) -> torch.Tensor:
-    edges = [0.0, *cutoffs]
-    masks = [(freq >= edges[j]) & (freq < edges[j + 1]) for j in range(len(cutoffs))] + [freq >= edges[-1]]
-    return torch.stack(masks, -1).double()
+    return power @ _band_masks(bin_bands_2d(h, w, tuple(cutoffs)).flatten(), len(cutoffs) + 1).to(x.device)
 
 
 # ------------------------------------------------------------------------------------------------ modality_scores

@@ -10,6 +10,9 @@ from torch.nn import functional as F
 from mmkernels import policies as P
 from mmkernels.balance import MWAM, OGMGE, PDMP, BalancerFallbackWarning, DecisionLevel, masked_unimodal_logits, \
     split_linear_head, unimodal_performance
+from tests import oracles
+from tests.oracles import ogm_ge as _ogm_expected
+from tests.oracles import ogm_scores as _scores64
 
 K = 5
 NAMES = ("audio", "visual", "depth")
@@ -49,25 +52,6 @@ def _plain_grads(model, inputs, y):
     fused, _ = model(inputs)
     F.cross_entropy(fused, y).backward()
     return _grads(model)
-
-
-def _scores64(uni, y, names, mask=None):
-    """OGM-GE score written out: Σ_i softmax(ℓ_m,i)[y_i] over available samples, float64 loop."""
-    out = []
-    for j, n in enumerate(names):
-        p = torch.softmax(uni[n].detach().double(), -1)
-        out.append(sum(p[i, y[i]].item() for i in range(len(y)) if mask is None or mask[i, j]))
-    return out
-
-
-def _ogm_expected(scores, alpha):
-    if len(scores) == 2:
-        rho_v = scores[1] / scores[0]
-        if rho_v > 1:
-            return [1.0, 1 - math.tanh(alpha * rho_v)]
-        return [1 - math.tanh(alpha / rho_v), 1.0]
-    smin = min(scores)
-    return [1 - math.tanh(alpha * s / smin) if s / smin > 1 else 1.0 for s in scores]
 
 
 def _check_scaled(model, g0, g1, coeffs, names, which=lambda name, p: True):
@@ -369,18 +353,7 @@ def test_unimodal_performance_helper_and_state():
 
 
 def _frm64(x, p=8, q=2, eps=1e-6):
-    """FRM written out: orthonormal DCT-II of each p×p patch, Σ |Y[a,d] / (Y[p-1-a, p-1-d] + eps)| (SPEC §2.1)."""
-    n = torch.arange(p, dtype=torch.float64)
-    D = torch.cos(math.pi * (2 * n[None, :] + 1) * n[:, None] / (2 * p)) * math.sqrt(2 / p)
-    D[0] /= math.sqrt(2)
-    B, C, H, W = x.shape
-    patches = x.double().reshape(B, C, H // p, p, W // p, p).permute(0, 1, 2, 4, 3, 5)
-    Y = D @ patches @ D.T
-    total = torch.zeros(B, dtype=torch.float64)
-    for a in range(q):
-        for d in range(q):
-            total += (Y[..., a, d] / (Y[..., p - 1 - a, p - 1 - d] + eps)).abs().sum((1, 2, 3))
-    return total
+    return oracles.frm(x, p, q, eps)[0]
 
 
 @pytest.mark.parametrize("preset", ["paper", "released_code"])

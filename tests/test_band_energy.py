@@ -1,4 +1,4 @@
-"""band_energy / band_ratio against a float64 torch.fft oracle written out here.
+"""band_energy / band_ratio against a float64 torch.fft oracle (tests/oracles.py).
 
 The oracle computes the full spectrum with torch.fft in float64 and decides band membership itself, from the
 integer bin indices in exact rational arithmetic (``fractions``), so it shares no code (no basis, no Parseval
@@ -8,8 +8,6 @@ H×W image (signed indices, ``r² = (u/H)² + (v/W)²``) when ``u²W² + v²H² 
 cutoff, however the cutoff was rounded, goes to the upper band.
 """
 import math
-from fractions import Fraction
-from functools import lru_cache
 
 import pytest
 import torch
@@ -17,61 +15,13 @@ import torch
 import mmkernels
 from mmkernels import band_energy, band_energy_ref, band_ratio
 from tests.helpers import assert_close
+from tests.oracles import band_energy_1d as oracle_1d
+from tests.oracles import band_energy_1d_diff as oracle_1d_diff
+from tests.oracles import band_energy_2d as oracle_2d
+from tests.oracles import band_energy_2d_diff as oracle_2d_diff
+from tests.oracles import signed_bin as _signed
 
 # ---------------------------------------------------------------------------------------------- oracle
-
-RTOL = Fraction(1, 2 ** 49)  # the documented relative tolerance at a cutoff
-
-
-def _band(q: int, thresholds) -> int:
-    return sum(1 for t in thresholds if q >= t * (1 - RTOL))
-
-
-@lru_cache(maxsize=None)
-def bin_bands_1d(n: int, cutoffs: tuple) -> torch.Tensor:
-    """Band of each one-sided bin k = 0..n//2: k against c·n, exactly."""
-    thr = [Fraction(c) * n for c in cutoffs]
-    return torch.tensor([_band(k, thr) for k in range(n // 2 + 1)])
-
-
-def _signed(p: int, n: int) -> int:
-    return p if p < (n + 1) // 2 else p - n  # torch.fft order: 0, 1, .., then the negative frequencies
-
-
-@lru_cache(maxsize=None)
-def bin_bands_2d(h: int, w: int, cutoffs: tuple) -> torch.Tensor:
-    """Band of each bin of the full (h, w) spectrum: u²w² + v²h² against c²h²w², exactly."""
-    thr = [Fraction(c) ** 2 * (h * h * w * w) for c in cutoffs]
-    return torch.tensor([[_band(_signed(p, h) ** 2 * w * w + _signed(q, w) ** 2 * h * h, thr) for q in range(w)]
-                         for p in range(h)])
-
-
-def _one_sided_mult(n: int) -> torch.Tensor:
-    mult = torch.full((n // 2 + 1,), 2.0, dtype=torch.float64)
-    mult[0] = 1.0
-    if n % 2 == 0:
-        mult[-1] = 1.0
-    return mult
-
-
-def _sum_bands(power, band, nbands):
-    return torch.stack([power[..., band == j].sum(-1) for j in range(nbands)], -1)
-
-
-def oracle_1d(x, cutoffs):
-    """One-sided spectrum of the last dim; DC and (even N) Nyquist counted once, other bins twice."""
-    x = x.detach().double()
-    n = x.shape[-1]
-    power = torch.fft.rfft(x, dim=-1).abs().square() * _one_sided_mult(n).to(x.device)
-    return _sum_bands(power, bin_bands_1d(n, tuple(cutoffs)).to(x.device), len(cutoffs) + 1)
-
-
-def oracle_2d(x, cutoffs):
-    """Full 2-D spectrum, radial frequency sqrt(fu² + fv²)."""
-    x = x.detach().double()
-    h, w = x.shape[-2:]
-    power = torch.fft.fft2(x).abs().square().flatten(-2)
-    return _sum_bands(power, bin_bands_2d(h, w, tuple(cutoffs)).flatten().to(x.device), len(cutoffs) + 1)
 
 
 def assert_bands_close(got, want, what=""):
@@ -372,22 +322,6 @@ def test_grad_matches_oracle(backend, device, ndim, dtype):
     (want,) = torch.autograd.grad(oracle(xd, [0.1, 0.3]), xd, g.double())
     tol = 1e-4 if dtype == torch.float32 else 1e-2
     assert_close(gx.double(), want, rtol=tol, atol=tol * float(want.abs().max()), what="grad")
-
-
-def _masks(band, nbands):
-    return torch.stack([band == j for j in range(nbands)], -1).double()
-
-
-def oracle_1d_diff(x, cutoffs):
-    n = x.shape[-1]
-    power = torch.view_as_real(torch.fft.rfft(x, dim=-1)).square().sum(-1) * _one_sided_mult(n).to(x.device)
-    return power @ _masks(bin_bands_1d(n, tuple(cutoffs)), len(cutoffs) + 1).to(x.device)
-
-
-def oracle_2d_diff(x, cutoffs):
-    h, w = x.shape[-2:]
-    power = torch.view_as_real(torch.fft.fft2(x)).square().sum(-1).flatten(-2)
-    return power @ _masks(bin_bands_2d(h, w, tuple(cutoffs)).flatten(), len(cutoffs) + 1).to(x.device)
 
 
 # ---------------------------------------------------------------------------------------------- compile / opcheck

@@ -20,9 +20,13 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import mmkernels
 from mmkernels import band_energy, band_energy_ref, band_ratio
-from tests.test_band_energy import assert_bands_close, bin_bands_1d, bin_bands_2d, oracle_1d, oracle_1d_diff, \
-    oracle_2d, oracle_2d_diff
 from tests.helpers import assert_close
+from tests.oracles import band_energy_1d as oracle_1d
+from tests.oracles import band_energy_1d_diff as oracle_1d_diff
+from tests.oracles import band_energy_2d as oracle_2d
+from tests.oracles import band_energy_2d_diff as oracle_2d_diff
+from tests.oracles import bin_bands_1d, bin_bands_2d
+from tests.test_band_energy import assert_bands_close
 
 
 # ---------------------------------------------------------------------------------------------- bad input

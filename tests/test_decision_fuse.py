@@ -3,34 +3,9 @@ import torch
 
 from mmkernels import decision_fuse
 from tests.helpers import assert_close
+from tests.oracles import decision_fuse as oracle
 
 TOL = {torch.float32: (1e-5, 1e-6), torch.float64: (1e-12, 1e-12), torch.float16: (2e-3, 2e-3), torch.bfloat16: (1.6e-2, 1e-2)}
-
-
-def oracle(logits, weights, scales, mask, grad_coeff, grad_out):
-    """SPEC §2.4 written out with explicit loops over modalities, in float64: (z, dlogits)."""
-    x = logits.double().cpu()
-    M, B, K = x.shape
-    w = weights.double().cpu()
-    s = scales.double().cpu()
-    a = torch.ones(B, M, dtype=torch.float64) if mask is None else mask.double().cpu()
-    g = grad_out.double().cpu()
-    den = torch.zeros(B, K, dtype=torch.float64)
-    for j in range(M):
-        den += a[:, j : j + 1] * w[j][None, :]
-    z = torch.zeros(B, K, dtype=torch.float64)
-    dx = torch.zeros(M, B, K, dtype=torch.float64)
-    for m in range(M):
-        w_hat = a[:, m : m + 1] * w[m][None, :] / den
-        z += w_hat * x[m] / s[m]
-        if grad_coeff is None:
-            c = torch.ones(B, 1, dtype=torch.float64)
-        elif grad_coeff.dim() == 1:
-            c = grad_coeff[m].double().cpu().expand(B, 1)
-        else:
-            c = grad_coeff[m].double().cpu()[:, None]
-        dx[m] = w_hat / s[m] * g * c
-    return z, dx
 
 
 def inputs(M, B, K, dtype, device, mask_kind="bool", coeff_kind="none"):

@@ -1,57 +1,15 @@
-"""frm (SPEC §2.1) against an independent float64 oracle: the DCT matrix built from its formula here, the
+"""frm (SPEC §2.1) against an independent float64 oracle: the DCT matrix built from its formula, the
 full p×p 2-D DCT of every patch, and the metric written out index by index."""
-import math
-
 import pytest
 import torch
 
 import mmkernels
 from mmkernels import _tuning
+from mmkernels.bench.released import dct_2d_fft, mwam_frm
 from mmkernels.ops.frm import _frm_fwd_kernel, _frm_fwd_triton, frm_ref
 from tests.helpers import assert_close
-
-U32 = 2.0 ** -24  # unit roundoff of the fp32 accumulation
-
-
-def dct_matrix(p):
-    """Orthonormal DCT-II from its definition, element by element (no shared code with the op)."""
-    d = torch.empty(p, p, dtype=torch.float64)
-    for k in range(p):
-        s = math.sqrt(1.0 / p) if k == 0 else math.sqrt(2.0 / p)
-        for n in range(p):
-            d[k, n] = s * math.cos(math.pi * (2 * n + 1) * k / (2 * p))
-    return d
-
-
-def patches(x, p):
-    B, C, H, W = x.shape
-    return x.reshape(B, C, H // p, p, W // p, p).permute(0, 1, 2, 4, 3, 5)  # (B, C, nph, npw, p, p)
-
-
-def oracle(x, p=8, q=2, eps=1e-6):
-    """float64 FRM per sample and a forward error bound for an fp32 evaluation of the same input.
-
-    Bound: each coefficient is two length-p dot products, |δY| <= 2p·u·(|D| |P| |D|ᵀ); a ratio
-    l/(h+eps) then moves by at most (|δl| + |l/(h+eps)|·|δh|) / |h+eps|.
-    """
-    x = x.detach().to(torch.float64)  # stays on its device (the GPU tests evaluate large inputs there)
-    D = dct_matrix(p).to(x.device)
-    P = patches(x, p)
-    Y = D @ P @ D.T
-    Yabs = D.abs() @ P.abs() @ D.abs().T
-    total = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
-    bound = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
-    gamma = 2 * p * U32
-    for a in range(q):
-        for d in range(q):
-            low = Y[..., a, d]
-            high = Y[..., p - 1 - a, p - 1 - d]
-            den = high + eps
-            r = (low / den).abs()
-            total += r.flatten(1).sum(1)
-            err = gamma * (Yabs[..., a, d] + r * Yabs[..., p - 1 - a, p - 1 - d]) / den.abs()
-            bound += err.flatten(1).sum(1)
-    return total.cpu(), bound.cpu()
+from tests.oracles import dct_matrix
+from tests.oracles import frm as oracle
 
 
 def well_conditioned(shape, p, q, dtype=torch.float32, device="cpu"):
@@ -190,19 +148,15 @@ def test_frm_ref_matches_oracle_cpu():
 def test_matches_released_torch_dct_path():
     # The released MWAM code path, transcribed: unfold, torch_dct.dct_2d(ortho), masks, flipped high block.
     torch_dct = pytest.importorskip("torch_dct")
-    from mmkernels.bench.bench_frm import released_frm
-
     x = image_like((2, 3, 16, 24), dtype=torch.float64)
-    assert_close(frm_ref(x, reduction="sum"), released_frm(x, dct_2d=torch_dct.dct_2d), rtol=1e-7, atol=0,
+    assert_close(frm_ref(x, reduction="sum"), mwam_frm(x, dct_2d=torch_dct.dct_2d), rtol=1e-7, atol=0,
                  what="vs released")
 
 
 def test_released_transcription_without_torch_dct():
-    from mmkernels.bench.bench_frm import released_frm
-
     x = image_like((2, 3, 16, 24), dtype=torch.float64)
     want, _ = oracle(x)
-    assert_close(released_frm(x), want.sum(), rtol=1e-7, atol=0, what="own FFT-DCT transcription")
+    assert_close(mwam_frm(x, dct_2d=dct_2d_fft), want.sum(), rtol=1e-7, atol=0, what="own FFT-DCT transcription")
 
 
 @pytest.mark.parametrize("max_tile,target", [(8, 1), (8, 1000), (16, 7)])

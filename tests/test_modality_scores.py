@@ -1,33 +1,12 @@
-import math
-
 import pytest
 import torch
 
 import mmkernels
 from mmkernels import modality_scores
 from tests.helpers import assert_close
+from tests.oracles import modality_scores as oracle
 
 TOL = {torch.float32: (1e-5, 1e-5), torch.float64: (1e-6, 1e-6), torch.float16: (2e-3, 2e-3), torch.bfloat16: (2e-3, 2e-3)}
-
-
-def oracle(logits, labels, mask=None):
-    """The formula written out per row in float64 Python: softmax probability of the label, first-index argmax."""
-    xs = [x.double().cpu() for x in (logits.unbind(0) if isinstance(logits, torch.Tensor) else logits)]
-    labels = labels.cpu().tolist()
-    scores, correct = [], []
-    for m, x in enumerate(xs):
-        s = c = 0.0
-        for i, y in enumerate(labels):
-            if y == -100 or (mask is not None and float(mask[i, m]) == 0.0):
-                continue
-            row = x[i].tolist()
-            top = max(row)
-            total = sum(math.exp(v - top) for v in row)
-            s += math.exp(row[y] - top) / total
-            c += float(row.index(top) == y)
-        scores.append(s)
-        correct.append(c)
-    return torch.tensor(scores, dtype=torch.float64), torch.tensor(correct, dtype=torch.float64)
 
 
 def make(M, B, K, dtype, device, ignore=True):

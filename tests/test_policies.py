@@ -5,16 +5,8 @@ import pytest
 import torch
 
 from mmkernels import policies as P
-
-
-def _ogm_two(s_a, s_v, alpha, shift=False):
-    """The released OGM-GE two-modality rule, transcribed from the paper's Eq. 10 in scalar Python."""
-    rho_v = s_v / s_a
-    rho_a = 1 / rho_v
-    f = (lambda r: max(r - 1, 0.0)) if shift else (lambda r: max(r, 0.0))
-    if rho_v > 1:
-        return 1.0, 1 - math.tanh(alpha * f(rho_v))
-    return 1 - math.tanh(alpha * f(rho_a)), 1.0
+from tests.oracles import mwam_weights as _mwam_scalar
+from tests.oracles import ogm_ge_two as _ogm_two
 
 
 @pytest.mark.parametrize("shift", [False, True])
@@ -119,15 +111,6 @@ def test_pdmp_defaults_documented():
 
 
 # ---------------------------------------------------------------------------------------------- MWAM
-
-
-def _mwam_scalar(F, Fbank, alpha, beta, lam, gamma, sigma):
-    mean = sum(Fbank) / len(Fbank)
-    out = []
-    for f in F:
-        t = f / (mean + sigma)
-        out.append(alpha - beta / (1 + math.exp(-lam * (t - gamma))))
-    return out
 
 
 @pytest.mark.parametrize("warm_start", ["code", "paper"])

@@ -7,6 +7,7 @@ import torch
 import mmkernels
 from mmkernels import _ext
 from mmkernels.ops import scale_grads as sg
+from tests.oracles import scaled as _expected_scaled
 
 HAS_EXT = _ext.load() is not None
 PATHS = ["extension", "reference"]
@@ -24,13 +25,6 @@ def path(request):
 def _grads(dtype, device="cpu"):
     shapes = [(3, 5, 3, 3), (7,), (1,), (257, 129), (2, 0, 3), (65536 + 13,)]
     return [torch.randn(s, device=device).mul_(0.01).add_(0.003).to(dtype) for s in shapes]
-
-
-def _expected_scaled(g, c):
-    """g*coeff in the tensor's arithmetic (fp32 for fp16/bf16/fp32, fp64 for fp64), rounded once to the dtype."""
-    if g.dtype == torch.float64:
-        return g * float(c)
-    return (g.double() * float(torch.tensor(float(c), dtype=torch.float32))).float().to(g.dtype)
 
 
 # ---------------------------------------------------------------------------------------------- no noise

@@ -9,11 +9,13 @@ import torch
 import mmkernels
 from mmkernels import _tuning
 from tests.helpers import assert_close
-from tests.test_band_energy import assert_bands_close, oracle_1d_diff, oracle_2d_diff
-from tests.test_decision_fuse import oracle as fuse_oracle
-from tests.test_frm import oracle as frm_oracle
+from tests.oracles import band_energy_1d_diff as oracle_1d_diff
+from tests.oracles import band_energy_2d_diff as oracle_2d_diff
+from tests.oracles import decision_fuse as fuse_oracle
+from tests.oracles import frm as frm_oracle
+from tests.oracles import modality_scores as scores_oracle
+from tests.test_band_energy import assert_bands_close
 from tests.test_frm import well_conditioned
-from tests.test_modality_scores import oracle as scores_oracle
 
 
 def _space(call):
