@@ -27,7 +27,7 @@ ROOT=$PWD
 PLAN=(env setup "checks=tests_gpu,sanitize|tests|warm" tune bench steps ncu)
 STAGE_ORDER=(env setup tests_gpu sanitize tests warm tune bench steps ncu)
 # real budgets (s): serial steps and the group sum to 530, under the 540 s (9 min) of one call
-declare -A BUDGET=([env]=15 [setup]=100 [checks]=150 [tests_gpu]=60 [sanitize]=60 [tests]=150 [warm]=150 [tune]=70
+declare -A BUDGET=([env]=15 [setup]=110 [checks]=140 [tests_gpu]=60 [sanitize]=60 [tests]=140 [warm]=140 [tune]=70
                    [bench]=125 [steps]=70 [ncu]=0)
 # dry-run budgets: the 2-core CPU runs the interpreter, so the caps are looser, but the selections are tiny
 # (each interpreter start alone took 35 s here under a load of 12; a changed csrc/ means a C++ rebuild).
@@ -66,7 +66,8 @@ stage_env() {
     echo "date_utc: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
     echo "mode: $([ "$DRY" = 1 ] && echo "dry-run (CPU, Triton interpreter)" || echo "GPU")"
     echo "host: $(hostname) $(uname -srm)"
-    echo "commit: $(git rev-parse HEAD 2>/dev/null || cat .gpu_commit 2>/dev/null || echo 'unknown (no .git in this copy)')"
+    # the device's copy has no .git: the call writes the commit it sends into .gpu_commit
+    echo "commit: $(cat .gpu_commit 2>/dev/null || git rev-parse HEAD 2>/dev/null || echo unknown)"
     echo "cpus: $(nproc)"
     if command -v nvidia-smi >/dev/null; then
       nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm,clocks.mem,power.limit,temperature.gpu,persistence_mode --format=csv
