@@ -178,3 +178,26 @@ def test_kernel_opcheck():
     for seed in (None, torch.tensor([42])):
         torch.library.opcheck(ops.scale_grads_.default, ([t.clone() for t in tensors], torch.tensor(0.5), seed))
     torch.library.opcheck(ops.philox_normal.default, (torch.tensor([7]), 3, 1001))
+
+
+@needs_ext
+def test_portable_check_and_scale_loops_same_result(tmp_path):
+    """MMKERNELS_NO_AVX2=1 (CPUs without AVX2) runs the portable NaN/Inf check and scaling loops: same flags,
+    same bits as the AVX2 loops of this process."""
+    import os
+    import subprocess
+    import sys
+
+    torch.manual_seed(0)
+    tensors = [torch.randn(40_001), torch.randn(33).half(), torch.randn(70_000).bfloat16(), torch.randn(9).double()]
+    tensors[2][-1] = float("inf")
+    src, out = tmp_path / "in.pt", tmp_path / "out.pt"
+    torch.save(tensors, src)
+    code = ("import torch, mmkernels; ts = torch.load(%r); f = mmkernels.scale_grads_(ts, 0.37); "
+            "torch.save((f, ts), %r)" % (str(src), str(out)))
+    subprocess.run([sys.executable, "-c", code], check=True, env=dict(os.environ, MMKERNELS_NO_AVX2="1"))
+    flags_portable, portable = torch.load(out)
+    flags = mmkernels.scale_grads_(tensors, 0.37)
+    assert flags.tolist() == flags_portable.tolist() == [False, False, True, False]
+    for a, b in zip(tensors, portable):
+        assert torch.equal(a.nan_to_num(), b.nan_to_num()) and torch.equal(a.isinf(), b.isinf())

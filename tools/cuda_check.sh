@@ -29,16 +29,22 @@ fi
 # the flags torch's BuildExtension passes to nvcc
 NVCC_TORCH=(-D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__ -D__CUDA_NO_BFLOAT16_CONVERSIONS__
             -D__CUDA_NO_HALF2_OPERATORS__ --expt-relaxed-constexpr -DMMKERNELS_WITH_CUDA)
-for f in "${cus[@]}"; do
-  for arch in 80 90; do
-    "$NVCC" -std=c++17 -O3 -Icsrc -I"$TORCH_INC" "${NVCC_TORCH[@]}" -Xcompiler -Wno-c++20-extensions \
-      -gencode "arch=compute_${arch},code=sm_${arch}" -c "$f" -o "$out/$(basename "$f" .cu).sm${arch}.o"
-  done
-  echo "[cuda-check] $f: sm_80, sm_90 ok"
-done
+# one nvcc call per file for both architectures (the host side is parsed once); files in parallel
+check_cu() {
+  "$NVCC" -std=c++17 -O3 -Icsrc -I"$TORCH_INC" "${NVCC_TORCH[@]}" -Xcompiler -Wno-c++20-extensions \
+    -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90 -c "$1" \
+    -o "$out/$(basename "$1" .cu).o" && echo "[cuda-check] $1: sm_80, sm_90 ok"
+}
+check_glue() {
+  "${CXX:-c++}" -std=c++17 -fsyntax-only -Wall -Wno-c++20-extensions -DMMKERNELS_WITH_CUDA -Icsrc -I"$out/include" \
+    -I"$TORCH_INC" -I"$TORCH_INC/torch/csrc/api/include" -I"$CUDA_INC" "$1" && echo "[cuda-check] $1: host compile ok"
+}
+pids=()
+for f in "${cus[@]}"; do check_cu "$f" & pids+=($!); done
 for f in "${glue[@]}"; do
   if [ -z "$CUDA_INC" ]; then echo "[cuda-check] $f: skipped (cuda_runtime.h not found; set CUDA_HOME)"; continue; fi
-  "${CXX:-c++}" -std=c++17 -fsyntax-only -Wall -Wno-c++20-extensions -DMMKERNELS_WITH_CUDA -Icsrc -I"$out/include" \
-    -I"$TORCH_INC" -I"$TORCH_INC/torch/csrc/api/include" -I"$CUDA_INC" "$f"
-  echo "[cuda-check] $f: host compile ok"
+  check_glue "$f" & pids+=($!)
 done
+status=0
+for p in "${pids[@]}"; do wait "$p" || status=1; done
+exit $status

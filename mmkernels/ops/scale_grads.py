@@ -35,10 +35,11 @@ Design choices (where the method leaves them open)
   extension has a kernel for the tensors' device, else the PyTorch reference below (same noise, per tensor).
   Backend ``reference`` forces the PyTorch path. Non-contiguous tensors are processed through a contiguous
   copy that is written back (noise index = logical row-major element index).
-* Cost: without noise, one read and one write per element (a NaN/Inf check and the scaling run over
-  cache-sized windows of whole tensors, so the second pass reads from cache; no statistics). With GE noise,
-  a statistics pass and a write pass over the same windows. Figures: benchmarks/results/scale_grads_cpu.json
-  and the README's tables.
+* Cost: without noise no statistics are computed: a NaN/Inf check and the scaling run over cache-sized
+  windows of whole tensors (a quarter of the L3 on the CPU, half the L2 on CUDA), so the scaling pass reads
+  what the check just brought into cache and memory sees about one read and one write per element when a
+  tensor fits the window (larger tensors are read twice). With GE noise, a statistics pass and a write pass
+  over the same windows.
 * Registered as the custom op ``mmkernels::scale_grads_`` (mutates ``tensors``), so it is opaque to
   ``torch.compile``. With ``torch.compile(fullgraph=True)`` pass ``generator=None`` (the default generator
   is used); a ``torch.Generator`` object cannot be traced.
