@@ -79,6 +79,10 @@ def _ref_2d(plan: Plan2d, device, dtype) -> _Ref2d:
     return _TENSORS.get((plan, device, dtype), build)
 
 
+def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return t if t.dtype == dtype else t.to(dtype)  # skips a dispatcher round trip at small sizes
+
+
 def _bands(sq: torch.Tensor, sumsq: torch.Tensor, t) -> torch.Tensor:
     """Energies ``(M, J+1)`` from the squared projections ``sq`` and ``Σx²``: one ``addmm`` gives the bands
     below the last cutoff and ``S·Σx² − Σ others`` for the last (the one-hot's last column is -1, ``scale``
@@ -94,7 +98,7 @@ def forward_1d(x: torch.Tensor, plan: Plan1d, save_proj: bool):
     """``(energies (M, J+1), projections (M, 2K) or empty)`` of the rows of ``x`` ``(M, N)``."""
     cd = acc_dtype(x.dtype)
     m = x.shape[0]
-    xc = x if x.dtype == cd else x.to(cd)
+    xc = _as(x, cd)
     sumsq = torch.linalg.vector_norm(xc, dim=-1).square()  # fused: no x-sized temporary
     if plan.num_bins == 0:
         out = torch.cat([xc.new_zeros(m, len(plan.cutoffs)), (sumsq * plan.n).unsqueeze(-1)], -1)
@@ -113,14 +117,14 @@ def backward_1d(grad: torch.Tensor, x: torch.Tensor, proj: torch.Tensor, plan: P
     """``∂L/∂x = 2·g_last·N·x + 2·Σ_{j<last} (g_j − g_last)·B_jᵀ(B_j x)`` (the last band is total − others)."""
     cd = acc_dtype(x.dtype)
     j = len(plan.cutoffs)
-    g = grad.to(cd)
+    g = _as(grad, cd)
     g_last = g[:, j]
-    gx = (2.0 * plan.n) * g_last[:, None] * x.to(cd)
+    gx = (2.0 * plan.n) * g_last[:, None] * _as(x, cd)
     if plan.num_bins:
         t = _ref_1d(plan, x.device, cd)
         gcol = g[:, :j][:, t.col_band] - g_last[:, None]  # (M, F)
-        gx = gx + (2.0 * gcol * proj.to(cd)) @ t.b
-    return gx.to(x.dtype)
+        gx = torch.addmm(gx, gcol * _as(proj, cd), t.b, alpha=2.0)
+    return _as(gx, x.dtype)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -133,7 +137,7 @@ def forward_2d(x: torch.Tensor, plan: Plan2d, save_proj: bool):
     the ``u``-basis: ``Re = Cu Yc − Su Ys``, ``Im' = Su Yc + Cu Ys`` (``Im' = −Im X``; only ``|X|²`` matters)."""
     cd = acc_dtype(x.dtype)
     m = x.shape[0]
-    xc = x if x.dtype == cd else x.to(cd)
+    xc = _as(x, cd)
     nu, nv = plan.num_u, plan.num_v
     sumsq = torch.linalg.vector_norm(xc.reshape(m, -1), dim=-1).square()
     if nu == 0 or nv == 0:
@@ -156,15 +160,16 @@ def backward_2d(grad: torch.Tensor, x: torch.Tensor, proj: torch.Tensor, plan: P
     """``∂L/∂x = 2·g_last·H·W·x + Σ over bins of 2(g_band − g_last)·(Re ∂Re/∂x + Im' ∂Im'/∂x)``."""
     cd = acc_dtype(x.dtype)
     j = len(plan.cutoffs)
-    g = grad.to(cd)
+    g = _as(grad, cd)
     g_last = g[:, j]
-    gx = (2.0 * plan.h * plan.w) * g_last[:, None, None] * x.to(cd)
+    gx = (2.0 * plan.h * plan.w) * g_last[:, None, None] * _as(x, cd)
     nu, nv = plan.num_u, plan.num_v
     if nu and nv:
         t = _ref_2d(plan, x.device, cd)
         m = x.shape[0]
         gm = ((g[:, :j][:, t.band] - g_last[:, None]) * t.valid).view(m, nu, nv)
-        re, im = proj[:, 0].to(cd) * gm, proj[:, 1].to(cd) * gm
+        proj = _as(proj, cd)
+        re, im = proj[:, 0] * gm, proj[:, 1] * gm
         # ∂Re/∂x = cu·cv − su·sv, ∂Im'/∂x = su·cv + cu·sv
         csv = t.csv_t.t()  # (2V, W)
         t1 = torch.cat([re, im], -1) @ csv  # R'Cv + I'Sv      (M, U, W)
@@ -173,7 +178,7 @@ def backward_2d(grad: torch.Tensor, x: torch.Tensor, proj: torch.Tensor, plan: P
         # than a broadcast matmul followed by an add).
         h2u = t.csu_t
         gx = torch.baddbmm(gx, h2u.expand(m, *h2u.shape), torch.cat([t1, t2], 1), alpha=2.0)
-    return gx.to(x.dtype)
+    return _as(gx, x.dtype)
 
 
 # ----------------------------------------------------------------------------------------------------------
