@@ -199,11 +199,16 @@ def _fuse_bwd_triton(grad, weights, scales, mask, grad_coeff):
 # --------------------------------------------------------------------------------------------------------
 # 4. Reference
 # --------------------------------------------------------------------------------------------------------
+def _as(t, dtype):
+    # a no-op .to() still costs a dispatch, a few µs at the balancers' sizes
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def _normalised_weights(weights, mask, dtype):
     """ŵ as (M, B, K) broadcastable: (M, 1, K) without a mask, (M, B, K) with one."""
-    w = weights.to(dtype)[:, None, :]
+    w = _as(weights, dtype)[:, None, :]
     if mask is not None:
-        w = w * mask.to(dtype).t()[:, :, None]
+        w = w * _as(mask, dtype).t()[:, :, None]
     return w / w.sum(dim=0, keepdim=True)
 
 
@@ -215,16 +220,16 @@ def decision_fuse_ref(logits, weights, scales, mask=None, grad_coeff=None):
     No argument checks (it is the benchmarks' eager baseline): :func:`decision_fuse` checks them.
     """
     acc = acc_dtype(logits.dtype)
-    x = logits.to(acc)
+    x = _as(logits, acc)
     if grad_coeff is not None:
-        c = grad_coeff.to(acc)
+        c = _as(grad_coeff, acc)
         c = c[:, None, None] if c.dim() == 1 else c[:, :, None]
         xd = x.detach()
         x = xd + c * (x - xd)
     if mask is not None:
         x = torch.where((mask != 0).t()[:, :, None], x, 0.0)  # selection: a missing modality's logits stay out
     w_hat = _normalised_weights(weights, mask, acc)
-    return (w_hat * (x / scales.to(acc)[:, None, None])).sum(dim=0).to(logits.dtype)
+    return _as((w_hat * (x / _as(scales, acc)[:, None, None])).sum(dim=0), logits.dtype)
 
 
 def _fuse_fwd_ref(logits, weights, scales, mask):
@@ -234,11 +239,11 @@ def _fuse_fwd_ref(logits, weights, scales, mask):
 
 def _fuse_bwd_ref(grad, weights, scales, mask, grad_coeff):
     acc = acc_dtype(grad.dtype)
-    f = 1.0 / scales.to(acc)[:, None, None]
+    f = 1.0 / _as(scales, acc)[:, None, None]
     if grad_coeff is not None:
-        c = grad_coeff.to(acc)
+        c = _as(grad_coeff, acc)
         f = f * (c[:, None, None] if c.dim() == 1 else c[:, :, None])
-    dx = _normalised_weights(weights, mask, acc) * f * grad.to(acc)[None]
+    dx = _normalised_weights(weights, mask, acc) * f * _as(grad, acc)[None]
     if mask is not None:
         dx = torch.where((mask != 0).t()[:, :, None], dx, 0.0)  # what autograd of decision_fuse_ref gives
     # contiguous (M, B, K), the layout the fake implementation promises
