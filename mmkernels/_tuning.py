@@ -43,7 +43,6 @@ _TUNED_DIR = os.path.join(os.path.dirname(__file__), "tuned")
 _forced: dict[str, Any] = {}
 _autotuned: dict[tuple, Any] = {}
 _tables: dict[int, dict] = {}
-_typed_entries: dict[tuple, "LaunchConfig"] = {}
 _recorders: list[list] = []
 _registry: dict[str, "Tunable"] = {}
 _timer: Callable | None = None  # tests replace the CUDA timer; None = triton.testing.do_bench
