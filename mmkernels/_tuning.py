@@ -31,7 +31,7 @@ import json
 import math
 import os
 import re
-from typing import Any, Callable, ClassVar, Optional, Union
+from typing import Any, Callable, ClassVar, Optional
 
 import torch
 
