@@ -57,9 +57,27 @@ def use_backend(name: str):
         _backend = previous
 
 
+_triton_installed: bool | None = None
+
+
+def triton_installed() -> bool:
+    """Whether triton can be imported (looked up once, without importing it: ``import mmkernels`` stays cheap)."""
+    global _triton_installed
+    if _triton_installed is None:
+        import importlib.util
+
+        _triton_installed = importlib.util.find_spec("triton") is not None
+    return _triton_installed
+
+
 def use_triton(t: torch.Tensor) -> bool:
     """Whether an op on tensor ``t`` runs its Triton kernel (True) or its PyTorch reference (False)."""
     if _backend == "reference":
+        return False
+    if not triton_installed():
+        if _backend == "triton":
+            raise RuntimeError("backend 'triton' was chosen but triton is not installed: pip install triton (it "
+                               "ships with the CUDA builds of torch), or use backend 'auto' or 'reference'")
         return False
     if t.device.type == "cuda":
         return True

@@ -10,10 +10,9 @@ from __future__ import annotations
 import dataclasses
 
 import torch
-import triton
-import triton.language as tl
 
 from mmkernels import _tuning
+from mmkernels._triton import tl, triton
 from mmkernels._common import BoundedCache, acc_dtype, cdiv, next_pow2
 
 from .plans import Plan1d, dot_precision
