@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print("usage: python -m mmkernels {demo,bench,tune,report} [options]\n"
-              "  demo    balanced training on UCI Multiple Features with missing-modality evaluation\n"
+              "  demo    balanced training on spoken + handwritten digits (paired by class) with missing-modality evaluation\n"
               "  bench   side-by-side kernel benchmarks, results under benchmarks/results\n"
               "  tune    time every launch config of every Triton kernel on this GPU, write its tuned table\n"
               "  report  regenerate the README summary, docs/benchmarks.md and the plots from recorded results")

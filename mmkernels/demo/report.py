@@ -567,8 +567,25 @@ def _replace_between(text, begin, end, body):
     return text[:i + len(begin)] + "\n" + body + "\n" + text[j:]
 
 
+WHICH_BEGIN, WHICH_END = "<!-- which-method:begin -->", "<!-- which-method:end -->"
+
+
+def which_method_section(json_path: str, docs_link: str = "demo.md") -> str:
+    """The "which method when" guidance of docs/methods.md: the run's generated conclusions, nothing typed."""
+    with open(json_path) as f:
+        results = _check(json.load(f))
+    lines = [_dataset_text(results), "", "What the recorded run shows (generated from its numbers, differences "
+             "counted only beyond two standard deviations over seeds):", ""]
+    lines += [f"- {c}" for c in headline(results)]
+    lines += ["", f"The whole table, every method and each missing modality: [the demo page]({docs_link})."]
+    return "\n".join(lines)
+
+
 def record(json_path: str, readme: str = "README.md", docs: str = DOCS_PAGE) -> list[str]:
-    """Regenerate the README's demo section and docs/demo.md from ``json_path``; returns the paths written."""
+    """Regenerate the README's demo section, docs/demo.md and the "which method when" section of the
+    methods page beside it (docs/methods.md, when it has the markers) from ``json_path``; returns the paths
+    written."""
+    methods_page = os.path.join(os.path.dirname(docs), "methods.md")
     with open(readme) as f:
         text = f.read()
     with open(readme, "w") as f:
@@ -577,4 +594,13 @@ def record(json_path: str, readme: str = "README.md", docs: str = DOCS_PAGE) -> 
     rel = os.path.relpath(os.path.dirname(json_path), os.path.dirname(docs) or ".")
     with open(docs, "w") as f:
         f.write(docs_page(json_path, plot_dir=rel))
-    return [readme, docs]
+    written = [readme, docs]
+    if os.path.exists(methods_page):
+        with open(methods_page) as f:
+            text = f.read()
+        if WHICH_BEGIN in text:
+            link = os.path.relpath(docs, os.path.dirname(methods_page) or ".")
+            with open(methods_page, "w") as f:
+                f.write(_replace_between(text, WHICH_BEGIN, WHICH_END, which_method_section(json_path, link)))
+            written.append(methods_page)
+    return written
