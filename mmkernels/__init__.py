@@ -1,6 +1,7 @@
 """mmkernels: fused kernels and balancers for balanced multimodal learning.
 
-Operators: frm, band_energy, band_ratio, modality_scores, decision_fuse, grad_scale, scale_grads_.
+Operators: frm, band_energy, band_ratio, modality_scores, decision_fuse, grad_scale, scale_grads_,
+update_scale_ (the update mode's multi-tensor pass), group_grad_stats (per-modality gradient dot products).
 Policies: mmkernels.policies. Balancers: mmkernels.balance.
 
 Ops are imported lazily on first use, so ``import mmkernels`` stays cheap and does not import triton.
@@ -9,7 +10,7 @@ from importlib import import_module
 
 from mmkernels._backend import get_backend, set_backend, use_backend
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 # public name -> module that defines it
 _LAZY = {
@@ -26,6 +27,10 @@ _LAZY = {
     "grad_scale_ref": "mmkernels.ops.grad_scale",
     "scale_grads_": "mmkernels.ops.scale_grads",
     "scale_grads_ref_": "mmkernels.ops.scale_grads",
+    "update_scale_": "mmkernels.ops.update_scale",
+    "update_scale_ref_": "mmkernels.ops.update_scale",
+    "group_grad_stats": "mmkernels.ops.group_grad_stats",
+    "group_grad_stats_ref": "mmkernels.ops.group_grad_stats",
     "policies": "mmkernels.policies",
     "balance": "mmkernels.balance",
 }

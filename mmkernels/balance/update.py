@@ -31,9 +31,10 @@ Consequences, stated once:
   stays skipped. Gradient accumulation: the coefficient in force at ``opt.step()`` applies, and the
   balancers that accumulate statistics (as in parameter mode) end their window at the step.
 - Memory: one snapshot per modulated parameter (the size of the encoders' parameters, in their dtype).
-  Time: one copy before the step, one fused ``lerp`` (two reads, one write per element) after it; with GE
-  noise a subtract, :func:`mmkernels.scale_grads_` and an add. No host synchronisation: ``k_m`` stays a
-  0-d tensor on the device.
+  Time: one copy before the step and one pass after it (two reads, one write per element): the extension's
+  multi-tensor ``update_scale_`` on the CPU, ``torch._foreach_lerp_`` on CUDA; with GE noise a subtract,
+  :func:`mmkernels.scale_grads_` and an add. No host synchronisation: ``k_m`` stays a 0-d tensor on the
+  device.
 - DDP: every rank steps identical parameters with identical coefficients (statistics are all-reduced),
   so replicas stay bit-identical. FSDP2: parameters are sharded DTensors; the formula is elementwise and
   is applied to each rank's local shard (GE noise std is then per shard, as in parameter mode).
@@ -61,6 +62,21 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     """The rank-local tensor of an FSDP2/DTensor parameter (elementwise ops act per shard)."""
     to_local = getattr(t, "to_local", None)
     return to_local() if callable(to_local) else t
+
+
+def _fused(taken) -> bool:
+    """Whether the fused ``update_scale_`` serves this step: the extension's CPU kernel (measured on 2× the
+    conv weights of ResNet-18, 22.3M fp32, 2 threads: 28 ms against 193 ms for ``torch._foreach_lerp_``).
+    On CUDA ``_foreach_lerp_`` stays (one multi-tensor launch per dtype in torch) until the extension's CUDA
+    kernel has been validated on a GPU."""
+    from mmkernels import _backend, _ext
+
+    first = next((local[0] for local, _ in taken if local), None)
+    if first is None or first.device.type != "cpu" or _backend.get_backend() == "reference":
+        return False
+    if len({t.device for local, _ in taken for t in local}) != 1:
+        return False
+    return _ext.has_kernel("update_scale_", first.device)
 
 
 class UpdateModulator:
@@ -126,6 +142,12 @@ class UpdateModulator:
             import mmkernels
 
             flags = []
+            if bal.noise is None and _fused(taken):
+                # every modality in one pass of the extension's multi-tensor kernel (θ₀ + k(θ − θ₀) in fp32)
+                groups = [(local, snaps, k) for (local, snaps), k in zip(taken, bal._k) if local]
+                flags.append(mmkernels.update_scale_([g[0] for g in groups], [g[1] for g in groups],
+                                                     [g[2] for g in groups]).any())
+                taken = []
             for (local, snaps), k in zip(taken, bal._k):
                 if not local:
                     continue
