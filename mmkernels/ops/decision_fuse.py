@@ -34,13 +34,12 @@ import dataclasses
 from typing import Optional
 
 import torch
-import triton
-import triton.language as tl
 
 from mmkernels import _tuning
 from mmkernels._backend import skip_dispatch, use_triton
 from mmkernels._common import DifferentiableOp, acc_dtype, cdiv, check_float_tensor, next_pow2
 from mmkernels._common import check_mask as _check_mask_arg
+from mmkernels._triton import tl, triton
 
 __all__ = ["decision_fuse", "decision_fuse_ref"]
 

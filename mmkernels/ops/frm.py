@@ -29,12 +29,11 @@ import dataclasses
 import math
 
 import torch
-import triton
-import triton.language as tl
 
 from mmkernels import _tuning
 from mmkernels._backend import skip_dispatch, use_triton
 from mmkernels._common import BoundedCache, acc_dtype, cdiv, check_float_tensor, check_int, check_number, next_pow2
+from mmkernels._triton import tl, triton
 
 __all__ = ["frm", "frm_ref"]
 

@@ -33,14 +33,13 @@ import dataclasses
 from typing import Optional, Sequence, Union
 
 import torch
-import triton
-import triton.language as tl
 
 from mmkernels import _tuning
 from mmkernels._backend import skip_dispatch, use_triton
 from mmkernels._common import FLOAT_DTYPES, IGNORE_INDEX, BoundedCache, acc_dtype, cdiv, next_pow2
 from mmkernels._common import check_labels as _check_labels_arg
 from mmkernels._common import check_mask as _check_mask_arg
+from mmkernels._triton import tl, triton
 
 __all__ = ["modality_scores", "modality_scores_ref"]
 
