@@ -664,7 +664,7 @@ def test_summary_bars_are_ours_against_the_best_peer_per_device():
                    [{"op": "frm", "shape": "s", "impl": "frm_ref_eager", "median_ms": 2.0},
                     {"op": "frm", "shape": "s", "impl": "mmkernels.frm", "median_ms": 0.5}])})]
     assert report.summary_bars(results) == [("2-core CPU", [("toy 8x8 float32", 4.0, 1.5)]),  # cold, ours, timed
-                                            ("NVIDIA H100 80GB HBM3", [("frm s ", 4.0, None)])]
+                                            ("NVIDIA H100 80GB HBM3", [("frm s", 4.0, None)])]
 
 
 def test_bench_cli_records_elsewhere_without_touching_the_readme(monkeypatch, tmp_path, capsys):

@@ -96,7 +96,9 @@ def load_results(results_dir: str) -> list[tuple[str, dict]]:
 def _device_label(env: dict) -> str:
     if env.get("device") == "cuda":
         return str(env.get("device_name"))
-    return f"{env.get('cpu_count') or env.get('cpu_threads') or '?'}-core CPU"
+    cores, threads = env.get("cpu_count"), env.get("cpu_threads")
+    label = f"{cores or threads or '?'}-core CPU"
+    return label + (f", {threads} thread{'s' if threads > 1 else ''}" if cores and threads and threads != cores else "")
 
 
 # ------------------------------------------------------------------------------------------------ targets
@@ -151,6 +153,15 @@ def _peer_cell(row: dict) -> str:
     return f"{v:.2f} ({row['best_peer']})" if isinstance(v, (int, float)) and row.get("best_peer") else "–"
 
 
+def _case_label(row: dict) -> str:
+    """The row's shape, with its dtype (unless the shape names it) and its pass when fwd+bwd."""
+    dtype = str(row.get("dtype", "")).replace("torch.", "")
+    label = str(row.get("shape"))
+    if dtype and dtype not in label:
+        label += " " + dtype
+    return label + (" fwd+bwd" if row.get("pass") == "fwd+bwd" else "")
+
+
 def target_rows(results: list[tuple[str, dict]]) -> list[dict]:
     """One dict per target with a recorded figure: the issues' targets (:data:`TARGETS`), then "ahead of the
     best PyTorch peer" for every case recorded with a ``target_vs_best_peer`` (1.2× at the balancers'
@@ -175,9 +186,7 @@ def target_rows(results: list[tuple[str, dict]]) -> list[dict]:
             t = row.get("target_vs_best_peer")
             if t is None or row.get("l2") == "warm" or row.get("vs_best_peer") is None:
                 continue
-            dtype = str(row.get("dtype", "")).replace("torch.", "")
-            out.append({"device": _device_label(data["environment"]), "op": row["op"],
-                        "shape": f"{row['shape']} {dtype}" + (" fwd+bwd" if row.get("pass") == "fwd+bwd" else ""),
+            out.append({"device": _device_label(data["environment"]), "op": row["op"], "shape": _case_label(row),
                         "target": f"≥ {t} × best PyTorch peer", "value": row["vs_best_peer"],
                         "met": row["vs_best_peer"] >= t, "peer": _peer_cell(row)})
     return out
@@ -401,8 +410,7 @@ def summary_bars(results: list) -> list[tuple[str, list[tuple[str, float]]]]:
         dev = _device_label(data["environment"])
         for r in data["rows"]:
             if r.get("role") == "ours" and isinstance(r.get("vs_best_peer"), (int, float)) and r.get("l2") != "warm":
-                dtype = str(r.get("dtype", "")).replace("torch.", "")
-                case = f"{r['op']} {r['shape']} {dtype}" + (" fwd+bwd" if r.get("pass") == "fwd+bwd" else "")
+                case = f"{r['op']} {_case_label(r)}"
                 by_device.setdefault(dev, []).append((case, float(r["vs_best_peer"]), r.get("target_vs_best_peer")))
     return list(by_device.items())
 
