@@ -66,7 +66,10 @@ def triton_installed() -> bool:
     if _triton_installed is None:
         import importlib.util
 
-        _triton_installed = importlib.util.find_spec("triton") is not None
+        try:
+            _triton_installed = importlib.util.find_spec("triton") is not None
+        except ImportError:  # a finder that refuses it (as the install test's does)
+            _triton_installed = False
     return _triton_installed
 
 

@@ -7,6 +7,7 @@ modules' kernel sections.
 from __future__ import annotations
 
 import math
+import numbers
 from collections import OrderedDict
 from typing import Any, Callable, Optional
 
@@ -91,8 +92,9 @@ def check_float_tensor(fn: str, name: str, t, *, ndim: Optional[int] = None) -> 
 
 def check_number(fn: str, name: str, value, *, lo: Optional[float] = None, hi: Optional[float] = None,
                  lo_open: bool = False, hi_open: bool = False, finite: bool = True) -> float:
-    """A real Python (or 0-d tensor-free) number, finite unless ``finite=False``, within the given bounds."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    """A real Python or NumPy number (not a bool, not a tensor), finite unless ``finite=False``, within the
+    given bounds (a hyper-parameter, checked on the host)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{fn}: {name} must be a real number, got {type(value).__name__} {value!r}")
     v = float(value)
     if math.isnan(v) or (finite and math.isinf(v)):

@@ -21,23 +21,10 @@ import numbers
 
 import torch
 
+from mmkernels._common import check_number as _number
+
 __all__ = ["ogm_ge", "pdmp", "mwam_update_bank", "mwam", "MWAM_PRESETS", "decision_weights", "decision_scale",
            "ema"]
-
-
-def _number(fn: str, name: str, value, *, lo: float | None = None, hi: float | None = None,
-            lo_open: bool = False, hi_open: bool = False) -> float:
-    """A finite real Python/NumPy number within the bounds (a hyper-parameter, checked on the host)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{fn}: {name} must be a real number, got {type(value).__name__} {value!r}")
-    v = float(value)
-    if not math.isfinite(v):
-        raise ValueError(f"{fn}: {name} must be a finite number, got {value!r}")
-    if lo is not None and (v < lo or (lo_open and v == lo)):
-        raise ValueError(f"{fn}: {name} must be {'>' if lo_open else '>='} {lo}, got {value!r}")
-    if hi is not None and (v > hi or (hi_open and v == hi)):
-        raise ValueError(f"{fn}: {name} must be {'<' if hi_open else '<='} {hi}, got {value!r}")
-    return v
 
 
 def _as_float(t, name: str, fn: str = "policies") -> torch.Tensor:

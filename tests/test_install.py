@@ -209,9 +209,7 @@ def test_import_and_reference_paths_work_without_triton(without_triton):
     assert r["PDMP"] == pytest.approx([1.2, 0.8])
 
 
-@pytest.mark.xfail(reason="mmkernels/ops/frm.py, modality_scores.py, decision_fuse.py and band_energy/ import triton "
-                          "at module level, so these ops (and OGMGE, MWAM, DecisionLevel) fail without triton even on "
-                          "CPU tensors", strict=False)
 @pytest.mark.parametrize("op", ["frm", "band_ratio", "decision_fuse", "modality_scores", "OGMGE"])
-def test_triton_importing_ops_without_triton(without_triton, op):
+def test_ops_with_kernels_work_without_triton(without_triton, op):
+    # the op modules take triton from mmkernels._triton, whose stand-in leaves the kernels defined
     assert not str(without_triton[op]).startswith("ImportError"), without_triton[op]

@@ -326,29 +326,20 @@ def test_works_with_a_model_compiled_and_run_before_the_balancer():
     torch.testing.assert_close(_flat(net.a) - before, k * (_flat(ref.a) - ref_before), rtol=1e-6, atol=1e-12)
 
 
-def test_outside_the_epoch_window_the_step_is_untouched():
-    ref = _run(lambda ps: torch.optim.Adam(ps, lr=1e-2), balance=False, steps=1)[0]
+@pytest.mark.parametrize("case", ["outside_epoch_window", "removed"])
+def test_step_untouched_outside_the_window_or_after_remove(case):
+    make = lambda ps: torch.optim.Adam(ps, lr=1e-2)  # noqa: E731
+    ref = _run(make, balance=False, steps=1)[0]
     torch.manual_seed(0)
     net = Net()
-    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
-    bal = _pdmp(net, opt, epochs=(1, None))
-    bal.step(epoch=0)
-    before = _flat(net.a)
-    xa, xv, y = _batch(0)
-    opt.zero_grad()
-    F.cross_entropy(net(xa, xv), y).backward()
-    opt.step()
-    assert torch.equal(_flat(net.a) - before, ref[0])
-
-
-def test_remove_detaches_the_hooks():
-    ref = _run(lambda ps: torch.optim.SGD(ps, lr=0.1), balance=False, steps=1)[0]
-    torch.manual_seed(0)
-    net = Net()
-    opt = torch.optim.SGD(net.parameters(), lr=0.1)
-    bal = _pdmp(net, opt)
-    bal.step()
-    bal.remove()
+    opt = make(net.parameters())
+    if case == "outside_epoch_window":
+        bal = _pdmp(net, opt, epochs=(1, None))
+        bal.step(epoch=0)
+    else:
+        bal = _pdmp(net, opt)
+        bal.step()
+        bal.remove()
     before = _flat(net.a)
     xa, xv, y = _batch(0)
     opt.zero_grad()
