@@ -189,23 +189,27 @@ stage_warm() {
   scratch=/tmp/mmk_warm  # global: the EXIT trap reads it after the function has returned
   local ops op n ok=() rc=0 all f
   rm -rf "$scratch"; mkdir -p "$scratch/keep"
-  # a bench run regenerates the README and docs tables from its --out: put back the checkout's own copies
-  for f in README.md docs/benchmarks.md; do [ -f "$f" ] && cp -p "$f" "$scratch/keep/${f//\//_}"; done
-  restore() { for f in README.md docs/benchmarks.md; do [ -f "$scratch/keep/${f//\//_}" ] && cp -p "$scratch/keep/${f//\//_}" "$f"; done; }
+  # A full bench run regenerates the README and docs tables from its --out: put the checkout's own copies
+  # back. Only on the device: the dry-run's --quick benches write nothing, and here others edit these files.
+  restore() { :; }
+  if [ "$DRY" != 1 ]; then
+    for f in README.md docs/benchmarks.md; do [ -f "$f" ] && cp -p "$f" "$scratch/keep/${f//\//_}"; done
+    restore() { for f in README.md docs/benchmarks.md; do [ -f "$scratch/keep/${f//\//_}" ] && cp -p "$scratch/keep/${f//\//_}" "$f"; done; }
+  fi
   trap restore EXIT
   trap 'restore; exit 124' TERM
   all=$("$PY" -c "from mmkernels.bench.tune import OPS; print(*OPS)") || all=""
   [ "$DRY" = 1 ] && all=${DRY_TUNE_OPS:-modality_scores}
   if [ -n "$all" ]; then
     sub $(($(left) / 2)) "$PY" -u -m mmkernels tune --ops "${all// /,}" --device "$DEV" $TUNE_EXTRA \
-      --out "$scratch" --table "$scratch/table.json" && ok+=(tune) || rc=$?
+      --out "$scratch" --table "$scratch/table.json" && ok+=("tune ${all// /,};") || rc=$?
   fi
   all=$(bench_cases) || return 1
   [ "$DRY" = 1 ] && all=${DRY_BENCH_OPS:-modality_scores}
   mapfile -t ops < <(ordered "frm band_energy modality_scores decision_fuse scale_grads" $all)
   n=${#ops[@]}
   for op in "${ops[@]}"; do
-    sub "$(share "$n")" bash -c 'bench_call "$@"' _ "$op" --device "$DEV" $BENCH_EXTRA --out "$scratch" && ok+=("$op")
+    sub "$(share "$n")" bash -c 'bench_call "$@"' _ "$op" --device "$DEV" $BENCH_EXTRA --out "$scratch" && ok+=("bench $op;")
     n=$((n - 1))
   done
   note "compiled ahead (timings discarded): ${ok[*]:-nothing to the end}"
