@@ -450,3 +450,48 @@ def test_activation_mode_repairs_a_model_compiled_before_it_and_says_so():
     g3, msgs3 = step()  # recompiled with the hooks: the activation path, no repair
     torch.testing.assert_close(g3, 0.5 * g)
     assert not msgs3
+
+
+def _fsdp_worker(rank, world, port, out_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        from torch.distributed.fsdp import fully_shard
+
+        out = {}
+        for balance in (False, True):
+            torch.manual_seed(0)
+            net = Net()
+            fully_shard(net.a)
+            fully_shard(net.v)
+            fully_shard(net)
+            opt = torch.optim.AdamW(net.parameters(), lr=1e-2)
+            bal = _pdmp(net, opt) if balance else None
+            changes = []
+            for step in range(2):
+                xa, xv, y = (t[rank * 8:(rank + 1) * 8] for t in _batch(step))
+                before = [p.detach().full_tensor() for p in net.a.parameters()]
+                if bal is not None:
+                    bal.step()
+                opt.zero_grad()
+                F.cross_entropy(net(xa, xv), y).backward()
+                opt.step()
+                changes.append(torch.cat([(p.detach().full_tensor() - b).flatten()
+                                          for p, b in zip(net.a.parameters(), before)]))
+            out["update" if balance else "plain"] = changes
+        torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fsdp2_update_mode_scales_the_sharded_update():
+    pytest.importorskip("torch.distributed.fsdp")
+    with tempfile.TemporaryDirectory() as d:
+        mp.start_processes(_fsdp_worker, args=(2, _free_port(), d), nprocs=2, join=True, start_method="spawn")
+        r0, r1 = (torch.load(os.path.join(d, f"rank{r}.pt")) for r in (0, 1))
+    assert all(torch.equal(a, b) for a, b in zip(r0["update"], r1["update"])), "ranks differ"
+    k = torch.tensor(K_A, dtype=torch.float32).double()
+    # the first step starts from the same state in both runs: exactly k x the optimizer's change
+    rel = (r0["update"][0] - k * r0["plain"][0]).norm() / (k * r0["plain"][0]).norm()
+    assert rel < 1e-5, f"FSDP2: relative error {rel:.2e}"
