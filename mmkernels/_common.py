@@ -216,3 +216,46 @@ class DifferentiableOp:
         if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in inputs):
             return self._eager.apply(*inputs)
         return self.forward(*inputs)
+
+
+def flatten_paired_groups(fn: str, names: tuple[str, str], a, b, fix: str):
+    """Two lists of tensor groups (one group per modality encoder) that pair up tensor by tensor: checks
+    every tensor (dense, floating, one device, same shape and dtype as its partner) before anything runs and
+    returns ``(flat_a, flat_b, group_index, num_groups, device)`` (``device`` None when there is no tensor).
+    ``fix`` ends the message of a mismatched pair (how to build the second list)."""
+    def groups_of(arg, value):
+        if isinstance(value, torch.Tensor) or not isinstance(value, (list, tuple)):
+            raise TypeError(f"{fn}: {arg} must be a list of groups (lists of tensors), got {type(value).__name__}")
+        for g, grp in enumerate(value):
+            if isinstance(grp, torch.Tensor) or not isinstance(grp, (list, tuple)):
+                raise TypeError(f"{fn}: {arg}[{g}] must be a list of tensors (one group), got {type(grp).__name__}")
+        return [list(grp) for grp in value]
+
+    na, nb = names
+    a, b = groups_of(na, a), groups_of(nb, b)
+    if len(a) != len(b):
+        raise ValueError(f"{fn}: {na} has {len(a)} groups but {nb} has {len(b)}")
+    flat_a, flat_b, group, device = [], [], [], None
+    for g, (ga, gb) in enumerate(zip(a, b)):
+        if len(ga) != len(gb):
+            raise ValueError(f"{fn}: {na}[{g}] has {len(ga)} tensors but {nb}[{g}] has {len(gb)}")
+        for j, (x, y) in enumerate(zip(ga, gb)):
+            for arg, t in ((na, x), (nb, y)):
+                if not isinstance(t, torch.Tensor):
+                    raise TypeError(f"{fn}: {arg}[{g}][{j}] is {type(t).__name__}, not a tensor")
+                if t.layout != torch.strided:
+                    raise TypeError(f"{fn}: {arg}[{g}][{j}] is a sparse tensor ({t.layout}); pass dense tensors")
+                if t.dtype not in FLOAT_DTYPES:
+                    raise TypeError(f"{fn}: {arg}[{g}][{j}] has dtype {t.dtype}; supported are float32, float16, "
+                                    "bfloat16, float64")
+                device = t.device if device is None else device
+                if t.device != device:
+                    raise ValueError(f"{fn}: {arg}[{g}][{j}] is on {t.device} but the first tensor is on {device}; "
+                                     "call once per device")
+            if x.shape != y.shape or x.dtype != y.dtype:
+                raise ValueError(f"{fn}: {nb}[{g}][{j}] is {y.dtype} {tuple(y.shape)} but {na}[{g}][{j}] is "
+                                 f"{x.dtype} {tuple(x.shape)}; {fix}")
+            flat_a.append(x)
+            flat_b.append(y)
+            group.append(g)
+    return flat_a, flat_b, group, len(a), device

@@ -85,9 +85,9 @@ def _released_ogm_ge_modulation(model, a, v, y, alpha=0.8):
                            a, v, y, alpha)
 
 
-def _cases(cfg: dict, device: str):
-    from mmkernels.balance import MWAM, OGMGE, PDMP, DecisionLevel, split_linear_head
-
+def setup(cfg: dict, device: str, make_optimizer):
+    """The step every case shares: the data, a ``fresh()`` copy of one initial model with its optimizer, and
+    the ``baseline`` case (no balancing). Returns ``(xa, xv, y, fresh, cases)``."""
     torch.manual_seed(0)
     base_model = AVNet(cfg["c"], cfg["K"]).to(device)
     g = torch.Generator(device="cpu").manual_seed(1)
@@ -97,9 +97,7 @@ def _cases(cfg: dict, device: str):
 
     def fresh():
         m = copy.deepcopy(base_model)
-        return m, torch.optim.SGD(m.parameters(), lr=1e-3, momentum=0.9, weight_decay=1e-4)
-
-    cases, added = {}, {}
+        return m, make_optimizer(m.parameters())
 
     m, opt = fresh()
 
@@ -109,7 +107,15 @@ def _cases(cfg: dict, device: str):
         F.cross_entropy(out, y).backward()
         opt.step()
 
-    cases["baseline"] = baseline
+    return xa, xv, y, fresh, {"baseline": baseline}
+
+
+def _cases(cfg: dict, device: str):
+    from mmkernels.balance import MWAM, OGMGE, PDMP, DecisionLevel, split_linear_head
+
+    xa, xv, y, fresh, cases = setup(cfg, device,
+                                    lambda ps: torch.optim.SGD(ps, lr=1e-3, momentum=0.9, weight_decay=1e-4))
+    added = {}
 
     def register(name, bal_step, m, opt, bal):
         def run():

@@ -9,40 +9,21 @@ one real step: ``step()`` + ``after_backward()``, and for the update mode the sn
 """
 from __future__ import annotations
 
-import copy
 import warnings
 
 import torch
 from torch.nn import functional as F
 
-from mmkernels.bench.bench_overhead import AVNet, _config, _interleaved
+from mmkernels.bench.bench_overhead import _config, _interleaved, setup
 from mmkernels.bench.harness import time_interleaved
 
 
 def _cases(cfg: dict, device: str):
     from mmkernels.balance import MWAM, OGMGE, PDMP, split_linear_head
 
-    torch.manual_seed(0)
-    base_model = AVNet(cfg["c"], cfg["K"]).to(device)
-    g = torch.Generator(device="cpu").manual_seed(1)
-    xa = torch.randn(cfg["B"], 1, cfg["S"], cfg["S"], generator=g).to(device)
-    xv = torch.randn(cfg["B"], 3, cfg["S"], cfg["S"], generator=g).to(device)
-    y = torch.randint(0, cfg["K"], (cfg["B"],), generator=g).to(device)
-
-    def fresh():
-        m = copy.deepcopy(base_model)
-        return m, torch.optim.AdamW(m.parameters(), lr=1e-3, weight_decay=1e-2, foreach=True)
-
-    cases, added = {}, {}
-    m, opt = fresh()
-
-    def baseline(m=m, opt=opt):
-        opt.zero_grad()
-        out, _, _ = m(xa, xv)
-        F.cross_entropy(out, y).backward()
-        opt.step()
-
-    cases["baseline"] = baseline
+    xa, xv, y, fresh, cases = setup(cfg, device,
+                                    lambda ps: torch.optim.AdamW(ps, lr=1e-3, weight_decay=1e-2, foreach=True))
+    added = {}
 
     methods = {
         "OGMGE": (lambda m, mode, opt: OGMGE({"audio": m.audio, "visual": m.visual}, alpha=0.8, mode=mode,

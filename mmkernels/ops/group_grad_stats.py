@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from mmkernels import _backend, _ext
-from mmkernels._common import FLOAT_DTYPES, skip_dispatch
+from mmkernels._common import flatten_paired_groups, skip_dispatch
 
 __all__ = ["group_grad_stats", "group_grad_stats_ref"]
 
@@ -68,48 +68,16 @@ def _(a, b, group, num_groups, device):
 # public API
 # ----------------------------------------------------------------------------------------------------------
 def _prepare(name, a, b, device):
-    def groups_of(arg, value):
-        if isinstance(value, torch.Tensor) or not isinstance(value, (list, tuple)):
-            raise TypeError(f"{name}: {arg} must be a list of groups (lists of tensors), got {type(value).__name__}")
-        for g, grp in enumerate(value):
-            if isinstance(grp, torch.Tensor) or not isinstance(grp, (list, tuple)):
-                raise TypeError(f"{name}: {arg}[{g}] must be a list of tensors (one group), got {type(grp).__name__}")
-        return [list(grp) for grp in value]
-
-    a, b = groups_of("a", a), groups_of("b", b)
-    if len(a) != len(b):
-        raise ValueError(f"{name}: a has {len(a)} groups but b has {len(b)}")
-    if len(a) == 0:
+    flat_a, flat_b, group, num_groups, dev = flatten_paired_groups(
+        name, ("a", "b"), a, b, "pair each gradient with the same parameter's other gradient")
+    if num_groups == 0:
         raise ValueError(f"{name}: a and b must hold at least one group")
-    flat_a, flat_b, group = [], [], []
-    dev = None
-    for g, (ga, gb) in enumerate(zip(a, b)):
-        if len(ga) != len(gb):
-            raise ValueError(f"{name}: a[{g}] has {len(ga)} tensors but b[{g}] has {len(gb)}")
-        for j, (x, y) in enumerate(zip(ga, gb)):
-            for arg, t in (("a", x), ("b", y)):
-                if not isinstance(t, torch.Tensor):
-                    raise TypeError(f"{name}: {arg}[{g}][{j}] is {type(t).__name__}, not a tensor")
-                if t.layout != torch.strided:
-                    raise TypeError(f"{name}: {arg}[{g}][{j}] is a sparse tensor ({t.layout}); pass dense tensors")
-                if t.dtype not in FLOAT_DTYPES:
-                    raise TypeError(f"{name}: {arg}[{g}][{j}] has dtype {t.dtype}; supported are float32, float16, "
-                                    "bfloat16, float64")
-                dev = t.device if dev is None else dev
-                if t.device != dev:
-                    raise ValueError(f"{name}: {arg}[{g}][{j}] is on {t.device} but the first tensor is on {dev}")
-            if x.shape != y.shape or x.dtype != y.dtype:
-                raise ValueError(f"{name}: b[{g}][{j}] is {y.dtype} {tuple(y.shape)} but a[{g}][{j}] is {x.dtype} "
-                                 f"{tuple(x.shape)}; pair each gradient with the same parameter's other gradient")
-            flat_a.append(x)
-            flat_b.append(y)
-            group.append(g)
     if device is not None:
         device = torch.device(device)
         if dev is not None and device != dev:
             raise ValueError(f"{name}: device={device} but the tensors are on {dev}")
     device = dev if dev is not None else (device if device is not None else torch.device("cpu"))
-    return flat_a, flat_b, group, len(a), device
+    return flat_a, flat_b, group, num_groups, device
 
 
 def group_grad_stats(a, b, device=None) -> torch.Tensor:

@@ -28,7 +28,7 @@ from typing import Optional, Sequence
 import torch
 
 from mmkernels import _backend, _ext
-from mmkernels._common import FLOAT_DTYPES, acc_dtype, skip_dispatch
+from mmkernels._common import acc_dtype, flatten_paired_groups, skip_dispatch
 from mmkernels.ops.scale_grads import _check_memory
 
 __all__ = ["update_scale_", "update_scale_ref_"]
@@ -85,48 +85,17 @@ def _(params, snapshots, coeffs, group):
 # public API
 # ----------------------------------------------------------------------------------------------------------
 def _prepare(name, params, snapshots, coeffs):
-    def groups_of(arg, value):
-        if isinstance(value, torch.Tensor) or not isinstance(value, (list, tuple)):
-            raise TypeError(f"{name}: {arg} must be a list of groups (lists of tensors), got {type(value).__name__}")
-        for g, grp in enumerate(value):
-            if isinstance(grp, torch.Tensor) or not isinstance(grp, (list, tuple)):
-                raise TypeError(f"{name}: {arg}[{g}] must be a list of tensors (one group), got {type(grp).__name__}")
-        return [list(grp) for grp in value]
-
-    params, snapshots = groups_of("params", params), groups_of("snapshots", snapshots)
-    if len(snapshots) != len(params):
-        raise ValueError(f"{name}: {len(params)} parameter groups but {len(snapshots)} snapshot groups")
-    flat_p, flat_s, group, labels = [], [], [], []
-    device = None
-    for g, (gp, gs) in enumerate(zip(params, snapshots)):
-        if len(gp) != len(gs):
-            raise ValueError(f"{name}: params[{g}] has {len(gp)} tensors but snapshots[{g}] has {len(gs)}")
-        for j, (p, s) in enumerate(zip(gp, gs)):
-            for arg, t in (("params", p), ("snapshots", s)):
-                if not isinstance(t, torch.Tensor):
-                    raise TypeError(f"{name}: {arg}[{g}][{j}] is {type(t).__name__}, not a tensor")
-                if t.layout != torch.strided:
-                    raise TypeError(f"{name}: {arg}[{g}][{j}] is a sparse tensor ({t.layout}); pass dense tensors")
-                if t.dtype not in FLOAT_DTYPES:
-                    raise TypeError(f"{name}: {arg}[{g}][{j}] has dtype {t.dtype}; supported are float32, float16, "
-                                    "bfloat16, float64")
-                device = t.device if device is None else device
-                if t.device != device:
-                    raise ValueError(f"{name}: {arg}[{g}][{j}] is on {t.device} but the first tensor is on {device}; "
-                                     "call once per device")
-            if s.shape != p.shape or s.dtype != p.dtype:
-                raise ValueError(f"{name}: snapshots[{g}][{j}] is {s.dtype} {tuple(s.shape)} but params[{g}][{j}] is "
-                                 f"{p.dtype} {tuple(p.shape)}; snapshot each parameter with p.detach().clone()")
-            if p.requires_grad and torch.is_grad_enabled():
-                raise ValueError(f"{name}: params[{g}][{j}] requires grad; call update_scale_ under torch.no_grad() "
-                                 "(as the optimizer step runs)")
-            flat_p.append(p)
-            flat_s.append(s)
-            group.append(g)
-            labels.append(f"params[{g}][{j}]")
+    flat_p, flat_s, group, num_groups, device = flatten_paired_groups(
+        name, ("params", "snapshots"), params, snapshots, "snapshot each parameter with p.detach().clone()")
+    labels, j, prev = [], 0, None
+    for p, g in zip(flat_p, group):
+        j, prev = (j + 1 if g == prev else 0), g  # index of p inside its group, for the messages
+        if p.requires_grad and torch.is_grad_enabled():
+            raise ValueError(f"{name}: params[{g}][{j}] requires grad; call update_scale_ under torch.no_grad() "
+                             "(as the optimizer step runs)")
+        labels.append(f"params[{g}][{j}]")
     if not torch.compiler.is_compiling():
         _check_memory(name, flat_p, labels)
-    num_groups = len(params)
     dev = device if device is not None else torch.device("cpu")
     if isinstance(coeffs, torch.Tensor):
         if coeffs.dim() != 1 or coeffs.numel() != num_groups:
