@@ -11,3 +11,36 @@ def assert_close(actual, expected, rtol, atol, what=""):
         idx = bad.nonzero()[:5].tolist()
         detail = ", ".join(f"{tuple(i)}: got {actual[tuple(i)].item():.6g} want {expected[tuple(i)].item():.6g}" for i in idx)
         raise AssertionError(f"{what} mismatch in {int(bad.sum())}/{bad.numel()} elements (rtol={rtol}, atol={atol}); first: {detail}")
+
+
+def _rank_main(rank, world, port, out_dir, worker, args):
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)  # two ranks on a small CPU: oversubscribed threads only slow them down
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.save(worker(rank, world, *args), os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def run_on_ranks(worker, *args, world: int = 2) -> list:
+    """Run ``worker(rank, world, *args)`` in ``world`` spawned CPU processes inside one gloo process group;
+    returns what each rank's call returned (saved with torch.save), in rank order. ``worker`` must be a
+    module-level function (spawn pickles it)."""
+    import os
+    import socket
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with tempfile.TemporaryDirectory() as out_dir:
+        mp.start_processes(_rank_main, args=(world, port, out_dir, worker, args), nprocs=world, join=True,
+                           start_method="spawn")
+        return [torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in range(world)]

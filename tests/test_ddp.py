@@ -15,26 +15,16 @@ What is checked:
   parameter is a DTensor shard); the coefficient is exact but the GE noise std is per shard, not per full
   tensor as in the released code, and it is not tested here.
 """
-import os
-import socket
-import tempfile
-
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 from torch.nn import functional as F
+
+from tests.helpers import run_on_ranks
 
 K = 4
 B_GLOBAL = 16
 STEPS = 3
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Net(nn.Module):
@@ -97,41 +87,32 @@ def _full_params(model):
     return out
 
 
-def _worker(rank, world, port, outdir):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        results = {}
-        for method in ("ogm_param_ge", "ogm_act", "mwam"):
-            torch.manual_seed(0)
-            net = Net()
-            ddp = nn.parallel.DistributedDataParallel(net)
-            coeffs = _train(ddp, net, method, rank, world)
-            results[method] = {"params": _full_params(net), "coeffs": coeffs}
-        try:  # FSDP2 on CPU/gloo, activation mode
-            from torch.distributed.fsdp import fully_shard
+def _worker(rank, world):
+    results = {}
+    for method in ("ogm_param_ge", "ogm_act", "mwam"):
+        torch.manual_seed(0)
+        net = Net()
+        ddp = nn.parallel.DistributedDataParallel(net)
+        coeffs = _train(ddp, net, method, rank, world)
+        results[method] = {"params": _full_params(net), "coeffs": coeffs}
+    try:  # FSDP2 on CPU/gloo, activation mode
+        from torch.distributed.fsdp import fully_shard
 
-            torch.manual_seed(0)
-            net = Net()
-            fully_shard(net.audio)
-            fully_shard(net.visual)
-            fully_shard(net)
-            coeffs = _train(net, net, "ogm_act", rank, world)
-            results["fsdp_ogm_act"] = {"params": _full_params(net), "coeffs": coeffs}
-        except Exception as exc:  # noqa: BLE001 - reported to the test, which decides
-            results["fsdp_error"] = f"{type(exc).__name__}: {exc}"
-        torch.save(results, os.path.join(outdir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+        torch.manual_seed(0)
+        net = Net()
+        fully_shard(net.audio)
+        fully_shard(net.visual)
+        fully_shard(net)
+        coeffs = _train(net, net, "ogm_act", rank, world)
+        results["fsdp_ogm_act"] = {"params": _full_params(net), "coeffs": coeffs}
+    except Exception as exc:  # noqa: BLE001 - reported to the test, which decides
+        results["fsdp_error"] = f"{type(exc).__name__}: {exc}"
+    return results
 
 
 @pytest.fixture(scope="module")
 def ddp_results():
-    world = 2
-    with tempfile.TemporaryDirectory() as outdir:
-        mp.spawn(_worker, args=(world, _free_port(), outdir), nprocs=world, join=True)
-        ranks = [torch.load(os.path.join(outdir, f"rank{r}.pt")) for r in range(world)]
+    ranks = run_on_ranks(_worker)
     single = {}
     for method in ("ogm_param_ge", "ogm_act", "mwam"):
         torch.manual_seed(0)

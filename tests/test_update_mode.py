@@ -4,19 +4,15 @@ The reference is always the same training run without a balancer (torch's own op
 encoder's parameter change must be exactly ``k`` times the unmodulated one from the same state.
 """
 import copy
-import os
-import socket
-import tempfile
 import warnings
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 from torch.nn import functional as F
 
 from mmkernels.balance import MWAM, OGMGE, PDMP
+from tests.helpers import run_on_ranks
 
 K_A = 0.3  # PDMP below: modality "a" is the weaker one -> gamma_rest
 
@@ -380,41 +376,27 @@ def test_mwam_gradient_apply_accepts_update_mode():
 
 
 # ------------------------------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _ddp_worker(rank, world, port, out_dir):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        torch.manual_seed(0)
-        net = Net()
-        model = nn.parallel.DistributedDataParallel(net)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-        bal = OGMGE({"a": net.a, "v": net.v}, alpha=0.8, mode="update", optimizer=opt, noise="ge", seed=7)
-        coeffs = []
-        for step in range(3):
-            xa, xv, y = (t[rank * 8:(rank + 1) * 8] for t in _batch(step))
-            with torch.no_grad():
-                la = torch.tanh(net.a(xa)) @ net.head.weight[:, :4].t()
-                lv = torch.tanh(net.v(xv)) @ net.head.weight[:, 4:].t()
-            coeffs.append(bal.step(logits={"a": la, "v": lv}, labels=y).clone())
-            opt.zero_grad()
-            F.cross_entropy(model(xa, xv), y).backward()
-            opt.step()
-        torch.save({"params": [p.detach() for p in net.parameters()], "coeffs": coeffs},
-                   os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+def _ddp_worker(rank, world):
+    torch.manual_seed(0)
+    net = Net()
+    model = nn.parallel.DistributedDataParallel(net)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    bal = OGMGE({"a": net.a, "v": net.v}, alpha=0.8, mode="update", optimizer=opt, noise="ge", seed=7)
+    coeffs = []
+    for step in range(3):
+        xa, xv, y = (t[rank * 8:(rank + 1) * 8] for t in _batch(step))
+        with torch.no_grad():
+            la = torch.tanh(net.a(xa)) @ net.head.weight[:, :4].t()
+            lv = torch.tanh(net.v(xv)) @ net.head.weight[:, 4:].t()
+        coeffs.append(bal.step(logits={"a": la, "v": lv}, labels=y).clone())
+        opt.zero_grad()
+        F.cross_entropy(model(xa, xv), y).backward()
+        opt.step()
+    return {"params": [p.detach() for p in net.parameters()], "coeffs": coeffs}
 
 
 def test_ddp_two_ranks_stay_bit_identical():
-    with tempfile.TemporaryDirectory() as d:
-        mp.start_processes(_ddp_worker, args=(2, _free_port(), d), nprocs=2, join=True, start_method="spawn")
-        r0, r1 = (torch.load(os.path.join(d, f"rank{r}.pt")) for r in (0, 1))
+    r0, r1 = run_on_ranks(_ddp_worker)
     assert all(torch.equal(a, b) for a, b in zip(r0["params"], r1["params"]))
     assert all(torch.equal(a, b) for a, b in zip(r0["coeffs"], r1["coeffs"]))
     assert any((c < 1).any() for c in r0["coeffs"]), "OGM-GE never modulated: the test would prove nothing"
@@ -452,44 +434,36 @@ def test_activation_mode_repairs_a_model_compiled_before_it_and_says_so():
     assert not msgs3
 
 
-def _fsdp_worker(rank, world, port, out_dir):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        from torch.distributed.fsdp import fully_shard
+def _fsdp_worker(rank, world):
+    from torch.distributed.fsdp import fully_shard
 
-        out = {}
-        for balance in (False, True):
-            torch.manual_seed(0)
-            net = Net()
-            fully_shard(net.a)
-            fully_shard(net.v)
-            fully_shard(net)
-            opt = torch.optim.AdamW(net.parameters(), lr=1e-2)
-            bal = _pdmp(net, opt) if balance else None
-            changes = []
-            for step in range(2):
-                xa, xv, y = (t[rank * 8:(rank + 1) * 8] for t in _batch(step))
-                before = [p.detach().full_tensor() for p in net.a.parameters()]
-                if bal is not None:
-                    bal.step()
-                opt.zero_grad()
-                F.cross_entropy(net(xa, xv), y).backward()
-                opt.step()
-                changes.append(torch.cat([(p.detach().full_tensor() - b).flatten()
-                                          for p, b in zip(net.a.parameters(), before)]))
-            out["update" if balance else "plain"] = changes
-        torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+    out = {}
+    for balance in (False, True):
+        torch.manual_seed(0)
+        net = Net()
+        fully_shard(net.a)
+        fully_shard(net.v)
+        fully_shard(net)
+        opt = torch.optim.AdamW(net.parameters(), lr=1e-2)
+        bal = _pdmp(net, opt) if balance else None
+        changes = []
+        for step in range(2):
+            xa, xv, y = (t[rank * 8:(rank + 1) * 8] for t in _batch(step))
+            before = [p.detach().full_tensor() for p in net.a.parameters()]
+            if bal is not None:
+                bal.step()
+            opt.zero_grad()
+            F.cross_entropy(net(xa, xv), y).backward()
+            opt.step()
+            changes.append(torch.cat([(p.detach().full_tensor() - b).flatten()
+                                      for p, b in zip(net.a.parameters(), before)]))
+        out["update" if balance else "plain"] = changes
+    return out
 
 
 def test_fsdp2_update_mode_scales_the_sharded_update():
     pytest.importorskip("torch.distributed.fsdp")
-    with tempfile.TemporaryDirectory() as d:
-        mp.start_processes(_fsdp_worker, args=(2, _free_port(), d), nprocs=2, join=True, start_method="spawn")
-        r0, r1 = (torch.load(os.path.join(d, f"rank{r}.pt")) for r in (0, 1))
+    r0, r1 = run_on_ranks(_fsdp_worker)
     assert all(torch.equal(a, b) for a, b in zip(r0["update"], r1["update"])), "ranks differ"
     k = torch.tensor(K_A, dtype=torch.float32).double()
     # the first step starts from the same state in both runs: exactly k x the optimizer's change
