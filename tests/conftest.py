@@ -43,3 +43,14 @@ def backend(request):
     with mmkernels.use_backend(request.param):
         yield request.param
 
+
+
+@pytest.fixture(params=["extension", "reference"])
+def path(request):
+    """Multi-tensor ops: run a test with the compiled extension's kernels, then with the PyTorch reference."""
+    from mmkernels import _ext
+
+    if request.param == "extension" and _ext.load() is None:
+        pytest.skip(f"mmkernels._C not built: {_ext.why_missing()}")
+    with mmkernels.use_backend("auto" if request.param == "extension" else "reference"):
+        yield request.param

@@ -15,12 +15,6 @@ HAS_EXT = _ext.load() is not None
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 
 
-@pytest.fixture(params=["extension", "reference"])
-def path(request):
-    if request.param == "extension" and not HAS_EXT:
-        pytest.skip(f"mmkernels._C not built: {_ext.why_missing()}")
-    with mmkernels.use_backend("auto" if request.param == "extension" else "reference"):
-        yield request.param
 
 
 SHAPES = [(3, 5, 3, 3), (7,), (1,), (257, 129), (2, 0, 3), (65536 + 13,)]

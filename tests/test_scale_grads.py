@@ -10,16 +10,9 @@ from mmkernels.ops import scale_grads as sg
 from tests.oracles import scaled as _expected_scaled
 
 HAS_EXT = _ext.load() is not None
-PATHS = ["extension", "reference"]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 
 
-@pytest.fixture(params=PATHS)
-def path(request):
-    if request.param == "extension" and not HAS_EXT:
-        pytest.skip(f"mmkernels._C not built: {_ext.why_missing()}")
-    with mmkernels.use_backend("auto" if request.param == "extension" else "reference"):
-        yield request.param
 
 
 def _grads(dtype, device="cpu"):

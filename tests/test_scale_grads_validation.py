@@ -12,12 +12,6 @@ from mmkernels import _ext
 HAS_EXT = _ext.load() is not None
 
 
-@pytest.fixture(params=["extension", "reference"])
-def path(request):
-    if request.param == "extension" and not HAS_EXT:
-        pytest.skip(f"mmkernels._C not built: {_ext.why_missing()}")
-    with mmkernels.use_backend("auto" if request.param == "extension" else "reference"):
-        yield request.param
 
 
 def _expect_unchanged(tensors, call, exc, match, gen=None):

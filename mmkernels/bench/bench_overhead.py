@@ -207,9 +207,9 @@ def _interleaved(cases: dict, rounds: int) -> dict:
     return {name: summarize(ts) for name, ts in times.items()}
 
 
-def run(device: str, quick: bool) -> list[dict]:
-    cfg = _config(device, quick)
-    cases, added = _cases(cfg, device)
+def time_cases(op: str, shape: str, cases: dict, added: dict, device: str, quick: bool) -> list[dict]:
+    """Time whole steps (``cases``) and the balancers' added work alone (``added``), interleaved; one row per
+    case with its overhead over ``baseline``."""
     threads = torch.get_num_threads()
     if device == "cuda":
         timed = time_interleaved(cases, device, quick)
@@ -224,11 +224,10 @@ def run(device: str, quick: bool) -> list[dict]:
             extra = _interleaved(added, rounds=6 if quick else 30)
         finally:
             torch.set_num_threads(threads)
-    shape = f"B={cfg['B']} S={cfg['S']} c={cfg['c']} K={cfg['K']}"
     base = timed["baseline"]["median_ms"]
     rows = []
     for name, t in timed.items():
-        row = {"op": "overhead", "shape": shape, "impl": name, "device": device, **t,
+        row = {"op": op, "shape": shape, "impl": name, "device": device, **t,
                "threads": 1 if device == "cpu" else threads}
         row["overhead_pct"] = 100.0 * (t["median_ms"] - base) / base
         row["speedup_vs_baseline"] = base / t["median_ms"]
@@ -237,3 +236,10 @@ def run(device: str, quick: bool) -> list[dict]:
             row["added_pct"] = 100.0 * extra[name]["median_ms"] / base
         rows.append(row)
     return rows
+
+
+def run(device: str, quick: bool) -> list[dict]:
+    cfg = _config(device, quick)
+    cases, added = _cases(cfg, device)
+    return time_cases("overhead", f"B={cfg['B']} S={cfg['S']} c={cfg['c']} K={cfg['K']}", cases, added, device,
+                      quick)

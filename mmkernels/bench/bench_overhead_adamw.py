@@ -14,8 +14,7 @@ import warnings
 import torch
 from torch.nn import functional as F
 
-from mmkernels.bench.bench_overhead import _config, _interleaved, setup
-from mmkernels.bench.harness import time_interleaved
+from mmkernels.bench.bench_overhead import _config, setup, time_cases
 
 
 def _cases(cfg: dict, device: str):
@@ -74,28 +73,7 @@ def _cases(cfg: dict, device: str):
 def run(device: str, quick: bool) -> list[dict]:
     cfg = _config(device, quick)
     cases, added = _cases(cfg, device)
-    threads = torch.get_num_threads()
-    with warnings.catch_warnings():
+    with warnings.catch_warnings():  # the adaptive-optimizer warning is the point of this benchmark
         warnings.simplefilter("ignore")
-        if device == "cuda":
-            timed = time_interleaved(cases, device, quick)
-            extra = time_interleaved(added, device, quick)
-        else:
-            torch.set_num_threads(1)  # as in bench_overhead: oversubscribed threads swamp a few-percent overhead
-            try:
-                timed = _interleaved(cases, rounds=6 if quick else 30)
-                extra = _interleaved(added, rounds=6 if quick else 30)
-            finally:
-                torch.set_num_threads(threads)
-    shape = f"B={cfg['B']} S={cfg['S']} c={cfg['c']} K={cfg['K']} AdamW"
-    base = timed["baseline"]["median_ms"]
-    rows = []
-    for name, t in timed.items():
-        row = {"op": "overhead_adamw", "shape": shape, "impl": name, "device": device, **t,
-               "threads": 1 if device == "cpu" else threads,
-               "overhead_pct": 100.0 * (t["median_ms"] - base) / base, "speedup_vs_baseline": base / t["median_ms"]}
-        if name in extra:
-            row["added_ms"] = extra[name]["median_ms"]
-            row["added_pct"] = 100.0 * extra[name]["median_ms"] / base
-        rows.append(row)
-    return rows
+        return time_cases("overhead_adamw", f"B={cfg['B']} S={cfg['S']} c={cfg['c']} K={cfg['K']} AdamW", cases,
+                          added, device, quick)
