@@ -44,3 +44,12 @@ def run_on_ranks(worker, *args, world: int = 2) -> list:
         mp.start_processes(_rank_main, args=(world, port, out_dir, worker, args), nprocs=world, join=True,
                            start_method="spawn")
         return [torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in range(world)]
+
+
+def assert_raises_each(cases):
+    """``cases``: ``(call, exception type, regex the message must match)``; every call must raise."""
+    import pytest
+
+    for fn, exc, msg in cases:
+        with pytest.raises(exc, match=msg):
+            fn()

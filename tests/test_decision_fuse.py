@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from mmkernels import decision_fuse
-from tests.helpers import assert_close
+from tests.helpers import assert_close, assert_raises_each
 from tests.oracles import decision_fuse as oracle
 
 TOL = {torch.float32: (1e-5, 1e-6), torch.float64: (1e-12, 1e-12), torch.float16: (2e-3, 2e-3), torch.bfloat16: (1.6e-2, 1e-2)}
@@ -185,9 +185,7 @@ def test_bad_inputs():
         (lambda: decision_fuse(x, w, s, mask, torch.rand(4, 2)), ValueError, r"\(M, B\) = \(2, 4\)"),
         (lambda: decision_fuse(x, w, s, mask, torch.ones(2, dtype=torch.long)), TypeError, "grad_coeff"),
     ]
-    for fn, exc, msg in cases:
-        with pytest.raises(exc, match=msg):
-            fn()
+    assert_raises_each(cases)
 
 
 @pytest.mark.gpu

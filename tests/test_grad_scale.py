@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from mmkernels import grad_scale
-from tests.helpers import assert_close
+from tests.helpers import assert_close, assert_raises_each
 
 
 def test_forward_is_identity_without_copy(device):
@@ -126,9 +126,7 @@ def test_bad_inputs():
         (lambda: grad_scale(torch.tensor(1.0), torch.ones(1)), ValueError, "batch dimension 0"),
         (lambda: grad_scale(x, torch.ones(4, 1)), ValueError, r"shape \(\) or \(B,\)"),
     ]
-    for fn, exc, msg in cases:
-        with pytest.raises(exc, match=msg):
-            fn()
+    assert_raises_each(cases)
 
 
 @pytest.mark.gpu

@@ -3,7 +3,7 @@ import torch
 
 import mmkernels
 from mmkernels import modality_scores
-from tests.helpers import assert_close
+from tests.helpers import assert_close, assert_raises_each
 from tests.oracles import modality_scores as oracle
 
 TOL = {torch.float32: (1e-5, 1e-5), torch.float64: (1e-6, 1e-6), torch.float16: (2e-3, 2e-3), torch.bfloat16: (2e-3, 2e-3)}
@@ -189,9 +189,7 @@ def test_bad_inputs():
         (lambda: modality_scores(x, y, torch.ones(4, 2, dtype=torch.long)), TypeError, "mask.bool"),
         (lambda: modality_scores(x, y, [[1, 1]] * 4), TypeError, "mask must be a torch.Tensor"),
     ]
-    for fn, exc, msg in cases:
-        with pytest.raises(exc, match=msg):
-            fn()
+    assert_raises_each(cases)
 
 
 @pytest.mark.gpu
