@@ -394,19 +394,23 @@ def test_legacy_rows_get_roles_path_and_peer_ratios():
     assert report.normalize(steps) == steps
 
 
+def _fake_row(impl, l2, median, q20, q80, **extra):
+    """One recorded row of a toy op; the eager peer takes 4 ms L2-cold and 2 ms L2-warm."""
+    ours = impl != "eager"
+    ratio = {"cold": 4.0, "warm": 2.0}[l2] / median
+    row = {"op": "toy", "shape": "8x8", "impl": impl, "role": "ours" if ours else "eager", "dtype": "float32",
+           "median_ms": median, "q20_ms": q20, "q80_ms": q80, "l2": l2, **extra, "baseline": "eager",
+           "speedup_vs_baseline": ratio, "best_peer": "eager", "vs_best_peer": ratio}
+    if ours:
+        row["target_vs_best_peer"] = 1.5
+    return row
+
+
 FAKE_ROWS = [
-    {"op": "toy", "shape": "8x8", "impl": "eager", "role": "eager", "dtype": "float32", "median_ms": 4.0, "q20_ms": 3.9,
-     "q80_ms": 4.1, "l2": "cold", "baseline": "eager", "speedup_vs_baseline": 1.0, "best_peer": "eager",
-     "vs_best_peer": 1.0},
-    {"op": "toy", "shape": "8x8", "impl": "mmkernels.toy", "role": "ours", "dtype": "float32", "median_ms": 1.0,
-     "q20_ms": 0.9, "q80_ms": 1.1, "l2": "cold", "spread_pct": 12.5, "noisy": False, "baseline": "eager",
-     "speedup_vs_baseline": 4.0, "best_peer": "eager", "vs_best_peer": 4.0, "target_vs_best_peer": 1.5},
-    {"op": "toy", "shape": "8x8", "impl": "eager", "role": "eager", "dtype": "float32", "median_ms": 2.0, "q20_ms": 1.9,
-     "q80_ms": 2.1, "l2": "warm", "baseline": "eager", "speedup_vs_baseline": 1.0, "best_peer": "eager",
-     "vs_best_peer": 1.0},
-    {"op": "toy", "shape": "8x8", "impl": "mmkernels.toy", "role": "ours", "dtype": "float32", "median_ms": 0.25,
-     "q20_ms": 0.2, "q80_ms": 0.3, "l2": "warm", "spread_pct": 40.0, "noisy": True, "baseline": "eager",
-     "speedup_vs_baseline": 8.0, "best_peer": "eager", "vs_best_peer": 8.0, "target_vs_best_peer": 1.5},
+    _fake_row("eager", "cold", 4.0, 3.9, 4.1),
+    _fake_row("mmkernels.toy", "cold", 1.0, 0.9, 1.1, spread_pct=12.5, noisy=False),
+    _fake_row("eager", "warm", 2.0, 1.9, 2.1),
+    _fake_row("mmkernels.toy", "warm", 0.25, 0.2, 0.3, spread_pct=40.0, noisy=True),
     {"op": "toy", "shape": "16x16", "impl": "mmkernels.toy", "role": "ours", "dtype": "float32", "median_ms": None,
      "error": "boom"},
 ]
