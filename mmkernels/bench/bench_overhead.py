@@ -110,6 +110,32 @@ def setup(cfg: dict, device: str, make_optimizer):
     return xa, xv, y, fresh, {"baseline": baseline}
 
 
+def balanced_step(bal_step, m, opt, bal, xa, xv, y):
+    """``(run, extra)``: one whole training step with the balancer's calls, and those calls alone on the
+    features and gradients of one real step (update mode: its two optimizer hooks around no step)."""
+    def run():
+        opt.zero_grad()
+        out, ha, hv = m(xa, xv)
+        bal_step(m, bal, ha, hv)
+        F.cross_entropy(out, y).backward()
+        bal.after_backward()
+        opt.step()
+
+    run()
+    with torch.no_grad():
+        _, ha0, hv0 = m(xa, xv)
+
+    def extra():
+        bal_step(m, bal, ha0, hv0)
+        bal._hooks_ran = True  # the forward whose hooks this stands for ran above, once, outside the timing
+        bal.after_backward()
+        if bal._update is not None:
+            bal._update._before_step(opt, (), {})
+            bal._update._after_step(opt, (), {})
+
+    return run, extra
+
+
 def _cases(cfg: dict, device: str):
     from mmkernels.balance import MWAM, OGMGE, PDMP, DecisionLevel, split_linear_head
 
@@ -118,25 +144,7 @@ def _cases(cfg: dict, device: str):
     added = {}
 
     def register(name, bal_step, m, opt, bal):
-        def run():
-            opt.zero_grad()
-            out, ha, hv = m(xa, xv)
-            bal_step(m, bal, ha, hv)
-            F.cross_entropy(out, y).backward()
-            bal.after_backward()
-            opt.step()
-
-        # the balancer's added calls alone, on features and gradients of one real step
-        run()
-        with torch.no_grad():
-            _, ha0, hv0 = m(xa, xv)
-
-        def extra():
-            bal_step(m, bal, ha0, hv0)
-            bal._hooks_ran = True  # the forward whose hooks this stands for ran above, once, outside the timing
-            bal.after_backward()
-
-        cases[name], added[name] = run, extra
+        cases[name], added[name] = balanced_step(bal_step, m, opt, bal, xa, xv, y)
 
     def ogm_step(m, bal, ha, hv):
         with torch.no_grad():

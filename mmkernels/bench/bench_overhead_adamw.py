@@ -12,9 +12,8 @@ from __future__ import annotations
 import warnings
 
 import torch
-from torch.nn import functional as F
 
-from mmkernels.bench.bench_overhead import _config, setup, time_cases
+from mmkernels.bench.bench_overhead import _config, balanced_step, setup, time_cases
 
 
 def _cases(cfg: dict, device: str):
@@ -44,28 +43,9 @@ def _cases(cfg: dict, device: str):
                 warnings.simplefilter("ignore")
                 bal = build(m, mode, opt if mode == "update" else None)
 
-            def run(m=m, opt=opt, bal=bal, bal_step=bal_step):
-                opt.zero_grad()
-                out, ha, hv = m(xa, xv)
-                bal_step(m, bal, ha, hv)
-                F.cross_entropy(out, y).backward()
-                bal.after_backward()
-                opt.step()
-
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                run()
-            with torch.no_grad():
-                _, ha0, hv0 = m(xa, xv)
-
-            def extra(m=m, opt=opt, bal=bal, bal_step=bal_step, ha0=ha0, hv0=hv0):
-                bal_step(m, bal, ha0, hv0)
-                bal._hooks_ran = True  # the forward whose hooks this stands for ran above, once, outside the timing
-                bal.after_backward()
-                if bal._update is not None:  # the two optimizer hooks, around no step
-                    bal._update._before_step(opt, (), {})
-                    bal._update._after_step(opt, (), {})
-
+                run, extra = balanced_step(bal_step, m, opt, bal, xa, xv, y)
             cases[f"{method}_{mode}"], added[f"{method}_{mode}"] = run, extra
     return cases, added
 
