@@ -107,7 +107,7 @@ class UpdateModulator:
 
     # ------------------------------------------------------------------------------------------------
     def _groups(self, bal: "Balancer") -> list[list[torch.Tensor]]:
-        """Per modality, the local tensors of the parameters this step will change (held, with a gradient)."""
+        """Per modality, the parameters this step will change (held by the optimizer, with a gradient)."""
         held = {id(p) for g in self.optimizer.param_groups for p in g["params"]}
         return [[p for p in bal._selected_parameters(n) if p.grad is not None and id(p) in held]
                 for n in bal.names]
