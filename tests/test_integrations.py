@@ -268,6 +268,54 @@ def test_hf_callback_accumulation_applies_the_asked_coefficient(transformers, tm
     assert logged and logged[-1]["balance/k/a"] == K_A and logged[-1]["balance/k/b"] == K_B
 
 
+def test_hf_callback_attaches_the_trainers_own_optimizer_in_update_mode(transformers, tmp_path):
+    # The Trainer's default optimizer (AdamW) does not exist when the balancer is built: the callback attaches
+    # it at the start of training. Reference: the same step without a balancer; update mode must make each
+    # encoder's change exactly k times that step's change and leave the head's as it is.
+    from mmkernels.integrations.hf import BalancerTrainerCallback
+
+    batches = _data(1, seed=3)
+
+    def run(balanced):
+        torch.manual_seed(0)
+        net = TwoModal()
+        before = {n: p.detach().clone() for n, p in net.named_parameters()}
+        model = HFModel(net)
+        if balanced:
+            model.bal = _pdmp(net, mode="update")
+            assert model.bal.attached_optimizer is None
+        cbs = [BalancerTrainerCallback(model.bal)] if balanced else []
+        args = _hf_args(transformers, tmp_path, optim="adamw_torch", learning_rate=1e-2)
+        trainer = transformers.Trainer(model=model, args=args, train_dataset=_hf_rows(batches), callbacks=cbs)
+        trainer.train()
+        if balanced:
+            assert model.bal.attached_optimizer is not None
+            assert isinstance(model.bal.attached_optimizer, torch.optim.AdamW)  # accelerate's wrapper unwrapped
+        return {n: (p.detach() - before[n]).double() for n, p in net.named_parameters()}
+
+    plain, balanced = run(False), run(True)
+    for name, delta in plain.items():
+        k = K_A if name.startswith("enc_a") else K_B if name.startswith("enc_b") else 1.0
+        assert delta.abs().max() > 0, name
+        torch.testing.assert_close(balanced[name], k * delta, rtol=1e-4, atol=1e-7, msg=name)
+
+
+def test_update_mode_without_an_optimizer_refuses_to_step():
+    net = TwoModal()
+    bal = _pdmp(net, mode="update")
+    k_before = bal.coefficient_tensor.clone()
+    with pytest.raises(RuntimeError, match="attach_optimizer"):
+        bal.step()
+    assert bal.num_steps == 0 and torch.equal(bal.coefficient_tensor, k_before)
+    with pytest.raises(TypeError, match="attach_optimizer: optimizer must be"):
+        bal.attach_optimizer("adamw")
+    bal.attach_optimizer(torch.optim.SGD(net.parameters(), lr=0.1))
+    bal.step()
+    assert bal.num_steps == 1
+    with pytest.raises(ValueError, match="attached already"):
+        bal.attach_optimizer(torch.optim.SGD(net.parameters(), lr=0.1))
+
+
 def test_hf_checkpoint_resume_restores_the_balancer(transformers, tmp_path):
     from mmkernels.integrations.hf import STATE_FILE, BalancerTrainerCallback
 

@@ -345,7 +345,6 @@ def test_step_untouched_outside_the_window_or_after_remove(case):
 
 
 @pytest.mark.parametrize("kwargs,exc,match", [
-    ({"mode": "update"}, ValueError, "optimizer="),
     ({"mode": "update", "optimizer": "adam"}, TypeError, "optimizer"),
     ({"mode": "update", "optimizer": torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)}, ValueError,
      "holds no parameter"),
@@ -354,6 +353,16 @@ def test_update_mode_argument_errors(kwargs, exc, match):
     net = Net()
     with pytest.raises(exc, match=match):
         PDMP({"a": net.a, "v": net.v}, **kwargs)
+
+
+def test_update_mode_without_optimizer_raises_at_step_not_silently():
+    # built before its optimizer exists (the HF Trainer's case): allowed, but a step() before
+    # attach_optimizer() raises instead of setting coefficients that nothing would apply
+    net = Net()
+    bal = PDMP({"a": net.a, "v": net.v}, {"a": 0.9, "v": 0.1}, mode="update")
+    with pytest.raises(RuntimeError, match="optimizer="):
+        bal.step()
+    assert bal.num_steps == 0
 
 
 def test_mwam_gradient_apply_accepts_update_mode():

@@ -53,6 +53,7 @@ per full parameter, so it differs from the unsharded released semantics (unteste
 """
 from __future__ import annotations
 
+import functools
 import numbers
 import warnings
 from dataclasses import dataclass
@@ -219,7 +220,8 @@ class Balancer:
             optimizer update scaled by its coefficient after ``optimizer.step()``, so balancing survives
             Adam/AdamW; needs ``optimizer=``; see :mod:`mmkernels.balance.update`).
         optimizer: ``mode="update"``: the optimizer that steps the encoders (its step hooks apply the
-            modulation; no call in the loop). Other modes: optional; an adaptive optimizer then warns at once
+            modulation; no call in the loop); ``None`` only if it is attached with :meth:`attach_optimizer`
+            before the first ``step()`` (which raises otherwise). Other modes: optional; an adaptive optimizer then warns at once
             (gradient-level coefficients cancel under Adam-like normalisation). Without it, the first step of
             an adaptive optimizer over the encoders' parameters warns.
         params: parameter mode only: ``"all"`` parameters of the encoder or ``"conv"``: 4-D (convolution)
@@ -301,9 +303,6 @@ class Balancer:
         if params != "all" and not spec.parameter_options:
             raise ValueError(f"params={params!r} needs mode='parameter' or 'update'; activation mode always scales "
                              "every parameter of the encoder")
-        if spec.optimizer_hooks and optimizer is None:
-            raise ValueError("mode='update' needs optimizer=<the torch.optim.Optimizer that steps the encoders>: "
-                             "the modulation runs in its step hooks")
         if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer or None, got {type(optimizer).__name__}")
         if not (isinstance(epochs, (tuple, list)) and len(epochs) == 2):
@@ -358,11 +357,60 @@ class Balancer:
             from mmkernels.balance import update
 
             if spec.optimizer_hooks:
-                self._update = update.UpdateModulator(self, optimizer)
+                # optimizer=None: attached later (attach_optimizer; the HF callback attaches the Trainer's)
+                self._update = None if optimizer is None else update.UpdateModulator(self, optimizer)
             else:
                 self._adaptive_watch = update.AdaptiveOptimizerWatch(self)
                 if optimizer is not None:
                     self._adaptive_watch.check(optimizer)
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        step = cls.__dict__.get("step")
+        if step is not None and not getattr(step, "_checks_optimizer", False):
+            @functools.wraps(step)
+            def checked_step(self, *args, **kw):
+                self._check_optimizer_attached(f"{type(self).__name__}.step")
+                return step(self, *args, **kw)
+
+            checked_step._checks_optimizer = True
+            cls.step = checked_step
+
+    def _check_optimizer_attached(self, fn: str) -> None:
+        # update mode without an optimizer would measure and set coefficients that nothing applies
+        if self.modulates_gradients and _MODES[self.mode].optimizer_hooks and self._update is None:
+            raise RuntimeError(f"{fn}: mode='update' has no optimizer to modulate: pass optimizer=<the "
+                               "torch.optim.Optimizer that steps the encoders> when building the balancer, or call "
+                               "attach_optimizer(opt) before the first step (the Hugging Face callback attaches "
+                               "the Trainer's optimizer at the start of training)")
+
+    @property
+    def attached_optimizer(self) -> torch.optim.Optimizer | None:
+        """``mode="update"``: the optimizer whose step hooks apply the coefficients (None: not attached yet)."""
+        return None if self._update is None else self._update.optimizer
+
+    def attach_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        """``mode="update"``: the optimizer whose steps apply the coefficients (its step hooks), when it did not
+        exist yet as the balancer was built. A wrapper that keeps the real optimizer in ``.optimizer``
+        (accelerate's ``AcceleratedOptimizer``, which the Hugging Face Trainer uses) is unwrapped: its own step
+        hooks never run."""
+        fn = f"{type(self).__name__}.attach_optimizer"
+        if not (self.modulates_gradients and _MODES[self.mode].optimizer_hooks):
+            raise ValueError(f"{fn}: only mode='update' applies its coefficients through the optimizer; this "
+                             f"balancer is in mode={self.mode!r}")
+        inner = getattr(optimizer, "optimizer", None)
+        if isinstance(inner, torch.optim.Optimizer):
+            optimizer = inner
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"{fn}: optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        if self._update is not None:
+            if self._update.optimizer is optimizer:
+                return
+            raise ValueError(f"{fn}: an optimizer is attached already ({type(self._update.optimizer).__name__}); "
+                             "one balancer modulates the steps of one optimizer")
+        from mmkernels.balance import update
+
+        self._update = update.UpdateModulator(self, optimizer)
 
     # ----------------------------------------------------------------------------------------------------
     @property

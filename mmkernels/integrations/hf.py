@@ -12,6 +12,8 @@ Where each call goes, and why:
   coefficient is applied inside backward, before clipping. In parameter mode the coefficients and GE
   noise come after clipping; set ``max_grad_norm=0`` for the released OGM-GE order (modulate, then step),
   and with ``fp16=True`` keep clipping on (it unscales the gradients first) or use ``bf16=True``.
+- ``mode="update"`` (balancing under the Trainer's default AdamW): build the balancer without an optimizer;
+  the callback attaches the Trainer's own in ``on_train_begin`` (unwrapping accelerate's wrapper).
 - The balancer's ``state_dict()`` is saved as ``mmkernels_balancer.pt`` in every checkpoint folder and
   loaded when training resumes from one (``trainer.train(resume_from_checkpoint=...)``).
 - Coefficients and statistics are added to the Trainer's logs (``balance/k/<modality>``, ...).
@@ -56,7 +58,11 @@ class BalancerTrainerCallback(transformers.TrainerCallback):
         self.prefix = prefix
         self.loaded_from: str | None = None  # the checkpoint folder the state was restored from, if any
 
-    def on_train_begin(self, args, state, control, **kwargs):
+    def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
+        bal = self.balancer
+        if (bal.mode == "update" and bal.modulates_gradients and bal.attached_optimizer is None
+                and optimizer is not None):
+            bal.attach_optimizer(optimizer)  # the Trainer builds its optimizer (default AdamW) just before this
         # on resume the Trainer has restored state.global_step from the checkpoint before this hook
         if state.global_step > 0:
             path = os.path.join(args.output_dir, f"checkpoint-{state.global_step}", STATE_FILE)
