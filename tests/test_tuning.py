@@ -394,3 +394,27 @@ def test_typed_config_and_tunable_keyed_by_kernel_name(monkeypatch):
     with _tuning.forced(t, {"BLOCKK": 4}):
         with pytest.raises(ValueError, match=r"Cfg: unknown launch parameter\(s\) \['BLOCKK'\]"):
             t.select((8,), (8,), None, cpu)
+
+
+def test_tune_sweeps_only_the_backward_kernels_of_a_fwd_bwd_case_with_a_forward_twin(monkeypatch):
+    # the forward kernel of a "fwd+bwd" call is swept by its forward-only twin case already
+    from mmkernels.bench import tune
+
+    fwd, bwd = "_toy_fwd_kernel", "_toy_bwd_kernel"
+    cands = [{"BLOCK": 8}, {"BLOCK": 16}]
+
+    def call_fwd():
+        for log in _tuning._recorders:
+            log.append((fwd, (8,), cands[0], cands))
+
+    def call_fwd_bwd():
+        call_fwd()
+        for log in _tuning._recorders:
+            log.append((bwd, (8,), cands[0], cands))
+
+    monkeypatch.setattr(tune, "_cases", lambda op, device, quick: [("toy 8 fwd", call_fwd),
+                                                                   ("toy 8 fwd+bwd", call_fwd_bwd)])
+    monkeypatch.setattr(tune, "time_fn", lambda call, device, quick: {"median_ms": 1.0})
+    rows = tune.sweep(["toy"], "cpu", quick=True)
+    swept = {(r["case"], r["kernel"]) for r in rows}
+    assert swept == {("toy 8 fwd", fwd), ("toy 8 fwd+bwd", bwd)}

@@ -39,6 +39,11 @@ def _cases(op: str, device: str, quick: bool) -> list[tuple[str, object]]:
     return out
 
 
+def _is_forward_kernel(name: str) -> bool:
+    """Kernels are named ``_<op>_fwd_kernel`` / ``_<op>_bwd_kernel`` (docs/contributing.md)."""
+    return name.endswith("_fwd_kernel")
+
+
 def sweep(ops, device: str, quick: bool) -> list[dict]:
     rows = []
     for op in ops:
@@ -47,7 +52,7 @@ def sweep(ops, device: str, quick: bool) -> list[dict]:
             with _tuning.recording() as log:
                 call()
             if case.endswith("fwd+bwd") and any(c == case[: -len("fwd+bwd")] + "fwd" for c, _ in op_cases):
-                log = [entry for entry in log if not entry[0].endswith("_fwd")]
+                log = [entry for entry in log if not _is_forward_kernel(entry[0])]
             for name, key, heur, cands in log:
                 base = None
                 case_rows = []
