@@ -1,7 +1,8 @@
 """mmkernels: fused kernels and balancers for balanced multimodal learning.
 
 Operators: frm, band_energy, band_ratio, modality_scores, decision_fuse, grad_scale, scale_grads_,
-update_scale_ (the update mode's multi-tensor pass), group_grad_stats (per-modality gradient dot products).
+update_scale_ (the update mode's multi-tensor pass), group_grad_stats (per-modality gradient dot products),
+prototype_ce / prototype_update (PMR's prototypical cross-entropy and prototypes).
 Policies: mmkernels.policies. Balancers: mmkernels.balance.
 
 Ops are imported lazily on first use, so ``import mmkernels`` stays cheap and does not import triton.
@@ -31,6 +32,10 @@ _LAZY = {
     "update_scale_ref_": "mmkernels.ops.update_scale",
     "group_grad_stats": "mmkernels.ops.group_grad_stats",
     "group_grad_stats_ref": "mmkernels.ops.group_grad_stats",
+    "prototype_ce": "mmkernels.ops.prototype_ce",
+    "prototype_ce_ref": "mmkernels.ops.prototype_ce",
+    "prototype_sums": "mmkernels.ops.prototype_ce",
+    "prototype_update": "mmkernels.ops.prototype_ce",
     "policies": "mmkernels.policies",
     "balance": "mmkernels.balance",
 }

@@ -280,3 +280,89 @@ def decision_scale(sum_sq: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
     if sum_sq.shape != count.shape:
         raise ValueError(f"{fn}: sum_sq has shape {tuple(sum_sq.shape)} but count has {tuple(count.shape)}")
     return torch.sqrt(sum_sq / count)
+
+
+# --------------------------------------------------------------------------------------------------------
+# PMR (Fan et al., CVPR 2023, "PMR: Prototypical Modal Rebalance for Multimodal Learning")
+# --------------------------------------------------------------------------------------------------------
+PMR_RULES = ("released", "ratio")
+
+
+def _pmr_scores(fn: str, scores) -> torch.Tensor:
+    return _as_float(scores, "scores", fn)
+
+
+def pmr_coefficients(scores: torch.Tensor, alpha: float = 1.0, rule: str = "released", *,
+                     return_fallback: bool = False):
+    """PMR's weights ``β_m`` of the prototypical cross-entropy of each modality.
+
+    ``scores[m]``: the prototype score of modality m (the mean, over the samples that count, of the prototype
+    classifier's probability of the true class). Every modality is compared with the strongest:
+    ``ρ_m = max_j s_j / s_m``. The strongest gets 0; a modality with ``ρ_m > 1`` gets
+
+    - ``rule="released"`` (the released ``main_Prototype_grad.py``): ``β_m = α``;
+    - ``rule="ratio"`` (the ratio-dependent form, as GeWu-Lab/BalanceBenchmark's PMR trainer writes it):
+      ``β_m = α·clip(ρ_m − 1, 0, 1)``.
+
+    For two modalities (a, v) with ``ρ = s_a / s_v``: ``ρ > 1`` puts the weight on v, ``ρ < 1`` on a,
+    ``ρ = 1`` on neither, exactly the released branch. Fallback: a non-finite score gives 0 for every modality
+    (no PMR term, the method's "no modulation"), flagged when ``return_fallback``.
+    """
+    fn = "pmr_coefficients"
+    s = _pmr_scores(fn, scores)
+    alpha = _number(fn, "alpha", alpha, lo=0.0)
+    if rule not in PMR_RULES:
+        raise ValueError(f"{fn}: rule must be one of {PMR_RULES}, got {rule!r}")
+    bad = ~torch.isfinite(s).all().expand(s.shape)
+    s_max = s.max()
+    ratio = s_max / s
+    weaker = ratio > 1  # NaN (0/0) compares False
+    if rule == "released":
+        beta = torch.where(weaker, torch.full_like(s, alpha), torch.zeros_like(s))
+    else:
+        beta = torch.where(weaker, alpha * (ratio - 1.0).clamp(0.0, 1.0), torch.zeros_like(s))
+    beta = torch.where(bad, torch.zeros_like(beta), beta)
+    return (beta, bad) if return_fallback else beta
+
+
+def pmr_entropy_weights(scores: torch.Tensor, mu: float) -> torch.Tensor:
+    """Weights ``γ_m`` of PMR's prototype entropy regulariser (the paper's term against premature
+    convergence of the dominant modality; the released ``main_Prototype_grad.py`` has none).
+
+    The loss gets ``− γ_m · H_m``, entropy *maximised* for the dominant modality only:
+    ``γ_m = μ·clip(s_max / s_min − 1, 0, 1)`` where ``s_m = s_max``, 0 elsewhere. For two modalities that
+    is BalanceBenchmark's ``μ·clip(ρ − 1, 0, 1)`` on the stronger one. Non-finite scores give 0.
+    """
+    fn = "pmr_entropy_weights"
+    s = _pmr_scores(fn, scores)
+    mu = _number(fn, "mu", mu, lo=0.0)
+    s_max, s_min = s.max(), s.min()
+    strength = (s_max / s_min - 1.0).clamp(0.0, 1.0)
+    gamma = torch.where(s == s_max, mu * strength, torch.zeros_like(s))
+    gamma = torch.where(torch.isfinite(gamma), gamma, torch.zeros_like(gamma))
+    return torch.where(torch.isfinite(s).all(), gamma, torch.zeros_like(gamma))
+
+
+def pmr_prototype_ema(prototypes: torch.Tensor, sums: torch.Tensor, counts: torch.Tensor, momentum: float,
+                      initialized: torch.Tensor | None = None) -> torch.Tensor:
+    """PMR's prototype update (released ``calculate_prototype``): ``c_k ← (1 − momentum)·mean_k + momentum·c_k``
+    with ``mean_k = sums[k] / counts[k]``. A class with ``counts[k] == 0`` keeps ``c_k`` (the released division
+    gives NaN there); a class not yet ``initialized`` (``(C,)`` bool) takes ``mean_k`` itself (the released
+    first computation)."""
+    fn = "pmr_prototype_ema"
+    momentum = _number(fn, "momentum", momentum, lo=0.0, hi=1.0)
+    for name, t in (("prototypes", prototypes), ("sums", sums)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 2:
+            raise TypeError(f"{fn}: {name} must be a (C, D) tensor, got "
+                            f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+    if sums.shape != prototypes.shape:
+        raise ValueError(f"{fn}: sums has shape {tuple(sums.shape)}, prototypes {tuple(prototypes.shape)}")
+    if not isinstance(counts, torch.Tensor) or tuple(counts.shape) != (prototypes.shape[0],):
+        raise ValueError(f"{fn}: counts must be a (C,) = ({prototypes.shape[0]},) tensor")
+    seen = (counts > 0)[:, None]
+    mean = sums / torch.where(seen, counts[:, None], torch.ones_like(counts[:, None]))
+    blend = (1.0 - momentum) * mean + momentum * prototypes
+    if initialized is not None:
+        blend = torch.where(initialized[:, None], blend, mean)
+    return torch.where(seen, blend, prototypes)
+

@@ -21,6 +21,7 @@ Methods
 - :class:`MWAM`         multimodal weight allocation from the frequency ratio metric of raw inputs
                         (gradient, loss or hybrid mode; ``loss_weights`` for the loss mode).
 - :class:`DecisionLevel` calibrated, capability-weighted decision fusion (``fuse(unimodal_logits, labels)``).
+- :class:`PMR`          prototypical modal rebalance, a loss term (``loss = loss + bal.loss(features, labels)``).
 
 Two modulation modes (``mode=``) for the gradient-modulating balancers:
 
@@ -42,7 +43,9 @@ from mmkernels.balance.decision import DecisionLevel
 from mmkernels.balance.mwam import MWAM
 from mmkernels.balance.ogm_ge import OGMGE
 from mmkernels.balance.pdmp import PDMP, unimodal_performance
+from mmkernels.balance.pmr import PMR
 
 __all__ = ["Balancer", "BalancerFallbackWarning", "OGMGE", "PDMP", "MWAM", "DecisionLevel", "split_linear_head",
            "masked_unimodal_logits",
            "unimodal_performance"]
+__all__ += ["PMR"]

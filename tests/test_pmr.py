@@ -1,0 +1,399 @@
+"""prototype_ce / prototype_update and the PMR balancer against independent references: float64 formulas
+written out here, and the released per-step code (fanyunfeng-bit/Modal-Imbalance-PMR, main_Prototype_grad.py)
+transcribed independently below."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import mmkernels
+from mmkernels._common import IGNORE_INDEX
+from mmkernels.balance import PMR
+from mmkernels.ops.prototype_ce import prototype_ce, prototype_ce_ref, prototype_sums, prototype_update
+
+
+# ---- float64 oracle: distances as explicit differences, no product form -----------------------------------
+def oracle_terms(h, c, y, squared):
+    """Per-sample (ce, ent) in float64, ignored samples dropped."""
+    h, c = h.double(), c.double()
+    d2 = ((h[:, None, :] - c[None, :, :]) ** 2).sum(-1)
+    z = -d2 if squared else -d2.sqrt()
+    logp = torch.log_softmax(z, dim=1)
+    keep = y != IGNORE_INDEX
+    ce = -logp[keep].gather(1, y[keep][:, None]).squeeze(1)
+    ent = -(logp.exp() * logp).sum(1)[keep]
+    return ce, ent, keep
+
+
+def data(B, C, D, offset=0.0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    c = torch.randn(C, D, generator=g, dtype=torch.float64) * 2 + offset
+    y = torch.randint(0, C, (B,), generator=g)
+    h = c[y] + 0.7 * torch.randn(B, D, generator=g, dtype=torch.float64)
+    return h, c, y
+
+
+@pytest.mark.parametrize("squared", [False, True])
+def test_forward_backward_vs_float64(backend, squared):
+    B, C, D = 19, 5, 40
+    h64, c64, y = data(B, C, D)
+    y[[2, 11]] = IGNORE_INDEX
+    w_ce, w_ent = 1.0, -0.4
+    # a non-contiguous feature view: every second column of a (B, 2D) buffer
+    buf = torch.zeros(B, 2 * D)
+    buf[:, ::2] = h64.float()
+    h = buf[:, ::2].requires_grad_()
+    ce, ent = prototype_ce(h, c64.float(), y, squared=squared)
+    (w_ce * ce + w_ent * ent).backward()
+    hr = h64.clone().requires_grad_()
+    oce, oent, _ = oracle_terms(hr, c64, y, squared)
+    (w_ce * oce.mean() + w_ent * oent.mean()).backward()
+    tol = 5e-5 if squared else 1e-5  # squared distances ~ 2·D·σ²: fp32 rounding of their sum
+    torch.testing.assert_close(ce.double(), oce.mean(), rtol=tol, atol=tol)
+    torch.testing.assert_close(ent.double(), oent.mean(), rtol=tol, atol=tol)
+    torch.testing.assert_close(h.grad.double(), hr.grad, rtol=1e-4, atol=tol)
+    assert torch.all(h.grad[[2, 11]] == 0)
+
+
+def test_per_sample_gradients_triton_vs_float64():
+    """reduction='none' with a different weight per sample and term (every G_k path of the backward)."""
+    B, C, D = 21, 20, 33  # C > BLOCK_C is not reached at this size; the next test covers several chunks
+    h64, c64, y = data(B, C, D, seed=1)
+    y[0] = IGNORE_INDEX
+    g = torch.Generator().manual_seed(2)
+    gce, gent = torch.randn(B, generator=g, dtype=torch.float64), torch.randn(B, generator=g, dtype=torch.float64)
+    keep = y != IGNORE_INDEX
+    hr = h64.clone().requires_grad_()
+    oce, oent, _ = oracle_terms(hr, c64, y, False)
+    ((gce[keep] * oce).sum() + (gent[keep] * oent).sum()).backward()
+    with mmkernels.use_backend("triton"):
+        h = h64.float().requires_grad_()
+        ce, ent = prototype_ce(h, c64.float(), y, reduction="none")
+        ((gce.float() * ce).sum() + (gent.float() * ent).sum()).backward()
+    torch.testing.assert_close(ce[keep].double(), oce, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ent[keep].double(), oent, rtol=1e-5, atol=1e-5)
+    assert ce[0] == 0 and ent[0] == 0
+    torch.testing.assert_close(h.grad.double(), hr.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_several_tiles_triton_vs_float64():
+    """More samples, prototypes and features than one tile: the online softmax across prototype chunks and
+    the backward's read-modify-write accumulation over them."""
+    from mmkernels import _tuning
+    from mmkernels.ops.prototype_ce import PrototypeCEConfig, _prototype_ce_bwd_kernel, _prototype_ce_fwd_kernel
+
+    B, C, D = 20, 37, 40
+    h64, c64, y = data(B, C, D, seed=3)
+    cfg = PrototypeCEConfig(BLOCK_B=16, BLOCK_C=16, BLOCK_D=16, num_warps=4)
+    with mmkernels.use_backend("triton"), _tuning.forced(_prototype_ce_fwd_kernel, cfg), \
+            _tuning.forced(_prototype_ce_bwd_kernel, cfg):
+        h = h64.float().requires_grad_()
+        ce, ent = prototype_ce(h, c64.float(), y)
+        (ce + 0.5 * ent).backward()
+    hr = h64.clone().requires_grad_()
+    oce, oent, _ = oracle_terms(hr, c64, y, False)
+    (oce.mean() + 0.5 * oent.mean()).backward()
+    torch.testing.assert_close(ce.double(), oce.mean(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ent.double(), oent.mean(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(h.grad.double(), hr.grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("squared", [False, True])
+def test_gradcheck_float64(squared):
+    h64, c64, y = data(6, 4, 5, seed=4)
+    y[1] = IGNORE_INDEX
+    h = h64.clone().requires_grad_()
+
+    def public(x):  # eager CPU: autograd through the reference
+        ce, ent = prototype_ce(x, c64, y, squared=squared)
+        return ce + 0.7 * ent
+
+    def registered(x):  # the registered op: the hand-written backward (_pce_bwd_ref)
+        ce, ent, _ = torch.ops.mmkernels.prototype_ce(x, c64, y, squared)
+        return ce * torch.linspace(0.5, 1.5, 6, dtype=torch.float64) - 0.3 * ent
+
+    assert torch.autograd.gradcheck(public, (h,))
+    assert torch.autograd.gradcheck(registered, (h,))
+
+
+def test_opcheck():
+    h64, c64, y = data(5, 3, 4, seed=5)
+    torch.library.opcheck(torch.ops.mmkernels.prototype_ce.default, (h64.float().requires_grad_(), c64.float(), y,
+                                                                     False))
+
+
+def test_large_offset_cancellation(backend):
+    """Features and prototypes 1e4 from the origin, within a few units of each other: the plain fp32 product
+    form ‖h‖² − 2h·c + ‖c‖² loses the distances (shown first, so this test fails if the trap is not there);
+    the op's centred form keeps them."""
+    B, C, D = 16, 6, 32
+    h64, c64, y = data(B, C, D, offset=1e4, seed=6)
+    h, c = h64.float(), c64.float()
+    naive = (h * h).sum(1, keepdim=True) + (c * c).sum(1)[None] - 2 * h @ c.t()
+    exact = ((h64[:, None] - c64[None]) ** 2).sum(-1)
+    assert (naive.double() - exact).abs().max() > 10.0  # the trap: errors of order 2^-24 · ‖h‖² ≈ 200
+    hh = h.clone().requires_grad_()
+    ce, ent = prototype_ce(hh, c, y)
+    ce.backward()
+    hr = h64.clone().requires_grad_()
+    oce, oent, _ = oracle_terms(hr, c64, y, False)
+    oce.mean().backward()
+    # what is left: fp32 rounding of the inputs themselves (1e4 · 2^-24 ≈ 6e-4 per coordinate)
+    torch.testing.assert_close(ce.double(), oce.mean(), rtol=0, atol=5e-3)
+    torch.testing.assert_close(ent.double(), oent.mean(), rtol=0, atol=5e-3)
+    torch.testing.assert_close(hh.grad.double(), hr.grad, rtol=0, atol=2e-3)
+
+
+def test_ignore_index_and_labels():
+    h64, c64, y = data(5, 3, 4, seed=7)
+    h = h64.float().requires_grad_()
+    ce, ent = prototype_ce(h, c64.float(), torch.full((5,), IGNORE_INDEX))
+    (ce + ent).backward()
+    assert ce == 0 and ent == 0 and torch.all(h.grad == 0)
+    with pytest.raises(ValueError, match=r"prototype_ce: labels must lie in \[0, 3\)"):
+        prototype_ce(h, c64.float(), torch.tensor([0, 1, 3, 0, 1]))
+    with pytest.raises(ValueError, match="prototype_ce: prototypes must have shape"):
+        prototype_ce(h, c64.float()[:, :3], y)
+    with pytest.raises(TypeError, match="prototype_ce: prototypes are torch.float64"):
+        prototype_ce(h, c64, y)
+    with pytest.raises(ValueError, match="prototype_ce: reduction"):
+        prototype_ce(h, c64.float(), y, reduction="avg")
+    # sum and none agree with mean
+    ce_n, ent_n = prototype_ce(h, c64.float(), y, reduction="none")
+    ce_s, _ = prototype_ce(h, c64.float(), y, reduction="sum")
+    torch.testing.assert_close(ce_s, ce_n.sum())
+    torch.testing.assert_close(prototype_ce(h, c64.float(), y)[0], ce_n.mean())
+    # exp(-ce) is the prototype probability of the true class
+    oce, _, _ = oracle_terms(h64, c64, y, False)
+    torch.testing.assert_close(torch.exp(-ce_n).double(), torch.exp(-oce), rtol=1e-5, atol=1e-6)
+
+
+def test_prototype_update_masked_ema():
+    C, D = 4, 3
+    old = torch.arange(C * D, dtype=torch.float32).view(C, D)
+    h = torch.randn(7, D)
+    h[5] = float("nan")  # a missing modality's garbage must not reach the sums
+    y = torch.tensor([0, 0, 2, IGNORE_INDEX, 2, 1, 0])
+    mask = torch.tensor([1, 1, 1, 1, 0, 0, 1], dtype=torch.bool)  # samples 4 and 5 missing
+    m = 0.25
+    new = prototype_update(old, h, y, momentum=m, mask=mask)
+    expected = old.clone()
+    for k in range(C):
+        rows = [i for i in range(7) if int(y[i]) == k and bool(mask[i])]
+        if rows:  # the released formula: (1 - momentum) * mean + momentum * old
+            expected[k] = (1 - m) * h[rows].mean(0) + m * old[k]
+    torch.testing.assert_close(new, expected)
+    assert torch.equal(new[1], old[1]) and torch.equal(new[3], old[3])  # classes without a sample keep theirs
+    sums, counts = prototype_sums(h, y, C, mask)
+    assert counts.tolist() == [3.0, 0.0, 1.0, 0.0]
+    assert torch.equal(old, torch.arange(C * D, dtype=torch.float32).view(C, D))  # input untouched
+
+
+# ---- the released per-step code, transcribed independently -------------------------------------------------
+def released_eu_dist(x1, x2):
+    d = torch.zeros(x1.shape[0], x2.shape[0], dtype=x1.dtype)
+    for i in range(x1.shape[0]):
+        for j in range(x2.shape[0]):
+            d[i, j] = torch.sqrt(torch.dot(x1[i] - x2[j], x1[i] - x2[j]))
+    return d
+
+
+def released_prototypes(feats_a, feats_v, labels, n_classes, epoch, momentum, a_proto=None, v_proto=None):
+    pa = torch.zeros(n_classes, feats_a.shape[1], dtype=feats_a.dtype)
+    pv = torch.zeros(n_classes, feats_v.shape[1], dtype=feats_v.dtype)
+    count = [0] * n_classes
+    for c, lab in enumerate(labels.tolist()):
+        count[lab] += 1
+        pa[lab] += feats_a[c]
+        pv[lab] += feats_v[c]
+    for c in range(n_classes):
+        pa[c] /= count[c]
+        pv[c] /= count[c]
+    if epoch > 0:
+        pa = (1 - momentum) * pa + momentum * a_proto
+        pv = (1 - momentum) * pv + momentum * v_proto
+    return pa, pv
+
+
+def released_step_loss(a, v, out, label, audio_proto, visual_proto, alpha, epoch, starts, ends):
+    audio_sim = -released_eu_dist(a, audio_proto)
+    visual_sim = -released_eu_dist(v, visual_proto)
+    if starts <= epoch <= ends:
+        score_a_p = sum(torch.softmax(audio_sim, 1)[i][label[i]] for i in range(audio_sim.size(0)))
+        score_v_p = sum(torch.softmax(visual_sim, 1)[i][label[i]] for i in range(visual_sim.size(0)))
+        ratio_a_p = score_a_p / score_v_p
+        loss_proto_a = F.cross_entropy(audio_sim, label)
+        loss_proto_v = F.cross_entropy(visual_sim, label)
+        if ratio_a_p > 1:
+            beta, lam = 0, alpha
+        elif ratio_a_p < 1:
+            beta, lam = alpha, 0
+        else:
+            beta, lam = 0, 0
+        return F.cross_entropy(out, label) + beta * loss_proto_a + lam * loss_proto_v, (beta, lam)
+    return F.cross_entropy(out, label), (0, 0)
+
+
+def test_balancer_matches_released_steps():
+    torch.manual_seed(0)
+    K, B, Da, Dv = 4, 12, 6, 5
+    alpha, momentum, starts, ends = 2.0, 0.2, 0, 2
+    enc_a, enc_v = torch.nn.Linear(3, Da, dtype=torch.float64), torch.nn.Linear(4, Dv, dtype=torch.float64)
+    head = torch.nn.Linear(Da + Dv, K, dtype=torch.float64)
+    xs = [(torch.randn(B, 3, dtype=torch.float64), torch.randn(B, 4, dtype=torch.float64),
+           torch.arange(B) % K) for _ in range(3)]
+    bal = PMR(["audio", "visual"], num_classes=K, alpha=alpha, momentum=momentum, epochs=(starts, ends + 1))
+    pa = pv = None
+    seen_branches = set()
+    for epoch in range(4):
+        xa, xv, y = xs[epoch % 3]
+        with torch.no_grad():  # the prototype pass (released: before epoch 0, then after every epoch)
+            fa, fv = enc_a(xa), enc_v(xv)
+            # released: no EMA for the computations at epoch <= 0; ours EMA from the second one on
+            pa, pv = released_prototypes(fa, fv, y, K, epoch, momentum, pa, pv)
+            bal.accumulate({"audio": fa, "visual": fv}, y)
+            bal.update_prototypes()
+        torch.testing.assert_close(bal.prototypes["audio"].double(), pa, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(bal.prototypes["visual"].double(), pv, rtol=1e-6, atol=1e-6)
+        xa, xv, y = xs[(epoch + 1) % 3]
+        # the released run's gradients
+        a, v = enc_a(xa), enc_v(xv)
+        out = head(torch.cat([a, v], 1))
+        ref_loss, branch = released_step_loss(a, v, out, y, pa, pv, alpha, epoch, starts, ends)
+        seen_branches.add(branch)
+        ga, gv = torch.autograd.grad(ref_loss, (a, v))
+        # ours
+        a2, v2 = enc_a(xa), enc_v(xv)
+        out2 = head(torch.cat([a2, v2], 1))
+        loss = F.cross_entropy(out2, y) + bal.loss({"audio": a2, "visual": v2}, y, epoch=epoch)
+        ga2, gv2 = torch.autograd.grad(loss, (a2, v2))
+        torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(ga2.double(), ga, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(gv2.double(), gv, rtol=1e-5, atol=1e-7)
+        assert bal.coefficient_tensor.tolist() == [float(branch[0]), float(branch[1])]
+    assert (0, 0) in seen_branches and len(seen_branches) >= 2  # the window's end and a modulated branch
+
+
+def test_three_modalities_mask_ratio_rule_and_entropy():
+    """M = 3 with a mask: scores per modality over its available samples; the ratio rule and the entropy term
+    written out from the formulas (β_m = α·clip(s_max/s_m − 1, 0, 1), γ on the strongest)."""
+    torch.manual_seed(1)
+    K, B, D = 3, 10, 4
+    names = ["a", "b", "c"]
+    feats = {n: torch.randn(B, D, dtype=torch.float64, requires_grad=True) for n in names}
+    y = torch.arange(B) % K
+    mask = torch.ones(B, 3, dtype=torch.bool)
+    mask[:4, 1] = False
+    protos = {n: torch.randn(K, D, dtype=torch.float64) for n in names}
+    bal = PMR(names, num_classes=K, alpha=1.5, rule="ratio", mu=0.3, entropy_epochs=2)
+    for n in names:  # seed the prototypes with given values through the public path (one sample per class)
+        pass
+    bal.accumulate({n: protos[n].repeat(1, 1) for n in names}, torch.arange(K))
+    bal.update_prototypes()
+    term = bal.loss(feats, y, mask=mask, epoch=1)
+    scores, pce, ent = [], [], []
+    for j, n in enumerate(names):
+        keep = mask[:, j]
+        d = ((feats[n][keep][:, None] - protos[n][None]) ** 2).sum(-1).sqrt()
+        logp = torch.log_softmax(-d, 1)
+        lp_true = logp.gather(1, y[keep][:, None]).squeeze(1)
+        scores.append(lp_true.exp().mean())
+        pce.append(-lp_true.mean())
+        ent.append(-(logp.exp() * logp).sum(1).mean())
+    s = torch.stack(scores).detach()
+    beta = 1.5 * (s.max() / s - 1).clamp(0, 1)
+    gamma = torch.where(s == s.max(), 0.3 * (s.max() / s.min() - 1).clamp(0, 1), torch.zeros(3, dtype=s.dtype))
+    expected = (beta * torch.stack(pce)).sum() - (gamma * torch.stack(ent)).sum()
+    torch.testing.assert_close(term.double(), expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(bal.stats["scores"].double(), s, rtol=1e-5, atol=1e-7)
+    assert int((gamma > 0).sum()) == 1 and bal.stats["counted"].tolist() == [10.0, 6.0, 10.0]
+    g_ours = torch.autograd.grad(term, [feats[n] for n in names])
+    g_ref = torch.autograd.grad(expected, [feats[n] for n in names])
+    for go, gr in zip(g_ours, g_ref):
+        torch.testing.assert_close(go.double(), gr, rtol=1e-4, atol=1e-6)
+    assert torch.all(g_ours[1][:4] == 0)  # masked samples get no gradient
+    # after entropy_epochs the entropy term is off; outside the window nothing is added
+    bal.loss(feats, y, mask=mask, epoch=2)
+    assert torch.all(bal.stats["entropy_weights"] == 0)
+    bal_window = PMR(names, num_classes=K, epochs=(0, 1))
+    bal_window.accumulate({n: protos[n] for n in names}, torch.arange(K))
+    bal_window.update_prototypes()
+    out = bal_window.loss(feats, y, epoch=1)
+    assert out == 0 and not out.requires_grad and torch.all(bal_window.coefficient_tensor == 0)
+
+
+def _trained_balancer():
+    torch.manual_seed(2)
+    bal = PMR(["x", "y"], num_classes=3, alpha=1.0, momentum=0.5)
+    for _ in range(2):
+        bal.accumulate({"x": torch.randn(9, 4), "y": torch.randn(9, 2)}, torch.arange(9) % 3)
+        bal.update_prototypes()
+    bal.loss({"x": torch.randn(9, 4), "y": torch.randn(9, 2)}, torch.arange(9) % 3, accumulate=True)
+    return bal
+
+
+def _snapshot(bal):
+    sd = bal.state_dict()
+    return sd, {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in bal.stats.items()}
+
+
+def _same_state(a, b):
+    for key in a:
+        va, vb = a[key], b[key]
+        if isinstance(va, dict):
+            assert va.keys() == vb.keys()
+            for n in va:
+                assert (va[n] is None and vb[n] is None) or torch.equal(va[n], vb[n]), (key, n)
+        elif isinstance(va, torch.Tensor):
+            assert torch.equal(va, vb), key
+        else:
+            assert va == vb, key
+
+
+def test_state_dict_round_trip_bit_identical():
+    bal = _trained_balancer()
+    state = bal.state_dict()
+    twin = PMR(["x", "y"], num_classes=3, alpha=1.0, momentum=0.5)
+    twin.load_state_dict(state)
+    torch.manual_seed(3)
+    batch = ({"x": torch.randn(9, 4), "y": torch.randn(9, 2)}, torch.arange(9) % 3)
+    outs = []
+    for b in (bal, twin):
+        t = b.loss(*batch, accumulate=True)
+        b.update_prototypes()
+        outs.append((t, b.coefficient_tensor, b.prototypes["x"], b.prototypes["y"]))
+    for u, v in zip(*outs):
+        assert torch.equal(u, v)
+    with pytest.raises(ValueError, match="num_classes"):
+        PMR(["x", "y"], num_classes=4).load_state_dict(state)
+
+
+def test_bad_input_leaves_state_bit_identical():
+    bal = _trained_balancer()
+    before, stats = _snapshot(bal)
+    good = {"x": torch.randn(9, 4), "y": torch.randn(9, 2)}
+    y = torch.arange(9) % 3
+    cases = [
+        (ValueError, "labels must lie", lambda: bal.loss(good, torch.full((9,), 3), accumulate=True)),
+        (ValueError, "missing modalities", lambda: bal.loss({"x": good["x"]}, y)),
+        (ValueError, "D = 5", lambda: bal.accumulate({"x": torch.randn(9, 5), "y": good["y"]}, y)),
+        (ValueError, "mask", lambda: bal.loss(good, y, mask=torch.ones(9, 3, dtype=torch.bool), accumulate=True)),
+        (TypeError, "epoch", lambda: bal.loss(good, y, epoch=1.0, accumulate=True)),
+        (TypeError, "features", lambda: bal.loss({"x": good["x"], "y": good["y"].long()}, y)),
+        (TypeError, "step", lambda: bal.step()),
+    ]
+    for exc, match, call in cases:
+        with pytest.raises(exc, match=match):
+            call()
+        _same_state(before, bal.state_dict())
+        assert bal.stats.keys() == stats.keys() and all(torch.equal(bal.stats[k], stats[k]) for k in stats)
+    bad_state = dict(before)
+    bad_state["prototypes"] = {"x": torch.full((3, 4), float("nan")), "y": before["prototypes"]["y"]}
+    with pytest.raises(ValueError, match="NaN"):
+        bal.load_state_dict(bad_state)
+    _same_state(before, bal.state_dict())
+    fresh = PMR(["x", "y"], num_classes=3)
+    with pytest.raises(RuntimeError, match="no prototypes yet"):
+        fresh.loss(good, y)
+    with pytest.raises(RuntimeError, match="nothing accumulated"):
+        fresh.update_prototypes()
+    assert fresh.num_steps == 0 and fresh.prototypes == {"x": None, "y": None}
