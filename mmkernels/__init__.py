@@ -36,6 +36,8 @@ _LAZY = {
     "prototype_ce_ref": "mmkernels.ops.prototype_ce",
     "prototype_sums": "mmkernels.ops.prototype_ce",
     "prototype_update": "mmkernels.ops.prototype_ce",
+    "modality_drop": "mmkernels.ops.modality_drop",
+    "modality_drop_ref": "mmkernels.ops.modality_drop",
     "policies": "mmkernels.policies",
     "balance": "mmkernels.balance",
 }

@@ -366,3 +366,84 @@ def pmr_prototype_ema(prototypes: torch.Tensor, sums: torch.Tensor, counts: torc
         blend = torch.where(initialized[:, None], blend, mean)
     return torch.where(seen, blend, prototypes)
 
+
+# --------------------------------------------------------------------------------------------------------
+# OPM and OGM, TPAMI 2024 (Wei, Hu, Du & Wen; released code GeWu-Lab/BML_TPAMI2024)
+# --------------------------------------------------------------------------------------------------------
+def opm_drop_probability(scores: torch.Tensor, q_base: float = 0.5, lam: float = 0.5, reference: str = "min", *,
+                         return_fallback: bool = False):
+    """OPM's feature-drop probabilities ``q`` ``(M,)`` from the modality scores (released ``calcu_q``).
+
+    ``ρ_m = s_m / s_ref``, ``r_m = tanh(relu(ρ_m − 1))``, ``q_m = q_base·(1 + λ·r_m)`` where ``r_m > 0``, else 0,
+    clipped to ``[0, 1]``: only a modality that scores above its reference is dropped, with a jump to ``q_base``
+    just above ``ρ = 1``. Two modalities: ``s_ref`` is the other modality's score (the released rule). ``M > 2``:
+    ``reference="min"`` (default, the library's rule, as :func:`ogm_ge`): ``s_ref = min_j s_j``, so the weakest
+    modality is never dropped; ``"others"``: ``s_ref = Σ_{j≠m} s_j`` (GeWu-Lab/BalanceBenchmark's
+    three-modality rule). Both equal the released rule for M = 2. Released defaults ``q_base = 0.5``,
+    ``λ = 0.5`` (``q ∈ {0} ∪ [0.5, 0.75)``).
+
+    Fallback: any score ``<= 0`` or non-finite → ``q = 0`` everywhere (nothing dropped).
+    """
+    fn = "opm_drop_probability"
+    s = _as_float(scores, "scores", fn)
+    q_base = _number(fn, "q_base", q_base, lo=0.0, hi=1.0)
+    lam = _number(fn, "lam", lam, lo=0.0)
+    if reference not in ("min", "others"):
+        raise ValueError(f"{fn}: reference must be 'min' or 'others', got {reference!r}")
+    if s.numel() == 2:
+        ref = s.flip(0)
+    elif reference == "min":
+        ref = s.amin().expand_as(s)
+    else:
+        ref = s.sum() - s
+    r = torch.tanh(torch.relu(s / ref - 1))
+    q = torch.where(r > 0, q_base * (1 + lam * r), 0.0).clamp(0.0, 1.0)
+    ok = (torch.isfinite(s) & (s > 0)).all() & torch.isfinite(q)
+    return _result(torch.where(ok, q, 0.0), ~ok, return_fallback)
+
+
+def opm_rescale(q: torch.Tensor, widths, form: str = "code") -> torch.Tensor:
+    """Factors for OPM's kept features, ``(M,)``.
+
+    ``form="code"`` (released ``execute_drop``): one factor for every modality, ``1 / (1 − θ)`` with
+    ``θ = Σ_m d_m q_m / Σ_m d_m`` (``d_m`` = feature width of modality m): the expected kept fraction of the
+    concatenated feature vector. The weaker modality (never dropped) is scaled up too. ``form="modality"``:
+    inverted dropout per modality, ``1 / (1 − q_m)`` (each kept modality's expectation preserved). A factor
+    whose denominator would be 0 is 1.
+    """
+    fn = "opm_rescale"
+    q = _as_float(q, "q", fn)
+    if form not in ("code", "modality"):
+        raise ValueError(f"{fn}: form must be 'code' or 'modality', got {form!r}")
+    if form == "modality":
+        return 1 / torch.where(q < 1, 1 - q, 1.0)
+    if (isinstance(widths, torch.Tensor) or not isinstance(widths, (list, tuple))
+            or not all(isinstance(d, numbers.Integral) and not isinstance(d, bool) and d > 0 for d in widths)):
+        raise TypeError(f"{fn}: widths must be a list of positive ints (feature width per modality), got {widths!r}")
+    if len(widths) != q.numel():
+        raise ValueError(f"{fn}: widths has {len(widths)} entries but q has {q.numel()}")
+    total = float(sum(int(d) for d in widths))
+    theta = sum(float(d) * q[m] for m, d in enumerate(widths)) / total
+    return (1 / torch.where(theta < 1, 1 - theta, 1.0)).expand(q.numel()).clone()
+
+
+def ogm_tpami(scores: torch.Tensor, alpha: float = 0.8, *, return_fallback: bool = False):
+    """OGM gradient coefficients as the TPAMI 2024 release computes them, ``(M,)``.
+
+    Two modalities (order ``(1, 2)`` = the release's ``encoder_1``, ``encoder_2``): ``ρ_1 = s_1/s_2``,
+    ``ρ_2 = s_2/s_1``; if ``ρ_1 > 1``: ``k_1 = 1 − tanh(α·relu(ρ_1))``, ``k_2 = 1``; else ``k_1 = 1``,
+    ``k_2 = 1 − tanh(α·relu(ρ_2))``. This is :func:`ogm_ge` (CVPR 2022) with the roles of the two modalities
+    exchanged: the same coefficients except at an exact tie, where this rule damps the *second* modality and
+    ``ogm_ge`` the first. ``M > 2``: :func:`ogm_ge`'s generalisation. Same fallback as :func:`ogm_ge`.
+    """
+    fn = "ogm_tpami"
+    s = _as_float(scores, "scores", fn)
+    alpha = _number(fn, "alpha", alpha, lo=0.0)
+    if s.numel() != 2:
+        return ogm_ge(s, alpha, return_fallback=return_fallback)
+    rho = torch.stack([s[0] / s[1], s[1] / s[0]])
+    first = rho[0] > 1
+    damped = torch.stack([first, ~first])
+    k = torch.where(damped, 1 - torch.tanh(alpha * torch.relu(rho)), 1.0)
+    ok = (torch.isfinite(s) & (s > 0)).all() & torch.isfinite(k)
+    return _result(torch.where(ok, k, 1.0), ~ok, return_fallback)

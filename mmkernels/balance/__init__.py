@@ -21,6 +21,8 @@ Methods
 - :class:`MWAM`         multimodal weight allocation from the frequency ratio metric of raw inputs
                         (gradient, loss or hybrid mode; ``loss_weights`` for the loss mode).
 - :class:`DecisionLevel` calibrated, capability-weighted decision fusion (``fuse(unimodal_logits, labels)``).
+- :class:`OPM`          on-the-fly prediction modulation (TPAMI 2024): drops the dominant modality's features.
+- :class:`OGMTPAMI`     OGM as the TPAMI 2024 release runs it (an :class:`OGMGE` configuration).
 - :class:`PMR`          prototypical modal rebalance, a loss term (``loss = loss + bal.loss(features, labels)``).
 
 Two modulation modes (``mode=``) for the gradient-modulating balancers:
@@ -49,3 +51,6 @@ __all__ = ["Balancer", "BalancerFallbackWarning", "OGMGE", "PDMP", "MWAM", "Deci
            "masked_unimodal_logits",
            "unimodal_performance"]
 __all__ += ["PMR"]
+from mmkernels.balance.opm import OGMTPAMI, OPM  # noqa: E402
+
+__all__ += ["OPM", "OGMTPAMI"]
