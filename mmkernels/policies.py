@@ -283,6 +283,238 @@ def decision_scale(sum_sq: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------------------------------------
+# AGM: adaptive gradient modulation (Li, Li, Hu, Lei, Li & Zhou, ICCV 2023)
+
+__all__ += ["AGM_FORMS", "AGM_LOSS_CAP", "agm_shapley", "agm_mono_losses", "agm", "agm_update_target"]
+
+#: ``"authors"``: the authors' release (lihong2303/AGM_ICCV2023); ``"benchmark"``: GeWu-Lab/BalanceBenchmark's
+#: ``AGM_trainer.py``. They differ in the empty coalition of the responses and in the sign of the ratio.
+AGM_FORMS = ("authors", "benchmark")
+#: both releases replace ``p_y < 1e-8`` by ``1e-8`` before the log: a per-sample loss is at most ``−log 1e-8``
+AGM_LOSS_CAP = -math.log(1e-8)
+
+
+def _agm_form(fn: str, form) -> str:
+    if form not in AGM_FORMS:
+        raise ValueError(f"{fn}: form must be one of {AGM_FORMS}, got {form!r}")
+    return form
+
+
+def _agm_num_modalities(fn: str, coalitions: int) -> int:
+    M = (coalitions + 1).bit_length() - 1
+    if M < 2 or 2 ** M - 1 != coalitions:
+        raise ValueError(f"{fn}: coalition_logits must hold 2^M − 1 coalitions (3, 7, 15, ... for M = 2, 3, 4, ...), "
+                         f"got {coalitions} along dim 0")
+    return M
+
+
+def agm_shapley(coalition_logits: torch.Tensor, form: str = "authors") -> torch.Tensor:
+    """AGM's mono-modal responses: the Shapley value of each modality in the game ``f(S)``, ``(M, B, K)``.
+
+    ``coalition_logits`` is ``(2^M − 1, B, K)``: row ``S − 1`` holds the logits ``f(S)`` of the model run with
+    only the modalities of the bitmask ``S`` present (bit ``m`` set: modality ``m`` kept; the last row is the
+    full model). With ``w(s) = s!·(M − s − 1)!/M!``::
+
+        φ_m = Σ_{S ⊆ N∖{m}} w(|S|)·(f(S ∪ {m}) − f(S))
+
+    ``form="authors"``: the empty coalition counts with ``f(∅) = 0`` (so for two modalities
+    ``φ_a = ½(f(av) − f(v)) + ½·f(a)``; the all-masked forward is computed by the release but never used).
+    ``form="benchmark"``: the ``S = ∅`` term is left out (``φ_a = ½(f(av) − f(v))``).
+    """
+    fn = "agm_shapley"
+    form = _agm_form(fn, form)
+    if not isinstance(coalition_logits, torch.Tensor) or not coalition_logits.is_floating_point():
+        got = coalition_logits.dtype if isinstance(coalition_logits, torch.Tensor) else type(coalition_logits).__name__
+        raise TypeError(f"{fn}: coalition_logits must be a floating (2^M − 1, B, K) tensor, got {got}")
+    if coalition_logits.dim() != 3:
+        raise ValueError(f"{fn}: coalition_logits must be (2^M − 1, B, K), got shape {tuple(coalition_logits.shape)}")
+    C = coalition_logits.shape[0]
+    M = _agm_num_modalities(fn, C)
+    w = [math.factorial(s) * math.factorial(M - s - 1) / math.factorial(M) for s in range(M)]
+    coef = torch.zeros(M, C, dtype=torch.float64)
+    for m in range(M):
+        for S in range(2 ** M):
+            if S >> m & 1:
+                continue
+            if S == 0:
+                if form == "authors":
+                    coef[m, (1 << m) - 1] += w[0]
+                continue
+            s = bin(S).count("1")
+            coef[m, (S | 1 << m) - 1] += w[s]
+            coef[m, S - 1] -= w[s]
+    coef = coef.to(device=coalition_logits.device, dtype=coalition_logits.dtype)
+    return torch.einsum("mc,cbk->mbk", coef, coalition_logits)
+
+
+def agm_mono_losses(responses: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor | None = None):
+    """Per-sample mono-modal cross-entropy of AGM's responses, ``(losses, valid)``, both ``(M, B)``.
+
+    ``losses[m, i] = min(−log softmax(φ_m,i)[y_i], −log 1e-8)`` (:data:`AGM_LOSS_CAP`, the releases' floor of
+    ``p_y`` at 1e-8), computed in float32 (float64 for float64 input); ``valid[m, i]``: the label is not
+    ``IGNORE_INDEX`` (-100) and, with ``mask`` ``(B, M)``, modality ``m`` is present. Invalid entries hold 0.
+    """
+    from mmkernels._common import IGNORE_INDEX
+
+    fn = "agm_mono_losses"
+    if not isinstance(responses, torch.Tensor) or not responses.is_floating_point() or responses.dim() != 3:
+        got = tuple(responses.shape) if isinstance(responses, torch.Tensor) else type(responses).__name__
+        raise TypeError(f"{fn}: responses must be a floating (M, B, K) tensor, got {got}")
+    M, B, _ = responses.shape
+    if not isinstance(labels, torch.Tensor) or labels.dtype != torch.int64 or tuple(labels.shape) != (B,):
+        got = f"{labels.dtype} {tuple(labels.shape)}" if isinstance(labels, torch.Tensor) else type(labels).__name__
+        raise ValueError(f"{fn}: labels must be (B,) = ({B},) int64, got {got}")
+    x = responses if responses.dtype == torch.float64 else responses.float()
+    logp = torch.log_softmax(x, dim=2)
+    known = labels != IGNORE_INDEX
+    idx = torch.where(known, labels, torch.zeros_like(labels)).view(1, B, 1).expand(M, B, 1)
+    loss = (-logp.gather(2, idx).squeeze(2)).clamp_max(AGM_LOSS_CAP)
+    valid = known.unsqueeze(0).expand(M, B)
+    if mask is not None:
+        valid = valid & (mask != 0).t()
+    return torch.where(valid, loss, torch.zeros_like(loss)), valid
+
+
+def _agm_ratio(s: torch.Tensor, form: str) -> torch.Tensor:
+    M = s.numel()
+    # M/(M−1)·(mean − s_m) = (mean of the other modalities' losses) − s_m; for two modalities exp(s_v − s_a)
+    d = M / (M - 1) * (s.mean() - s)
+    return torch.exp(d if form == "authors" else -d)
+
+
+def agm(scores: torch.Tensor, target: torch.Tensor, alpha: float = 1.0, clamp: float | None = 7.0,
+        form: str = "authors", *, return_fallback: bool = False):
+    """AGM gradient coefficients, ``(M,)``.
+
+    ``scores[m]``: this step's mono-modal loss ``s_m`` (mean of :func:`agm_mono_losses`); ``target[m]``: its
+    running average ``s̄_m`` before this step (:func:`agm_update_target`). With ``c = M/(M − 1)``:
+
+    - ``form="authors"``: ``r_m = exp(c·(mean_j s_j − s_m))``, target ratio ``r̄_m = exp(c·(mean_j s̄_j − s̄_m))``;
+      a modality whose loss is below the others' has ``r_m > 1``.
+    - ``form="benchmark"``: both exponents negated (BalanceBenchmark computes ``exp(c·(s_m − mean))``), which
+      turns the rule around: the modality that is ahead is sped up.
+
+    ``k_m = exp(α·min(r̄_m − r_m, clamp))``; ``clamp=None``: no cap (the authors' AVE, AV-MNIST and MOSEI
+    scripts), 10 (their CREMA-D script), 7 (BalanceBenchmark). ``alpha``: finite, >= 0.
+
+    Fallback: non-finite scores, target or coefficient → 1 for every modality.
+    """
+    fn = "agm"
+    form = _agm_form(fn, form)
+    s = _as_float(scores, "scores", fn)
+    t = _like(fn, "target", target, s, "scores")
+    alpha = _number(fn, "alpha", alpha, lo=0.0)
+    if clamp is not None:
+        clamp = _number(fn, "clamp", clamp)
+    d = _agm_ratio(t, form) - _agm_ratio(s, form)
+    if clamp is not None:
+        d = d.clamp_max(clamp)
+    k = torch.exp(alpha * d)
+    ok = (torch.isfinite(s).all() & torch.isfinite(t).all() & torch.isfinite(k).all()).expand(s.shape)
+    return _result(torch.where(ok, k, torch.ones_like(k)), ~ok, return_fallback)
+
+
+def agm_update_target(target: torch.Tensor, count: torch.Tensor, scores: torch.Tensor,
+                      valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """AGM's running-average target: the mean of every step's score so far, ``(target, count)``.
+
+    ``n ← n + 1``, ``s̄ ← s̄·(n − 1)/n + s/n`` (the releases' arithmetic: a cumulative mean from the first
+    step, with no momentum and no reset at epoch boundaries), only where ``valid`` (and ``scores`` finite);
+    elsewhere both stay. New tensors; inputs untouched.
+    """
+    fn = "agm_update_target"
+    s = _as_float(scores, "scores", fn)
+    for name, v in (("target", target), ("count", count)):
+        if not isinstance(v, torch.Tensor) or not v.is_floating_point():
+            raise TypeError(f"{fn}: {name} must be a floating tensor, got "
+                            f"{v.dtype if isinstance(v, torch.Tensor) else type(v).__name__}")
+        if v.shape != s.shape:
+            raise ValueError(f"{fn}: {name} has shape {tuple(v.shape)} but scores has {tuple(s.shape)}")
+    keep = torch.isfinite(s)
+    if valid is not None:
+        if not isinstance(valid, torch.Tensor) or valid.dtype != torch.bool or valid.shape != s.shape:
+            raise TypeError(f"{fn}: valid must be a bool tensor of shape {tuple(s.shape)} or None")
+        keep = keep & valid
+    n = count + 1
+    s = torch.where(keep, s, torch.zeros_like(s)).to(target.dtype)
+    new = target * (n - 1) / n + s / n
+    return torch.where(keep, new, target), torch.where(keep, n, count)
+
+
+# --------------------------------------------------------------------------------------------------------
+# MMPareto (Wei & Hu, ICML 2024): per encoder, the multimodal and the unimodal gradient combined
+
+__all__ += ["MMPARETO_GAMMA", "mmpareto_weights", "mmpareto_scale"]
+
+#: the released code's magnitude enhancement γ (``gamma=1.5`` in code/MMPareto.py)
+MMPARETO_GAMMA = 1.5
+
+
+def _mmpareto_stat(fn: str, name: str, t, ref: torch.Tensor | None = None) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{fn}: {name} must be a 1-D floating tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"{fn}: {name} must be floating (float64 from group_grad_stats), got {t.dtype}")
+    if t.dim() != 1:
+        raise ValueError(f"{fn}: {name} must be 1-D (one entry per encoder or tensor), got shape {tuple(t.shape)}")
+    if ref is not None and (t.shape != ref.shape or t.device != ref.device):
+        raise ValueError(f"{fn}: {name} is {tuple(t.shape)} on {t.device} but the first statistic is "
+                         f"{tuple(ref.shape)} on {ref.device}; pass one entry per encoder, on one device")
+    return t
+
+
+def mmpareto_weights(dot: torch.Tensor, sq_mm: torch.Tensor, sq_uni: torch.Tensor, *,
+                     return_fallback: bool = False):
+    """MMPareto's weights ``(w_mm, w_uni)`` of the multimodal and the unimodal gradient, per encoder.
+
+    ``dot = ⟨g_mm, g_uni⟩``, ``sq_mm = ‖g_mm‖²``, ``sq_uni = ‖g_uni‖²`` over the encoder's parameters (all
+    ``(M,)``). When the cosine is positive (``dot > 0``) both weights are ``1/2``. Otherwise the two-task
+    min-norm point ``min_c ‖c·g_mm + (1 − c)·g_uni‖`` of the released solver: ``c = 0.999`` if
+    ``dot >= sq_mm``, else ``c = 0.001`` if ``dot >= sq_uni``, else ``c = (sq_uni − dot) / (sq_mm + sq_uni − 2·dot)``;
+    ``w_mm = c``, ``w_uni = 1 − c``. (A zero gradient has cosine 0, hence takes the min-norm branch, as in the
+    released code, where ``F.cosine_similarity`` of a zero vector is 0.)
+
+    Fallback: non-finite statistics give ``(1/2, 1/2)`` (``return_fallback=True``: also the ``(M,)`` bool).
+    Returns ``(w_mm, w_uni)`` in the statistics' dtype.
+    """
+    fn = "mmpareto_weights"
+    dot = _mmpareto_stat(fn, "dot", dot)
+    sq_mm = _mmpareto_stat(fn, "sq_mm", sq_mm, dot)
+    sq_uni = _mmpareto_stat(fn, "sq_uni", sq_uni, dot)
+    half = torch.full_like(dot, 0.5)
+    # in the interior branch dot < sq_mm and dot < sq_uni, so the denominator is > 0; elsewhere it is unused
+    denom = sq_mm + sq_uni - 2.0 * dot
+    interior = (sq_uni - dot) / torch.where(denom > 0, denom, torch.ones_like(denom))
+    c = torch.where(dot >= sq_mm, torch.full_like(dot, 0.999),
+                    torch.where(dot >= sq_uni, torch.full_like(dot, 0.001), interior))
+    w_mm = torch.where(dot > 0, half, c)
+    bad = ~(torch.isfinite(dot) & torch.isfinite(sq_mm) & torch.isfinite(sq_uni))
+    w_mm = torch.where(bad, half, w_mm)
+    w_uni = torch.where(bad, half, 1.0 - w_mm)
+    return ((w_mm, w_uni), bad) if return_fallback else (w_mm, w_uni)
+
+
+def mmpareto_scale(sq_sum: torch.Tensor, sq_new: torch.Tensor, gamma: float = MMPARETO_GAMMA) -> torch.Tensor:
+    """MMPareto's magnitude rule, per parameter tensor: the factor that multiplies ``g_new = 2(w_mm·g_mm + w_uni·g_uni)``.
+
+    ``sq_sum = ‖g_mm + g_uni‖²`` and ``sq_new = ‖g_new‖²`` of one tensor; ``d = ‖g_mm + g_uni‖ / ‖g_new‖`` and
+    the factor is ``γ·d`` when ``d > 1``, else ``γ``: the combined gradient is never shorter than the plain
+    sum, and is enhanced by γ (released code: ``gamma = 1.5``). ``sq_new == 0`` gives ``γ`` (``g_new`` is 0,
+    so is the result; the released division gives NaN there when ``g_mm + g_uni`` is not 0). Non-finite
+    statistics give 1 (the plain sum is kept by the caller's fallback).
+    """
+    fn = "mmpareto_scale"
+    sq_sum = _mmpareto_stat(fn, "sq_sum", sq_sum)
+    sq_new = _mmpareto_stat(fn, "sq_new", sq_new, sq_sum)
+    gamma = _number(fn, "gamma", gamma, lo=0.0, lo_open=True)
+    pos = sq_new > 0
+    d = torch.sqrt(sq_sum / torch.where(pos, sq_new, torch.ones_like(sq_new)))
+    scale = gamma * torch.where(pos & (d > 1), d, torch.ones_like(d))
+    ok = torch.isfinite(sq_sum) & torch.isfinite(sq_new)
+    return torch.where(ok, scale, torch.ones_like(scale))
+
+
+# --------------------------------------------------------------------------------------------------------
 # PMR (Fan et al., CVPR 2023, "PMR: Prototypical Modal Rebalance for Multimodal Learning")
 # --------------------------------------------------------------------------------------------------------
 PMR_RULES = ("released", "ratio")

@@ -23,6 +23,7 @@ Methods
 - :class:`DecisionLevel` calibrated, capability-weighted decision fusion (``fuse(unimodal_logits, labels)``).
 - :class:`OPM`          on-the-fly prediction modulation (TPAMI 2024): drops the dominant modality's features.
 - :class:`OGMTPAMI`     OGM as the TPAMI 2024 release runs it (an :class:`OGMGE` configuration).
+- :class:`AGM`          adaptive gradient modulation from Shapley mono-modal responses (Li et al. 2023).
 - :class:`PMR`          prototypical modal rebalance, a loss term (``loss = loss + bal.loss(features, labels)``).
 
 Two modulation modes (``mode=``) for the gradient-modulating balancers:
@@ -41,6 +42,7 @@ OGM-GE decomposition), :func:`masked_unimodal_logits` (for non-linear heads: for
 modalities zeroed), :func:`unimodal_performance` (PDMP's input measured on a validation loader).
 """
 from mmkernels.balance.base import Balancer, BalancerFallbackWarning, masked_unimodal_logits, split_linear_head
+from mmkernels.balance.agm import AGM, agm_linear_responses, coalition_logits
 from mmkernels.balance.decision import DecisionLevel
 from mmkernels.balance.mwam import MWAM
 from mmkernels.balance.ogm_ge import OGMGE
@@ -51,6 +53,7 @@ __all__ = ["Balancer", "BalancerFallbackWarning", "OGMGE", "PDMP", "MWAM", "Deci
            "masked_unimodal_logits",
            "unimodal_performance"]
 __all__ += ["PMR"]
+__all__ += ["AGM", "agm_linear_responses", "coalition_logits"]
 from mmkernels.balance.opm import OGMTPAMI, OPM  # noqa: E402
 
 __all__ += ["OPM", "OGMTPAMI"]

@@ -143,3 +143,264 @@ def mwam_frm(x: torch.Tensor, patch_size: int = 8, window: int = 2, dct_2d=None)
     """Released MWAM metric of one modality: ``(low / (high + 1e-6)).abs().sum()`` (a scalar over the batch)."""
     low, high = mwam_frequency_layer(x, patch_size, window, dct_2d)
     return (low / (high + MWAM_EPS)).abs().sum()
+
+
+# ------------------------------------------------------------------------------------------------ AGM
+# AGM (Li et al., ICCV 2023). Two releases, transcribed for timing and for the semantic tests:
+#
+# * the authors' (lihong2303/AGM_ICCV2023, ``model/CREMAD_net.py`` ``GradMod`` and ``run/CREMAD_main.py``
+#   ``train``): four forwards of the network, the full one in train mode and three in eval mode *with*
+#   autograd (audio kept, visual kept, both zeroed; the last is computed and not used); mono-modal outputs
+#   ``m_a = ½(total − pad_audio + pad_visual)`` and ``m_v`` alike, each through an identity module whose full
+#   backward hook multiplies its gradient by the modality's coefficient; the loss is the CE of ``m_a + m_v``;
+#   per-sample Python loop for the mono-modal CE (``p_y < 1e-8`` replaced by 1e-8), ``.item()`` reads,
+#   ``ratio_a = exp(s_v − s_a)``, ``coeff = exp(α·min(r̄ − r, 10))``, cumulative-mean target updated after
+#   the coefficient, coefficients set only inside ``starts <= epoch <= ends`` (outside, the hooks keep the
+#   scale last set), then clipping of the whole model to norm 1 when the head's weight gradient leaves [-1, 1].
+# * BalanceBenchmark's (GeWu-Lab/BalanceBenchmark, ``balancemm/trainer/AGM_trainer.py`` ``newGrad`` and
+#   ``AGMTrainer.training_step``): every non-empty coalition of the other modalities and the same with the
+#   modality added, each forward once (cached), in eval mode under no_grad with the missing inputs zeroed;
+#   responses ``Σ w·(f(S ∪ m) − f(S))`` over non-empty S only; then the train-mode forward and its backward;
+#   the same per-sample loop; ``ratio = exp(M/(M−1)·(s_m − mean))`` (sign opposite to the authors');
+#   ``coeff = exp(α·min(r̄ − r, 7))``; every parameter whose name contains the modality's name and whose
+#   gradient is not 1-D gets ``grad *= coeff``; no window test; clipping to norm 5 when the head's weight
+#   gradient leaves [-5, 5].
+def agm_mono_loss(out: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+    """Released mono-modal CE: a per-sample loop, the batch softmax recomputed per sample, floor 1e-8."""
+    total = 0.
+    for k in range(out.size(0)):
+        p = F.softmax(out, dim=1)[k][label[k]]
+        if torch.isinf(torch.log(p)) or p < 1e-8:
+            total = total - torch.log(torch.tensor(1e-8, dtype=out.dtype, device=out.device))
+        else:
+            total = total - torch.log(p)
+    return total / out.size(0)
+
+
+class _HookedIdentity(torch.nn.Module):
+    """The authors' ``Modality_out``: identity whose full backward hook scales the gradient by ``scale``."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = 1.0
+        self.register_full_backward_hook(lambda m, gin, gout: (gin[0].clone() * self.scale,))
+
+    def forward(self, x):
+        return x
+
+
+def agm_authors_state() -> dict:
+    return {"score_a": 0.0, "score_v": 0.0, "hook_a": _HookedIdentity(), "hook_v": _HookedIdentity()}
+
+
+def agm_authors_step(net, forward, opt, xa, xv, y, state: dict, iteration: int, epoch: int, alpha: float,
+                     clamp: float | None = 10.0, window=(0, 20), head_weight=None, clip: float = 1.0):
+    """One step of the authors' AGM (two modalities). ``forward(xa, xv) -> logits``; ``net`` is toggled
+    between train and eval as released; ``iteration`` is 1-based. Returns the coefficients it computed."""
+    opt.zero_grad()
+    total = forward(xa, xv)
+    net.eval()
+    pad_visual = forward(xa, torch.zeros_like(xv))
+    pad_audio = forward(torch.zeros_like(xa), xv)
+    forward(torch.zeros_like(xa), torch.zeros_like(xv))  # computed by the release, never used
+    net.train()
+    m_a = state["hook_a"](0.5 * (total - pad_audio + pad_visual))
+    m_v = state["hook_v"](0.5 * (total - pad_visual + pad_audio))
+    loss = F.cross_entropy(m_a + m_v, y)
+    s_a, s_v = agm_mono_loss(m_a, y), agm_mono_loss(m_v, y)
+    ratio_a, ratio_v = math.exp(s_v.item() - s_a.item()), math.exp(s_a.item() - s_v.item())
+    opt_a = math.exp(state["score_v"] - state["score_a"])
+    opt_v = math.exp(state["score_a"] - state["score_v"])
+    cap = (lambda d: d) if clamp is None else (lambda d: min(d, clamp))
+    coeff_a, coeff_v = math.exp(alpha * cap(opt_a - ratio_a)), math.exp(alpha * cap(opt_v - ratio_v))
+    state["score_a"] = state["score_a"] * (iteration - 1) / iteration + s_a.item() / iteration
+    state["score_v"] = state["score_v"] * (iteration - 1) / iteration + s_v.item() / iteration
+    if window[0] <= epoch <= window[1]:
+        state["hook_a"].scale, state["hook_v"].scale = coeff_a, coeff_v
+    loss.backward()
+    if head_weight is not None and (head_weight.grad.max() > clip or head_weight.grad.min() < -clip):
+        torch.nn.utils.clip_grad_norm_(net.parameters(), max_norm=clip)
+    opt.step()
+    return coeff_a, coeff_v
+
+
+def agm_benchmark_step(model, forward, opt, inputs: dict, y, scores: dict, iteration: int, alpha: float,
+                       clamp: float = 7.0, head_weight=None, clip: float = 5.0):
+    """One step of BalanceBenchmark's AGM. ``forward(inputs_dict) -> logits``; ``scores``: the running
+    averages by modality name (updated in place); ``iteration`` is 1-based. Returns the coefficients."""
+    from itertools import combinations
+
+    names = list(inputs)
+    M = len(names)
+    res, cache = {}, {}
+
+    def coalition(combo):
+        key = tuple(sorted(combo))
+        if key not in cache:
+            cache[key] = forward({n: (x if n in combo else torch.zeros_like(x)) for n, x in inputs.items()})
+        return cache[key]
+
+    with torch.no_grad():
+        model.eval()
+        for m in names:
+            others = [n for n in names if n != m]
+            for r in range(1, len(others) + 1):
+                for combo in combinations(others, r):
+                    w = math.factorial(r) * math.factorial(M - r - 1) / math.factorial(M)
+                    term = w * (coalition(list(combo) + [m]) - coalition(list(combo)))
+                    res[m] = term if m not in res else res[m] + term
+    model.train()
+    out = forward(inputs)
+    opt.zero_grad()
+    F.cross_entropy(out, y).backward()
+    s = {m: agm_mono_loss(res[m], y) for m in names}
+    s_mean = sum(s.values()) / M
+    t_mean = sum(scores.values()) / M
+    coeffs = {}
+    for m in names:
+        ratio = math.exp(M / (M - 1) * (s[m].item() - s_mean.item()))
+        optimal = math.exp(M / (M - 1) * (scores[m] - t_mean))
+        coeffs[m] = math.exp(alpha * min(optimal - ratio, clamp))
+        scores[m] = scores[m] * (iteration - 1) / iteration + s[m].item() / iteration
+    for name, p in model.named_parameters():
+        for m in names:
+            if m in name and p.grad is not None and p.grad.dim() != 1:
+                p.grad *= coeffs[m]
+    if head_weight is not None and (head_weight.grad.max() > clip or head_weight.grad.min() < -clip):
+        torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=clip)
+    opt.step()
+    return coeffs
+
+
+# --------------------------------------------------------------------------------------------------------
+# PMR (Fan et al., CVPR 2023, fanyunfeng-bit/Modal-Imbalance-PMR, main_Prototype_grad.py)
+# --------------------------------------------------------------------------------------------------------
+def pmr_eu_dist(x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
+    """The released ``EU_dist``: a zero ``(B, C)`` matrix filled by a double Python loop, one
+    ``sqrt(dot(x1[i] − x2[j], x1[i] − x2[j]))`` per entry (differentiable in both arguments)."""
+    d = torch.zeros(x1.shape[0], x2.shape[0], device=x1.device, dtype=x1.dtype)
+    for i in range(x1.shape[0]):
+        for j in range(x2.shape[0]):
+            diff = x1[i] - x2[j]
+            d[i, j] = torch.sqrt(torch.dot(diff, diff))
+    return d
+
+
+def pmr_score(sim: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+    """The released prototype score: a Python ``sum`` over the batch of ``softmax(sim)[i][label[i]]`` with the
+    batch softmax evaluated inside the comprehension, once per sample."""
+    return sum(torch.softmax(sim, dim=1)[i][label[i]] for i in range(sim.size(0)))
+
+
+def pmr_step_loss(feat_a, feat_v, out, label, proto_a, proto_v, alpha: float, active: bool) -> torch.Tensor:
+    """The loss of one released PMR training step (``modulation == 'Proto'``): negative Euclidean distances to
+    the (constant) prototypes, the two scores and their ratio decided on the host, the prototypical
+    cross-entropy on the weaker modality times ``alpha``. Logging-only work of the released step (head-split
+    scores, unimodal losses, prints, ``.item()``) is left out."""
+    audio_sim = -pmr_eu_dist(feat_a, proto_a)
+    visual_sim = -pmr_eu_dist(feat_v, proto_v)
+    loss = F.cross_entropy(out, label)
+    if not active:
+        return loss
+    ratio_a_p = pmr_score(audio_sim, label) / pmr_score(visual_sim, label)
+    loss_proto_a = F.cross_entropy(audio_sim, label)
+    loss_proto_v = F.cross_entropy(visual_sim, label)
+    if ratio_a_p > 1:  # a host sync, as released
+        beta, lam = 0.0, alpha
+    elif ratio_a_p < 1:
+        beta, lam = alpha, 0.0
+    else:
+        beta, lam = 0.0, 0.0
+    return loss + beta * loss_proto_a + lam * loss_proto_v
+
+
+def pmr_calculate_prototype(feats: list, labels: list, n_classes: int, momentum: float = 0.0, old=None):
+    """The released ``calculate_prototype`` on given (already computed, ``no_grad``) features: per-sample
+    accumulation into per-class rows with a Python class counter, division per class, then
+    ``(1 − momentum)·mean + momentum·old`` when ``old`` is given (released: from the third computation on)."""
+    protos = [torch.zeros(n_classes, f[0].shape[1], device=f[0].device) for f in feats]
+    count = [0] * n_classes
+    for b, label in enumerate(labels):
+        for c, lab in enumerate(label):
+            lab = int(lab)
+            count[lab] += 1
+            for p, f in zip(protos, feats):
+                p[lab, :] += f[b][c, :]
+    for p in protos:
+        for c in range(n_classes):
+            p[c, :] /= count[c]
+    if old is not None:
+        protos = [(1 - momentum) * p + momentum * o for p, o in zip(protos, old)]
+    return protos
+
+
+# --------------------------------------------------------------------------------------------------------
+# OPM, TPAMI 2024 (GeWu-Lab/BML_TPAMI2024, code/models/Classifier.py and code/main.py)
+# --------------------------------------------------------------------------------------------------------
+class _OpmReleasedRescale(torch.autograd.Function):
+    """The release's ``custom_autograd``: forward and backward divide by ``1 − θ``, θ read with ``.item()``."""
+
+    @staticmethod
+    def forward(ctx, x, theta):
+        ctx.save_for_backward(theta)
+        return x / (1 - theta.item())
+
+    @staticmethod
+    def backward(ctx, grad):
+        (theta,) = ctx.saved_tensors
+        return grad.clone() / (1 - theta.item()), None
+
+
+def opm_performance(feat: torch.Tensor, weight_half: torch.Tensor, bias: torch.Tensor, label: torch.Tensor):
+    """Released score of one modality: logits from its half of the (detached) concat head plus half the bias,
+    then a Python sum over samples of ``softmax(t)[i][int(label[i].item())]`` (the batch softmax per sample)."""
+    t = torch.mm(feat, weight_half.t()) + bias / 2
+    return sum([F.softmax(t, dim=1)[i][int(label[i].item())] for i in range(t.shape[0])])
+
+
+def opm_calcu_q(perf_1, perf_2, q_base: float, lam: float) -> torch.Tensor:
+    """Released ``calcu_q``: ``tanh(relu(ρ − 1))`` per modality and the host-side ``if ratio > 0`` branches."""
+    q = torch.tensor([0.0, 0.0])
+    r1 = torch.tanh(torch.relu(perf_1 / perf_2 - 1))
+    r2 = torch.tanh(torch.relu(perf_2 / perf_1 - 1))
+    q[0] = q_base * (1 + lam * r1) if r1 > 0 else 0
+    q[1] = q_base * (1 + lam * r2) if r2 > 0 else 0
+    return torch.clip(q, 0.0, 1.0)
+
+
+def opm_execute_drop(feats: list, q: torch.Tensor, dims: torch.Tensor, p_exe: float, device):
+    """Released ``Modality_drop.execute_drop`` for equal feature widths: a host coin (NumPy) decides whether the
+    step drops; θ = Σ d q / Σ d; a Bernoulli(1 − q) mask sampled on the CPU and copied over; every modality
+    times ``mask / (1 − θ)``; samples with no kept modality removed (``masked_select``). Returns
+    ``(features, update_flag)``."""
+    import numpy as np
+
+    B = feats[0].shape[0]
+    D = feats[0].shape[1]
+    exe = torch.tensor(np.random.rand(1)).to(device=device) >= 1 - p_exe
+    if not exe:
+        return feats, torch.ones([B], dtype=torch.int32, device=device)
+    num_mod = len(feats)
+    theta = sum(dims * q) / sum(dims)
+    mask = torch.distributions.Bernoulli(1 - q).sample([B, 1]).permute(2, 1, 0).contiguous().reshape(
+        num_mod, B, -1).to(device=device)
+    stacked = torch.mul(torch.stack(feats, dim=0), mask)
+    stacked = _OpmReleasedRescale.apply(stacked, theta)
+    mask = torch.transpose(mask, 0, 1).squeeze(-1)
+    flag = torch.sum(mask, dim=1) > 0
+    kept = torch.masked_select(stacked, flag.unsqueeze(-1)).reshape(num_mod, -1, D)
+    return [c.squeeze(0) for c in torch.chunk(kept, num_mod, dim=0)], flag
+
+
+def opm_step_features(feat_1, feat_2, weight, bias, label, q_base: float = 0.5, lam: float = 0.5,
+                      p_exe: float = 0.7):
+    """What the released OPM adds to a forward pass after the encoders (warm-up over): the two scores, ``q``,
+    the drop. Returns ``(feat_1, feat_2, update_flag)``; the caller filters its labels by ``update_flag``."""
+    w, b = weight.clone().detach(), bias.clone().detach()
+    d1 = feat_1.shape[1]
+    perf_1 = opm_performance(feat_1, w[:, :d1], b, label)
+    perf_2 = opm_performance(feat_2, w[:, d1:], b, label)
+    q = opm_calcu_q(perf_1, perf_2, q_base, lam)
+    dims = torch.tensor([feat_1.shape[1], feat_2.shape[1]])
+    (f1, f2), flag = opm_execute_drop([feat_1, feat_2], q, dims, p_exe, feat_1.device)
+    return f1, f2, flag
