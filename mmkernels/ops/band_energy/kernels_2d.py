@@ -1,14 +1,36 @@
 """2-D band energies on Triton: kernels, launch config, launchers.
 
-``X[u, v] = Σ_h Σ_w x[h, w] e^{-2πi(uh/H + vw/W)}`` is separable. A program takes ``IMGS`` images one after
-the other; stage 1 projects image rows onto the ``v``-basis tile (``Y = x·[Cv | Sv]ᵀ``), stage 2 onto the
-``u``-basis (``Re = Cu Yc − Su Ys``, ``Im' = Su Yc + Cu Ys``, ``Im' = −Im X``); the plan's band id per
-``(u, v)`` (-1 outside every non-last band) sums ``Re² + Im'²`` into bands, and the last band is the Parseval
-total ``H·W·Σx²`` minus the others, clamped at 0. The backward reuses the saved projections.
+``X[u, v] = Σ_h Σ_w x[h, w] e^{-2πi(uh/H + vw/W)}`` is separable, and only the few ``(u, v)`` below the last
+cutoff are needed, so each image costs two small dense products and one read of ``x``:
+
+- stage 1 (along W), every row of ``IMGS`` images at once: ``Y = x·CSv`` with ``CSv = [Cvᵀ | Svᵀ]``
+  ``(W, 2·V_PAD)``; the rows of all images of the group stack into one ``(IMGS·BLOCK_H, BLOCK_W)`` operand;
+- stage 2 (along H), per image: ``Y`` regrouped (a register reshape/permute, no memory) into
+  ``Yk = [Yc | Ys]`` ``(V_PAD, 2·BLOCK_H)`` and ``[Re | Im'] = Yk·B2`` with
+  ``B2 = [[Cuᵀ, Suᵀ], [−Suᵀ, Cuᵀ]]`` ``(2·BLOCK_H, 2·U_PAD)`` (``Re = Cu Yc − Su Ys``,
+  ``Im' = Su Yc + Cu Ys = −Im X``); the ``Yk`` of the images of a group stack along rows, so this too is one
+  product. Stage 2 is linear in the rows, so images taller than ``BLOCK_H`` accumulate it chunk by chunk and
+  ``x`` is still read once;
+- the plan's band id per ``(v, u)`` (-1 outside every non-last band, the same ids the reference uses) sums
+  ``Re² + Im'²`` into bands in registers; the last band is the Parseval total ``H·W·Σx²`` (from the same
+  tiles) minus the others, clamped at 0.
+
+A program loops over groups of ``IMGS`` images (grid ``PROGRAMS_PER_SM`` × SMs, or one program per group when
+it is 0), so the loads of the next group can be in flight during this one's products.
+
+Precision. fp32 products use Triton's ``tf32x3`` (each operand split into a TF32 head and a TF32 tail, three
+tensor-core products, fp32 accumulation): relative error ≈ 2^-21 per product, fp32-like, where plain TF32
+(2^-11) would miss the 1e-4·E_band accuracy bound on smooth images. ``MMKERNELS_BAND_ENERGY_DOT=ieee`` (read
+at import) runs exact fp32 FMA products instead; float64 always does.
+
+The backward is the transpose: ``R' = 2(g_band − g_last)∘[Re | Im']`` from the saved projections,
+``dYk = R'·B2ᵀ``, the inverse regrouping, ``dx = dY·CSvᵀ``, plus ``2·H·W·g_last·x``; one read of ``x``, one
+write of the gradient.
 """
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import torch
 
@@ -16,147 +38,136 @@ from mmkernels import _tuning
 from mmkernels._triton import tl, triton
 from mmkernels._common import BoundedCache, acc_dtype, cdiv, next_pow2
 
-from .plans import Plan2d, dot_precision
+from .plans import Plan2d
+
+# plans.py validates the variable's value at import (ieee or tf32x3); the 2-D kernels default to tf32x3.
+_DOT_FP32 = os.environ.get("MMKERNELS_BAND_ENERGY_DOT", "tf32x3")
+
+
+def _precision(cd: torch.dtype) -> str:
+    return "ieee" if cd == torch.float64 else _DOT_FP32
 
 
 # ----------------------------------------------------------------------------------------------------------
 # 1. Kernels
 # ----------------------------------------------------------------------------------------------------------
 @triton.jit
-def _swap_halves(BLOCK_V2: tl.constexpr):
-    """Constant (BLOCK_V2, BLOCK_V2) matrix Q with (Z Q)[:, c] = −Z[:, c + VT] for c < VT and Z[:, c − VT]
-    for c >= VT (VT = BLOCK_V2 / 2): in a tile packed as [cos half | sin half] it turns Su·[Yc | Ys] into
-    [−Su Ys | Su Yc], so Re and Im' come out packed without slicing register tiles."""
-    VT = BLOCK_V2 // 2
-    k = tl.arange(0, BLOCK_V2)[:, None]
-    c = tl.arange(0, BLOCK_V2)[None, :]
-    return tl.where((c < VT) & (k == c + VT), -1.0, tl.where((c >= VT) & (k == c - VT), 1.0, 0.0))
-
-
-@triton.jit
-def _band_energy_2d_fwd_kernel(x_ptr, cu_ptr, su_ptr, csv_ptr, band_ptr, out_ptr, proj_ptr,
-                               M, H, W, U, V, stride_xm, stride_xh, stride_xw, scale_total,
-                               U_PAD: tl.constexpr, V2_PAD: tl.constexpr, H_PAD: tl.constexpr,
-                               NUM_CUT: tl.constexpr, SAVE_PROJ: tl.constexpr,
-                               BLOCK_U: tl.constexpr, BLOCK_V2: tl.constexpr, BLOCK_H: tl.constexpr,
-                               BLOCK_W: tl.constexpr, BLOCK_J: tl.constexpr, IMGS: tl.constexpr,
+def _band_energy_2d_fwd_kernel(x_ptr, csv_ptr, csu_ptr, band_ptr, out_ptr, proj_ptr, M, stride_xm, scale_total,
+                               H: tl.constexpr, W: tl.constexpr, STRIDE_H: tl.constexpr, STRIDE_W: tl.constexpr,
+                               U: tl.constexpr, V: tl.constexpr, U_PAD: tl.constexpr, V_PAD: tl.constexpr,
+                               NUM_CUT: tl.constexpr, BLOCK_J: tl.constexpr, SAVE_PROJ: tl.constexpr,
+                               IMGS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
                                PRECISION: tl.constexpr):
-    # Column tile t of the stage-1 basis holds VT = BLOCK_V2/2 frequencies v = t·VT + c as [cos | sin], so one
-    # dot gives Y = [Yc | Ys] and stage 2 gives R = [Re | Im'] = Cu·Y + (Su·Y)·Q. A program handles IMGS
-    # consecutive images one after the other (the loop lets loads of the next image overlap this one's math).
-    VT = BLOCK_V2 // 2
-    ru0 = tl.arange(0, BLOCK_U)
-    rc0 = tl.arange(0, BLOCK_V2)
-    rh0 = tl.arange(0, BLOCK_H)
+    # Row r of the stage-1 tile is row r % BLOCK_H of image r // BLOCK_H of the group; row (i, v) of the
+    # stage-2 tile is frequency v of image i, its columns [Re of u = 0..U_PAD-1 | Im' of the same u].
+    # H, W and the row/column strides are constexpr: the tile's padding masks and the 16-byte alignment of
+    # its rows are then known to the compiler (vector loads), and the chunk loops have static trip counts.
+    R: tl.constexpr = IMGS * BLOCK_H
+    cdt = csv_ptr.dtype.element_ty
+    r = tl.arange(0, R)
+    img = r // BLOCK_H
+    hh = r % BLOCK_H
     rw0 = tl.arange(0, BLOCK_W)
+    c2 = tl.arange(0, 2 * V_PAD)
+    k2 = tl.arange(0, 2 * BLOCK_H)
+    a2 = tl.arange(0, 2 * U_PAD)
+    iv = tl.arange(0, IMGS * V_PAD)
+    ii = tl.arange(0, IMGS)
     jj = tl.arange(0, BLOCK_J)
-    cdt = cu_ptr.dtype.element_ty
-    q = _swap_halves(BLOCK_V2).to(cdt)
-    for i in range(IMGS):
-        # The last program may run past M: it redoes image M-1 and stores the same values again (no masks).
-        m = tl.minimum(tl.program_id(0).to(tl.int64) * IMGS + i, M - 1)
-        energy = tl.zeros((BLOCK_J,), dtype=cdt)
-        sumsq = tl.zeros((BLOCK_H,), dtype=cdt)
-        xbase = x_ptr + m * stride_xm
-        for u0 in range(0, U_PAD, BLOCK_U):
-            ru = u0 + ru0
-            for c0 in range(0, V2_PAD, BLOCK_V2):
-                rc = c0 + rc0
-                first = (u0 == 0) & (c0 == 0)
-                a = tl.zeros((BLOCK_U, BLOCK_V2), dtype=cdt)
-                b = tl.zeros((BLOCK_U, BLOCK_V2), dtype=cdt)
-                for h0 in range(0, H, BLOCK_H):
-                    rh = h0 + rh0
-                    hmask = rh < H
-                    y = tl.zeros((BLOCK_H, BLOCK_V2), dtype=cdt)
-                    for w0 in range(0, W, BLOCK_W):
-                        rw = w0 + rw0
-                        xt = tl.load(xbase + rh[:, None] * stride_xh + rw[None, :] * stride_xw,
-                                     mask=hmask[:, None] & (rw < W)[None, :], other=0.0).to(cdt)
-                        bt = tl.load(csv_ptr + rw[:, None] * V2_PAD + rc[None, :])  # basis padded: no mask
-                        y += tl.dot(xt, bt, input_precision=PRECISION)
-                        # Parseval total while x is in registers anyway (first frequency tile only).
-                        sumsq += tl.where(first, tl.sum(xt * xt, axis=1), 0.0)
-                    cut = tl.load(cu_ptr + ru[:, None] * H_PAD + rh[None, :])
-                    sut = tl.load(su_ptr + ru[:, None] * H_PAD + rh[None, :])
-                    a += tl.dot(cut, y, input_precision=PRECISION)
-                    b += tl.dot(sut, y, input_precision=PRECISION)
-                r = a + tl.dot(b, q, input_precision=PRECISION)  # [Re | Im']
-                if SAVE_PROJ:
-                    half = rc0 // VT
-                    v = (c0 // BLOCK_V2) * VT + rc0 % VT
-                    pmask = (ru < U)[:, None] & (v < V)[None, :]
-                    tl.store(proj_ptr + m * (2 * U * V) + half[None, :] * (U * V) + ru[:, None] * V + v[None, :], r,
-                             mask=pmask)
-                sq = r * r
-                bd = tl.load(band_ptr + ru[:, None] * V2_PAD + rc[None, :])
-                for j in tl.static_range(NUM_CUT):
-                    e_j = tl.sum(tl.sum(tl.where(bd == j, sq, 0.0), axis=1), axis=0)
-                    energy += tl.where(jj == j, e_j, 0.0)
-        last = scale_total * tl.sum(sumsq, axis=0) - tl.sum(energy, axis=0)
-        last = tl.where(last < 0.0, 0.0, last)  # rounding below 0 on an (almost) empty band; NaN passes
-        energy = tl.where(jj == NUM_CUT, last, energy)
-        tl.store(out_ptr + m * (NUM_CUT + 1) + jj, energy, mask=jj <= NUM_CUT)
-
-
-@triton.jit
-def _band_energy_2d_bwd_kernel(g_ptr, x_ptr, proj_ptr, cu_ptr, su_ptr, csv_ptr, band_ptr, gx_ptr,
-                               M, H, W, U, V, stride_xm, stride_xh, stride_xw, scale_total,
-                               U_PAD: tl.constexpr, V2_PAD: tl.constexpr, H_PAD: tl.constexpr,
-                               NUM_CUT: tl.constexpr,
-                               BLOCK_U: tl.constexpr, BLOCK_V2: tl.constexpr, BLOCK_H: tl.constexpr,
-                               BLOCK_W: tl.constexpr, BLOCK_J: tl.constexpr, IMGS: tl.constexpr,
-                               PRECISION: tl.constexpr):
-    # With R' = G∘[Re | Im'] (G = 2(g_band − g_last) per (u, v)):
-    #   T1 = Re'Cv + Im'Sv = R'·CSvᵀ,  T2 = Im'Cv − Re'Sv = −(R'Q)·CSvᵀ,  grad = 2S·g_last·x + Cuᵀ T1 + Suᵀ T2.
-    VT = BLOCK_V2 // 2
-    ru0 = tl.arange(0, BLOCK_U)
-    rc0 = tl.arange(0, BLOCK_V2)
-    rh0 = tl.arange(0, BLOCK_H)
-    rw0 = tl.arange(0, BLOCK_W)
-    jj = tl.arange(0, BLOCK_J)
-    cdt = cu_ptr.dtype.element_ty
-    q = _swap_halves(BLOCK_V2).to(cdt)
-    half = rc0 // VT
-    for i in range(IMGS):  # IMGS consecutive images per program
-        # The last program may run past M: it redoes image M-1 and stores the same values again (no masks).
-        m = tl.minimum(tl.program_id(0).to(tl.int64) * IMGS + i, M - 1)
-        g = tl.load(g_ptr + m * (NUM_CUT + 1) + jj, mask=jj <= NUM_CUT, other=0.0).to(cdt)
-        g_last = tl.sum(tl.where(jj == NUM_CUT, g, 0.0), axis=0)
-        xbase = x_ptr + m * stride_xm
-        pbase = proj_ptr + m * (2 * U * V)
+    bd = tl.load(band_ptr + tl.arange(0, V_PAD)[:, None] * (2 * U_PAD) + a2[None, :])  # (V_PAD, 2U_PAD)
+    for g in tl.range(tl.program_id(0), tl.cdiv(M, IMGS), tl.num_programs(0)):
+        m0 = g * IMGS  # image ids stay int32 (M < 2^31); offsets below are int64
+        # A group running past M redoes image M-1 and stores the same values again (no masks on images).
+        xrow = x_ptr + tl.minimum(m0 + img, M - 1).to(tl.int64) * stride_xm
+        z = tl.zeros((IMGS * V_PAD, 2 * U_PAD), dtype=cdt)
+        sumsq = tl.zeros((R,), dtype=cdt)
         for h0 in range(0, H, BLOCK_H):
-            rh = h0 + rh0
-            hmask = rh < H
+            h = h0 + hh
+            y = tl.zeros((R, 2 * V_PAD), dtype=cdt)
             for w0 in range(0, W, BLOCK_W):
-                rw = w0 + rw0
-                wmask = rw < W
-                xt = tl.load(xbase + rh[:, None] * stride_xh + rw[None, :] * stride_xw,
-                             mask=hmask[:, None] & wmask[None, :], other=0.0).to(cdt)
-                acc = (2.0 * scale_total) * g_last * xt
-                for u0 in range(0, U_PAD, BLOCK_U):
-                    ru = u0 + ru0
-                    t1 = tl.zeros((BLOCK_U, BLOCK_W), dtype=cdt)
-                    t2 = tl.zeros((BLOCK_U, BLOCK_W), dtype=cdt)
-                    for c0 in range(0, V2_PAD, BLOCK_V2):
-                        rc = c0 + rc0
-                        bd = tl.load(band_ptr + ru[:, None] * V2_PAD + rc[None, :])
-                        gm = tl.zeros((BLOCK_U, BLOCK_V2), dtype=cdt)
-                        for j in tl.static_range(NUM_CUT):
-                            g_j = tl.sum(tl.where(jj == j, g, 0.0), axis=0)
-                            gm += tl.where(bd == j, 2.0 * (g_j - g_last), 0.0)
-                        v = (c0 // BLOCK_V2) * VT + rc0 % VT
-                        pmask = (ru < U)[:, None] & (v < V)[None, :]
-                        r = gm * tl.load(pbase + half[None, :] * (U * V) + ru[:, None] * V + v[None, :],
-                                         mask=pmask, other=0.0)
-                        bt = tl.load(csv_ptr + rw[None, :] * V2_PAD + rc[:, None])  # (V2, W)
-                        t1 += tl.dot(r, bt, input_precision=PRECISION)
-                        t2 += tl.dot(tl.dot(r, q, input_precision=PRECISION), bt, input_precision=PRECISION)
-                    cut = tl.load(cu_ptr + ru[None, :] * H_PAD + rh[:, None])  # (H, U)
-                    sut = tl.load(su_ptr + ru[None, :] * H_PAD + rh[:, None])
-                    acc += tl.dot(cut, t1, input_precision=PRECISION) - tl.dot(sut, t2, input_precision=PRECISION)
-                tl.store(gx_ptr + m * (H * W) + rh[:, None] * W + rw[None, :], acc.to(gx_ptr.dtype.element_ty),
-                         mask=hmask[:, None] & wmask[None, :])
+                w = w0 + rw0
+                xt = tl.load(xrow[:, None] + h[:, None] * STRIDE_H + w[None, :] * STRIDE_W,
+                             mask=(h < H)[:, None] & (w < W)[None, :], other=0.0).to(cdt)
+                bt = tl.load(csv_ptr + w[:, None] * (2 * V_PAD) + c2[None, :])  # zero-padded table: no mask
+                y = tl.dot(xt, bt, y, input_precision=PRECISION)
+                sumsq += tl.sum(xt * xt, axis=1)  # Parseval total from the tile already in registers
+            yk = tl.reshape(tl.permute(tl.reshape(y, (IMGS, BLOCK_H, 2, V_PAD)), (0, 3, 2, 1)),
+                            (IMGS * V_PAD, 2 * BLOCK_H))
+            b2 = tl.load(csu_ptr + (2 * h0 + k2)[:, None] * (2 * U_PAD) + a2[None, :])
+            z = tl.dot(yk, b2, z, input_precision=PRECISION)
+        sq = tl.reshape(z * z, (IMGS, V_PAD, 2 * U_PAD))
+        energy = tl.zeros((IMGS, BLOCK_J), dtype=cdt)
+        for j in tl.static_range(NUM_CUT):
+            e_j = tl.sum(tl.sum(tl.where(bd[None, :, :] == j, sq, 0.0), axis=2), axis=1)
+            energy += tl.where(jj[None, :] == j, e_j[:, None], 0.0)
+        last = scale_total * tl.sum(tl.reshape(sumsq, (IMGS, BLOCK_H)), axis=1) - tl.sum(energy, axis=1)
+        last = tl.where(last < 0.0, 0.0, last)  # rounding below 0 on an (almost) empty band; NaN passes
+        energy = tl.where(jj[None, :] == NUM_CUT, last[:, None], energy)
+        m_i = tl.minimum(m0 + ii, M - 1).to(tl.int64)
+        tl.store(out_ptr + m_i[:, None] * (NUM_CUT + 1) + jj[None, :], energy, mask=(jj <= NUM_CUT)[None, :])
+        if SAVE_PROJ:
+            v = iv % V_PAD
+            u = a2 % U_PAD
+            m_iv = tl.minimum(m0 + iv // V_PAD, M - 1).to(tl.int64)
+            tl.store(proj_ptr + m_iv[:, None] * (2 * U * V) + (a2 // U_PAD)[None, :] * (U * V) + u[None, :] * V
+                     + v[:, None], z, mask=(v < V)[:, None] & (u < U)[None, :])
+
+
+@triton.jit
+def _band_energy_2d_bwd_kernel(g_ptr, x_ptr, proj_ptr, csv_ptr, csu_ptr, band_ptr, gx_ptr, M, stride_xm,
+                               scale_total,
+                               H: tl.constexpr, W: tl.constexpr, STRIDE_H: tl.constexpr, STRIDE_W: tl.constexpr,
+                               U: tl.constexpr, V: tl.constexpr, U_PAD: tl.constexpr, V_PAD: tl.constexpr,
+                               NUM_CUT: tl.constexpr, BLOCK_J: tl.constexpr,
+                               IMGS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
+                               PRECISION: tl.constexpr):
+    # The forward's layout transposed: R' = 2(g_band − g_last)∘[Re | Im'] per (i, v) row, dYk = R'·B2ᵀ,
+    # the inverse regrouping (the permutation is its own inverse) gives dY, and dx = dY·CSvᵀ + 2S·g_last·x.
+    R: tl.constexpr = IMGS * BLOCK_H
+    cdt = csv_ptr.dtype.element_ty
+    r = tl.arange(0, R)
+    img = r // BLOCK_H
+    hh = r % BLOCK_H
+    rw0 = tl.arange(0, BLOCK_W)
+    c2 = tl.arange(0, 2 * V_PAD)
+    k2 = tl.arange(0, 2 * BLOCK_H)
+    a2 = tl.arange(0, 2 * U_PAD)
+    iv = tl.arange(0, IMGS * V_PAD)
+    ii = tl.arange(0, IMGS)
+    jj = tl.arange(0, BLOCK_J)
+    v = iv % V_PAD
+    u = a2 % U_PAD
+    bd = tl.load(band_ptr + tl.arange(0, V_PAD)[:, None] * (2 * U_PAD) + a2[None, :])  # (V_PAD, 2U_PAD)
+    for g in tl.range(tl.program_id(0), tl.cdiv(M, IMGS), tl.num_programs(0)):
+        m0 = g * IMGS  # image ids stay int32 (M < 2^31); offsets below are int64
+        gv = tl.load(g_ptr + tl.minimum(m0 + ii, M - 1).to(tl.int64)[:, None] * (NUM_CUT + 1) + jj[None, :],
+                     mask=(jj <= NUM_CUT)[None, :], other=0.0).to(cdt)  # (IMGS, BLOCK_J)
+        g_last = tl.sum(tl.where(jj[None, :] == NUM_CUT, gv, 0.0), axis=1)
+        gm = tl.zeros((IMGS, V_PAD, 2 * U_PAD), dtype=cdt)
+        for j in tl.static_range(NUM_CUT):
+            g_j = tl.sum(tl.where(jj[None, :] == j, gv, 0.0), axis=1)
+            gm += tl.where(bd[None, :, :] == j, (2.0 * (g_j - g_last))[:, None, None], 0.0)
+        m_iv = tl.minimum(m0 + iv // V_PAD, M - 1).to(tl.int64)
+        pr = tl.load(proj_ptr + m_iv[:, None] * (2 * U * V) + (a2 // U_PAD)[None, :] * (U * V) + u[None, :] * V
+                     + v[:, None], mask=(v < V)[:, None] & (u < U)[None, :], other=0.0).to(cdt)
+        rp = tl.reshape(gm, (IMGS * V_PAD, 2 * U_PAD)) * pr
+        m_r = tl.minimum(m0 + img, M - 1).to(tl.int64)
+        xrow = x_ptr + m_r * stride_xm
+        grow = gx_ptr + m_r * (H * W)
+        g_last_r = tl.load(g_ptr + m_r * (NUM_CUT + 1) + NUM_CUT).to(cdt) * (2.0 * scale_total)  # (R,)
+        for h0 in range(0, H, BLOCK_H):
+            h = h0 + hh
+            b2t = tl.load(csu_ptr + (2 * h0 + k2)[None, :] * (2 * U_PAD) + a2[:, None])  # (2U_PAD, 2BLOCK_H)
+            dyk = tl.dot(rp, b2t, input_precision=PRECISION)
+            dy = tl.reshape(tl.permute(tl.reshape(dyk, (IMGS, V_PAD, 2, BLOCK_H)), (0, 3, 2, 1)), (R, 2 * V_PAD))
+            for w0 in range(0, W, BLOCK_W):
+                w = w0 + rw0
+                mask = (h < H)[:, None] & (w < W)[None, :]
+                xt = tl.load(xrow[:, None] + h[:, None] * STRIDE_H + w[None, :] * STRIDE_W, mask=mask,
+                             other=0.0).to(cdt)
+                bt = tl.load(csv_ptr + w[None, :] * (2 * V_PAD) + c2[:, None])  # (2V_PAD, BLOCK_W)
+                acc = tl.dot(dy, bt, g_last_r[:, None] * xt, input_precision=PRECISION)
+                tl.store(grow[:, None] + h[:, None] * W + w[None, :], acc.to(gx_ptr.dtype.element_ty), mask=mask)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -164,43 +175,47 @@ def _band_energy_2d_bwd_kernel(g_ptr, x_ptr, proj_ptr, cu_ptr, su_ptr, csv_ptr, 
 # ----------------------------------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class BandEnergy2dConfig(_tuning.LaunchConfig):
-    """Frequency tiles ``BLOCK_U`` × ``BLOCK_V2`` (cos and sin of ``BLOCK_V2/2`` frequencies), image tiles
-    ``BLOCK_H`` × ``BLOCK_W``, ``IMGS`` images per program."""
+    """``IMGS`` images per group, image chunks of ``BLOCK_H`` rows × ``BLOCK_W`` columns (a whole image when
+    it fits), ``PROGRAMS_PER_SM`` (host side): a grid of that many programs per SM looping over the groups,
+    or one program per group when 0."""
 
-    BLOCK_U: int
-    BLOCK_V2: int
+    IMGS: int
     BLOCK_H: int
     BLOCK_W: int
-    IMGS: int
+    PROGRAMS_PER_SM: int = 0
+    HOST = ("PROGRAMS_PER_SM",)
+
+
+# Stage-1 rows per program (IMGS·BLOCK_H) and tile elements: a 128×64 fp32 tile is 32 KB, 64 registers per
+# thread at 4 warps — the largest that leaves room for the tf32x3 head/tail copies without spilling.
+_ROWS = 128
+_TILE = 128 * 64
+
+
+def _pads(h: int, w: int, cd: torch.dtype) -> tuple[int, int]:
+    """Whole-image tile sizes (tl.dot needs every dimension >= 16: 8 rows × 2 halves is the stage-2 K)."""
+    return next_pow2(h, 8), next_pow2(w, 16)
 
 
 def _heuristic(h: int, w: int, nu: int, nv: int, cd: torch.dtype) -> BandEnergy2dConfig:
-    # float64 tiles of 64 need 256 KB of shared memory in the backward (over the H100's 227 KB, seen there):
-    # cap them at 32.
-    # Image rows in tiles of 16: a whole 64×64 image tile with 4 warps needs 255 registers and spills in both
-    # kernels (2 programs, 8 warps per SM), while 16-row tiles with 8 warps need 74 (forward) and 126
-    # (backward) registers with no spill, 24 and 16 warps per SM (sm_90, tools/static_resources.py; static
-    # figures, not timings — a tuned table, when recorded, takes precedence).
-    cap = 32 if cd == torch.float64 else 64
-    block_w = min(cap, next_pow2(w, 16))
-    return BandEnergy2dConfig(BLOCK_U=min(cap, next_pow2(nu, 16)), BLOCK_V2=min(cap, next_pow2(2 * nv, 16)),
-                              BLOCK_H=min(16, next_pow2(h, 16)), BLOCK_W=block_w, IMGS=1,
-                              num_warps=8 if block_w >= 32 else 4, num_stages=3)
+    hp, wp = _pads(h, w, cd)
+    cap = 32 if cd == torch.float64 else 64  # float64 tiles take twice the registers
+    block_w = min(cap, wp)
+    block_h = min(hp, max(8, _TILE // block_w // (2 if cd == torch.float64 else 1)), 128)
+    imgs = max(1, _ROWS // block_h) if block_h == hp else 1
+    return BandEnergy2dConfig(IMGS=imgs, BLOCK_H=block_h, BLOCK_W=block_w, PROGRAMS_PER_SM=0,
+                              num_warps=4, num_stages=2)
 
 
 def _candidates(h: int, w: int, nu: int, nv: int, cd: torch.dtype) -> list[BandEnergy2dConfig]:
-    """Image tile (a 56×56 image padded to 64×64 wastes 23 % of the tile; 16-row tiles waste none along H),
-    images per program, warps, and pipelining depth (1: no multi-buffered x tiles in shared memory, so more
-    programs fit on an SM). The frequency tiles stay as the heuristic's (the band's bins in one tile)."""
+    """Images per group (half and twice the heuristic's), warps, and the persistent grid (2 or 4 programs per
+    SM, 2 or 3 pipeline stages for the next group's tile) against one program per group."""
     base = _heuristic(h, w, nu, nv, cd)
-    cap = 32 if cd == torch.float64 else 64
-    wmax = min(cap, next_pow2(w, 16))
-    return [dataclasses.replace(base, BLOCK_H=bh, BLOCK_W=bw, IMGS=imgs, num_warps=nw, num_stages=ns)
-            for bh in (16, 32, 64) if bh <= min(cap, next_pow2(h, 16))
-            for bw in sorted({wmax, max(16, wmax // 2)})
-            for imgs in (1, 4)
-            for nw in (4, 8)
-            for ns in (1, 3)]
+    hp, _ = _pads(h, w, cd)
+    imgs = sorted({max(1, base.IMGS // 2), base.IMGS, base.IMGS * 2} if base.BLOCK_H == hp else {1})
+    out = [dataclasses.replace(base, IMGS=i, num_warps=nw) for i in imgs for nw in (4, 8)]
+    out += [dataclasses.replace(base, PROGRAMS_PER_SM=p, num_stages=s) for p in (2, 4) for s in (2, 3)]
+    return out
 
 
 FWD = _tuning.Tunable(_band_energy_2d_fwd_kernel, BandEnergy2dConfig, _heuristic, _candidates)
@@ -213,42 +228,59 @@ BWD = _tuning.Tunable(_band_energy_2d_bwd_kernel, BandEnergy2dConfig, _heuristic
 @dataclasses.dataclass(frozen=True)
 class _Tensors:
     u_pad: int
-    v2_pad: int
-    h_pad: int
-    cu: torch.Tensor    # (U_PAD, H_PAD)
-    su: torch.Tensor
-    csv: torch.Tensor   # (W_PAD, V2_PAD): tile t = [cos of v in t·VT..t·VT+VT-1 | sin of the same v]
-    band: torch.Tensor  # (U_PAD, V2_PAD) int32, -1 outside every non-last band and in the padding
+    v_pad: int
+    csv: torch.Tensor   # (cdiv(W, BLOCK_W)·BLOCK_W, 2·V_PAD): [cos v | sin v], sqrt(w_v) folded in, zero padding
+    csu: torch.Tensor   # (cdiv(H, BLOCK_H)·2·BLOCK_H, 2·U_PAD): per row chunk [[Cuᵀ, Suᵀ]; [−Suᵀ, Cuᵀ]]
+    band: torch.Tensor  # (V_PAD, 2·U_PAD) int32 band id of (v, u) in both halves, -1 in the last band and padding
 
 
 _TENSORS = BoundedCache(maxsize=128)
+_SM_COUNTS = BoundedCache(16)
 
 
 def _tensors(plan: Plan2d, device, dtype, cfg: BandEnergy2dConfig) -> _Tensors:
-    bu, bv2, bh, bw = cfg.BLOCK_U, cfg.BLOCK_V2, cfg.BLOCK_H, cfg.BLOCK_W
+    h, w, nu, nv = plan.h, plan.w, plan.num_u, plan.num_v
+    up = next_pow2(nu, 8)  # 2·U_PAD >= 16
+    vp = max(next_pow2(nv, 8), 16 // cfg.IMGS)  # 2·V_PAD >= 16 and IMGS·V_PAD >= 16
+    bh, bw = cfg.BLOCK_H, cfg.BLOCK_W
 
     def build():
-        h, w, nu, nv = plan.h, plan.w, plan.num_u, plan.num_v
-        vt = bv2 // 2
-        n_vt = max(1, cdiv(nv, vt))
-        up = max(bu, cdiv(nu, bu) * bu)
-        v2p = n_vt * bv2
-        hp = cdiv(h, bh) * bh
-        wp = cdiv(w, bw) * bw
-        cu = torch.zeros(up, hp, dtype=torch.float64)
-        su = torch.zeros(up, hp, dtype=torch.float64)
-        cu[:nu, :h], su[:nu, :h] = plan.cu, plan.su
-        csv = torch.zeros(wp, v2p, dtype=torch.float64)
-        band = torch.full((up, v2p), -1, dtype=torch.int32)
-        for v in range(nv):
-            t, c = divmod(v, vt)
-            csv[:w, t * bv2 + c] = plan.cv[v]
-            csv[:w, t * bv2 + vt + c] = plan.sv[v]
-            band[:nu, t * bv2 + c] = plan.band[:, v].to(torch.int32)
-            band[:nu, t * bv2 + vt + c] = plan.band[:, v].to(torch.int32)
+        csv = torch.zeros(cdiv(w, bw) * bw, 2 * vp, dtype=torch.float64)
+        csv[:w, :nv] = plan.cv.t()
+        csv[:w, vp:vp + nv] = plan.sv.t()
+        n_h = cdiv(h, bh)
+        cu = torch.zeros(n_h * bh, up, dtype=torch.float64)
+        su = torch.zeros(n_h * bh, up, dtype=torch.float64)
+        cu[:h, :nu], su[:h, :nu] = plan.cu.t(), plan.su.t()
+        cu, su = cu.view(n_h, bh, up), su.view(n_h, bh, up)
+        csu = torch.cat([torch.cat([cu, su], 2), torch.cat([-su, cu], 2)], 1).reshape(n_h * 2 * bh, 2 * up)
+        band = torch.full((vp, 2 * up), -1, dtype=torch.int32)
+        bt = plan.band.t().to(torch.int32)  # (V, U), -1 = last band
+        band[:nv, :nu], band[:nv, up:up + nu] = bt, bt
         t = lambda a: a.to(dtype).to(device)  # noqa: E731
-        return _Tensors(u_pad=up, v2_pad=v2p, h_pad=hp, cu=t(cu), su=t(su), csv=t(csv), band=band.to(device))
-    return _TENSORS.get((plan, device, dtype, bu, bv2, bh, bw), build)
+        return _Tensors(u_pad=up, v_pad=vp, csv=t(csv), csu=t(csu), band=band.to(device))
+    return _TENSORS.get((plan, device, dtype, vp, bh, bw), build)
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 1  # interpreter: a grid smaller than the groups, so the group loop runs several times in CI
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    return _SM_COUNTS.get(idx, lambda: torch.cuda.get_device_properties(idx).multi_processor_count)
+
+
+def _grid(cfg: BandEnergy2dConfig, m: int, device) -> tuple:
+    groups = cdiv(m, cfg.IMGS)
+    if cfg.PROGRAMS_PER_SM == 0:
+        return (groups,)
+    return (max(1, min(groups, cfg.PROGRAMS_PER_SM * _sm_count(device))),)
+
+
+def _shape_meta(x: torch.Tensor, plan: Plan2d, t: _Tensors, cfg: BandEnergy2dConfig) -> dict:
+    j = len(plan.cutoffs)
+    return dict(H=plan.h, W=plan.w, STRIDE_H=x.stride(1), STRIDE_W=x.stride(2), U=plan.num_u, V=plan.num_v,
+                U_PAD=t.u_pad, V_PAD=t.v_pad, NUM_CUT=j, BLOCK_J=next_pow2(j + 1, 2),
+                PRECISION=_precision(acc_dtype(x.dtype)), **cfg.meta)
 
 
 def _key(plan: Plan2d, m: int, cd: torch.dtype) -> tuple:
@@ -263,15 +295,12 @@ def forward(x: torch.Tensor, plan: Plan2d, save_proj: bool):
     nu, nv = plan.num_u, plan.num_v
     out = torch.empty(m, j + 1, device=x.device, dtype=cd)
     proj = torch.empty(m, 2, nu, nv, device=x.device, dtype=cd) if save_proj else out
-    block_j = next_pow2(j + 1, 2)
 
     def launch(cfg: BandEnergy2dConfig):
         t = _tensors(plan, x.device, cd, cfg)
-        _band_energy_2d_fwd_kernel[(cdiv(m, cfg.IMGS),)](
-            x, t.cu, t.su, t.csv, t.band, out, proj, m, h, w, nu, nv,
-            x.stride(0), x.stride(1), x.stride(2), float(h * w),
-            U_PAD=t.u_pad, V2_PAD=t.v2_pad, H_PAD=t.h_pad, NUM_CUT=j, SAVE_PROJ=save_proj,
-            BLOCK_J=block_j, PRECISION=dot_precision(cd), **cfg.meta)
+        _band_energy_2d_fwd_kernel[_grid(cfg, m, x.device)](
+            x, t.csv, t.csu, t.band, out, proj, m, x.stride(0), float(h * w),
+            SAVE_PROJ=save_proj, **_shape_meta(x, plan, t, cfg))
 
     launch(FWD.select(_key(plan, m, cd), (h, w, nu, nv, cd), launch, x.device))
     return out, (proj if save_proj else x.new_empty(0, dtype=cd))
@@ -279,20 +308,15 @@ def forward(x: torch.Tensor, plan: Plan2d, save_proj: bool):
 
 def backward(grad: torch.Tensor, x: torch.Tensor, proj: torch.Tensor, plan: Plan2d) -> torch.Tensor:
     cd = acc_dtype(x.dtype)
-    j = len(plan.cutoffs)
     m, h, w = x.shape
     grad = grad.contiguous()
     proj = proj.to(cd).contiguous()
     gx = torch.empty(x.shape, device=x.device, dtype=x.dtype)
-    block_j = next_pow2(j + 1, 2)
 
     def launch(cfg: BandEnergy2dConfig):
         t = _tensors(plan, x.device, cd, cfg)
-        _band_energy_2d_bwd_kernel[(cdiv(m, cfg.IMGS),)](
-            grad, x, proj, t.cu, t.su, t.csv, t.band, gx, m, h, w, plan.num_u, plan.num_v,
-            x.stride(0), x.stride(1), x.stride(2), float(h * w),
-            U_PAD=t.u_pad, V2_PAD=t.v2_pad, H_PAD=t.h_pad, NUM_CUT=j,
-            BLOCK_J=block_j, PRECISION=dot_precision(cd), **cfg.meta)
+        _band_energy_2d_bwd_kernel[_grid(cfg, m, x.device)](
+            grad, x, proj, t.csv, t.csu, t.band, gx, m, x.stride(0), float(h * w), **_shape_meta(x, plan, t, cfg))
 
     launch(BWD.select(_key(plan, m, cd), (h, w, plan.num_u, plan.num_v, cd), launch, x.device))
     return gx
