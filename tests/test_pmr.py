@@ -397,3 +397,19 @@ def test_bad_input_leaves_state_bit_identical():
     with pytest.raises(RuntimeError, match="nothing accumulated"):
         fresh.update_prototypes()
     assert fresh.num_steps == 0 and fresh.prototypes == {"x": None, "y": None}
+
+
+def test_benchmark_implementations_compute_the_same():
+    """Every implementation the op benchmark times gives our gradient and score (else the timing says nothing)."""
+    from mmkernels.bench import harness
+
+    module = harness.op_module("prototype_ce")
+    case = harness.cases(module, "cpu", quick=True)[0]
+    bench = module.make_impls(case, "cpu")
+    (want_grad,), want_score = bench.impls["mmkernels.prototype_ce"]()
+    assert set(bench.roles.values()) >= {"released", "eager", "compiled", "ref", "ours"}
+    for name, role in bench.roles.items():
+        if role in ("released", "eager", "ref"):
+            (grad,), score = bench.impls[name]()
+            torch.testing.assert_close(grad, want_grad, rtol=1e-4, atol=1e-7, msg=lambda s, n=name: f"{n}: {s}")
+            torch.testing.assert_close(score.float(), want_score.float(), rtol=1e-4, atol=1e-6)

@@ -136,7 +136,7 @@ def bench_path(device: str) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ benchmark modules
-OP_MODULES = ("frm", "band_energy", "modality_scores", "decision_fuse", "scale_grads")
+OP_MODULES = ("frm", "band_energy", "modality_scores", "decision_fuse", "scale_grads", "prototype_ce")
 
 
 def benchmarks_dir() -> str | None:

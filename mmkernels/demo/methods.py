@@ -175,6 +175,40 @@ def method(description, *, balancer: Callable | None = None, feeds=(), loss="ce"
     return MethodSpec(description, opts, cls, balanced, label, family)
 
 
+# ---- PMR: a loss term on the encoders' features (its own Method: the features come from forward hooks) ----
+PMR_ALPHA = 2.0  # the released CREMA-D scripts' --alpha, not tuned here
+
+
+class PMRMethod(Method):
+    """PMR: ``CE(fused) + bal.loss(features, y)``. The prototypes of epoch e are the class means of epoch
+    e-1's training features (accumulated by ``loss(..., accumulate=True)``, no extra pass; the released code
+    re-runs a tenth of the training set in eval mode instead); the first batch seeds them."""
+
+    def __init__(self, model, ds, cfg, seed, context, optimizer=None, **options):
+        super().__init__(model, ds, cfg, seed, context, optimizer)
+        from mmkernels.balance import PMR
+
+        self.bal = PMR(list(model.names), num_classes=ds.num_classes, alpha=PMR_ALPHA, **options)
+        self._features, self._epoch = {}, None
+        for n in model.names:
+            model.encoders[n].register_forward_hook(
+                lambda _mod, _args, out, n=n: self._features.__setitem__(n, out))
+
+    def loss(self, x, y, epoch):
+        fused, _ = self.model(x)
+        feats = {n: self._features[n] for n in self.model.names}
+        if self._epoch is None:
+            self.bal.accumulate({n: f.detach() for n, f in feats.items()}, y)
+            self.bal.update_prototypes()
+        elif epoch != self._epoch:
+            self.bal.update_prototypes()
+        self._epoch = epoch
+        return F.cross_entropy(fused, y) + self.bal.loss(feats, y, epoch=epoch, accumulate=True)
+
+    def coefficients(self):
+        return {n: float(k) for n, k in self.bal.coefficients.items()}
+
+
 LOGITS = ("logits", "labels")
 INPUTS = ("inputs",)
 
@@ -234,6 +268,11 @@ METHODS: dict[str, MethodSpec] = {
         "MWAM (as 'mwam') with the fused term of its loss replaced by decision-level weighting",
         balancer=mwam(), feeds=INPUTS, loss="balancer", decision="absolute", label="MWAM weight K_m",
         family="combination"),
+    "pmr": method(
+        "PMR (released rule): class prototypes of each encoder's features; the weaker modality by prototype "
+        f"score gets the prototypical cross-entropy times alpha={PMR_ALPHA} added to CE(fused); prototypes "
+        "refreshed each epoch from the previous epoch's training features",
+        cls=PMRMethod, label="PCE weight beta_m", family="PMR"),
 }
 
 CONTROLS = ("baseline", "baseline+uni_ce")

@@ -1,0 +1,11 @@
+"""pytest-benchmark entries for prototype_ce, from the cases and implementations of ``benchmarks/prototype_ce.py``:
+``pytest benchmarks/test_bench_prototype_ce.py --benchmark-only``."""
+import pytest
+
+from benchmarks import prototype_ce as spec
+from benchmarks.conftest import entries, impl_of
+
+
+@pytest.mark.parametrize("case,impl", entries(spec))
+def test_prototype_ce(bench_call, case, impl):
+    bench_call(impl_of(spec, case, impl))
