@@ -95,8 +95,8 @@ class OPM(Balancer):
     ``coefficients``: the keep probabilities in force, ``1 − q`` on a dropping step, 1 otherwise.
     ``stats``: ``scores``, ``correct``, ``counts``, ``accuracy``, ``ratio`` (``s_m / min_j s_j``), ``q`` (the
     computed probabilities, also on steps that do not drop), ``executed`` (0-d bool: this step dropped),
-    ``factor`` (``(B, M)`` multiplier applied, None on steps that did not drop), ``kept`` (``(M,)`` fraction
-    of available samples whose modality was kept), ``fallback``.
+    ``factor`` (``(B, M)`` multiplier applied, 0 = dropped or missing; None on steps that did not drop),
+    ``fallback``.
     """
 
     modulates_gradients = False
@@ -124,6 +124,7 @@ class OPM(Balancer):
         super().__init__(list(names), epochs=epochs, sync=sync, process_group=process_group, seed=seed,
                          device=device)
         self._pattern_gen: torch.Generator | None = None
+        self._widths_cache = None
 
     # ----------------------------------------------------------------------------------------------------
     def executes(self, step: int) -> bool:
@@ -142,6 +143,13 @@ class OPM(Balancer):
             self._pattern_gen = torch.Generator(device=device)
         self._pattern_gen.manual_seed(_mix(self.seed, 1, self._rank(), step))
         return self._pattern_gen
+
+    def _widths(self, feats: list[torch.Tensor]) -> torch.Tensor:
+        """``(M,)`` features per sample of each modality, kept on the device (one copy per new shape)."""
+        key = (tuple(max(h.shape[1:].numel(), 1) for h in feats), feats[0].device)
+        if self._widths_cache is None or self._widths_cache[0] != key:
+            self._widths_cache = (key, torch.tensor(key[0], dtype=torch.float32, device=feats[0].device))
+        return self._widths_cache[1]
 
     def _check_features(self, fn: str, features) -> list[torch.Tensor]:
         self._check_names(features, "features")
@@ -202,28 +210,23 @@ class OPM(Balancer):
             counts = valid.sum().to(scores.dtype).expand(M)
         else:
             counts = ((mask_t != 0) & valid.unsqueeze(1)).sum(0).to(scores.dtype)
-        stat = self._all_reduce(torch.cat([scores, correct, counts]))
-        scores, correct, counts = stat[:M], stat[M:2 * M], stat[2 * M:]
+        if _dist_ready(self.sync):
+            stat = self._all_reduce(torch.cat([scores, correct, counts]))
+            scores, correct, counts = stat[:M], stat[M:2 * M], stat[2 * M:]
         q, fallback = policies.opm_drop_probability(scores, self.q_base, self.lam, self.reference,
                                                     return_fallback=True)
         executed = self.active(epoch) and self.executes(self.num_steps)
         factor = None
         out = feats
         if executed:
-            widths = [max(h.shape[1:].numel(), 1) for h in feats]
-            scale = policies.opm_rescale(q, widths, self.rescale).to(feats[0].device)
-            out, factor = mmkernels.modality_drop(feats, q.to(feats[0].device), scale=scale, mask=mask_t,
+            q = q.to(feats[0].device)
+            scale = policies.opm_rescale(q, self._widths(feats), self.rescale)
+            out, factor = mmkernels.modality_drop(feats, q, scale=scale, mask=mask_t,
                                                   generator=self.pattern_generator(feats[0].device, self.num_steps))
         k = (1 - q) if executed else torch.ones_like(q)
-        B = feats[0].shape[0]
-        avail = torch.ones((B, M), dtype=torch.bool, device=q.device) if mask_t is None else mask_t != 0
-        if factor is not None:
-            kept = ((factor != 0) & avail).sum(0).float() / avail.sum(0).clamp_min(1).float()
-        else:
-            kept = torch.ones(M, device=q.device)
         self.stats = {"scores": scores, "correct": correct, "counts": counts,
                       "accuracy": correct / counts.clamp_min(1), "ratio": scores / scores.amin(), "q": q,
-                      "executed": torch.tensor(executed), "factor": factor, "kept": kept}
+                      "executed": torch.tensor(executed), "factor": factor}
         self._finish(k, epoch, fallback)
         return dict(zip(self.names, out))
 

@@ -288,29 +288,37 @@ def default_scale(q: torch.Tensor) -> torch.Tensor:
     return 1 / torch.where(q < 1, 1 - q, 1.0)
 
 
+def _sanitize(q: torch.Tensor) -> torch.Tensor:
+    return _as(q, torch.float32).clamp(0, 1).nan_to_num(0.0)
+
+
+def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    # a no-op .to() still costs a dispatch, a few µs at OPM's sizes
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def _decide_ref(u, q, scale, mask) -> torch.Tensor:
-    """``factor (B, M)`` float32: the decision of the module docstring, vectorised."""
-    q = q.to(torch.float32).clamp(0, 1).nan_to_num(0.0)
-    avail = None if mask is None else mask != 0
+    """``factor (B, M)`` float32: the decision of the module docstring, vectorised (``q`` already in [0, 1])."""
     keep = u < (1 - q)
-    if avail is not None:
+    none = ~keep.any(1, keepdim=True) if mask is None else None
+    if mask is None:
+        # every modality available: the one restored is the same for every sample
+        lowest = torch.arange(q.numel(), device=q.device) == q.argmin()  # argmin: the first on ties
+    else:
+        avail = mask != 0
         keep = keep & avail
-    restore = ~keep.any(1, keepdim=True)
-    qa = q.expand_as(u) if avail is None else torch.where(avail, q, float("inf"))
-    best = qa.argmin(1, keepdim=True)  # the first lowest q on ties, as the kernel
-    lowest = torch.zeros_like(keep).scatter_(1, best, True)
-    if avail is not None:
-        lowest = lowest & avail
-    keep = keep | (restore & lowest)
-    return torch.where(keep, scale.to(torch.float32), 0.0)
+        none = ~keep.any(1, keepdim=True)
+        best = torch.where(avail, q, float("inf")).argmin(1, keepdim=True)
+        lowest = torch.zeros_like(keep).scatter_(1, best, True) & avail
+    return torch.where(keep | (none & lowest), _as(scale, torch.float32), 0.0)
 
 
 def _apply_ref(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
     """``where(f != 0, x·f, 0)`` over ``x (B, ...)`` with ``f (B,)``, in float32 (float64), rounded once."""
     fb = f.view((-1,) + (1,) * (x.dim() - 1))
     acc = acc_dtype(x.dtype)
-    y = torch.where(fb != 0, x.to(acc) * fb.to(acc), 0.0)
-    return y.to(x.dtype)
+    y = torch.where(fb != 0, _as(x, acc) * _as(fb, acc), 0.0)
+    return _as(y, x.dtype)
 
 
 def modality_drop_ref(features: Sequence[torch.Tensor], q: torch.Tensor, u: torch.Tensor,
@@ -318,6 +326,7 @@ def modality_drop_ref(features: Sequence[torch.Tensor], q: torch.Tensor, u: torc
     """Pure-PyTorch ``modality_drop`` with the uniforms ``u`` ``(B, M)`` given instead of a generator; returns
     ``(outputs, factor)`` like :func:`modality_drop` and is differentiable through plain autograd. No argument
     checks (it is the CPU path's core and the benchmarks' eager baseline)."""
+    q = _sanitize(q)
     scale = default_scale(q) if scale is None else scale
     factor = _decide_ref(u, q, scale, mask)
     return [_apply_ref(x, factor[:, m]) for m, x in enumerate(features)], factor
@@ -325,7 +334,8 @@ def modality_drop_ref(features: Sequence[torch.Tensor], q: torch.Tensor, u: torc
 
 def _drop_fwd_ref(features, u, q, scale, mask):
     with torch.no_grad():
-        outs, factor = modality_drop_ref(features, q, u, scale, mask)
+        factor = _decide_ref(u, q, scale, mask)
+        outs = [_apply_ref(x, factor[:, m]) for m, x in enumerate(features)]
     return [o.contiguous() for o in outs] + [factor]
 
 
@@ -495,16 +505,17 @@ def modality_drop(features: Sequence[torch.Tensor], q, *, scale=None, mask: Opti
             raise ValueError(f"{fn}: scale must be finite and > 0, got {scale.tolist()}")
         if mask is not None and mask.dtype != torch.bool and not bool(torch.isfinite(mask).all()):
             raise ValueError(f"{fn}: a float mask must be finite (0 = missing), got non-finite entries")
-    q = q.detach().to(torch.float32)
-    q_eff = q.clamp(0, 1).nan_to_num(0.0)
-    scale = default_scale(q_eff) if scale is None else scale.detach().to(torch.float32)
+    q = _as(q.detach(), torch.float32)
+    # CPU values were checked above; elsewhere they are clamped on the device
+    q_eff = q if device.type == "cpu" and not torch.compiler.is_compiling() else _sanitize(q)
+    scale = default_scale(q_eff) if scale is None else _as(scale.detach(), torch.float32)
     if mask is not None and mask.requires_grad:
         mask = mask.detach()
     # everything checked: only now does the generator advance
     u = torch.rand((B, M), dtype=torch.float32, device=device, generator=generator)
     if skip_dispatch(feats[0]) and not use_triton(u):
         # eager reference: plain autograd through the reference (C++ backward of a few ops)
-        outs, factor = modality_drop_ref(feats, q_eff, u, scale, mask)
-        return outs, factor
+        factor = _decide_ref(u, q_eff, scale, mask)
+        return [_apply_ref(x, factor[:, m]) for m, x in enumerate(feats)], factor
     out = _MODALITY_DROP(feats, u, q_eff, scale, mask, anchor=feats[0])
     return out[:M], out[M]
