@@ -649,14 +649,23 @@ def opm_rescale(q: torch.Tensor, widths, form: str = "code") -> torch.Tensor:
         raise ValueError(f"{fn}: form must be 'code' or 'modality', got {form!r}")
     if form == "modality":
         return 1 / torch.where(q < 1, 1 - q, 1.0)
-    if (isinstance(widths, torch.Tensor) or not isinstance(widths, (list, tuple))
-            or not all(isinstance(d, numbers.Integral) and not isinstance(d, bool) and d > 0 for d in widths)):
-        raise TypeError(f"{fn}: widths must be a list of positive ints (feature width per modality), got {widths!r}")
-    if len(widths) != q.numel():
-        raise ValueError(f"{fn}: widths has {len(widths)} entries but q has {q.numel()}")
-    total = float(sum(int(d) for d in widths))
-    theta = sum(float(d) * q[m] for m, d in enumerate(widths)) / total
-    return (1 / torch.where(theta < 1, 1 - theta, 1.0)).expand(q.numel()).clone()
+    if isinstance(widths, torch.Tensor):
+        # the hot path: a tensor of widths kept on q's device (a list would be copied there on every call)
+        if widths.shape != q.shape or widths.device != q.device:
+            raise ValueError(f"{fn}: a widths tensor must have q's shape {tuple(q.shape)} and device {q.device}, got "
+                             f"{tuple(widths.shape)} on {widths.device}")
+        w = widths.to(q.dtype)
+        theta = (q * w).sum() / w.sum()
+    else:
+        if (not isinstance(widths, (list, tuple))
+                or not all(isinstance(d, numbers.Integral) and not isinstance(d, bool) and d > 0 for d in widths)):
+            raise TypeError(f"{fn}: widths must be a list of positive ints (feature width per modality) or a tensor, "
+                            f"got {widths!r}")
+        if len(widths) != q.numel():
+            raise ValueError(f"{fn}: widths has {len(widths)} entries but q has {q.numel()}")
+        total = float(sum(int(d) for d in widths))
+        theta = sum(q[m] * (float(d) / total) for m, d in enumerate(widths))
+    return (1 / torch.where(theta < 1, 1 - theta, 1.0)).expand(q.numel())
 
 
 def ogm_tpami(scores: torch.Tensor, alpha: float = 0.8, *, return_fallback: bool = False):
