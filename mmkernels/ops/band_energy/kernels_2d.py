@@ -52,12 +52,21 @@ def _precision(cd: torch.dtype) -> str:
 # 1. Kernels
 # ----------------------------------------------------------------------------------------------------------
 @triton.jit
+def _row_offsets(m0, img, hh, M, stride_m, stride_h, WIDE: tl.constexpr):
+    """Offset of row ``hh`` of image ``img`` of the group starting at image ``m0``, from that image."""
+    rel = tl.minimum(m0 + img, M - 1) - m0
+    if WIDE:
+        rel = rel.to(tl.int64)
+    return rel * stride_m + hh * stride_h
+
+
+@triton.jit
 def _band_energy_2d_fwd_kernel(x_ptr, csv_ptr, csu_ptr, band_ptr, out_ptr, proj_ptr, M, stride_xm, scale_total,
                                H: tl.constexpr, W: tl.constexpr, STRIDE_H: tl.constexpr, STRIDE_W: tl.constexpr,
                                U: tl.constexpr, V: tl.constexpr, U_PAD: tl.constexpr, V_PAD: tl.constexpr,
                                NUM_CUT: tl.constexpr, BLOCK_J: tl.constexpr, SAVE_PROJ: tl.constexpr,
                                IMGS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
-                               PRECISION: tl.constexpr):
+                               PRECISION: tl.constexpr, WIDE: tl.constexpr):
     # Row r of the stage-1 tile is row r % BLOCK_H of image r // BLOCK_H of the group; row (i, v) of the
     # stage-2 tile is frequency v of image i, its columns [Re of u = 0..U_PAD-1 | Im' of the same u].
     # H, W and the row/column strides are constexpr: the tile's padding masks and the 16-byte alignment of
@@ -76,18 +85,21 @@ def _band_energy_2d_fwd_kernel(x_ptr, csv_ptr, csu_ptr, band_ptr, out_ptr, proj_
     jj = tl.arange(0, BLOCK_J)
     bd = tl.load(band_ptr + tl.arange(0, V_PAD)[:, None] * (2 * U_PAD) + a2[None, :])  # (V_PAD, 2U_PAD)
     for g in tl.range(tl.program_id(0), tl.cdiv(M, IMGS), tl.num_programs(0)):
-        m0 = g * IMGS  # image ids stay int32 (M < 2^31); offsets below are int64
+        m0 = g * IMGS
         # A group running past M redoes image M-1 and stores the same values again (no masks on images).
-        xrow = x_ptr + tl.minimum(m0 + img, M - 1).to(tl.int64) * stride_xm
+        # Offsets are int32 from the group's first image (64-bit per-element offsets cost registers the
+        # tf32x3 split needs); WIDE (set by the launcher when a group spans 2^31 elements) makes them int64.
+        xg = x_ptr + m0.to(tl.int64) * stride_xm
+        roff = _row_offsets(m0, img, hh, M, stride_xm, STRIDE_H, WIDE)
         z = tl.zeros((IMGS * V_PAD, 2 * U_PAD), dtype=cdt)
         sumsq = tl.zeros((R,), dtype=cdt)
         for h0 in range(0, H, BLOCK_H):
-            h = h0 + hh
+            hmask = (h0 + hh) < H
             y = tl.zeros((R, 2 * V_PAD), dtype=cdt)
             for w0 in range(0, W, BLOCK_W):
                 w = w0 + rw0
-                xt = tl.load(xrow[:, None] + h[:, None] * STRIDE_H + w[None, :] * STRIDE_W,
-                             mask=(h < H)[:, None] & (w < W)[None, :], other=0.0).to(cdt)
+                xt = tl.load(xg + (h0 * STRIDE_H + w0 * STRIDE_W) + (roff[:, None] + rw0[None, :] * STRIDE_W),
+                             mask=hmask[:, None] & (w < W)[None, :], other=0.0).to(cdt)
                 bt = tl.load(csv_ptr + w[:, None] * (2 * V_PAD) + c2[None, :])  # zero-padded table: no mask
                 y = tl.dot(xt, bt, y, input_precision=PRECISION)
                 sumsq += tl.sum(xt * xt, axis=1)  # Parseval total from the tile already in registers
@@ -120,7 +132,7 @@ def _band_energy_2d_bwd_kernel(g_ptr, x_ptr, proj_ptr, csv_ptr, csu_ptr, band_pt
                                U: tl.constexpr, V: tl.constexpr, U_PAD: tl.constexpr, V_PAD: tl.constexpr,
                                NUM_CUT: tl.constexpr, BLOCK_J: tl.constexpr,
                                IMGS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
-                               PRECISION: tl.constexpr):
+                               PRECISION: tl.constexpr, WIDE: tl.constexpr):
     # The forward's layout transposed: R' = 2(g_band − g_last)∘[Re | Im'] per (i, v) row, dYk = R'·B2ᵀ,
     # the inverse regrouping (the permutation is its own inverse) gives dY, and dx = dY·CSvᵀ + 2S·g_last·x.
     R: tl.constexpr = IMGS * BLOCK_H
@@ -151,23 +163,26 @@ def _band_energy_2d_bwd_kernel(g_ptr, x_ptr, proj_ptr, csv_ptr, csu_ptr, band_pt
         pr = tl.load(proj_ptr + m_iv[:, None] * (2 * U * V) + (a2 // U_PAD)[None, :] * (U * V) + u[None, :] * V
                      + v[:, None], mask=(v < V)[:, None] & (u < U)[None, :], other=0.0).to(cdt)
         rp = tl.reshape(gm, (IMGS * V_PAD, 2 * U_PAD)) * pr
-        m_r = tl.minimum(m0 + img, M - 1).to(tl.int64)
-        xrow = x_ptr + m_r * stride_xm
-        grow = gx_ptr + m_r * (H * W)
-        g_last_r = tl.load(g_ptr + m_r * (NUM_CUT + 1) + NUM_CUT).to(cdt) * (2.0 * scale_total)  # (R,)
+        xg = x_ptr + m0.to(tl.int64) * stride_xm
+        gg = gx_ptr + m0.to(tl.int64) * (H * W)
+        roff = _row_offsets(m0, img, hh, M, stride_xm, STRIDE_H, WIDE)
+        goff = _row_offsets(m0, img, hh, M, H * W, W, WIDE)
+        g_last_r = tl.load(g_ptr + tl.minimum(m0 + img, M - 1).to(tl.int64) * (NUM_CUT + 1) + NUM_CUT).to(cdt) \
+            * (2.0 * scale_total)  # (R,)
         for h0 in range(0, H, BLOCK_H):
-            h = h0 + hh
+            hmask = (h0 + hh) < H
             b2t = tl.load(csu_ptr + (2 * h0 + k2)[None, :] * (2 * U_PAD) + a2[:, None])  # (2U_PAD, 2BLOCK_H)
             dyk = tl.dot(rp, b2t, input_precision=PRECISION)
             dy = tl.reshape(tl.permute(tl.reshape(dyk, (IMGS, V_PAD, 2, BLOCK_H)), (0, 3, 2, 1)), (R, 2 * V_PAD))
             for w0 in range(0, W, BLOCK_W):
                 w = w0 + rw0
-                mask = (h < H)[:, None] & (w < W)[None, :]
-                xt = tl.load(xrow[:, None] + h[:, None] * STRIDE_H + w[None, :] * STRIDE_W, mask=mask,
-                             other=0.0).to(cdt)
+                mask = hmask[:, None] & (w < W)[None, :]
+                xt = tl.load(xg + (h0 * STRIDE_H + w0 * STRIDE_W) + (roff[:, None] + rw0[None, :] * STRIDE_W),
+                             mask=mask, other=0.0).to(cdt)
                 bt = tl.load(csv_ptr + w[None, :] * (2 * V_PAD) + c2[:, None])  # (2V_PAD, BLOCK_W)
                 acc = tl.dot(dy, bt, g_last_r[:, None] * xt, input_precision=PRECISION)
-                tl.store(grow[:, None] + h[:, None] * W + w[None, :], acc.to(gx_ptr.dtype.element_ty), mask=mask)
+                tl.store(gg + (h0 * W + w0) + (goff[:, None] + rw0[None, :]), acc.to(gx_ptr.dtype.element_ty),
+                         mask=mask)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -186,35 +201,47 @@ class BandEnergy2dConfig(_tuning.LaunchConfig):
     HOST = ("PROGRAMS_PER_SM",)
 
 
-# Stage-1 rows per program (IMGS·BLOCK_H) and tile elements: a 128×64 fp32 tile is 32 KB, 64 registers per
-# thread at 4 warps — the largest that leaves room for the tf32x3 head/tail copies without spilling.
-_ROWS = 128
-_TILE = 128 * 64
-
-
-def _pads(h: int, w: int, cd: torch.dtype) -> tuple[int, int]:
+def _pads(h: int, w: int) -> tuple[int, int]:
     """Whole-image tile sizes (tl.dot needs every dimension >= 16: 8 rows × 2 halves is the stage-2 K)."""
     return next_pow2(h, 8), next_pow2(w, 16)
 
 
 def _heuristic(h: int, w: int, nu: int, nv: int, cd: torch.dtype) -> BandEnergy2dConfig:
-    hp, wp = _pads(h, w, cd)
-    cap = 32 if cd == torch.float64 else 64  # float64 tiles take twice the registers
-    block_w = min(cap, wp)
-    block_h = min(hp, max(8, _TILE // block_w // (2 if cd == torch.float64 else 1)), 128)
-    imgs = max(1, _ROWS // block_h) if block_h == hp else 1
-    return BandEnergy2dConfig(IMGS=imgs, BLOCK_H=block_h, BLOCK_W=block_w, PROGRAMS_PER_SM=0,
-                              num_warps=4, num_stages=2)
+    """Chunks of 8 image rows × 32 columns of 8 images: a 64-row stage-1 operand (one wgmma M tile on sm_90,
+    and 8 images × 8 frequencies v fill the stage-2 M tile too), 2 KB-elements per load, no row padding when
+    H % 8 == 0 (56: 7 chunks), and a loop of several chunks per group that the 3-stage pipeline overlaps.
+    Images of at most 16 rows are taken whole, 128 rows per program, and the persistent grid (4 programs
+    per SM) pipelines across groups instead. Static sm_90 figures behind these (registers, no spills, warps
+    per SM) are in benchmarks/results/band_energy_cuda_design.md; a tuned table, when recorded, wins."""
+    hp, wp = _pads(h, w)
+    block_w = min(wp, 16 if cd == torch.float64 else 32)
+    if hp <= 16:
+        return BandEnergy2dConfig(IMGS=max(1, 128 // hp), BLOCK_H=hp, BLOCK_W=block_w, PROGRAMS_PER_SM=4,
+                                  num_warps=4, num_stages=3)
+    return BandEnergy2dConfig(IMGS=4 if cd == torch.float64 else 8, BLOCK_H=8, BLOCK_W=block_w,
+                              PROGRAMS_PER_SM=0, num_warps=4, num_stages=3)
 
 
 def _candidates(h: int, w: int, nu: int, nv: int, cd: torch.dtype) -> list[BandEnergy2dConfig]:
-    """Images per group (half and twice the heuristic's), warps, and the persistent grid (2 or 4 programs per
-    SM, 2 or 3 pipeline stages for the next group's tile) against one program per group."""
+    """Around the heuristic: half and twice the images per group, 64-column chunks, 8 warps, 2 or 4 pipeline
+    stages, and the other grid (one program per group against 2 or 4 programs per SM looping)."""
     base = _heuristic(h, w, nu, nv, cd)
-    hp, _ = _pads(h, w, cd)
-    imgs = sorted({max(1, base.IMGS // 2), base.IMGS, base.IMGS * 2} if base.BLOCK_H == hp else {1})
-    out = [dataclasses.replace(base, IMGS=i, num_warps=nw) for i in imgs for nw in (4, 8)]
-    out += [dataclasses.replace(base, PROGRAMS_PER_SM=p, num_stages=s) for p in (2, 4) for s in (2, 3)]
+    _, wp = _pads(h, w)
+    out = [base] + [dataclasses.replace(base, IMGS=i) for i in (max(1, base.IMGS // 2), base.IMGS * 2)]
+    if wp > base.BLOCK_W:
+        out.append(dataclasses.replace(base, BLOCK_W=min(wp, 2 * base.BLOCK_W)))
+    out += [dataclasses.replace(base, num_warps=8), dataclasses.replace(base, num_stages=2),
+            dataclasses.replace(base, num_stages=4)]
+    out += [dataclasses.replace(base, PROGRAMS_PER_SM=p) for p in ((2, 4) if base.PROGRAMS_PER_SM == 0 else (0, 2))]
+    return _unique(out)
+
+
+def _unique(cfgs: list) -> list:
+    seen, out = set(), []
+    for c in cfgs:
+        if c not in seen:
+            seen.add(c)
+            out.append(c)
     return out
 
 
@@ -278,7 +305,8 @@ def _grid(cfg: BandEnergy2dConfig, m: int, device) -> tuple:
 
 def _shape_meta(x: torch.Tensor, plan: Plan2d, t: _Tensors, cfg: BandEnergy2dConfig) -> dict:
     j = len(plan.cutoffs)
-    return dict(H=plan.h, W=plan.w, STRIDE_H=x.stride(1), STRIDE_W=x.stride(2), U=plan.num_u, V=plan.num_v,
+    span = cfg.IMGS * max(x.stride(0), plan.h * plan.w) + plan.h * x.stride(1) + plan.w * x.stride(2)
+    return dict(WIDE=span >= 2**31, H=plan.h, W=plan.w, STRIDE_H=x.stride(1), STRIDE_W=x.stride(2), U=plan.num_u, V=plan.num_v,
                 U_PAD=t.u_pad, V_PAD=t.v_pad, NUM_CUT=j, BLOCK_J=next_pow2(j + 1, 2),
                 PRECISION=_precision(acc_dtype(x.dtype)), **cfg.meta)
 
