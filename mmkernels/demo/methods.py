@@ -209,6 +209,61 @@ class PMRMethod(Method):
         return {n: float(k) for n, k in self.bal.coefficients.items()}
 
 
+# ---- AGM: its responses are the split head's logits (a linear concat head), fed to its own step ----------
+AGM_ALPHA = 1.0  # the authors' default --alpha, not tuned here
+
+
+class AGMMethod(Method):
+    """AGM (authors' form): the mono-modal responses of the linear concat head are its split logits
+    (``W_m h_m + b/M``, the Shapley values with the other modalities' features zeroed), so no extra forward."""
+
+    def __init__(self, model, ds, cfg, seed, context, optimizer=None, mode="activation", **options):
+        super().__init__(model, ds, cfg, seed, context, optimizer)
+        from mmkernels.balance import AGM
+
+        self.bal = AGM(_encoders(self), alpha=AGM_ALPHA, **_mode(self, mode), **options)
+
+    def loss(self, x, y, epoch):
+        fused, uni = self.model(x)
+        self.bal.step({n: u.detach() for n, u in uni.items()}, y, epoch=epoch)
+        return F.cross_entropy(fused, y)
+
+    def after_backward(self):
+        self.bal.after_backward()
+
+    def coefficients(self):
+        return {n: float(k) for n, k in self.bal.coefficients.items()}
+
+
+# ---- OPM (TPAMI 2024): drops features between the encoders and the head, so it runs the model's parts itself --
+OPM_WARMUP = 1  # the release waits 6 of its 100 epochs; the demo's 12 epochs wait 1
+
+
+class OPMMethod(Method):
+    """OPM (released defaults q_base = λ = 0.5, p_exe = 0.7, rescaling 1/(1 − θ)): encoders, head-split
+    logits of the undropped features for the scores, ``bal.step`` drops the dominant modality's features per
+    sample, then the concat head on what is left. Evaluation is the plain model (no drop)."""
+
+    def __init__(self, model, ds, cfg, seed, context, optimizer=None, **options):
+        super().__init__(model, ds, cfg, seed, context, optimizer)
+        from mmkernels.balance import OPM
+
+        self.bal = OPM(list(model.names), epochs=(OPM_WARMUP, None), seed=seed, **options)
+
+    def loss(self, x, y, epoch):
+        from mmkernels.balance import split_linear_head
+
+        names = self.model.names
+        feats = {n: self.model.encoders[n](x[n]) for n in names}
+        with torch.no_grad():
+            uni = split_linear_head(self.model.head, feats)
+        feats = self.bal.step(feats, logits=uni, labels=y, epoch=epoch)
+        return F.cross_entropy(self.model.head(torch.cat([feats[n] for n in names], 1)), y)
+
+    def coefficients(self):
+        return {n: float(k) for n, k in self.bal.coefficients.items()}
+
+
 LOGITS = ("logits", "labels")
 INPUTS = ("inputs",)
 
@@ -273,6 +328,18 @@ METHODS: dict[str, MethodSpec] = {
         f"score gets the prototypical cross-entropy times alpha={PMR_ALPHA} added to CE(fused); prototypes "
         "refreshed each epoch from the previous epoch's training features",
         cls=PMRMethod, label="PCE weight beta_m", family="PMR"),
+    "agm": method(
+        f"AGM (authors' form), activation mode: k_m = exp(alpha*min(r̄_m - r_m, 7)) from the head-split "
+        f"logits' mono-modal CE against its running average (alpha={AGM_ALPHA}, window: the first 20 epochs)",
+        cls=AGMMethod, label="gradient coefficient k_m", family="AGM"),
+    "agm_update": method(
+        "AGM as 'agm', its coefficients applied to each encoder's optimizer update (survives AdamW)",
+        cls=AGMMethod, mode="update", label="update coefficient k_m", family="AGM"),
+    "opm": method(
+        "OPM (TPAMI 2024, released rule): on 70 % of the steps each sample drops the dominant modality's "
+        "features with q = 0.5(1 + 0.5 tanh(ρ − 1)) from the head-split scores, kept features times "
+        f"1/(1 − θ) before the concat head; from epoch {OPM_WARMUP} on",
+        cls=OPMMethod, label="keep probability 1 − q_m", family="OPM"),
 }
 
 CONTROLS = ("baseline", "baseline+uni_ce")
