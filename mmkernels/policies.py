@@ -352,7 +352,8 @@ def agm_mono_losses(responses: torch.Tensor, labels: torch.Tensor, mask: torch.T
 
     ``losses[m, i] = min(−log softmax(φ_m,i)[y_i], −log 1e-8)`` (:data:`AGM_LOSS_CAP`, the releases' floor of
     ``p_y`` at 1e-8), computed in float32 (float64 for float64 input); ``valid[m, i]``: the label is not
-    ``IGNORE_INDEX`` (-100) and, with ``mask`` ``(B, M)``, modality ``m`` is present. Invalid entries hold 0.
+    ``IGNORE_INDEX`` (-100) or out of ``[0, K)`` and, with ``mask`` ``(B, M)``, modality ``m`` is present.
+    Invalid entries hold 0.
     """
     from mmkernels._common import IGNORE_INDEX
 
@@ -366,7 +367,9 @@ def agm_mono_losses(responses: torch.Tensor, labels: torch.Tensor, mask: torch.T
         raise ValueError(f"{fn}: labels must be (B,) = ({B},) int64, got {got}")
     x = responses if responses.dtype == torch.float64 else responses.float()
     logp = torch.log_softmax(x, dim=2)
-    known = labels != IGNORE_INDEX
+    # an out-of-range label (only possible on CUDA, where callers skip the host-side range check) counts as
+    # ignored instead of indexing out of bounds
+    known = (labels != IGNORE_INDEX) & (labels >= 0) & (labels < responses.shape[2])
     idx = torch.where(known, labels, torch.zeros_like(labels)).view(1, B, 1).expand(M, B, 1)
     loss = (-logp.gather(2, idx).squeeze(2)).clamp_max(AGM_LOSS_CAP)
     valid = known.unsqueeze(0).expand(M, B)

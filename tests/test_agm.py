@@ -447,3 +447,38 @@ def test_ddp_statistics_all_reduced():
             torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(res["target"], single.target, rtol=1e-6, atol=1e-6)
     assert all(torch.equal(a, b) for a, b in zip(ranks[0]["k"], ranks[1]["k"]))
+
+
+def test_update_mode_scales_the_weights_update_only():
+    torch.manual_seed(0)
+    net = _AV()
+    xa, xv, y = torch.randn(8, 5), torch.randn(8, 7), torch.randint(0, 4, (8,))
+    plain = copy.deepcopy(net)
+    opt_plain = torch.optim.SGD(plain.parameters(), lr=0.1)
+    F.cross_entropy(plain(xa, xv)[0], y).backward()
+    before = [p.detach().clone() for p in net.parameters()]
+    opt_plain.step()
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    bal = AGM({"audio": net.audio, "visual": net.visual}, alpha=0.5, mode="update", params="weights", optimizer=opt)
+    bal.step(torch.stack([torch.randn(8, 4) * 3, torch.randn(8, 4)]), y)
+    bal.after_backward()
+    out, ha, hv = net(xa, xv)
+    with torch.no_grad():
+        k = bal.step(agm_linear_responses(net.head, {"audio": ha, "visual": hv}), y)
+    opt.zero_grad()
+    F.cross_entropy(out, y).backward()
+    opt.step()
+    for (n, p), q, b in zip(net.named_parameters(), plain.parameters(), before):
+        m = n.split(".")[0]
+        scale = k[0 if m == "audio" else 1] if m in ("audio", "visual") and p.dim() >= 2 else 1.0
+        torch.testing.assert_close(p - b, (q - b) * scale, rtol=1e-4, atol=1e-7, msg=n)
+
+
+def test_benchmark_counts_the_forwards_of_each_step():
+    from mmkernels.bench import bench_agm
+
+    cfg = dict(B=4, S=8, c=2, K=3)
+    cases, models = bench_agm._cases(cfg, "cpu")
+    counts = {name: bench_agm._count_forwards(models[name], fn) for name, fn in cases.items()}
+    assert counts == {"baseline": (1, 4), "AGM_linear": (1, 4), "AGM_stacked": (2, 12),
+                      "AGM_stacked_benchmark": (2, 16), "released_authors": (4, 16), "released_benchmark": (4, 16)}
