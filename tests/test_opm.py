@@ -84,14 +84,15 @@ def test_triton_and_reference_take_identical_decisions():
     B = 33
     feats = [torch.randn(B, 16), torch.randn(B, 40)]
     q = torch.tensor([0.7, 0.5])
-    mask = torch.rand(B, 2) > 0.2
-    res = {}
-    for be in ("reference", "triton"):
-        with mmkernels.use_backend(be):
-            res[be] = modality_drop(feats, q, mask=mask, generator=torch.Generator().manual_seed(4))
-    assert torch.equal(res["reference"][1], res["triton"][1])
-    for a, b in zip(res["reference"][0], res["triton"][0]):
-        assert torch.equal(a, b)
+    for mask in (torch.rand(B, 2) > 0.2, None):          # without a mask: the restore rule on every sample
+        res = {}
+        for be in ("reference", "triton"):
+            with mmkernels.use_backend(be):
+                res[be] = modality_drop(feats, q, mask=mask, generator=torch.Generator().manual_seed(4))
+        assert torch.equal(res["reference"][1], res["triton"][1])
+        assert (res["reference"][1] != 0).any(1).all()
+        for a, b in zip(res["reference"][0], res["triton"][0]):
+            assert torch.equal(a, b)
 
 
 def test_drop_rates_and_never_all_dropped():

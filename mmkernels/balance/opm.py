@@ -33,11 +33,13 @@ from mmkernels import policies
 from mmkernels._common import IGNORE_INDEX, FLOAT_DTYPES
 from mmkernels.balance.base import Balancer, _check_epoch, _dist_ready, _state_int
 from mmkernels.balance.ogm_ge import _DEFAULT, OGMGE
+from mmkernels.ops.modality_drop import _modality_drop_checked
 from mmkernels.policies import _number
 
 __all__ = ["OPM", "OGMTPAMI"]
 
 _MASK64 = (1 << 64) - 1
+_TRUE, _FALSE = torch.tensor(True), torch.tensor(False)
 
 
 def _mix(*values: int) -> int:
@@ -221,12 +223,15 @@ class OPM(Balancer):
         if executed:
             q = q.to(feats[0].device)
             scale = policies.opm_rescale(q, self._widths(feats), self.rescale)
-            out, factor = mmkernels.modality_drop(feats, q, scale=scale, mask=mask_t,
-                                                  generator=self.pattern_generator(feats[0].device, self.num_steps))
+            if mask_t is not None and mask_t.requires_grad:
+                mask_t = mask_t.detach()
+            # the policies guarantee q in [0, 1] and finite factors >= 1: the op's value checks are skipped
+            out, factor = _modality_drop_checked(feats, q, scale, mask_t,
+                                                 self.pattern_generator(feats[0].device, self.num_steps))
         k = (1 - q) if executed else torch.ones_like(q)
         self.stats = {"scores": scores, "correct": correct, "counts": counts,
                       "accuracy": correct / counts.clamp_min(1), "ratio": scores / scores.amin(), "q": q,
-                      "executed": torch.tensor(executed), "factor": factor}
+                      "executed": _TRUE if executed else _FALSE, "factor": factor}
         self._finish(k, epoch, fallback)
         return dict(zip(self.names, out))
 

@@ -511,11 +511,24 @@ def modality_drop(features: Sequence[torch.Tensor], q, *, scale=None, mask: Opti
     scale = default_scale(q_eff) if scale is None else _as(scale.detach(), torch.float32)
     if mask is not None and mask.requires_grad:
         mask = mask.detach()
+    return _modality_drop_checked(feats, q_eff, scale, mask, generator)
+
+
+def _modality_drop_checked(feats: list[torch.Tensor], q: torch.Tensor, scale: torch.Tensor,
+                           mask: Optional[torch.Tensor], generator: Optional[torch.Generator]):
+    """:func:`modality_drop` after its checks: ``q`` float32 in [0, 1], ``scale`` float32 (both ``(M,)`` on the
+    features' device), ``mask`` checked. The balancers call it with values their policies guarantee."""
+    B, M, device = feats[0].shape[0], len(feats), feats[0].device
     # everything checked: only now does the generator advance
     u = torch.rand((B, M), dtype=torch.float32, device=device, generator=generator)
     if skip_dispatch(feats[0]) and not use_triton(u):
         # eager reference: plain autograd through the reference (C++ backward of a few ops)
-        factor = _decide_ref(u, q_eff, scale, mask)
+        if mask is None and device.type == "cpu" and bool(q.amin() == 0):
+            # a modality that is never dropped: no sample can lose every modality (a host read, free on
+            # the CPU, saves the restore rule's ops)
+            factor = torch.where(u < 1 - q, scale, 0.0)
+        else:
+            factor = _decide_ref(u, q, scale, mask)
         return [_apply_ref(x, factor[:, m]) for m, x in enumerate(feats)], factor
-    out = _MODALITY_DROP(feats, u, q_eff, scale, mask, anchor=feats[0])
+    out = _MODALITY_DROP(feats, u, q, scale, mask, anchor=feats[0])
     return out[:M], out[M]
