@@ -632,9 +632,12 @@ def opm_drop_probability(scores: torch.Tensor, q_base: float = 0.5, lam: float =
     else:
         ref = s.sum() - s
     r = torch.tanh(torch.relu(s / ref - 1))
-    q = torch.where(r > 0, q_base * (1 + lam * r), 0.0).clamp(0.0, 1.0)
-    ok = (torch.isfinite(s) & (s > 0)).all() & torch.isfinite(q)
-    return _result(torch.where(ok, q, 0.0), ~ok, return_fallback)
+    q = torch.where(r > 0, r * (q_base * lam) + q_base, 0.0)
+    if q_base * (1 + lam) > 1:  # r < 1: only then can q leave [0, 1]
+        q = q.clamp(0.0, 1.0)
+    # finite positive scores give finite q: one test covers both
+    ok = (torch.isfinite(s) & (s > 0)).all()
+    return _result(torch.where(ok, q, 0.0), (~ok).expand(s.shape), return_fallback)
 
 
 def opm_rescale(q: torch.Tensor, widths, form: str = "code") -> torch.Tensor:
@@ -657,7 +660,7 @@ def opm_rescale(q: torch.Tensor, widths, form: str = "code") -> torch.Tensor:
         if widths.shape != q.shape or widths.device != q.device:
             raise ValueError(f"{fn}: a widths tensor must have q's shape {tuple(q.shape)} and device {q.device}, got "
                              f"{tuple(widths.shape)} on {widths.device}")
-        w = widths.to(q.dtype)
+        w = widths if widths.dtype == q.dtype else widths.to(q.dtype)
         theta = (q * w).sum() / w.sum()
     else:
         if (not isinstance(widths, (list, tuple))
