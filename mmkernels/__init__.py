@@ -2,7 +2,8 @@
 
 Operators: frm, band_energy, band_ratio, modality_scores, decision_fuse, grad_scale, scale_grads_,
 update_scale_ (the update mode's multi-tensor pass), group_grad_stats (per-modality gradient dot products),
-prototype_ce / prototype_update (PMR's prototypical cross-entropy and prototypes).
+prototype_ce / prototype_update (PMR's prototypical cross-entropy and prototypes),
+modality_drop (OPM's per-sample feature drop).
 Policies: mmkernels.policies. Balancers: mmkernels.balance.
 
 Ops are imported lazily on first use, so ``import mmkernels`` stays cheap and does not import triton.
