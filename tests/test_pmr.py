@@ -33,7 +33,7 @@ def data(B, C, D, offset=0.0, seed=0):
 
 
 @pytest.mark.parametrize("squared", [False, True])
-def test_forward_backward_vs_float64(backend, squared):
+def test_forward_backward_vs_float64(impl, squared):
     B, C, D = 19, 5, 40
     h64, c64, y = data(B, C, D)
     y[[2, 11]] = IGNORE_INDEX
@@ -97,8 +97,29 @@ def test_several_tiles_triton_vs_float64():
     torch.testing.assert_close(h.grad.double(), hr.grad, rtol=1e-4, atol=1e-6)
 
 
+@pytest.fixture(params=["direct", "product"])
+def ref_form(request, monkeypatch):
+    """The reference's two distance forms: the difference form (small problems) and the centred product form."""
+    from mmkernels.ops import prototype_ce as module
+
+    if request.param == "product":
+        monkeypatch.setattr(module, "_DIRECT_MAX", 0)
+    return request.param
+
+
+@pytest.fixture(params=["reference-direct", "reference-product", "triton"])
+def impl(request, monkeypatch):
+    """Every path of the op: the reference in both distance forms, and the Triton kernels (interpreter on the CPU)."""
+    from mmkernels.ops import prototype_ce as module
+
+    if request.param == "reference-product":
+        monkeypatch.setattr(module, "_DIRECT_MAX", 0)
+    with mmkernels.use_backend(request.param.split("-")[0]):
+        yield request.param
+
+
 @pytest.mark.parametrize("squared", [False, True])
-def test_gradcheck_float64(squared):
+def test_gradcheck_float64(squared, ref_form):
     h64, c64, y = data(6, 4, 5, seed=4)
     y[1] = IGNORE_INDEX
     h = h64.clone().requires_grad_()
@@ -117,11 +138,14 @@ def test_gradcheck_float64(squared):
 
 def test_opcheck():
     h64, c64, y = data(5, 3, 4, seed=5)
+    # the AOT-dispatch checks recompile the op several times (seconds); schema, fake tensor and autograd
+    # registration are what this op adds
     torch.library.opcheck(torch.ops.mmkernels.prototype_ce.default, (h64.float().requires_grad_(), c64.float(), y,
-                                                                     False))
+                                                                     False),
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
 
 
-def test_large_offset_cancellation(backend):
+def test_large_offset_cancellation(impl):
     """Features and prototypes 1e4 from the origin, within a few units of each other: the plain fp32 product
     form ‖h‖² − 2h·c + ‖c‖² loses the distances (shown first, so this test fails if the trap is not there);
     the op's centred form keeps them."""
@@ -153,8 +177,10 @@ def test_ignore_index_and_labels():
         prototype_ce(h, c64.float(), torch.tensor([0, 1, 3, 0, 1]))
     with pytest.raises(ValueError, match="prototype_ce: prototypes must have shape"):
         prototype_ce(h, c64.float()[:, :3], y)
-    with pytest.raises(TypeError, match="prototype_ce: prototypes are torch.float64"):
-        prototype_ce(h, c64, y)
+    with pytest.raises(ValueError, match="prototype_ce: labels must have shape"):
+        prototype_ce(h, c64.float(), y[:4])
+    # fp64 prototypes with fp32 features: read in the features' accumulation dtype
+    torch.testing.assert_close(prototype_ce(h, c64, y)[0], prototype_ce(h, c64.float(), y)[0])
     with pytest.raises(ValueError, match="prototype_ce: reduction"):
         prototype_ce(h, c64.float(), y, reduction="avg")
     # sum and none agree with mean
@@ -401,10 +427,12 @@ def test_bad_input_leaves_state_bit_identical():
 
 def test_benchmark_implementations_compute_the_same():
     """Every implementation the op benchmark times gives our gradient and score (else the timing says nothing)."""
+    import dataclasses
+
     from mmkernels.bench import harness
 
     module = harness.op_module("prototype_ce")
-    case = harness.cases(module, "cpu", quick=True)[0]
+    case = dataclasses.replace(harness.cases(module, "cpu", quick=True)[0], shape=(16, 5, 24))  # small: a Python loop
     bench = module.make_impls(case, "cpu")
     (want_grad,), want_score = bench.impls["mmkernels.prototype_ce"]()
     assert set(bench.roles.values()) >= {"released", "eager", "compiled", "ref", "ours"}
@@ -413,3 +441,61 @@ def test_benchmark_implementations_compute_the_same():
             (grad,), score = bench.impls[name]()
             torch.testing.assert_close(grad, want_grad, rtol=1e-4, atol=1e-7, msg=lambda s, n=name: f"{n}: {s}")
             torch.testing.assert_close(score.float(), want_score.float(), rtol=1e-4, atol=1e-6)
+
+
+class _ThreadGroup:
+    """An in-process stand-in for a 2-rank all-reduce (threads meet at a barrier and sum in rank order), so
+    the ranks' reductions are exercised without spawning processes (the base class's torch.distributed
+    call is covered by tests/test_ddp.py)."""
+
+    def __init__(self, world):
+        import threading
+
+        self.barrier, self.slots = threading.Barrier(world), [None] * world
+
+    def all_reduce(self, rank, t):
+        self.slots[rank] = t.clone()
+        self.barrier.wait()
+        total = self.slots[0].clone()
+        for other in self.slots[1:]:
+            total += other
+        self.barrier.wait()
+        return total
+
+
+def _pmr_rank(rank, group, feats, labels, mask, out):
+    bal = PMR(["x", "y"], num_classes=3, alpha=1.0, rule="ratio", momentum=0.5)
+    bal._all_reduce = lambda t: group.all_reduce(rank, t)
+    part = slice(rank * 6, (rank + 1) * 6)  # each rank its half of the global batch
+    mine = {n: f[part] for n, f in feats.items()}
+    bal.accumulate(mine, labels[part], mask=mask[part])
+    bal.update_prototypes()
+    bal.loss(mine, labels[part], mask=mask[part])
+    out[rank] = {"prototypes": bal.prototypes, "scores": bal.stats["scores"], "beta": bal.coefficient_tensor}
+
+
+def test_ranks_agree_with_one_process_on_the_global_batch():
+    import threading
+
+    g = torch.Generator().manual_seed(8)
+    feats = {"x": torch.randn(12, 4, generator=g), "y": torch.randn(12, 2, generator=g)}
+    labels = torch.arange(12) % 3
+    mask = torch.ones(12, 2, dtype=torch.bool)
+    mask[[1, 7, 8], 1] = False
+    group, ranks = _ThreadGroup(2), [None, None]
+    threads = [threading.Thread(target=_pmr_rank, args=(r, group, feats, labels, mask, ranks)) for r in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    single = PMR(["x", "y"], num_classes=3, alpha=1.0, rule="ratio", momentum=0.5)
+    single.accumulate(feats, labels, mask=mask)
+    single.update_prototypes()
+    single.loss(feats, labels, mask=mask)
+    for r in ranks:
+        for n in ("x", "y"):
+            torch.testing.assert_close(r["prototypes"][n], single.prototypes[n])
+        torch.testing.assert_close(r["scores"], single.stats["scores"])
+        torch.testing.assert_close(r["beta"], single.coefficient_tensor)
+    assert torch.equal(ranks[0]["beta"], ranks[1]["beta"]) and torch.any(ranks[0]["beta"] > 0)
+    assert torch.equal(ranks[0]["prototypes"]["y"], ranks[1]["prototypes"]["y"])

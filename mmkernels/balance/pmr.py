@@ -231,7 +231,7 @@ class PMR(Balancer):
         with torch.set_grad_enabled(torch.is_grad_enabled() and active):
             for j, n in enumerate(self.names):
                 h = features[n]
-                c_m, e_m = mmkernels.prototype_ce(h, self.prototypes[n].to(device=device, dtype=h.dtype), per[j],
+                c_m, e_m = mmkernels.prototype_ce(h, self.prototypes[n].to(device), per[j],
                                                   squared=self.squared, reduction="none")
                 ce.append(c_m)
                 ent.append(e_m)

@@ -48,6 +48,8 @@ Decisions where the spec is silent
   by the number of samples that count (0/0 → 0 when none does).
 * Out-of-range labels: on CPU tensors a ``ValueError`` (eager check); on CUDA (no host sync) the kernel
   writes NaN into that sample's ce, so the loss is NaN, never a silently wrong class.
+* Prototypes may have another float dtype than the features (fp32 prototypes for bf16 features under
+  AMP); both are read into the accumulation dtype.
 * float16/bfloat16/float32 features run the kernel with fp32 math; float64 runs the reference (fp64 math),
   the gradcheck path. Outputs are fp32 (fp64 for fp64 features).
 * Empty batch: zeros (``reduction="mean"`` gives 0).
@@ -301,6 +303,21 @@ def _sq_dist_ref(h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     return d2.clamp_min(0.0)
 
 
+#: B·C·D up to which the reference takes the difference form (one fused ``cdist``; exact, no cancellation):
+#: below it the product form's dozen small ops cost more than the arithmetic they save (measured on the CPU)
+_DIRECT_MAX = 1 << 19
+
+
+def _neg_dist_ref(h: torch.Tensor, c: torch.Tensor, squared: bool) -> torch.Tensor:
+    """``z = −d`` (or ``−d²``) in the accumulation dtype."""
+    acc = acc_dtype(h.dtype)
+    if h.shape[0] * c.shape[0] * h.shape[1] <= _DIRECT_MAX:
+        d = torch.cdist(h.to(acc), c.to(acc), compute_mode="donot_use_mm_for_euclid_dist")
+        return -(d * d) if squared else -d
+    d2 = _sq_dist_ref(h, c)
+    return -d2 if squared else -d2.clamp_min(TINY_SQ_DIST).sqrt()
+
+
 def _reduce(t: torch.Tensor, counted: torch.Tensor, reduction: str) -> torch.Tensor:
     if reduction == "none":
         return t
@@ -315,13 +332,10 @@ def prototype_ce_ref(features, prototypes, labels, *, squared: bool = False, red
 
     The CPU path and the benchmarks' eager baseline; no argument checks (:func:`prototype_ce` does them).
     """
-    d2 = _sq_dist_ref(features, prototypes.detach())
-    z = -d2 if squared else -d2.clamp_min(TINY_SQ_DIST).sqrt()
-    log_s = torch.log_softmax(z, dim=1)
+    log_s = torch.log_softmax(_neg_dist_ref(features, prototypes.detach(), squared), dim=1)
     ignored = labels == IGNORE_INDEX
     counted = ~ignored
-    safe = torch.where(ignored, 0, labels).clamp(0, prototypes.shape[0] - 1)
-    ce = -log_s.gather(1, safe[:, None]).squeeze(1)
+    ce = -log_s.gather(1, labels.clamp(0, prototypes.shape[0] - 1)[:, None]).squeeze(1)
     in_range = (labels >= 0) & (labels < prototypes.shape[0])
     ce = torch.where(in_range, ce, torch.where(ignored, 0.0, float("nan")))
     ent = torch.where(ignored, 0.0, -(log_s.exp() * log_s).sum(1))
@@ -330,17 +344,16 @@ def prototype_ce_ref(features, prototypes, labels, *, squared: bool = False, red
 
 def _pce_fwd_ref(h, c, labels, squared):
     with torch.no_grad():
-        d2 = _sq_dist_ref(h, c)
-        z = -d2 if squared else -d2.clamp_min(TINY_SQ_DIST).sqrt()
-        lse = torch.logsumexp(z, dim=1)
+        lse = torch.logsumexp(_neg_dist_ref(h, c, squared), dim=1)
         ce, ent = prototype_ce_ref(h, c, labels, squared=squared, reduction="none")
         return ce, ent, lse
 
 
 def _pce_bwd_ref(grad_ce, grad_ent, h, c, labels, lse, ent, squared):
     acc = acc_dtype(h.dtype)
-    d2 = _sq_dist_ref(h, c)
-    log_s = (-d2 if squared else -d2.clamp_min(TINY_SQ_DIST).sqrt()) - lse.to(acc)[:, None]
+    z = _neg_dist_ref(h, c, squared)  # the forward's arithmetic, so log_s matches its lse
+    d2 = -z if squared else z * z
+    log_s = z - lse.to(acc)[:, None]
     s = log_s.exp()
     counted = (labels != IGNORE_INDEX)[:, None]
     onehot = torch.nn.functional.one_hot(torch.where(counted[:, 0], labels, 0).clamp(0, c.shape[0] - 1),
@@ -349,7 +362,7 @@ def _pce_bwd_ref(grad_ce, grad_ent, h, c, labels, lse, ent, squared):
     if squared:
         w = 2.0 * g
     else:
-        w = torch.where(d2 > TINY_SQ_DIST, g / d2.clamp_min(TINY_SQ_DIST).sqrt(), 0.0)
+        w = torch.where(d2 > TINY_SQ_DIST, g / (-z).clamp_min(TINY_SQ_DIST ** 0.5), 0.0)
     w = torch.where(counted, w, 0.0)
     mu = c.to(acc).mean(dim=0)
     dh = w @ (c.to(acc) - mu) - w.sum(1, keepdim=True) * (h.to(acc) - mu)
@@ -421,9 +434,6 @@ def _check_inputs(fn: str, features, prototypes, labels) -> None:
     if prototypes.device != features.device:
         raise ValueError(f"{fn}: prototypes are on {prototypes.device} but features on {features.device}; "
                          f"move them to {features.device}")
-    if prototypes.dtype != features.dtype:
-        raise TypeError(f"{fn}: prototypes are {prototypes.dtype} but features {features.dtype}; pass "
-                        f"prototypes.to(features.dtype)")
     # the range check reads labels on the host: CPU only (on CUDA a bad label gives a NaN ce, see above)
     _check_labels_arg(fn, labels, B, features.device, C, eager_range=features.device.type == "cpu")
 
@@ -434,7 +444,8 @@ def prototype_ce(features: torch.Tensor, prototypes: torch.Tensor, labels: torch
 
     Args:
         features: ``(B, D)`` float16/bfloat16/float32/float64, any strides; the only input with a gradient.
-        prototypes: ``(C, D)`` class prototypes, same dtype and device (detached: they get no gradient).
+        prototypes: ``(C, D)`` class prototypes on the same device, any float dtype (keep them fp32 under
+            AMP: a low-precision copy would round them); detached, they get no gradient.
         labels: ``(B,)`` int64 in ``[0, C)``; ``IGNORE_INDEX`` (-100) leaves a sample out of both terms.
         squared: ``False`` (default, the released code): ``d = ‖h − c‖``; ``True``: ``d = ‖h − c‖²``.
         reduction: ``"mean"`` (over the samples that count), ``"sum"`` or ``"none"`` (``(B,)`` each).
