@@ -482,3 +482,36 @@ def test_benchmark_counts_the_forwards_of_each_step():
     counts = {name: bench_agm._count_forwards(models[name], fn) for name, fn in cases.items()}
     assert counts == {"baseline": (1, 4), "AGM_linear": (1, 4), "AGM_stacked": (2, 12),
                       "AGM_stacked_benchmark": (2, 16), "released_authors": (4, 16), "released_benchmark": (4, 16)}
+
+
+def test_helpers_and_policies_reject_bad_input():
+    f = torch.randn(3, 4, 5)
+    s, t = torch.tensor([1.0, 2.0]), torch.tensor([1.5, 1.5])
+    head = nn.Linear(6, 5)
+    feats = {"a": torch.randn(4, 3), "v": torch.randn(4, 3)}
+    net = _Net(2)
+    inputs = _inputs(2, 4)
+    cases = [
+        (lambda: policies.agm_shapley(torch.randn(4, 4, 5)), ValueError, "2\\^M − 1"),
+        (lambda: policies.agm_shapley(torch.randn(3, 4)), ValueError, "coalition_logits"),
+        (lambda: policies.agm_shapley(f.long()), TypeError, "floating"),
+        (lambda: policies.agm_shapley(f, "paper"), ValueError, "form"),
+        (lambda: policies.agm(s, t, alpha=-1.0), ValueError, "alpha"),
+        (lambda: policies.agm(s, t, clamp=float("inf")), ValueError, "clamp"),
+        (lambda: policies.agm(s, torch.ones(3)), ValueError, "target"),
+        (lambda: policies.agm_update_target(t.double(), torch.zeros(3, dtype=torch.float64), s), ValueError, "count"),
+        (lambda: policies.agm_mono_losses(f[:2], torch.zeros(3, dtype=torch.int64)), ValueError, "labels"),
+        (lambda: agm_linear_responses(head, feats, form="x"), ValueError, "form"),
+        (lambda: agm_linear_responses(head, {"a": feats["a"]}), ValueError, "in_features"),
+        (lambda: coalition_logits(3, inputs), TypeError, "forward_fn"),
+        (lambda: coalition_logits(net, {"m0": inputs["m0"]}), ValueError, "at least 2"),
+        (lambda: coalition_logits(net, {**inputs, "m1": inputs["m1"][:3]}), ValueError, "batch size"),
+        (lambda: coalition_logits(net, inputs, full=torch.zeros(3, 4)), ValueError, "full"),
+        (lambda: coalition_logits(lambda x: torch.zeros(2, 4), inputs), ValueError, "forward_fn must return"),
+        (lambda: coalition_logits(net, inputs, module="net"), TypeError, "module"),
+    ]
+    net.train()
+    for call, exc, msg in cases:
+        with pytest.raises(exc, match=msg):
+            call()
+    assert all(m.training for m in net.modules())
