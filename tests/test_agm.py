@@ -515,3 +515,24 @@ def test_helpers_and_policies_reject_bad_input():
         with pytest.raises(exc, match=msg):
             call()
     assert all(m.training for m in net.modules())
+
+
+def test_authors_hook_routing_what_docs_say():
+    # docs/methods.md: with linear encoders the authors' routing gives their weights exactly k_m times the
+    # gradient and their biases (k_a + k_v)/2 times (the zero-input passes reach the biases)
+    torch.manual_seed(0)
+    net = nn.ModuleDict({"a": nn.Linear(5, 6), "v": nn.Linear(7, 6), "head": nn.Linear(12, 4)})
+    plain = copy.deepcopy(net)
+
+    def f(m, xa, xv):
+        return m["head"](torch.cat([m["a"](xa), m["v"](xv)], 1))
+
+    xa, xv, y = torch.randn(8, 5), torch.randn(8, 7), torch.randint(0, 4, (8,))
+    st = released.agm_authors_state()
+    st["hook_a"].scale, st["hook_v"].scale = 0.5, 2.0
+    total, pv, pa = f(net, xa, xv), f(net, xa, torch.zeros_like(xv)), f(net, torch.zeros_like(xa), xv)
+    F.cross_entropy(st["hook_a"](0.5 * (total - pa + pv)) + st["hook_v"](0.5 * (total - pv + pa)), y).backward()
+    F.cross_entropy(f(plain, xa, xv), y).backward()
+    for m, k in (("a", 0.5), ("v", 2.0)):
+        torch.testing.assert_close(net[m].weight.grad, k * plain[m].weight.grad)
+        torch.testing.assert_close(net[m].bias.grad, 1.25 * plain[m].bias.grad)
