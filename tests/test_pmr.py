@@ -499,3 +499,17 @@ def test_ranks_agree_with_one_process_on_the_global_batch():
         torch.testing.assert_close(r["beta"], single.coefficient_tensor)
     assert torch.equal(ranks[0]["beta"], ranks[1]["beta"]) and torch.any(ranks[0]["beta"] > 0)
     assert torch.equal(ranks[0]["prototypes"]["y"], ranks[1]["prototypes"]["y"])
+
+
+def test_modality_with_no_sample_falls_back_to_no_term():
+    bal = PMR(["x", "y"], num_classes=3)
+    feats = {"x": torch.randn(6, 4), "y": torch.randn(6, 2)}
+    y = torch.arange(6) % 3
+    bal.accumulate(feats, y)
+    bal.update_prototypes()
+    mask = torch.ones(6, 2, dtype=torch.bool)
+    mask[:, 1] = False  # modality y absent from the whole batch: its score is undefined
+    with pytest.warns(mmkernels.balance.BalancerFallbackWarning):
+        term = bal.loss(feats, y, mask=mask)
+    assert term == 0 and torch.all(bal.coefficient_tensor == 0) and bal.stats["fallback"].all()
+    assert bal.stats["counted"].tolist() == [6.0, 0.0]

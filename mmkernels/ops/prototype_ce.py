@@ -223,7 +223,9 @@ class PrototypeCEConfig(_tuning.LaunchConfig):
 
 
 def _pce_heuristic(B: int, C: int, D: int) -> PrototypeCEConfig:
-    bb = 16 if B <= 16 else 32
+    # one program per BLOCK_B samples and no split over C: small sample tiles keep more programs in flight
+    # (B = 1024 gives 64 programs, fewer than an H100/H200 has SMs; a split-C variant would fill them)
+    bb = 16 if B <= 8192 else 32
     bc = min(max(next_pow2(C), 16), 64)
     bd = min(max(next_pow2(D), 16), 64)
     return PrototypeCEConfig(BLOCK_B=bb, BLOCK_C=bc, BLOCK_D=bd, num_warps=4)
