@@ -363,4 +363,3 @@ def test_ogm_tpami_is_ogm_ge_configured_as_released():
         bal.step(logits, y, epoch=epoch)
         bal.after_backward()
         assert (bal.coefficient_tensor != 1).any().item() is on
-
