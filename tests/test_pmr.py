@@ -417,6 +417,12 @@ def test_bad_input_leaves_state_bit_identical():
     with pytest.raises(ValueError, match="NaN"):
         bal.load_state_dict(bad_state)
     _same_state(before, bal.state_dict())
+    for kwargs, exc, match in (({"alpha": -1.0}, ValueError, "alpha"), ({"rule": "paper"}, ValueError, "rule"),
+                               ({"momentum": 1.5}, ValueError, "momentum"), ({"entropy_epochs": 0}, ValueError,
+                                                                             "entropy_epochs"),
+                               ({"squared": 1}, TypeError, "squared")):
+        with pytest.raises(exc, match=match):
+            PMR(["x", "y"], num_classes=3, **kwargs)
     fresh = PMR(["x", "y"], num_classes=3)
     with pytest.raises(RuntimeError, match="no prototypes yet"):
         fresh.loss(good, y)
