@@ -2,6 +2,7 @@
 
 Operators: frm, band_energy, band_ratio, modality_scores, decision_fuse, grad_scale, scale_grads_,
 update_scale_ (the update mode's multi-tensor pass), group_grad_stats (per-modality gradient dot products),
+group_grad_combine_ (per-modality weighted sums of two gradient lists, MMPareto's combination),
 prototype_ce / prototype_update (PMR's prototypical cross-entropy and prototypes),
 modality_drop (OPM's per-sample feature drop).
 Policies: mmkernels.policies. Balancers: mmkernels.balance.
@@ -33,6 +34,8 @@ _LAZY = {
     "update_scale_ref_": "mmkernels.ops.update_scale",
     "group_grad_stats": "mmkernels.ops.group_grad_stats",
     "group_grad_stats_ref": "mmkernels.ops.group_grad_stats",
+    "group_grad_combine_": "mmkernels.ops.group_grad_combine",
+    "group_grad_combine_ref_": "mmkernels.ops.group_grad_combine",
     "prototype_ce": "mmkernels.ops.prototype_ce",
     "prototype_ce_ref": "mmkernels.ops.prototype_ce",
     "prototype_sums": "mmkernels.ops.prototype_ce",

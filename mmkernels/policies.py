@@ -694,3 +694,76 @@ def ogm_tpami(scores: torch.Tensor, alpha: float = 0.8, *, return_fallback: bool
     k = torch.where(damped, 1 - torch.tanh(alpha * torch.relu(rho)), 1.0)
     ok = (torch.isfinite(s) & (s > 0)).all() & torch.isfinite(k)
     return _result(torch.where(ok, k, 1.0), ~ok, return_fallback)
+
+
+# --------------------------------------------------------------------------------------------------------
+# MMPareto (Wei & Hu, ICML 2024): per encoder, the multimodal and the unimodal gradient combined
+
+__all__ += ["MMPARETO_GAMMA", "mmpareto_weights", "mmpareto_scale"]
+
+#: the released code's magnitude enhancement γ (``gamma=1.5`` in code/MMPareto.py)
+MMPARETO_GAMMA = 1.5
+
+
+def _mmpareto_stat(fn: str, name: str, t, ref: torch.Tensor | None = None) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{fn}: {name} must be a 1-D floating tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"{fn}: {name} must be floating (float64 from group_grad_stats), got {t.dtype}")
+    if t.dim() != 1:
+        raise ValueError(f"{fn}: {name} must be 1-D (one entry per encoder or tensor), got shape {tuple(t.shape)}")
+    if ref is not None and (t.shape != ref.shape or t.device != ref.device):
+        raise ValueError(f"{fn}: {name} is {tuple(t.shape)} on {t.device} but the first statistic is "
+                         f"{tuple(ref.shape)} on {ref.device}; pass one entry per encoder, on one device")
+    return t
+
+
+def mmpareto_weights(dot: torch.Tensor, sq_mm: torch.Tensor, sq_uni: torch.Tensor, *,
+                     return_fallback: bool = False):
+    """MMPareto's weights ``(w_mm, w_uni)`` of the multimodal and the unimodal gradient, per encoder.
+
+    ``dot = ⟨g_mm, g_uni⟩``, ``sq_mm = ‖g_mm‖²``, ``sq_uni = ‖g_uni‖²`` over the encoder's parameters (all
+    ``(M,)``). When the cosine is positive (``dot > 0``) both weights are ``1/2``. Otherwise the two-task
+    min-norm point ``min_c ‖c·g_mm + (1 − c)·g_uni‖`` of the released solver: ``c = 0.999`` if
+    ``dot >= sq_mm``, else ``c = 0.001`` if ``dot >= sq_uni``, else ``c = (sq_uni − dot) / (sq_mm + sq_uni − 2·dot)``;
+    ``w_mm = c``, ``w_uni = 1 − c``. (A zero gradient has cosine 0, hence takes the min-norm branch, as in the
+    released code, where ``F.cosine_similarity`` of a zero vector is 0.)
+
+    Fallback: non-finite statistics give ``(1/2, 1/2)`` (``return_fallback=True``: also the ``(M,)`` bool).
+    Returns ``(w_mm, w_uni)`` in the statistics' dtype.
+    """
+    fn = "mmpareto_weights"
+    dot = _mmpareto_stat(fn, "dot", dot)
+    sq_mm = _mmpareto_stat(fn, "sq_mm", sq_mm, dot)
+    sq_uni = _mmpareto_stat(fn, "sq_uni", sq_uni, dot)
+    half = torch.full_like(dot, 0.5)
+    # in the interior branch dot < sq_mm and dot < sq_uni, so the denominator is > 0; elsewhere it is unused
+    denom = sq_mm + sq_uni - 2.0 * dot
+    interior = (sq_uni - dot) / torch.where(denom > 0, denom, torch.ones_like(denom))
+    c = torch.where(dot >= sq_mm, torch.full_like(dot, 0.999),
+                    torch.where(dot >= sq_uni, torch.full_like(dot, 0.001), interior))
+    w_mm = torch.where(dot > 0, half, c)
+    bad = ~(torch.isfinite(dot) & torch.isfinite(sq_mm) & torch.isfinite(sq_uni))
+    w_mm = torch.where(bad, half, w_mm)
+    w_uni = torch.where(bad, half, 1.0 - w_mm)
+    return ((w_mm, w_uni), bad) if return_fallback else (w_mm, w_uni)
+
+
+def mmpareto_scale(sq_sum: torch.Tensor, sq_new: torch.Tensor, gamma: float = MMPARETO_GAMMA) -> torch.Tensor:
+    """MMPareto's magnitude rule, per parameter tensor: the factor that multiplies ``g_new = 2(w_mm·g_mm + w_uni·g_uni)``.
+
+    ``sq_sum = ‖g_mm + g_uni‖²`` and ``sq_new = ‖g_new‖²`` of one tensor; ``d = ‖g_mm + g_uni‖ / ‖g_new‖`` and
+    the factor is ``γ·d`` when ``d > 1``, else ``γ``: the combined gradient is never shorter than the plain
+    sum, and is enhanced by γ (released code: ``gamma = 1.5``). ``sq_new == 0`` gives ``γ`` (``g_new`` is 0,
+    so is the result; the released division gives NaN there when ``g_mm + g_uni`` is not 0). Non-finite
+    statistics give 1 (the plain sum is kept by the caller's fallback).
+    """
+    fn = "mmpareto_scale"
+    sq_sum = _mmpareto_stat(fn, "sq_sum", sq_sum)
+    sq_new = _mmpareto_stat(fn, "sq_new", sq_new, sq_sum)
+    gamma = _number(fn, "gamma", gamma, lo=0.0, lo_open=True)
+    pos = sq_new > 0
+    d = torch.sqrt(sq_sum / torch.where(pos, sq_new, torch.ones_like(sq_new)))
+    scale = gamma * torch.where(pos & (d > 1), d, torch.ones_like(d))
+    ok = torch.isfinite(sq_sum) & torch.isfinite(sq_new)
+    return torch.where(ok, scale, torch.ones_like(scale))

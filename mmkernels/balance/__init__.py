@@ -25,6 +25,8 @@ Methods
 - :class:`OGMTPAMI`     OGM as the TPAMI 2024 release runs it (an :class:`OGMGE` configuration).
 - :class:`AGM`          adaptive gradient modulation from Shapley mono-modal responses (Li et al. 2023).
 - :class:`PMR`          prototypical modal rebalance, a loss term (``loss = loss + bal.loss(features, labels)``).
+- :class:`MMPareto`     per-encoder Pareto combination of multimodal and unimodal gradients (Wei & Hu 2024;
+                        ``bal.backward(loss, unimodal_losses)`` replaces ``loss.backward()``).
 
 Two modulation modes (``mode=``) for the gradient-modulating balancers:
 
@@ -57,3 +59,6 @@ __all__ += ["AGM", "agm_linear_responses", "coalition_logits"]
 from mmkernels.balance.opm import OGMTPAMI, OPM  # noqa: E402
 
 __all__ += ["OPM", "OGMTPAMI"]
+from mmkernels.balance.mmpareto import MMPareto  # noqa: E402
+
+__all__ += ["MMPareto"]
