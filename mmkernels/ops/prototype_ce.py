@@ -229,9 +229,11 @@ class PrototypeCEConfig(_tuning.LaunchConfig):
 def _pce_heuristic(B: int, C: int, D: int) -> PrototypeCEConfig:
     # one program per BLOCK_B samples and no split over C: small sample tiles keep more programs in flight
     # (B = 1024 gives 64 programs, fewer than an H100/H200 has SMs; a split-C variant would fill them)
+    # 32 x 32 chunks: compiled for sm_90 on the CPU (tools/static_resources.py's method), the fp32 backward
+    # needs 168 registers at 16 x 32 x 32 and hits the 255 cap at 16 x 64 x 64 or 16 x 32 x 64 (not timed on a GPU)
     bb = 16 if B <= 8192 else 32
-    bc = min(max(next_pow2(C), 16), 64)
-    bd = min(max(next_pow2(D), 16), 64)
+    bc = min(max(next_pow2(C), 16), 32)
+    bd = min(max(next_pow2(D), 16), 32)
     return PrototypeCEConfig(BLOCK_B=bb, BLOCK_C=bc, BLOCK_D=bd, num_warps=4)
 
 
