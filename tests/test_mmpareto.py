@@ -188,6 +188,20 @@ def test_outside_the_window_is_the_plain_sum_and_accumulation_adds():
         torch.testing.assert_close(p.grad, held[n] + q.grad, rtol=1e-12, atol=1e-14)
 
 
+def test_benchmark_transcription_agrees(path):
+    """The released step the benchmark times (mmkernels.bench.released) gives the balancer's gradients."""
+    from mmkernels.bench.released import mmpareto_step
+
+    ours, ref = _pair(seed=3, tanh=True)
+    xs, y = _data((6, 7), seed=3)
+    _ours(ours, xs, y)
+    fused, uni = ref(xs)
+    enc = {f"m{j}": list(e.named_parameters()) for j, e in enumerate(ref.encoders)}
+    n = mmpareto_step(enc, [F.cross_entropy(fused, y)] + [F.cross_entropy(u, y) for u in uni], ref.zero_grad)
+    assert n == 4
+    _assert_grads_equal(ours, ref)
+
+
 def test_state_dict_round_trip_bit_identical():
     a, b = _pair(seed=0)
     xs, y = _data((6, 7), seed=0)

@@ -404,3 +404,67 @@ def opm_step_features(feat_1, feat_2, weight, bias, label, q_base: float = 0.5, 
     dims = torch.tensor([feat_1.shape[1], feat_2.shape[1]])
     (f1, f2), flag = opm_execute_drop([feat_1, feat_2], q, dims, p_exe, feat_1.device)
     return f1, f2, flag
+
+
+# ------------------------------------------------------------------------------------------------ MMPareto
+# MMPareto (Wei & Hu, ICML 2024, GeWu-Lab/MMPareto_ICML2024, ``code/MMPareto.py`` ``train_epoch``): after the
+# forward pass, one ``backward(retain_graph=True)`` per loss (multimodal first, then each unimodal loss), each
+# followed by cloning the recorded encoder gradients (and a flattened concatenation of them) and zeroing every
+# gradient; per encoder the cosine of the concatenations tested on the host; on a conflict, the solver's dot
+# products accumulated tensor by tensor (the concatenation included, so each sum is counted twice: the ratio
+# that sets the weight is unchanged) and read back with ``.cpu()``; then one more backward of the summed
+# losses, and a loop over the encoder parameters replacing each gradient by ``γ·g_new`` or ``γ·d·g_new`` after
+# a host-side test of ``d = ‖grad‖ / ‖g_new‖ > 1``. Heads keep the summed loss's gradient.
+MMPARETO_RELEASED_GAMMA = 1.5
+
+
+def mmpareto_min_norm_2(dps: dict) -> float:
+    """The released solver's two-task case (``MinNormSolver._min_norm_element_from2``): the first vector's weight."""
+    v11, v12, v22 = dps[(0, 0)], dps[(0, 1)], dps[(1, 1)]
+    if v12 >= v11:
+        return 0.999
+    if v12 >= v22:
+        return 0.001
+    return float(-1.0 * ((v12 - v22) / (v11 + v22 - 2 * v12)))
+
+
+def mmpareto_step(encoders: dict, losses: list, zero_grad, gamma: float = MMPARETO_RELEASED_GAMMA) -> int:
+    """Released MMPareto step after the forward pass. ``encoders``: ``{name: [(param_name, param), ...]}``;
+    ``losses``: ``[L_mm, L_1, ..., L_M]`` in the encoders' order; ``zero_grad()`` zeroes every gradient of the
+    model (the released ``optimizer.zero_grad()``). Returns the number of backward passes (M + 2)."""
+    names = list(encoders)
+    grads = {m: {} for m in names}
+    for idx, loss in enumerate(losses):
+        loss.backward(retain_graph=True)
+        kind = "both" if idx == 0 else names[idx - 1]
+        for m in names if idx == 0 else [kind]:
+            rec = {n: p.grad.data.clone() for n, p in encoders[m]}
+            rec["concat"] = torch.cat([rec[n].flatten() for n, _ in encoders[m]])
+            grads[m][kind] = rec
+        zero_grad()
+    weights = {}
+    for m in names:
+        cos = F.cosine_similarity(grads[m]["both"]["concat"], grads[m][m]["concat"], dim=0)
+        if cos > 0:
+            weights[m] = (0.5, 0.5)
+            continue
+        vecs = [list(grads[m]["both"].values()), list(grads[m][m].values())]
+        dps = {}
+        for i, j in ((0, 1), (0, 0), (1, 1)):
+            total = 0.0
+            for k in range(len(vecs[i])):
+                total += torch.mul(vecs[i][k], vecs[j][k]).sum().data.cpu()
+            dps[(i, j)] = total
+        c = mmpareto_min_norm_2(dps)
+        weights[m] = (c, 1 - c)
+    sum(losses).backward()
+    for m in names:
+        w_mm, w_m = weights[m]
+        for n, p in encoders[m]:
+            if p.grad is None:
+                continue
+            three_norm = torch.norm(p.grad.data.clone())
+            new_grad = 2 * w_mm * grads[m]["both"][n] + 2 * w_m * grads[m][m][n]
+            diff = three_norm / torch.norm(new_grad)
+            p.grad = diff * new_grad * gamma if diff > 1 else new_grad * gamma
+    return len(losses) + 1
