@@ -159,9 +159,11 @@ class OPM(Balancer):
         for n, h in zip(self.names, feats):
             if not isinstance(h, torch.Tensor):
                 raise TypeError(f"{fn}: features[{n!r}] must be a (B, ...) tensor, got {type(h).__name__}")
-            if h.dtype not in FLOAT_DTYPES or h.dim() < 1:
-                raise ValueError(f"{fn}: features[{n!r}] must be a floating (B, ...) tensor, got {h.dtype} "
-                                 f"{tuple(h.shape)}")
+            if h.dtype not in FLOAT_DTYPES or h.layout != torch.strided:
+                raise TypeError(f"{fn}: features[{n!r}] must be a dense float16/bfloat16/float32/float64 tensor, got "
+                                f"{h.dtype} ({h.layout})")
+            if h.dim() < 1:
+                raise ValueError(f"{fn}: features[{n!r}] must have a batch dimension (B, ...), got a 0-d tensor")
             if h.shape[0] != feats[0].shape[0] or h.device != feats[0].device:
                 raise ValueError(f"{fn}: every features[name] must share the batch size and device; "
                                  f"features[{self.names[0]!r}] is {tuple(feats[0].shape)} on {feats[0].device}, "
@@ -203,8 +205,9 @@ class OPM(Balancer):
         if not training:
             mmkernels.modality_scores(seq, labels, mask_t)  # the same argument checks as a training call
             return dict(zip(self.names, feats))
-        # modality_scores checks labels before computing; nothing below raises before modality_drop, which
-        # checks all its arguments before it draws: an error leaves every counter and statistic untouched
+        # features, logits and mask are checked above and modality_scores checks the labels before computing;
+        # the policies give q in [0, 1] and finite factors: nothing below raises, so an error leaves every
+        # counter and statistic untouched
         scores, correct = mmkernels.modality_scores(seq, labels, mask_t)
         valid = labels != IGNORE_INDEX
         M = self.num_modalities
