@@ -1,12 +1,12 @@
 // CPU kernels of scale_grads_ and of its noise stream, registered on the dispatcher (the schemas are in
 // csrc/module.cpp), as functors on the multi-tensor apply of csrc/multi_tensor_apply.h:
-//   noise=None: pass 1 checks each chunk for NaN/Inf, pass 2 scales; windows of whole tensors keep pass 2
-//     in cache, so memory sees one read and one write per element (no statistics are computed).
+//   noise=None: one read-modify-write pass, g*coeff per element, which also ORs the exponent bits of what
+//     it reads to flag the tensors that held NaN/Inf (they are scaled like the others, as `g *= k` does).
 //   noise="ge": pass 1 sums (x - x0) and (x - x0)^2 in double per chunk; the chunk partials of a tensor
 //     are combined in chunk order (a std that does not depend on the thread count, hence reproducible
 //     noise), then pass 2 writes g*coeff + std*z with z from csrc/noise.h.
-// A tensor holding NaN/Inf is left unchanged and flagged; a non-finite coeff leaves every tensor
-// unchanged and flags all of them (the contract is written in mmkernels/ops/scale_grads.py).
+// With noise a tensor holding NaN/Inf is left unchanged (its std is undefined) and flagged; a non-finite
+// coeff leaves every tensor unchanged and flags all of them (the contract: mmkernels/ops/scale_grads.py).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
@@ -119,9 +119,7 @@ inline T store_sat(acc_t<T> v) {
   return static_cast<T>(v);
 }
 
-// Raw bits of one element and its exponent field (all ones: Inf or NaN). (bits & exp) + lowest exponent bit
-// reaches the sign bit exactly when the exponent is all ones, so OR-ing those sums over a range and testing
-// the sign bit finds a NaN/Inf with adds and ORs only, which vectorise (a compare-and-branch loop did not).
+// Exponent field and its lowest bit per dtype (all ones in the field: Inf or NaN).
 template <typename T> struct Bits;
 template <> struct Bits<float> { using U = uint32_t; static constexpr U exp = 0x7f800000u, low = 0x00800000u; };
 template <> struct Bits<double> {
@@ -131,35 +129,44 @@ template <> struct Bits<double> {
 template <> struct Bits<c10::Half> { using U = uint16_t; static constexpr U exp = 0x7c00u, low = 0x0400u; };
 template <> struct Bits<c10::BFloat16> { using U = uint16_t; static constexpr U exp = 0x7f80u, low = 0x0080u; };
 
+// Raw bits of one element: (bits & exp) + lowest exponent bit reaches the sign bit exactly when the exponent
+// is all ones (Inf or NaN), which adds and ORs find without a compare-and-branch, so the loop vectorises.
 template <typename T>
-__attribute__((always_inline)) inline bool any_nonfinite_body(const T* p, int64_t n) {
+__attribute__((always_inline)) inline typename Bits<T>::U nonfinite_bits(const T* p) {
   using U = typename Bits<T>::U;
+  U b;
+  std::memcpy(&b, p, sizeof(U));
+  return (U)((b & Bits<T>::exp) + Bits<T>::low);
+}
+
+// noise=None in one pass: p <- p*coeff, saturated for finite inputs (a finite gradient stays finite), the
+// plain product for NaN/Inf inputs (what `g *= k` gives); returns whether the range held NaN/Inf.
+template <typename T>
+__attribute__((always_inline)) inline bool scale_flag_body(T* p, int64_t n, double coeff) {
+  using U = typename Bits<T>::U;
+  using A = acc_t<T>;
   constexpr U sign = (U)(Bits<T>::exp + Bits<T>::low);
+  const A c = static_cast<A>(coeff);
+  const A m = static_cast<A>(static_cast<double>(std::numeric_limits<T>::max()));
   U any = 0;
   for (int64_t i = 0; i < n; ++i) {
-    U b;
-    std::memcpy(&b, p + i, sizeof(U));
-    any |= (U)((b & Bits<T>::exp) + Bits<T>::low);
+    const U e = nonfinite_bits(p + i);
+    any |= e;
+    const A v = static_cast<A>(p[i]) * c;
+    const A s = v > m ? m : (v < -m ? -m : v);
+    p[i] = static_cast<T>((e & sign) ? v : s);
   }
   return (any & sign) != 0;
 }
 
+// The same loop compiled for AVX2, picked at run time as for the noise tiles; there is no FMA in it, so
+// both versions round alike.
 template <typename T>
-__attribute__((always_inline)) inline void scale_body(T* p, int64_t n, double coeff) {
-  const acc_t<T> c = static_cast<acc_t<T>>(coeff);
-  for (int64_t i = 0; i < n; ++i) p[i] = store_sat<T>(static_cast<acc_t<T>>(p[i]) * c);
+__attribute__((target("avx2"))) bool scale_flag_avx2(T* p, int64_t n, double coeff) {
+  return scale_flag_body(p, n, coeff);
 }
-
-// The same loops compiled for AVX2 (twice the vector width on data the first pass left in cache), picked
-// at run time as for the noise tiles; there is no FMA in them, so both versions round alike.
 template <typename T>
-__attribute__((target("avx2"))) bool any_nonfinite_avx2(const T* p, int64_t n) { return any_nonfinite_body(p, n); }
-template <typename T>
-__attribute__((target("avx2"))) void scale_avx2(T* p, int64_t n, double coeff) { scale_body(p, n, coeff); }
-template <typename T>
-bool any_nonfinite_generic(const T* p, int64_t n) { return any_nonfinite_body(p, n); }
-template <typename T>
-void scale_generic(T* p, int64_t n, double coeff) { scale_body(p, n, coeff); }
+bool scale_flag_generic(T* p, int64_t n, double coeff) { return scale_flag_body(p, n, coeff); }
 
 bool use_avx2() {
   static const bool avx2 = __builtin_cpu_supports("avx2") && std::getenv("MMKERNELS_NO_AVX2") == nullptr;
@@ -167,15 +174,8 @@ bool use_avx2() {
 }
 
 template <typename T>
-bool any_nonfinite(const T* p, int64_t n) { return use_avx2() ? any_nonfinite_avx2(p, n) : any_nonfinite_generic(p, n); }
-
-template <typename T>
-void scale_range(T* p, int64_t n, double coeff) {
-  if (use_avx2()) {
-    scale_avx2(p, n, coeff);
-  } else {
-    scale_generic(p, n, coeff);
-  }
+bool scale_flag(T* p, int64_t n, double coeff) {
+  return use_avx2() ? scale_flag_avx2(p, n, coeff) : scale_flag_generic(p, n, coeff);
 }
 
 struct Partial {
@@ -255,21 +255,12 @@ at::Tensor scale_grads_cpu(at::TensorList tensors, const at::Tensor& coeff, cons
   };
 
   if (!seed.has_value()) {
-    cpu::two_pass(
-        list, bytes, cpu::cache_window_bytes(),
-        [&](const cpu::Chunk& ch, int64_t w) {
-          MMK_DISPATCH_GRAD_TYPES(tensors[ch.tensor].scalar_type(), [&] {
-            const auto* p = tensors[ch.tensor].const_data_ptr<scalar_t>();
-            chunk_bad[w] = any_nonfinite(p + ch.begin, ch.end - ch.begin);
-          });
-        },
-        combine_flags,
-        [&](const cpu::Chunk& ch, int64_t w) {
-          if (bad[ch.tensor]) return;
-          MMK_DISPATCH_GRAD_TYPES(tensors[ch.tensor].scalar_type(), [&] {
-            scale_range(tensors[ch.tensor].data_ptr<scalar_t>() + ch.begin, ch.end - ch.begin, c);
-          });
-        });
+    cpu::for_each_chunk(list, [&](const cpu::Chunk& ch, int64_t w) {
+      MMK_DISPATCH_GRAD_TYPES(tensors[ch.tensor].scalar_type(), [&] {
+        chunk_bad[w] = scale_flag(tensors[ch.tensor].data_ptr<scalar_t>() + ch.begin, ch.end - ch.begin, c);
+      });
+    });
+    combine_flags(0, n);
     return flags;
   }
 

@@ -165,11 +165,31 @@ def test_nonfinite_tensors_untouched_and_flagged(path):
 
 
 def test_flags_without_noise(path):
+    """Without noise a tensor holding NaN/Inf is scaled like the others (as ``g *= k``) and flagged."""
     a = torch.tensor([1.0, float("inf")])
     b = torch.tensor([2.0, 4.0])
     flags = mmkernels.scale_grads_([a, b], 3.0)
     assert flags.tolist() == [True, False]
-    assert a[1].item() == float("inf") and a[0].item() == 1.0 and b.tolist() == [6.0, 12.0]
+    assert a.tolist() == [3.0, float("inf")] and b.tolist() == [6.0, 12.0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("coeff", [0.37, -2.0, 0.0])
+def test_no_noise_is_elementwise_product_with_nonfinite(path, dtype, coeff):
+    """noise=None equals the released ``g *= k`` (torch's own elementwise product) bit for bit, NaN and
+    +-Inf included (Inf*0 = NaN, -Inf*-2 = +Inf), on tensors of several chunks; flags mark the tensors
+    that held NaN/Inf."""
+    torch.manual_seed(1)
+    tensors = [torch.randn(n).to(dtype) for n in (70_001, 5, 33, 16_384 * 2 + 1)]
+    tensors[0][40_000] = float("nan")
+    tensors[2][3] = float("-inf")
+    tensors[3][-1] = float("inf")
+    expect = [t.clone().mul_(coeff) for t in tensors]
+    flags = mmkernels.scale_grads_(tensors, torch.tensor(coeff, dtype=torch.float64 if dtype == torch.float64
+                                                         else torch.float32))
+    assert flags.tolist() == [True, False, True, True]
+    for t, e in zip(tensors, expect):
+        assert torch.equal(t.isnan(), e.isnan()) and torch.equal(t.nan_to_num(), e.nan_to_num()), (dtype, coeff)
 
 
 def test_mixed_dtypes_one_call(path):

@@ -1,15 +1,16 @@
 // CUDA kernels of scale_grads_ as functors on the multi-tensor apply of multi_tensor_apply.cuh (one block
 // per 64K-element chunk of one tensor, many tensors per launch), one dtype per list (the glue groups the
 // user's list by dtype; AT_DISPATCH picks the element type).
-//   noise=None: CheckNonfinite marks a tensor holding NaN/Inf, then Scale writes g*coeff into the others;
-//     windows of half the L2 keep the second pass's reads in L2 (one DRAM read and write per element).
+//   noise=None: ScaleFlagNonfinite, one read-modify-write pass: g*coeff into every tensor, and the tensors
+//     that held NaN/Inf flagged from the same reads (one DRAM read and write per element).
 //   noise="ge": ChunkStats sums (x - x0) and (x - x0)^2 in double per chunk (x0 = the tensor's first
 //     element: the shift keeps the one-pass variance from cancelling when |mean| >> std); the last block
 //     of each tensor (atomic ticket) combines its chunk partials in chunk order, so the std is
 //     deterministic without a third launch. ScaleAddNoise writes g*coeff + (std + 1e-8)*z, z from
 //     csrc/noise.h (the same bits as the CPU kernel).
-// A non-finite coeff is caught on the device: the glue fills the flags with !isfinite(coeff) and every
-// functor skips flagged tensors, so nothing is written and no value is read on the host.
+// A non-finite coeff is caught on the device: the glue fills the flags with !isfinite(coeff); the noise
+// functors skip flagged tensors and ScaleFlagNonfinite reads coeff itself, so nothing is written and no
+// value is read on the host.
 // Torch headers used here are the header-only c10 ones (dtype dispatch, Half, BFloat16); the tensors,
 // streams and the registration are in scale_grads_glue.cpp.
 #include <ATen/Dispatch.h>
@@ -37,7 +38,7 @@ template <> __device__ __forceinline__ float finite_max<c10::Half>() { return 65
 template <> __device__ __forceinline__ float finite_max<c10::BFloat16>() { return 3.38953139e38f; }
 
 // Rounded to nearest in T and saturated to T's finite range: a finite gradient (plus noise) stays finite.
-// NaN passes through, as on the CPU (flagged tensors are never written, so it does not arise).
+// NaN passes through, as on the CPU.
 template <typename T>
 __device__ __forceinline__ T store_sat(acc_t<T> v) {
   const acc_t<T> m = finite_max<T>();
@@ -49,50 +50,38 @@ __device__ __forceinline__ bool nonfinite(double v) {
   return (__double_as_longlong(v) & 0x7ff0000000000000ll) == 0x7ff0000000000000ll;
 }
 
-// noise=None, pass 1: any block that sees a NaN/Inf flags its tensor (racing stores of the same value).
+// noise=None, in one pass: every element becomes g*coeff (saturated for finite g, the plain product for
+// NaN/Inf, as `g *= k`), and a block that read a NaN/Inf flags its tensor (racing stores of `true`).
 template <typename T>
-struct CheckNonfinite {
+struct ScaleFlagNonfinite {
   bool* flags;
+  const double* coeff;
   __device__ void operator()(const TensorListArgs<1>& a, int slot, int64_t, int64_t start, int64_t end) const {
-    const int idx = a.index[slot];
-    if (flags[idx]) return;
-    const T* p = static_cast<const T*>(a.addr[0][slot]);
+    const double cd = *coeff;
+    if (!(fabs(cd) <= DBL_MAX)) return;  // non-finite coeff: nothing written, every flag already set
+    T* p = static_cast<T*>(a.addr[0][slot]);
     const bool al = aligned4<T>(p);
+    const acc_t<T> c = static_cast<acc_t<T>>(cd);
     bool bad = false;
     for (int64_t i = start + 4 * (int64_t)threadIdx.x; i < end; i += 4 * (int64_t)blockDim.x) {
       acc_t<T> v[4];
-      load4(p, i, end, al, v);
-#pragma unroll
-      for (int k = 0; k < 4; ++k) bad |= nonfinite(v[k]);  // padding lanes load 0
-    }
-    if (__syncthreads_or(bad) && threadIdx.x == 0) flags[idx] = true;
-  }
-};
-
-// noise=None, pass 2.
-template <typename T>
-struct Scale {
-  const bool* flags;
-  const double* coeff;
-  __device__ void operator()(const TensorListArgs<1>& a, int slot, int64_t, int64_t start, int64_t end) const {
-    if (flags[a.index[slot]]) return;
-    T* p = static_cast<T*>(a.addr[0][slot]);
-    const bool al = aligned4<T>(p);
-    const acc_t<T> c = static_cast<acc_t<T>>(*coeff);
-    for (int64_t i = start + 4 * (int64_t)threadIdx.x; i < end; i += 4 * (int64_t)blockDim.x) {
-      acc_t<T> v[4];
       T out[4];
-      load4(p, i, end, al, v);
+      load4(p, i, end, al, v);  // padding lanes load 0
 #pragma unroll
       for (int k = 0; k < 4; ++k) {
+        acc_t<T> y;
         if constexpr (std::is_same_v<acc_t<T>, float>) {
-          out[k] = store_sat<T>(fmul(v[k], c));
+          y = fmul(v[k], c);
         } else {
-          out[k] = store_sat<T>(v[k] * c);
+          y = v[k] * c;
         }
+        const bool nf = nonfinite(v[k]);
+        bad |= nf;
+        out[k] = nf ? static_cast<T>(y) : store_sat<T>(y);
       }
       store4(p, i, end, al, out);
     }
+    if (__syncthreads_or(bad) && threadIdx.x == 0) flags[a.index[slot]] = true;
   }
 };
 
@@ -230,8 +219,8 @@ cudaError_t launch_scale_grads(const std::vector<GradRef>& grads, const double* 
     cudaError_t err = cudaSuccess;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "scale_grads_", [&] {
       if (seed == nullptr) {
-        err = two_pass<1>(refs, bytes, window, stream, CheckNonfinite<scalar_t>{work.flags},
-                          Scale<scalar_t>{work.flags, coeff});
+        err = multi_tensor_apply<1>(refs.data(), (int64_t)refs.size(), stream,
+                                    ScaleFlagNonfinite<scalar_t>{work.flags, coeff});
       } else {
         err = two_pass<1>(refs, bytes, window, stream, ChunkStats<scalar_t>{ws},
                           ScaleAddNoise<scalar_t>{ws, coeff, seed});

@@ -7,12 +7,15 @@ For every tensor ``g`` of the list, in place: ``g <- g*coeff + N(0, std(g) + 1e-
 Design choices (where the method leaves them open)
 --------------------------------------------------
 * Return value: a ``torch.bool`` tensor of shape ``(len(tensors),)`` on the tensors' device; ``True`` marks a
-  tensor that was left unchanged. A tensor that holds a NaN or an Inf is left unchanged (its std is undefined),
-  in both modes, so the semantics do not depend on ``noise``; the other tensors of the call are still
-  processed. Reading the flags is the caller's business (reading them on the host is a sync, so we never do).
+  tensor that held a NaN or an Inf. With ``noise="ge"`` such a tensor is left unchanged (its std is
+  undefined, so GE noise is too); the other tensors of the call are still processed. Without noise every
+  tensor is scaled elementwise, NaN/Inf included, exactly what ``g *= coeff`` does (Inf stays Inf, NaN stays
+  NaN, so an AMP ``GradScaler`` still sees the overflow), and the flag is computed from the same reads.
+  Reading the flags is the caller's business (reading them on the host is a sync, so we never do).
 * Coefficients: a Python float that is NaN/Inf is a ``ValueError``. A *tensor* coefficient is read on the
   device only, so its value cannot raise without a host sync: when it is NaN/Inf, every tensor is left
-  unchanged and every flag is ``True`` (nothing is written, on every path and device).
+  unchanged and every flag is ``True`` (nothing is written, on every path and device, with or without noise:
+  the kernels decide it before the pass).
 * Validation comes first: the list, each tensor (dense, real floating dtype, one device, no gradient mode
   on a tensor that requires grad, no memory shared inside a tensor or between two tensors), ``noise``,
   ``coeff`` and ``generator`` are all checked before the seed is drawn or any tensor is written, so an error
@@ -21,7 +24,8 @@ Design choices (where the method leaves them open)
   tensor gets ``g*coeff + N(0, 1e-8)``. Zero-element tensors are untouched and not flagged (unless coeff is
   non-finite).
 * Results are rounded to nearest in each tensor's dtype and *saturated* to its finite range: a finite fp16
-  gradient plus noise stays finite (±65504) instead of overflowing to Inf. Arithmetic is fp32 for
+  gradient (times coeff, plus noise) stays finite (±65504) instead of overflowing to Inf. Only finite inputs
+  are saturated; without noise a NaN/Inf element gets the plain product. Arithmetic is fp32 for
   fp16/bf16/fp32 tensors (fp64 for fp64 tensors); statistics are accumulated in fp64.
 * Noise is counter-based: Philox4x32-10 keyed by a 64-bit seed, counter = (element group, list index), then
   Box-Muller with our own polynomial log/sin/cos (``csrc/noise.h``). The seed is drawn *from the user's
@@ -35,11 +39,10 @@ Design choices (where the method leaves them open)
   extension has a kernel for the tensors' device, else the PyTorch reference below (same noise, per tensor).
   Backend ``reference`` forces the PyTorch path. Non-contiguous tensors are processed through a contiguous
   copy that is written back (noise index = logical row-major element index).
-* Cost: without noise no statistics are computed: a NaN/Inf check and the scaling run over cache-sized
-  windows of whole tensors (a quarter of the L3 on the CPU, half the L2 on CUDA), so the scaling pass reads
-  what the check just brought into cache and memory sees about one read and one write per element when a
-  tensor fits the window (larger tensors are read twice). With GE noise, a statistics pass and a write pass
-  over the same windows.
+* Cost: without noise, one fused read-modify-write pass per element (the NaN/Inf flag is ORed from the
+  exponent bits of what the pass reads): memory speed, as ``torch._foreach_mul_``. With GE noise, a
+  statistics pass and a write pass over cache-sized windows of whole tensors (a quarter of the L3 on the
+  CPU, half the L2 on CUDA), so the write pass reads what the statistics pass just brought into cache.
 * Registered as the custom op ``mmkernels::scale_grads_`` (mutates ``tensors``), so it is opaque to
   ``torch.compile``. With ``torch.compile(fullgraph=True)`` pass ``generator=None`` (the default generator
   is used); a ``torch.Generator`` object cannot be traced.
@@ -154,8 +157,10 @@ def _apply_ref(tensors: Sequence[torch.Tensor], coeff: torch.Tensor, seed: Optio
         if n == 0:
             flags.append(coeff_bad)
             continue
-        bad = ~torch.isfinite(g).all() | coeff_bad
-        flags.append(bad)
+        held_nonfinite = ~torch.isfinite(g).all()
+        flags.append(held_nonfinite | coeff_bad)
+        # with noise a NaN/Inf tensor is left unchanged (std undefined); without, every tensor is scaled
+        bad = (held_nonfinite | coeff_bad) if seed is not None else coeff_bad
         acc = acc_dtype(g.dtype)
         y = g.to(acc) * coeff.to(acc)
         if seed is not None:
@@ -166,7 +171,7 @@ def _apply_ref(tensors: Sequence[torch.Tensor], coeff: torch.Tensor, seed: Optio
             z = philox_normal_ref(seed, i, n).view(g.shape)
             y = y + (sd * z).to(acc)
         m = torch.finfo(g.dtype).max
-        y = y.clamp(-m, m).to(g.dtype)
+        y = torch.where(torch.isfinite(g), y.clamp(-m, m), y).to(g.dtype)  # saturate finite inputs only
         g.copy_(torch.where(bad, g, y))
     if not flags:
         return torch.zeros(0, dtype=torch.bool, device=coeff.device)
@@ -333,8 +338,9 @@ def scale_grads_(tensors, coeff, noise: Optional[str] = None, generator: Optiona
             is drawn from it per call (the generator advances).
 
     Returns:
-        ``torch.bool`` tensor ``(len(tensors),)`` on the tensors' device: ``True`` where a tensor was left
-        unchanged, because it held NaN/Inf or because ``coeff`` is a non-finite tensor (then all are ``True``).
+        ``torch.bool`` tensor ``(len(tensors),)`` on the tensors' device: ``True`` where a tensor held NaN/Inf
+        (with ``noise="ge"`` it was left unchanged; without noise it was scaled like the others) or, for every
+        tensor, when ``coeff`` is a non-finite tensor (then nothing was written).
 
     Raises:
         TypeError / ValueError before anything is changed (tensors, generator): see the module docstring.
