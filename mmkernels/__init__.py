@@ -4,7 +4,8 @@ Operators: frm, band_energy, band_ratio, modality_scores, decision_fuse, grad_sc
 update_scale_ (the update mode's multi-tensor pass), group_grad_stats (per-modality gradient dot products),
 group_grad_combine_ (per-modality weighted sums of two gradient lists, MMPareto's combination),
 prototype_ce / prototype_update (PMR's prototypical cross-entropy and prototypes),
-modality_drop (OPM's per-sample feature drop).
+modality_drop (OPM's per-sample feature drop),
+proximal_fisher_ (InfoReg's proximal pull and Fisher-trace term, one multi-tensor pass).
 Policies: mmkernels.policies. Balancers: mmkernels.balance.
 
 Ops are imported lazily on first use, so ``import mmkernels`` stays cheap and does not import triton.
@@ -42,6 +43,8 @@ _LAZY = {
     "prototype_update": "mmkernels.ops.prototype_ce",
     "modality_drop": "mmkernels.ops.modality_drop",
     "modality_drop_ref": "mmkernels.ops.modality_drop",
+    "proximal_fisher_": "mmkernels.ops.proximal_fisher",
+    "proximal_fisher_ref_": "mmkernels.ops.proximal_fisher",
     "policies": "mmkernels.policies",
     "balance": "mmkernels.balance",
 }

@@ -696,74 +696,62 @@ def ogm_tpami(scores: torch.Tensor, alpha: float = 0.8, *, return_fallback: bool
     return _result(torch.where(ok, k, 1.0), ~ok, return_fallback)
 
 
-# --------------------------------------------------------------------------------------------------------
-# MMPareto (Wei & Hu, ICML 2024): per encoder, the multimodal and the unimodal gradient combined
-
-__all__ += ["MMPARETO_GAMMA", "mmpareto_weights", "mmpareto_scale"]
-
-#: the released code's magnitude enhancement γ (``gamma=1.5`` in code/MMPareto.py)
-MMPARETO_GAMMA = 1.5
+# ---------------------------------------------------------------------------------------------------- InfoReg
+#: released defaults: the window test's span of epochs and threshold, the pull coefficient of the audio encoder
+INFOREG_SPAN = 10
+INFOREG_THRESHOLD = 0.05
+INFOREG_COEFF = 0.95
 
 
-def _mmpareto_stat(fn: str, name: str, t, ref: torch.Tensor | None = None) -> torch.Tensor:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{fn}: {name} must be a 1-D floating tensor, got {type(t).__name__}")
-    if not t.is_floating_point():
-        raise TypeError(f"{fn}: {name} must be floating (float64 from group_grad_stats), got {t.dtype}")
-    if t.dim() != 1:
-        raise ValueError(f"{fn}: {name} must be 1-D (one entry per encoder or tensor), got shape {tuple(t.shape)}")
-    if ref is not None and (t.shape != ref.shape or t.device != ref.device):
-        raise ValueError(f"{fn}: {name} is {tuple(t.shape)} on {t.device} but the first statistic is "
-                         f"{tuple(ref.shape)} on {ref.device}; pass one entry per encoder, on one device")
-    return t
+def inforeg_window(history: torch.Tensor, span: int = INFOREG_SPAN, threshold: float = INFOREG_THRESHOLD):
+    """InfoReg's prime-learning-window test at the start of an epoch: ``(change, active)``, two 0-d tensors.
 
-
-def mmpareto_weights(dot: torch.Tensor, sq_mm: torch.Tensor, sq_uni: torch.Tensor, *,
-                     return_fallback: bool = False):
-    """MMPareto's weights ``(w_mm, w_uni)`` of the multimodal and the unimodal gradient, per encoder.
-
-    ``dot = ⟨g_mm, g_uni⟩``, ``sq_mm = ‖g_mm‖²``, ``sq_uni = ‖g_uni‖²`` over the encoder's parameters (all
-    ``(M,)``). When the cosine is positive (``dot > 0``) both weights are ``1/2``. Otherwise the two-task
-    min-norm point ``min_c ‖c·g_mm + (1 − c)·g_uni‖`` of the released solver: ``c = 0.999`` if
-    ``dot >= sq_mm``, else ``c = 0.001`` if ``dot >= sq_uni``, else ``c = (sq_uni − dot) / (sq_mm + sq_uni − 2·dot)``;
-    ``w_mm = c``, ``w_uni = 1 − c``. (A zero gradient has cosine 0, hence takes the min-norm branch, as in the
-    released code, where ``F.cosine_similarity`` of a zero vector is 0.)
-
-    Fallback: non-finite statistics give ``(1/2, 1/2)`` (``return_fallback=True``: also the ``(M,)`` bool).
-    Returns ``(w_mm, w_uni)`` in the statistics' dtype.
+    ``history``: ``(E,)`` Fisher-information traces of the E epochs trained so far (E >= 0). As released,
+    the history is read with ``span`` zeros in front of it, and the relative change of its ``span``-epoch
+    moving average is ``change = (A_E − A_{E−1}) / A_E`` with ``A_E`` the mean of the last ``span`` traces
+    (``A_{E−1}``: the ``span`` before the latest); before any epoch (E = 0) ``change = 1``. The epoch is in
+    the window when ``change > threshold``. Undefined change (a zero or non-finite average): not in the window.
     """
-    fn = "mmpareto_weights"
-    dot = _mmpareto_stat(fn, "dot", dot)
-    sq_mm = _mmpareto_stat(fn, "sq_mm", sq_mm, dot)
-    sq_uni = _mmpareto_stat(fn, "sq_uni", sq_uni, dot)
-    half = torch.full_like(dot, 0.5)
-    # in the interior branch dot < sq_mm and dot < sq_uni, so the denominator is > 0; elsewhere it is unused
-    denom = sq_mm + sq_uni - 2.0 * dot
-    interior = (sq_uni - dot) / torch.where(denom > 0, denom, torch.ones_like(denom))
-    c = torch.where(dot >= sq_mm, torch.full_like(dot, 0.999),
-                    torch.where(dot >= sq_uni, torch.full_like(dot, 0.001), interior))
-    w_mm = torch.where(dot > 0, half, c)
-    bad = ~(torch.isfinite(dot) & torch.isfinite(sq_mm) & torch.isfinite(sq_uni))
-    w_mm = torch.where(bad, half, w_mm)
-    w_uni = torch.where(bad, half, 1.0 - w_mm)
-    return ((w_mm, w_uni), bad) if return_fallback else (w_mm, w_uni)
+    fn = "inforeg_window"
+    if not isinstance(history, torch.Tensor) or history.dim() != 1 or not history.is_floating_point():
+        raise TypeError(f"{fn}: history must be a 1-D floating tensor (one trace per epoch), got "
+                        f"{getattr(history, 'shape', type(history).__name__)}")
+    if isinstance(span, bool) or not isinstance(span, numbers.Integral) or span < 1:
+        raise ValueError(f"{fn}: span must be an int >= 1, got {span!r}")
+    threshold = _number(fn, "threshold", threshold)
+    if history.numel() == 0:
+        change = torch.ones((), dtype=history.dtype, device=history.device)
+    else:
+        padded = torch.cat([history.new_zeros(span), history])
+        new, old = padded[-span:].sum() / span, padded[-span - 1:-1].sum() / span
+        change = (new - old) / new
+    return change, torch.nan_to_num(change, nan=-math.inf) > threshold
 
 
-def mmpareto_scale(sq_sum: torch.Tensor, sq_new: torch.Tensor, gamma: float = MMPARETO_GAMMA) -> torch.Tensor:
-    """MMPareto's magnitude rule, per parameter tensor: the factor that multiplies ``g_new = 2(w_mm·g_mm + w_uni·g_uni)``.
+def inforeg_beta(scores: torch.Tensor, active, coeff=INFOREG_COEFF, *, return_fallback: bool = False):
+    """InfoReg's per-step pull coefficients ``β`` ``(M,)`` (released rule, generalised to M modalities).
 
-    ``sq_sum = ‖g_mm + g_uni‖²`` and ``sq_new = ‖g_new‖²`` of one tensor; ``d = ‖g_mm + g_uni‖ / ‖g_new‖`` and
-    the factor is ``γ·d`` when ``d > 1``, else ``γ``: the combined gradient is never shorter than the plain
-    sum, and is enhanced by γ (released code: ``gamma = 1.5``). ``sq_new == 0`` gives ``γ`` (``g_new`` is 0,
-    so is the result; the released division gives NaN there when ``g_mm + g_uni`` is not 0). Non-finite
-    statistics give 1 (the plain sum is kept by the caller's fallback).
+    ``scores``: ``s_m = Σ_i softmax(ℓ_m)_i[y_i]`` (the summed true-class confidence of each modality's unimodal
+    logits). The modality with the strictly highest score d gets ``β_d = c_d·exp(tanh(s_d − s_r))`` (``s_r``:
+    the runner-up's score; for two modalities the released ``gap``), every other modality 0; a tie, or
+    ``active`` False (outside the prime-learning window), gives 0 everywhere. ``coeff``: ``c``, one float for
+    every modality or an ``(M,)`` tensor (released: 0.95 for audio, 0.1 for visual). Fallback: non-finite
+    scores give 0 everywhere (no pull), flagged.
     """
-    fn = "mmpareto_scale"
-    sq_sum = _mmpareto_stat(fn, "sq_sum", sq_sum)
-    sq_new = _mmpareto_stat(fn, "sq_new", sq_new, sq_sum)
-    gamma = _number(fn, "gamma", gamma, lo=0.0, lo_open=True)
-    pos = sq_new > 0
-    d = torch.sqrt(sq_sum / torch.where(pos, sq_new, torch.ones_like(sq_new)))
-    scale = gamma * torch.where(pos & (d > 1), d, torch.ones_like(d))
-    ok = torch.isfinite(sq_sum) & torch.isfinite(sq_new)
-    return torch.where(ok, scale, torch.ones_like(scale))
+    fn = "inforeg_beta"
+    s = _as_float(scores, "scores", fn)
+    if isinstance(coeff, torch.Tensor):
+        c = _like(fn, "coeff", coeff, s, "scores")
+    else:
+        c = torch.full_like(s, _number(fn, "coeff", coeff, lo=0.0))
+    if isinstance(active, bool):
+        active = torch.tensor(active, device=s.device)
+    if not isinstance(active, torch.Tensor) or active.dtype != torch.bool or active.numel() != 1:
+        raise TypeError(f"{fn}: active must be a bool or a 1-element bool tensor, got {active!r}")
+    top, idx = s.topk(2)
+    gap = top[0] - top[1]
+    ok = torch.isfinite(s).all()
+    pull = active.reshape(()).to(s.device) & (gap > 0) & ok
+    dominant = torch.zeros_like(s, dtype=torch.bool).scatter(0, idx[:1], True)
+    beta = torch.where(dominant & pull, c * torch.exp(torch.tanh(torch.nan_to_num(gap))), 0.0)
+    return _result(beta, (~ok).expand(s.shape).clone(), return_fallback)

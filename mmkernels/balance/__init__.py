@@ -27,6 +27,7 @@ Methods
 - :class:`PMR`          prototypical modal rebalance, a loss term (``loss = loss + bal.loss(features, labels)``).
 - :class:`MMPareto`     per-encoder Pareto combination of multimodal and unimodal gradients (Wei & Hu 2024;
                         ``bal.backward(loss, unimodal_losses)`` replaces ``loss.backward()``).
+- :class:`InfoReg`      proximal pull of the dominant modality in the prime learning window (Huang et al. 2025).
 
 Two modulation modes (``mode=``) for the gradient-modulating balancers:
 
@@ -59,6 +60,9 @@ __all__ += ["AGM", "agm_linear_responses", "coalition_logits"]
 from mmkernels.balance.opm import OGMTPAMI, OPM  # noqa: E402
 
 __all__ += ["OPM", "OGMTPAMI"]
+from mmkernels.balance.inforeg import InfoReg  # noqa: E402
+
+__all__ += ["InfoReg"]
 from mmkernels.balance.mmpareto import MMPareto  # noqa: E402
 
 __all__ += ["MMPareto"]

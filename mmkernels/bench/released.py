@@ -406,6 +406,67 @@ def opm_step_features(feat_1, feat_2, weight, bias, label, q_base: float = 0.5, 
     return f1, f2, flag
 
 
+# ------------------------------------------------------------------------------------------------ InfoReg
+# InfoReg (Huang, Wei, Yang & Hu, CVPR 2025, GeWu-Lab/InfoReg_CVPR2025, ``main.py`` ``train_epoch``): at the
+# start of every epoch a deep copy of the model (the anchors) and the window value k from the audio trace
+# history (which starts as ten zeros); per step, after the three backward passes, the scores as Python sums
+# over the batch (the batch softmax recomputed per sample), a host-side branch on them and on k, the pull
+# ``grad += beta * (theta - theta0)`` over every parameter of the model with an identity search of the
+# encoder's parameters, then ``grad * grad`` accumulated per conv/linear weight of each encoder; at the
+# epoch's end each accumulator's mean read with ``.item()`` and the means summed.
+INFOREG_RELEASED_BETA = (0.95, 0.1)  # audio, visual
+INFOREG_RELEASED_THRESHOLD = 0.05
+
+
+def inforeg_window_k(audio_trace_list: list, epoch: int) -> float:
+    """Released k at the start of ``epoch`` (``audio_trace_list``: ten zeros, then one trace per epoch)."""
+    if epoch == 0:
+        return 1
+    tr1 = sum(audio_trace_list[-10:]) / 10
+    tr2 = sum(audio_trace_list[-11:-1]) / 10
+    return (tr1 - tr2) / tr1
+
+
+def inforeg_fisher_accumulators(model, prefix: str) -> dict:
+    """Released per-epoch accumulators: one zero tensor per conv/linear weight whose module name contains
+    ``prefix`` (``'audio_net'`` / ``'visual_net'`` in the released model)."""
+    return {name: torch.zeros_like(m.weight) for name, m in model.named_modules()
+            if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)) and prefix in name and m.weight.requires_grad}
+
+
+def inforeg_step_regulation(model, global_model, audio_net, visual_net, out_a, out_v, label, k, fim_audio: dict,
+                            fim_visual: dict, threshold: float = INFOREG_RELEASED_THRESHOLD) -> tuple:
+    """The released step between ``backward()`` and ``optimizer.step()``; returns ``(beta_audio, beta_visual)``.
+    ``threshold``: the released constant 0.05 (a parameter only so tests can close the window early)."""
+    score_v = sum([F.softmax(out_v, dim=1)[i][label[i]] for i in range(out_v.size(0))])
+    score_a = sum([F.softmax(out_a, dim=1)[i][label[i]] for i in range(out_a.size(0))])
+    if score_a > score_v and k > threshold:
+        beta, beta2 = INFOREG_RELEASED_BETA[0] * torch.exp(torch.tanh(score_a - score_v)), 0
+    elif score_a < score_v and k > threshold:
+        beta, beta2 = 0, INFOREG_RELEASED_BETA[1] * torch.exp(torch.tanh(score_v - score_a))
+    else:
+        beta, beta2 = 0, 0
+    for mp, gp in zip(model.parameters(), global_model.parameters()):
+        if mp.requires_grad and any(mp is p for p in audio_net.parameters()):
+            mp.grad += beta * (mp - gp)
+        if mp.requires_grad and any(mp is p for p in visual_net.parameters()):
+            mp.grad += beta2 * (mp - gp)
+    for name, m in model.named_modules():
+        if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)):
+            if name in fim_audio and m.weight.requires_grad:
+                fim_audio[name] += m.weight.grad * m.weight.grad
+                fim_audio[name].detach_()
+            elif name in fim_visual and m.weight.requires_grad:
+                fim_visual[name] += m.weight.grad * m.weight.grad
+                fim_visual[name].detach_()
+    return beta, beta2
+
+
+def inforeg_epoch_trace(fim: dict) -> float:
+    """Released end-of-epoch trace: the sum over layers of each accumulator's mean (one ``.item()`` each)."""
+    return sum(acc.mean().item() for acc in fim.values())
+
+
 # ------------------------------------------------------------------------------------------------ MMPareto
 # MMPareto (Wei & Hu, ICML 2024, GeWu-Lab/MMPareto_ICML2024, ``code/MMPareto.py`` ``train_epoch``): after the
 # forward pass, one ``backward(retain_graph=True)`` per loss (multimodal first, then each unimodal loss), each
