@@ -5,8 +5,8 @@ There is no released code path. The peers are what a user writes with ``torch.ff
 precomputed band masks (radial for 2-D; one-sided bins weighted for their conjugate twins) and one masked
 reduction — ``fft2`` and the half-spectrum ``rfft2`` for 2-D, ``rfft`` for 1-D — each eager and under
 ``torch.compile``. Then ``band_energy_ref`` (this library's PyTorch path: DFT projection onto the needed
-bins) and ``mmkernels.band_energy`` (Triton on CUDA; on the CPU backend ``auto`` runs the reference inside
-the registered op). Cases: the demo's band_ratio (64×76, cutoff 0.25), 4096×1024 with two cutoffs,
+bins) and ``mmkernels.band_energy`` (Triton on CUDA; on the CPU, backend ``auto``, the C++ kernels of
+``csrc/band_energy.cpp``: direct projection, a row-batched radix-2 FFT, or the 2-D separable projection). Cases: the demo's band_ratio (64×76, cutoff 0.25), 4096×1024 with two cutoffs,
 64×64×56×56 feature maps; forward+backward on CUDA (the op is used on activations inside a training step).
 """
 from __future__ import annotations
@@ -86,6 +86,16 @@ def rfft_band_energy(masks):
     return f
 
 
+def _path(device: str) -> str:
+    """``cpp`` where the op runs the C++ CPU kernel (CPU tensors, backend ``auto``, extension built)."""
+    import mmkernels
+    from mmkernels import _ext
+
+    if device == "cpu" and mmkernels.get_backend() != "reference" and _ext.has_kernel("band_energy_1d", "cpu"):
+        return "cpp"
+    return bench_path(device)
+
+
 def make_impls(case: Case, device: str) -> Bench:
     import mmkernels
 
@@ -116,4 +126,4 @@ def make_impls(case: Case, device: str) -> Bench:
     numel = math.prod(case.shape)
     return Bench(impls, roles, nbytes=numel * x.element_size() * (3 if backward else 1),  # fwd+bwd: + read x, write grad
                  bandwidth=True, extra={"ndim": ndim, "cutoffs": str(cutoffs), "backend": mmkernels.get_backend(),
-                                        "path": bench_path(device)})
+                                        "path": _path(device)})

@@ -6,8 +6,7 @@ Implementations: the released MWAM code path (:func:`mmkernels.bench.released.mw
 the row's ``released_dct`` says which); as the eager PyTorch composition, ``frm_ref`` (the DCT as two
 matrix products on the patch view, restricted to the 2q basis rows the metric reads, then ratio and sum: a
 stronger peer than the full p×p DCT a user would first write), and ``torch.compile`` of it (the peers);
-``mmkernels.frm``. On the CPU backend ``auto`` runs the reference
-inside the registered op. Cases: the demo's per-step shape 64×1×16×16 and MWAM's 112×112 RGB batch.
+``mmkernels.frm`` (Triton on CUDA; on the CPU, backend ``auto``, the C++ kernel of ``csrc/frm.cpp``). Cases: the demo's per-step shape 64×1×16×16 and MWAM's 112×112 RGB batch.
 """
 from __future__ import annotations
 
@@ -23,6 +22,16 @@ CASES = [
     Case((256, 3, 448, 448), sets=frozenset({"cuda"})),  # 616 MB of fp32: the bandwidth-bound regime
     Case((64, 3, 224, 224), torch.bfloat16, sets=frozenset({"cuda"})),
 ]
+
+
+def _path(device: str) -> str:
+    """``cpp`` where the op runs the C++ CPU kernel (CPU tensors, backend ``auto``, extension built)."""
+    import mmkernels
+    from mmkernels import _ext
+
+    if device == "cpu" and mmkernels.get_backend() != "reference" and _ext.has_kernel("frm", "cpu"):
+        return "cpp"
+    return bench_path(device)
 
 
 def make_impls(case: Case, device: str) -> Bench:
@@ -41,4 +50,4 @@ def make_impls(case: Case, device: str) -> Bench:
     roles = {"released_mwam": "released", "frm_ref_eager": "eager", "frm_ref_compiled": "compiled",
              "mmkernels.frm": "ours"}
     return Bench(impls, roles, nbytes=x.numel() * x.element_size(), bandwidth=True,
-                 extra={"released_dct": which, "backend": mmkernels.get_backend(), "path": bench_path(device)})
+                 extra={"released_dct": which, "backend": mmkernels.get_backend(), "path": _path(device)})

@@ -40,6 +40,20 @@ def assert_bands_close(got, want, what=""):
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 
 
+@pytest.fixture(params=["reference", "triton", "cpu-kernel"])
+def backend(request, device):
+    """tests/conftest.py's backends plus "cpu-kernel": backend "auto" on CPU tensors, i.e. the C++ kernels of
+    csrc/band_energy.cpp (skipped when the extension is not built, or when tests run on CUDA)."""
+    name = request.param
+    if name == "cpu-kernel":
+        from mmkernels import _ext
+        if device != "cpu" or not _ext.has_kernel("band_energy_1d", "cpu"):
+            pytest.skip(f"no C++ CPU kernel for band_energy here ({_ext.why_missing() or 'tests run on ' + device})")
+        name = "auto"
+    with mmkernels.use_backend(name):
+        yield request.param
+
+
 # ---------------------------------------------------------------------------------------------- 1-D
 
 @pytest.mark.parametrize("n", [1, 2, 3, 7, 8, 15, 56, 100])
@@ -389,6 +403,101 @@ def test_bad_inputs():
 
 
 # ---------------------------------------------------------------------------------------------- GPU (realistic sizes)
+
+# ---------------------------------------------------------------------------------------------- C++ CPU kernels
+
+@pytest.fixture
+def cpu_kernel(monkeypatch):
+    """Backend "auto" on CPU tensors with the reference forwards disabled: a test can only pass through the
+    C++ kernels (the backward stays the reference's, fed with the projections the kernels saved)."""
+    import dataclasses
+
+    import mmkernels.ops.band_energy as be
+    from mmkernels import _ext
+    from mmkernels.ops.band_energy import reference
+
+    if not _ext.has_kernel("band_energy_1d", "cpu"):
+        pytest.skip(f"mmkernels._C has no CPU band_energy kernel: {_ext.why_missing()}")
+
+    def refuse(*args):
+        raise AssertionError("the reference forward ran instead of the C++ kernel")
+    for ndim in (1, 2):
+        impl = be._IMPLS[ndim, "reference"]
+        monkeypatch.setitem(be._IMPLS, (ndim, "reference"), dataclasses.replace(impl, forward=refuse))
+    monkeypatch.setattr(reference, "forward_2d", refuse)  # the 2-D kernel's rfft2 fallback
+    with mmkernels.use_backend("auto"):
+        yield
+
+
+# (M, N, cutoffs): the direct projection (2K <= 64 basis rows, or <= 256 for N not a power of two), the
+# radix-2 FFT over 16-row groups (N a power of two; 37 rows leave a partial group), ATen's rfft (other N).
+KERNEL_1D = [(64, 76, [0.25]), (37, 256, [0.1, 0.3]), (16, 1024, [0.05, 0.2]), (5, 64, [0.5]),
+             (9, 600, [0.2, 0.45]), (3, 33, [0.1, 0.4, 0.5])]
+
+
+@pytest.mark.parametrize("m,n,cutoffs", KERNEL_1D)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_cpu_kernel_1d_paths(cpu_kernel, m, n, cutoffs, dtype):
+    x = torch.randn(m, n, dtype=torch.float64).to(dtype)
+    got = band_energy(x, cutoffs)
+    assert got.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    want = oracle_1d(x, cutoffs)
+    if dtype == torch.float64:
+        assert_close(got, want, rtol=1e-10, atol=1e-10 * float(want.sum(-1).max()), what=f"{m}x{n}")
+    else:
+        assert_bands_close(got, want, f"{m}x{n} {dtype}")
+
+
+@pytest.mark.parametrize("m,n,cutoffs", KERNEL_1D[1:3] + KERNEL_1D[4:5])
+def test_cpu_kernel_1d_noncontiguous_and_threads(cpu_kernel, m, n, cutoffs):
+    base = torch.randn(2 * n, m).t()  # (m, 2n) with rows strided by 1 and samples by m: no unit stride
+    x = base[:, ::2]
+    assert x.stride(-1) != 1
+    got = band_energy(x, cutoffs)
+    assert_bands_close(got, oracle_1d(x, cutoffs), "strided")
+    xc = torch.randn(3 * m, n)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = band_energy(xc, cutoffs)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, band_energy(xc, cutoffs)), "result depends on the thread count"
+
+
+@pytest.mark.parametrize("m,n,cutoffs", [KERNEL_1D[0], KERNEL_1D[1], KERNEL_1D[4]])
+def test_cpu_kernel_1d_grad_from_saved_projections(cpu_kernel, m, n, cutoffs):
+    x = torch.randn(m, n, dtype=torch.float64, requires_grad=True)
+    out = band_energy(x, cutoffs)
+    g = torch.randn_like(out)
+    (gx,) = torch.autograd.grad(out, x, g)
+    xd = x.detach().requires_grad_()
+    (want,) = torch.autograd.grad(oracle_1d_diff(xd, cutoffs), xd, g)
+    assert_close(gx, want, rtol=1e-9, atol=1e-9 * float(want.abs().max()), what="grad")
+
+
+@pytest.mark.parametrize("shape,cutoffs", [((3, 56, 56), [0.1]), ((2, 3, 14, 14), [0.1, 0.25]),
+                                           ((4, 13, 9), [0.1, 0.2])])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
+def test_cpu_kernel_2d(cpu_kernel, shape, cutoffs, dtype):
+    from mmkernels.ops.band_energy import plans
+
+    x = torch.randn(shape, dtype=torch.float64).to(dtype).transpose(-1, -2)  # strided images
+    if plans.plan_2d(tuple(x.shape[-2:]), tuple(cutoffs)).use_fft:
+        pytest.fail("case meant for the projection kernel: the plan chose rfft2")
+    got = band_energy(x, cutoffs, ndim=2)
+    want = oracle_2d(x, cutoffs)
+    if dtype == torch.float64:
+        assert_close(got, want, rtol=1e-10, atol=1e-10 * float(want.sum(-1).max()), what=str(shape))
+    else:
+        assert_bands_close(got, want, f"{shape} {dtype}")
+    xg = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    gout = torch.randn(*shape[:-2], len(cutoffs) + 1, dtype=torch.float64)
+    (gx,) = torch.autograd.grad(band_energy(xg, cutoffs, ndim=2), xg, gout)
+    xd = xg.detach().requires_grad_()
+    (wantg,) = torch.autograd.grad(oracle_2d_diff(xd, cutoffs), xd, gout)
+    assert_close(gx, wantg, rtol=1e-9, atol=1e-9 * float(wantg.abs().max()), what="2-D grad")
+
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])

@@ -34,6 +34,20 @@ def image_like(shape, dtype=torch.float32, device="cpu"):
     return img.to(dtype=dtype, device=device)
 
 
+@pytest.fixture(params=["reference", "triton", "cpu-kernel"])
+def backend(request, device):
+    """tests/conftest.py's backends plus "cpu-kernel": backend "auto" on CPU tensors, i.e. the C++ kernel of
+    csrc/frm.cpp (skipped when the extension is not built, or when tests run on CUDA)."""
+    name = request.param
+    if name == "cpu-kernel":
+        from mmkernels import _ext
+        if device != "cpu" or not _ext.has_kernel("frm", "cpu"):
+            pytest.skip(f"no C++ CPU kernel for frm here ({_ext.why_missing() or 'tests run on ' + device})")
+        name = "auto"
+    with mmkernels.use_backend(name):
+        yield request.param
+
+
 RTOL = {torch.float64: 1e-10, torch.float32: 3e-5, torch.float16: 3e-5, torch.bfloat16: 3e-5}
 
 CASES = [  # (shape, patch_size, window): odd B/C, H != W, tiny, non-power-of-two patch counts
@@ -215,6 +229,60 @@ def test_bad_inputs(call, exc, match):
 # ------------------------------------------------------------------------------------------------
 # GPU: realistic sizes, run on an H100 by the lead
 # ------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------- the C++ CPU kernel
+
+def _cpu_kernel_or_skip():
+    from mmkernels import _ext
+    if not _ext.has_kernel("frm", "cpu"):
+        pytest.skip(f"mmkernels._C has no CPU frm kernel: {_ext.why_missing()}")
+
+
+@pytest.fixture
+def cpu_kernel(monkeypatch):
+    """Backend "auto" on CPU tensors with the reference disabled: a test can only pass through the C++ kernel."""
+    _cpu_kernel_or_skip()
+    import mmkernels.ops.frm as frm_mod
+
+    def refuse(*args):
+        raise AssertionError("the reference ran instead of the C++ kernel")
+    monkeypatch.setattr(frm_mod, "_frm_ref_impl", refuse)
+    with mmkernels.use_backend("auto"):
+        yield
+
+
+@pytest.mark.parametrize("shape,p,q", [((2, 3, 16, 112), 8, 2), ((1, 2, 8, 72), 8, 1), ((1, 2, 8, 72), 8, 3),
+                                       ((2, 1, 8, 136), 8, 4), ((3, 2, 10, 15), 5, 2)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cpu_kernel_vector_groups_and_tails(cpu_kernel, shape, p, q, dtype):
+    # p = 8 fp32 takes eight patches per vector group: rows of 14, 9 and 17 patches leave scalar tails.
+    x = well_conditioned(shape, p, q, dtype)
+    want, _ = oracle(x, p, q)
+    assert_close(mmkernels.frm(x, patch_size=p, window=q), want, rtol=RTOL[dtype], atol=0, what=f"{shape} q={q}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cpu_kernel_low_precision_noncontiguous(cpu_kernel, dtype):
+    base = well_conditioned((3, 4, 16, 72), 8, 2, torch.float64)
+    x = base.to(dtype)[:, 1::2].transpose(-1, -2)  # channel slice and H/W swap: no unit stride along W
+    want, _ = oracle(x.double())
+    assert_close(mmkernels.frm(x), want, rtol=3e-5, atol=0, what=str(dtype))
+
+
+def test_cpu_kernel_image_like_and_thread_count(cpu_kernel):
+    x = image_like((4, 3, 64, 112))
+    want, _ = oracle(x)
+    got = mmkernels.frm(x)
+    assert_close(got, want, rtol=1e-3, atol=0, what="image-like")
+    n = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = mmkernels.frm(x)
+    finally:
+        torch.set_num_threads(n)
+    assert torch.equal(one, got), "result depends on the thread count"
+    assert mmkernels.frm(x, reduction="sum").item() == pytest.approx(float(want.sum()), rel=1e-3)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
 def test_gpu_realistic_well_conditioned(dtype):

@@ -9,7 +9,12 @@ both axes (so the DC term pairs with ``Y[p-1, p-1]``), then ``(low / (high + 1e-
 Only ``2q`` rows of ``D`` are needed (``Y_low = D[:q] P D[:q]ᵀ``, ``Y_high = D[p-q:] P D[p-q:]ᵀ``), so
 neither implementation ever forms a full transform:
 
-- ``frm_ref`` (CPU path and ``reference`` backend): two small matmuls over views of ``x``.
+- ``frm_ref`` (``reference`` backend, and the fallback without the compiled extension): two small matmuls
+  over views of ``x``.
+- the C++ CPU kernel (``csrc/frm.cpp``, CPU tensors on backend ``auto``): one pass over ``x`` through its
+  strides, strip by strip (``p`` image rows of one channel): the row transform along ``W`` vectorised, then
+  each patch's column transform; fp32 arithmetic (fp64 for fp64 input), per-strip sums in float64 combined
+  in a fixed order (results do not depend on the thread count).
 - the Triton kernel reads ``x`` once through its own strides (no host-side copy), accumulates in fp32
   (fp64 for fp64 input, computed in fp64 in the kernel), and writes one partial sum per program; a tiny
   deterministic second reduction (``partial.sum``) gives the ``B`` numbers. No float atomics, so results
@@ -30,7 +35,7 @@ import math
 
 import torch
 
-from mmkernels import _tuning
+from mmkernels import _backend, _ext, _tuning
 from mmkernels._backend import skip_dispatch, use_triton
 from mmkernels._common import BoundedCache, acc_dtype, cdiv, check_float_tensor, check_int, check_number, next_pow2
 from mmkernels._triton import tl, triton
@@ -246,9 +251,25 @@ def frm_ref(x: torch.Tensor, patch_size: int = 8, window: int = 2, eps: float = 
 # --------------------------------------------------------------------------------------------------------
 # 5. Registration
 # --------------------------------------------------------------------------------------------------------
+_ext.register_fake("frm", lambda x, patch_size, window, eps, sum: x.new_empty(() if sum else (x.shape[0],),
+                                                                               dtype=acc_dtype(x.dtype)))
+_CPU_KERNEL: list = []  # once asked: [whether the extension has the CPU kernel, its op] (fixed per process)
+
+
+def _use_cpu_kernel(x: torch.Tensor) -> bool:
+    if x.device.type != "cpu" or _backend.get_backend() == "reference":
+        return False
+    if not _CPU_KERNEL:
+        has = _ext.has_kernel("frm", "cpu")
+        _CPU_KERNEL.extend([has, _ext.ops().frm.default if has else None])
+    return _CPU_KERNEL[0]
+
+
 def _frm_impl(x: torch.Tensor, patch_size: int, window: int, eps: float, reduction: str) -> torch.Tensor:
     if use_triton(x) and x.numel() > 0:
         return _frm_fwd_triton(x, patch_size, window, eps, reduction)
+    if _use_cpu_kernel(x):
+        return _CPU_KERNEL[1](x, patch_size, window, eps, reduction == "sum")
     return _frm_ref_impl(x, patch_size, window, eps, reduction)
 
 
@@ -304,7 +325,8 @@ def frm(x: torch.Tensor, patch_size: int = 8, window: int = 2, eps: float = 1e-6
     empty ``(0,)`` tensor (``0.`` for ``"sum"``). Not differentiable: the result never requires grad.
 
     Backends: Triton kernel for CUDA tensors (or CPU under ``TRITON_INTERPRET=1`` with backend
-    ``"triton"``), :func:`frm_ref` otherwise.
+    ``"triton"``), the C++ kernel for CPU tensors (backend ``"auto"``, when the extension is built),
+    :func:`frm_ref` otherwise.
     """
     eps = _validate("frm", x, patch_size, window, eps, reduction)
     x = x.detach()

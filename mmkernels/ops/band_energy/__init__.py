@@ -28,8 +28,9 @@ holding a bin NaN/Inf too; other indices are unaffected. Nothing is checked (tha
 host).
 
 Layout: :mod:`.plans` (argument checks, the membership rule, typed plans), :mod:`.kernels_1d` and
-:mod:`.kernels_2d` (Triton kernels, launch configs, launchers), :mod:`.reference` (``band_energy_ref``), and
-here the registration (one :class:`~mmkernels._common.DifferentiableOp`) and the public functions.
+:mod:`.kernels_2d` (Triton kernels, launch configs, launchers), :mod:`.cpu` (the C++ CPU kernels' launchers:
+CPU tensors on backend ``auto`` when the extension is built; their backward is the reference's),
+:mod:`.reference` (``band_energy_ref``, the fallback and oracle), and here the registration (one :class:`~mmkernels._common.DifferentiableOp`) and the public functions.
 """
 from __future__ import annotations
 
@@ -38,10 +39,10 @@ from typing import Callable
 
 import torch
 
-from mmkernels._backend import use_triton
+from mmkernels._backend import skip_dispatch, use_triton
 from mmkernels._common import DifferentiableOp, acc_dtype, check_number
 
-from . import kernels_1d, kernels_2d, reference
+from . import cpu, kernels_1d, kernels_2d, reference
 from .plans import check_cutoffs, check_x, plan_1d, plan_2d
 from .reference import band_energy_ref, check_args
 
@@ -59,12 +60,21 @@ class _Impl:
 
 
 _IMPLS = {
-    (1, False): _Impl(plan_1d, reference.forward_1d, reference.backward_1d),
-    (1, True): _Impl(plan_1d, kernels_1d.forward, kernels_1d.backward),
-    (2, False): _Impl(plan_2d, reference.forward_2d, reference.backward_2d),
-    (2, True): _Impl(plan_2d, kernels_2d.forward, kernels_2d.backward),
+    (1, "reference"): _Impl(plan_1d, reference.forward_1d, reference.backward_1d),
+    (1, "triton"): _Impl(plan_1d, kernels_1d.forward, kernels_1d.backward),
+    (1, "cpu"): _Impl(plan_1d, cpu.forward_1d, reference.backward_1d),
+    (2, "reference"): _Impl(plan_2d, reference.forward_2d, reference.backward_2d),
+    (2, "triton"): _Impl(plan_2d, kernels_2d.forward, kernels_2d.backward),
+    (2, "cpu"): _Impl(plan_2d, cpu.forward_2d, reference.backward_2d),
 }
 _PLANS = {1: plan_1d, 2: plan_2d}
+_CPU_FORWARD = {1: cpu.forward_1d, 2: cpu.forward_2d}
+
+
+def _route(x: torch.Tensor, ndim: int) -> str:
+    if use_triton(x):
+        return "triton"
+    return "cpu" if cpu.available(x, ndim) else "reference"
 
 
 def _forward(x: torch.Tensor, cutoffs: list[float], ndim: int, save_proj: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -74,14 +84,14 @@ def _forward(x: torch.Tensor, cutoffs: list[float], ndim: int, save_proj: bool) 
         cd = acc_dtype(x.dtype)
         shape = _PLANS[ndim](x.shape[1:], cut).proj_shape(0) if save_proj else (0,)
         return x.new_zeros(0, len(cut) + 1, dtype=cd), x.new_zeros(shape, dtype=cd)
-    impl = _IMPLS[ndim, use_triton(x)]
+    impl = _IMPLS[ndim, _route(x, ndim)]
     return impl.forward(x, impl.plan(x.shape[1:], cut), save_proj)
 
 
 def _backward(grad: torch.Tensor, x: torch.Tensor, proj: torch.Tensor, cutoffs: list[float], ndim: int) -> torch.Tensor:
     if x.shape[0] == 0:
         return torch.zeros_like(x)
-    impl = _IMPLS[ndim, use_triton(x)]
+    impl = _IMPLS[ndim, _route(x, ndim)]
     return impl.backward(grad, x, proj, impl.plan(x.shape[1:], tuple(cutoffs)))
 
 
@@ -131,10 +141,14 @@ _BAND_ENERGY = DifferentiableOp("band_energy", _forward, _backward, setup_contex
 # ----------------------------------------------------------------------------------------------------------
 def _energies(x: torch.Tensor, cut: tuple, ndim: int) -> torch.Tensor:
     spatial = x.shape[x.dim() - ndim:]
-    flat = x.reshape((-1,) + tuple(spatial))
+    flat = x if x.dim() == ndim + 1 else x.reshape((-1,) + tuple(spatial))
     save = torch.is_grad_enabled() and x.requires_grad
-    out, _ = _BAND_ENERGY(flat, list(cut), ndim, save, anchor=x)
-    return out.reshape(*x.shape[: x.dim() - ndim], len(cut) + 1)
+    if not save and flat.shape[0] and skip_dispatch(x) and cpu.available(x, ndim):
+        # Eager CPU call without autograd: straight to the C++ kernel (the per-step shapes are host-bound).
+        out, _ = _CPU_FORWARD[ndim](flat, _PLANS[ndim](tuple(spatial), cut), False)
+    else:
+        out, _ = _BAND_ENERGY(flat, list(cut), ndim, save, anchor=x)
+    return out if x.dim() == ndim + 1 else out.reshape(*x.shape[: x.dim() - ndim], len(cut) + 1)
 
 
 def band_energy(x: torch.Tensor, cutoffs, ndim: int = 1) -> torch.Tensor:
