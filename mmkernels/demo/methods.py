@@ -263,6 +263,34 @@ class OPMMethod(Method):
     def coefficients(self):
         return {n: float(k) for n, k in self.bal.coefficients.items()}
 
+class ParetoMethod(Method):
+    """MMPareto: CE(fused) + Σ_m CE(head-split logits of m), each encoder's two gradients combined by the
+    balancer (γ = 1.5, released). The demo's loop calls ``loss.backward()`` itself right after
+    ``zero_grad``, so ``loss()`` keeps the step's losses and returns a detached stand-in (its backward reaches
+    no parameter), and ``after_backward()`` runs the balancer's two backward passes."""
+
+    def __init__(self, model, ds, cfg, seed, context, optimizer=None, **options):
+        super().__init__(model, ds, cfg, seed, context, optimizer)
+        from mmkernels.balance import MMPareto
+
+        self.bal = MMPareto({n: model.encoders[n] for n in model.names}, **options)
+        self._pending = None
+
+    def loss(self, x, y, epoch):
+        fused, uni = self.model(x)
+        loss = F.cross_entropy(fused, y)
+        unimodal = {n: F.cross_entropy(u, y) for n, u in uni.items()}
+        self._pending = (loss, unimodal, epoch)
+        return (loss + sum(unimodal.values())).detach().requires_grad_()
+
+    def after_backward(self):
+        loss, unimodal, epoch = self._pending
+        self._pending = None
+        self.bal.backward(loss, unimodal, epoch=epoch)
+
+    def coefficients(self):
+        return {n: float(k) for n, k in self.bal.coefficients.items()}
+
 
 LOGITS = ("logits", "labels")
 INPUTS = ("inputs",)
@@ -340,6 +368,11 @@ METHODS: dict[str, MethodSpec] = {
         "features with q = 0.5(1 + 0.5 tanh(ρ − 1)) from the head-split scores, kept features times "
         f"1/(1 − θ) before the concat head; from epoch {OPM_WARMUP} on",
         cls=OPMMethod, label="keep probability 1 − q_m", family="OPM"),
+    "mmpareto": method(
+        "MMPareto (ICML 2024, released rule): CE(fused) + Σ_m CE(head-split logits of m); per encoder, weights "
+        "(1/2, 1/2) of the multimodal and unimodal gradients when their cosine is positive, else the two-task "
+        "min-norm point; each tensor's gradient rescaled to at least the plain sum's norm, times gamma=1.5",
+        cls=ParetoMethod, label="unimodal-gradient weight 2·w_m", family="MMPareto"),
 }
 
 CONTROLS = ("baseline", "baseline+uni_ce")
