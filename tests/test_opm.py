@@ -37,58 +37,66 @@ def oracle(features, q, u, scale, mask):
     return outs, factor
 
 
-def _uniforms(seed, B, M):
-    return torch.rand((B, M), generator=torch.Generator().manual_seed(seed))
+def _gen(seed, device="cpu"):
+    return torch.Generator(device=device).manual_seed(seed)
 
 
-def _features(B):
+def _uniforms(seed, B, M, device="cpu"):
+    """The op's documented draw: one torch.rand((B, M)) from the generator it is given."""
+    return torch.rand((B, M), generator=_gen(seed, device), device=device).cpu()
+
+
+def _features(B, device="cpu"):
     g = torch.Generator().manual_seed(5)
-    return [torch.randn(B, 7, generator=g),
-            torch.randn(2 * B, 3, 2, generator=g)[::2],                    # non-contiguous, 3-D
-            torch.randn(B, 5, generator=g, dtype=torch.float64),
-            torch.randn(B, 4, generator=g).to(torch.bfloat16),
-            torch.randn(B, 9, generator=g).t().contiguous().t()]           # column-major
+    xs = [torch.randn(B, 7, generator=g),
+          torch.randn(2 * B, 3, 2, generator=g)[::2],                      # non-contiguous, 3-D
+          torch.randn(B, 5, generator=g, dtype=torch.float64),
+          torch.randn(B, 4, generator=g).to(torch.bfloat16),
+          torch.randn(B, 9, generator=g).t().contiguous().t()]             # column-major
+    return [x.to(device) for x in xs]
 
 
 @pytest.mark.parametrize("with_mask", [False, True])
-def test_op_matches_oracle(backend, with_mask):
+def test_op_matches_oracle(backend, with_mask, device):
     B = 6
-    feats = [x.requires_grad_() for x in _features(B)]
+    feats = [x.requires_grad_() for x in _features(B, device)]
     M = len(feats)
-    q = torch.tensor([0.6, 0.0, 0.9, 0.3, 1.0])
+    q = torch.tensor([0.6, 0.0, 0.9, 0.3, 1.0], device=device)
     mask = None
     if with_mask:
         mask = torch.rand(B, M, generator=torch.Generator().manual_seed(2)) > 0.3
         mask[0] = False             # no modality available: all zeros
         mask[1] = False
         mask[1, 4] = True           # only the q = 1 modality: restored
-    outs, factor = modality_drop(feats, q, mask=mask, generator=torch.Generator().manual_seed(11))
-    ref_outs, ref_factor = oracle([x.detach() for x in feats], q, _uniforms(11, B, M), None, mask)
-    torch.testing.assert_close(factor.double(), ref_factor, rtol=0, atol=0)
+        mask = mask.to(device)
+    outs, factor = modality_drop(feats, q, mask=mask, generator=_gen(11, device))
+    ref_outs, ref_factor = oracle([x.detach().cpu() for x in feats], q.cpu(), _uniforms(11, B, M, device), None,
+                                  None if mask is None else mask.cpu())
+    torch.testing.assert_close(factor.cpu().double(), ref_factor, rtol=0, atol=0)
     for o, r, x in zip(outs, ref_outs, feats):
         assert o.shape == x.shape and o.dtype == x.dtype
         tol = 1e-2 if x.dtype == torch.bfloat16 else 1e-6
-        torch.testing.assert_close(o.double(), r, rtol=tol, atol=tol)
+        torch.testing.assert_close(o.cpu().double(), r, rtol=tol, atol=tol)
     # backward: the incoming gradient times the same factor (0 where dropped or missing)
-    ups = [torch.randn(x.shape, generator=torch.Generator().manual_seed(m)).to(x.dtype) for m, x in enumerate(feats)]
+    ups = [torch.randn(x.shape, generator=_gen(m)).to(device=device, dtype=x.dtype) for m, x in enumerate(feats)]
     grads = torch.autograd.grad(outs, feats, ups)
     for m, (g, up) in enumerate(zip(grads, ups)):
         f = ref_factor[:, m].view((-1,) + (1,) * (up.dim() - 1))
         tol = 1e-2 if up.dtype == torch.bfloat16 else 1e-6
-        torch.testing.assert_close(g.double(), up.double() * f, rtol=tol, atol=tol)
+        torch.testing.assert_close(g.cpu().double(), up.cpu().double() * f, rtol=tol, atol=tol)
     if with_mask:
         assert (factor[0] == 0).all() and factor[1, 4] == 1.0
 
 
-def test_triton_and_reference_take_identical_decisions():
+def test_triton_and_reference_take_identical_decisions(device):
     B = 33
-    feats = [torch.randn(B, 16), torch.randn(B, 40)]
-    q = torch.tensor([0.7, 0.5])
-    for mask in (torch.rand(B, 2) > 0.2, None):          # without a mask: the restore rule on every sample
+    feats = [torch.randn(B, 16, device=device), torch.randn(B, 40, device=device)]
+    q = torch.tensor([0.7, 0.5], device=device)
+    for mask in (torch.rand(B, 2, device=device) > 0.2, None):   # without a mask: the restore rule on every sample
         res = {}
         for be in ("reference", "triton"):
             with mmkernels.use_backend(be):
-                res[be] = modality_drop(feats, q, mask=mask, generator=torch.Generator().manual_seed(4))
+                res[be] = modality_drop(feats, q, mask=mask, generator=_gen(4, device))
         assert torch.equal(res["reference"][1], res["triton"][1])
         assert (res["reference"][1] != 0).any(1).all()
         for a, b in zip(res["reference"][0], res["triton"][0]):
