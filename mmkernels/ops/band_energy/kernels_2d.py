@@ -38,6 +38,7 @@ from mmkernels import _tuning
 from mmkernels._triton import tl, triton
 from mmkernels._common import BoundedCache, acc_dtype, cdiv, next_pow2
 
+from . import reference
 from .plans import Plan2d
 
 # plans.py validates the variable's value at import (ieee or tf32x3); the 2-D kernels default to tf32x3.
@@ -201,39 +202,64 @@ class BandEnergy2dConfig(_tuning.LaunchConfig):
     HOST = ("PROGRAMS_PER_SM",)
 
 
+#: Elements of the per-program stage-2 accumulator (IMGS·V_PAD, 2·U_PAD): 16 fp32 registers per thread at
+#: 8 warps. A plan whose bins need more than this at one image per program (high last cutoffs: U·V in the
+#: hundreds, where an rfft2 is the cheaper algorithm anyway) takes the reference path instead.
+_ACC_BUDGET = 4096
+
+
 def _pads(h: int, w: int) -> tuple[int, int]:
     """Whole-image tile sizes (tl.dot needs every dimension >= 16: 8 rows × 2 halves is the stage-2 K)."""
     return next_pow2(h, 8), next_pow2(w, 16)
 
 
+def _max_imgs(nu: int, nv: int) -> int:
+    return _ACC_BUDGET // (next_pow2(nv, 8) * 2 * next_pow2(nu, 8))
+
+
+def fits(plan: Plan2d) -> bool:
+    """Whether the kernels take this plan (its bins fit the accumulator at one image per program)."""
+    return _max_imgs(plan.num_u, plan.num_v) >= 1
+
+
+def _legal(cfg: BandEnergy2dConfig) -> BandEnergy2dConfig:
+    """Stage-1 rows IMGS·BLOCK_H at least 16 (a tl.dot dimension): taller chunks when few images."""
+    return cfg if cfg.IMGS * cfg.BLOCK_H >= 16 else dataclasses.replace(cfg, BLOCK_H=16 // cfg.IMGS)
+
+
 def _heuristic(h: int, w: int, nu: int, nv: int, cd: torch.dtype) -> BandEnergy2dConfig:
     """Chunks of 8 image rows × 32 columns of 8 images: a 64-row stage-1 operand (one wgmma M tile on sm_90,
-    and 8 images × 8 frequencies v fill the stage-2 M tile too), 2 KB-elements per load, no row padding when
+    and 8 images × 8 frequencies v fill the stage-2 M tile too), 2 K elements per load, no row padding when
     H % 8 == 0 (56: 7 chunks), and a loop of several chunks per group that the 3-stage pipeline overlaps.
     Images of at most 16 rows are taken whole, 128 rows per program, and the persistent grid (4 programs
-    per SM) pipelines across groups instead. Static sm_90 figures behind these (registers, no spills, warps
-    per SM) are in benchmarks/results/band_energy_cuda_design.md; a tuned table, when recorded, wins."""
+    per SM) pipelines across groups instead. Fewer images when the plan's bins fill the accumulator. Static
+    sm_90 figures behind these (registers, no spills, warps per SM) are in
+    benchmarks/results/band_energy_cuda_design.md; a tuned table, when recorded, wins."""
     hp, wp = _pads(h, w)
-    block_w = min(wp, 16 if cd == torch.float64 else 32)
+    cap = max(1, _max_imgs(nu, nv))
+    f64 = cd == torch.float64
+    block_w = min(wp, 16 if f64 else 32)
     if hp <= 16:
-        return BandEnergy2dConfig(IMGS=max(1, 128 // hp), BLOCK_H=hp, BLOCK_W=block_w, PROGRAMS_PER_SM=4,
-                                  num_warps=4, num_stages=3)
-    return BandEnergy2dConfig(IMGS=4 if cd == torch.float64 else 8, BLOCK_H=8, BLOCK_W=block_w,
-                              PROGRAMS_PER_SM=0, num_warps=4, num_stages=3)
+        return _legal(BandEnergy2dConfig(IMGS=min(cap, max(1, 128 // hp)), BLOCK_H=hp, BLOCK_W=block_w,
+                                         PROGRAMS_PER_SM=4, num_warps=4, num_stages=3))
+    return _legal(BandEnergy2dConfig(IMGS=min(cap, 4 if f64 else 8), BLOCK_H=8, BLOCK_W=block_w,
+                                     PROGRAMS_PER_SM=0, num_warps=4 if f64 else 8, num_stages=3))
 
 
 def _candidates(h: int, w: int, nu: int, nv: int, cd: torch.dtype) -> list[BandEnergy2dConfig]:
-    """Around the heuristic: half and twice the images per group, 64-column chunks, 8 warps, 2 or 4 pipeline
-    stages, and the other grid (one program per group against 2 or 4 programs per SM looping)."""
+    """Around the heuristic: half and twice the images per group, 64-column chunks, the other warp count,
+    2 or 4 pipeline stages, and the other grid (one program per group against 2 or 4 programs per SM
+    looping)."""
     base = _heuristic(h, w, nu, nv, cd)
     _, wp = _pads(h, w)
-    out = [base] + [dataclasses.replace(base, IMGS=i) for i in (max(1, base.IMGS // 2), base.IMGS * 2)]
+    imgs = [i for i in (base.IMGS // 2, base.IMGS * 2) if 1 <= i <= max(1, _max_imgs(nu, nv))]
+    out = [base] + [dataclasses.replace(base, IMGS=i) for i in imgs]
     if wp > base.BLOCK_W:
         out.append(dataclasses.replace(base, BLOCK_W=min(wp, 2 * base.BLOCK_W)))
-    out += [dataclasses.replace(base, num_warps=8), dataclasses.replace(base, num_stages=2),
+    out += [dataclasses.replace(base, num_warps=12 - base.num_warps), dataclasses.replace(base, num_stages=2),
             dataclasses.replace(base, num_stages=4)]
     out += [dataclasses.replace(base, PROGRAMS_PER_SM=p) for p in ((2, 4) if base.PROGRAMS_PER_SM == 0 else (0, 2))]
-    return _unique(out)
+    return _unique([_legal(c) for c in out])
 
 
 def _unique(cfgs: list) -> list:
@@ -262,6 +288,7 @@ class _Tensors:
 
 
 _TENSORS = BoundedCache(maxsize=128)
+_INT32_SPAN = 2**31  # in-group element offsets at or past this take the kernels' int64 path (WIDE)
 _SM_COUNTS = BoundedCache(16)
 
 
@@ -306,7 +333,7 @@ def _grid(cfg: BandEnergy2dConfig, m: int, device) -> tuple:
 def _shape_meta(x: torch.Tensor, plan: Plan2d, t: _Tensors, cfg: BandEnergy2dConfig) -> dict:
     j = len(plan.cutoffs)
     span = cfg.IMGS * max(x.stride(0), plan.h * plan.w) + plan.h * x.stride(1) + plan.w * x.stride(2)
-    return dict(WIDE=span >= 2**31, H=plan.h, W=plan.w, STRIDE_H=x.stride(1), STRIDE_W=x.stride(2), U=plan.num_u, V=plan.num_v,
+    return dict(WIDE=span >= _INT32_SPAN, H=plan.h, W=plan.w, STRIDE_H=x.stride(1), STRIDE_W=x.stride(2), U=plan.num_u, V=plan.num_v,
                 U_PAD=t.u_pad, V_PAD=t.v_pad, NUM_CUT=j, BLOCK_J=next_pow2(j + 1, 2),
                 PRECISION=_precision(acc_dtype(x.dtype)), **cfg.meta)
 
@@ -317,6 +344,8 @@ def _key(plan: Plan2d, m: int, cd: torch.dtype) -> tuple:
 
 def forward(x: torch.Tensor, plan: Plan2d, save_proj: bool):
     """``(energies (M, J+1), projections (M, 2, U, V) or empty)`` of the images of ``x`` ``(M, H, W)``."""
+    if not fits(plan):
+        return reference.forward_2d(x, plan, save_proj)
     cd = acc_dtype(x.dtype)
     j = len(plan.cutoffs)
     m, h, w = x.shape
@@ -335,6 +364,8 @@ def forward(x: torch.Tensor, plan: Plan2d, save_proj: bool):
 
 
 def backward(grad: torch.Tensor, x: torch.Tensor, proj: torch.Tensor, plan: Plan2d) -> torch.Tensor:
+    if not fits(plan):
+        return reference.backward_2d(grad, x, proj, plan)
     cd = acc_dtype(x.dtype)
     m, h, w = x.shape
     grad = grad.contiguous()
