@@ -260,42 +260,49 @@ def released_step_loss(a, v, out, label, audio_proto, visual_proto, alpha, epoch
 
 
 def test_balancer_matches_released_steps():
+    """The released schedule: prototypes before epoch 0, then after every epoch (EMA only once epoch > 0),
+    two training steps per epoch, the window inclusive of its end."""
     torch.manual_seed(0)
     K, B, Da, Dv = 4, 12, 6, 5
     alpha, momentum, starts, ends = 2.0, 0.2, 0, 2
     enc_a, enc_v = torch.nn.Linear(3, Da, dtype=torch.float64), torch.nn.Linear(4, Dv, dtype=torch.float64)
     head = torch.nn.Linear(Da + Dv, K, dtype=torch.float64)
-    xs = [(torch.randn(B, 3, dtype=torch.float64), torch.randn(B, 4, dtype=torch.float64),
-           torch.arange(B) % K) for _ in range(3)]
+    batches = [(torch.randn(B, 3, dtype=torch.float64), torch.randn(B, 4, dtype=torch.float64),
+                torch.arange(B) % K) for _ in range(2)]
+    proto_batch = (torch.randn(B, 3, dtype=torch.float64), torch.randn(B, 4, dtype=torch.float64), torch.arange(B) % K)
     bal = PMR(["audio", "visual"], num_classes=K, alpha=alpha, momentum=momentum, epochs=(starts, ends + 1))
-    pa = pv = None
+
+    def prototype_pass(epoch, pa=None, pv=None):
+        xa, xv, y = proto_batch
+        with torch.no_grad():
+            fa, fv = enc_a(xa), enc_v(xv)
+        bal.accumulate({"audio": fa, "visual": fv}, y)
+        bal.update_prototypes(momentum=0.0 if epoch <= 0 else None)
+        return released_prototypes(fa, fv, y, K, epoch, momentum, pa, pv)
+
+    pa, pv = prototype_pass(0)
     seen_branches = set()
     for epoch in range(4):
-        xa, xv, y = xs[epoch % 3]
-        with torch.no_grad():  # the prototype pass (released: before epoch 0, then after every epoch)
-            fa, fv = enc_a(xa), enc_v(xv)
-            # released: no EMA for the computations at epoch <= 0; ours EMA from the second one on
-            pa, pv = released_prototypes(fa, fv, y, K, epoch, momentum, pa, pv)
-            bal.accumulate({"audio": fa, "visual": fv}, y)
-            bal.update_prototypes()
-        torch.testing.assert_close(bal.prototypes["audio"].double(), pa, rtol=1e-6, atol=1e-6)
-        torch.testing.assert_close(bal.prototypes["visual"].double(), pv, rtol=1e-6, atol=1e-6)
-        xa, xv, y = xs[(epoch + 1) % 3]
-        # the released run's gradients
-        a, v = enc_a(xa), enc_v(xv)
-        out = head(torch.cat([a, v], 1))
-        ref_loss, branch = released_step_loss(a, v, out, y, pa, pv, alpha, epoch, starts, ends)
-        seen_branches.add(branch)
-        ga, gv = torch.autograd.grad(ref_loss, (a, v))
-        # ours
-        a2, v2 = enc_a(xa), enc_v(xv)
-        out2 = head(torch.cat([a2, v2], 1))
-        loss = F.cross_entropy(out2, y) + bal.loss({"audio": a2, "visual": v2}, y, epoch=epoch)
-        ga2, gv2 = torch.autograd.grad(loss, (a2, v2))
-        torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-6, atol=1e-6)
-        torch.testing.assert_close(ga2.double(), ga, rtol=1e-5, atol=1e-7)
-        torch.testing.assert_close(gv2.double(), gv, rtol=1e-5, atol=1e-7)
-        assert bal.coefficient_tensor.tolist() == [float(branch[0]), float(branch[1])]
+        for xa, xv, y in batches:
+            torch.testing.assert_close(bal.prototypes["audio"].double(), pa, rtol=1e-6, atol=1e-6)
+            torch.testing.assert_close(bal.prototypes["visual"].double(), pv, rtol=1e-6, atol=1e-6)
+            a, v = enc_a(xa), enc_v(xv)
+            ref_loss, branch = released_step_loss(a, v, head(torch.cat([a, v], 1)), y, pa, pv, alpha, epoch,
+                                                  starts, ends)
+            seen_branches.add(branch)
+            ga, gv = torch.autograd.grad(ref_loss, (a, v))
+            a2, v2 = enc_a(xa), enc_v(xv)
+            loss = F.cross_entropy(head(torch.cat([a2, v2], 1)), y) + bal.loss({"audio": a2, "visual": v2}, y,
+                                                                               epoch=epoch)
+            ga2, gv2 = torch.autograd.grad(loss, (a2, v2))
+            torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-6, atol=1e-6)
+            torch.testing.assert_close(ga2.double(), ga, rtol=1e-5, atol=1e-7)
+            torch.testing.assert_close(gv2.double(), gv, rtol=1e-5, atol=1e-7)
+            assert bal.coefficient_tensor.tolist() == [float(branch[0]), float(branch[1])]
+        with torch.no_grad():  # the encoders move between epochs, so the prototypes do
+            for p in (*enc_a.parameters(), *enc_v.parameters()):
+                p.add_(0.3 * torch.randn_like(p))
+        pa, pv = prototype_pass(epoch, pa, pv)
     assert (0, 0) in seen_branches and len(seen_branches) >= 2  # the window's end and a modulated branch
 
 

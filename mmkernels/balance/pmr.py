@@ -43,7 +43,8 @@ class PMR(Balancer):
 
     - prototypes: per class, the mean of the encoder features of the accumulated samples; then
       ``c ← (1 − momentum)·mean + momentum·c`` (released ``--momentum_coef``; its scripts use 0, its
-      argparse default is 0.2). A class with no sample keeps its prototype; one never seen stays at 0.
+      argparse default is 0.2; it also skips the EMA after epoch 0, see ``update_prototypes``). A class with
+      no sample keeps its prototype; one never seen stays at 0.
       The released code computes them under ``model.eval()`` and ``no_grad`` from ``len(loader) // 10``
       training batches (the whole validation loader for AVE and Colored-and-gray-MNIST) before epoch 0 and
       after every epoch; they are constants for the loss (no gradient).
@@ -175,10 +176,13 @@ class PMR(Balancer):
         sums, counts = self._batch_sums(features, per)
         self._add(sums, counts)
 
-    def update_prototypes(self) -> dict[str, torch.Tensor]:
-        """Publish the accumulated class means as the prototypes (EMA with ``momentum``; all-reduced under
-        DDP) and start a new accumulation. Returns ``prototypes``."""
+    def update_prototypes(self, momentum: float | None = None) -> dict[str, torch.Tensor]:
+        """Publish the accumulated class means as the prototypes (EMA with ``momentum``, this call only when
+        given, else the balancer's; all-reduced under DDP) and start a new accumulation. Returns
+        ``prototypes``. The released schedule skips the EMA at the computation after epoch 0 as well:
+        ``update_prototypes(momentum=0.0 if epoch == 0 else None)`` reproduces it."""
         fn = "PMR.update_prototypes"
+        momentum = self.momentum if momentum is None else check_number(fn, "momentum", momentum, lo=0.0, hi=1.0)
         missing = [n for n in self.names if self._sums[n] is None]
         if missing:
             raise RuntimeError(f"{fn}: nothing accumulated for {missing}; call accumulate(features, labels) on "
@@ -194,7 +198,7 @@ class PMR(Balancer):
             old = self.prototypes[n] if self.prototypes[n] is not None else torch.zeros_like(sums)
             was = self._initialized[n] if self._initialized[n] is not None else torch.zeros(
                 C, dtype=torch.bool, device=sums.device)
-            new[n] = policies.pmr_prototype_ema(old, sums, counts, self.momentum, was)
+            new[n] = policies.pmr_prototype_ema(old, sums, counts, momentum, was)
             init[n] = was | (counts > 0)
         for n in self.names:
             self.prototypes[n], self._initialized[n] = new[n], init[n]
