@@ -8,7 +8,7 @@ import torch.nn.functional as F
 import mmkernels
 from mmkernels._common import IGNORE_INDEX
 from mmkernels.balance import PMR
-from mmkernels.ops.prototype_ce import prototype_ce, prototype_ce_ref, prototype_sums, prototype_update
+from mmkernels.ops.prototype_ce import prototype_ce, prototype_sums, prototype_update
 
 
 # ---- float64 oracle: distances as explicit differences, no product form -----------------------------------
@@ -318,9 +318,8 @@ def test_three_modalities_mask_ratio_rule_and_entropy():
     mask[:4, 1] = False
     protos = {n: torch.randn(K, D, dtype=torch.float64) for n in names}
     bal = PMR(names, num_classes=K, alpha=1.5, rule="ratio", mu=0.3, entropy_epochs=2)
-    for n in names:  # seed the prototypes with given values through the public path (one sample per class)
-        pass
-    bal.accumulate({n: protos[n].repeat(1, 1) for n in names}, torch.arange(K))
+    # given prototypes through the public path: one sample per class is its class mean
+    bal.accumulate({n: protos[n] for n in names}, torch.arange(K))
     bal.update_prototypes()
     term = bal.loss(feats, y, mask=mask, epoch=1)
     scores, pce, ent = [], [], []
