@@ -525,3 +525,23 @@ def test_modality_with_no_sample_falls_back_to_no_term():
         term = bal.loss(feats, y, mask=mask)
     assert term == 0 and torch.all(bal.coefficient_tensor == 0) and bal.stats["fallback"].all()
     assert bal.stats["counted"].tolist() == [6.0, 0.0]
+
+
+def test_bf16_features_fp32_strided_prototypes_triton():
+    """AMP's case: bf16 features, fp32 prototypes (here a strided view); fp32 math inside, so the error is
+    that of rounding the features to bf16 (taken into the oracle) plus fp32 arithmetic."""
+    h64, c64, y = data(18, 7, 24, seed=9)
+    h = h64.to(torch.bfloat16).requires_grad_()
+    buf = torch.zeros(7, 48)
+    buf[:, ::2] = c64.float()
+    c = buf[:, ::2]
+    with mmkernels.use_backend("triton"):
+        ce, ent = prototype_ce(h, c, y)
+        (ce - 0.2 * ent).backward()
+    hr = h.detach().double().requires_grad_()
+    oce, oent, _ = oracle_terms(hr, c.double(), y, False)
+    (oce.mean() - 0.2 * oent.mean()).backward()
+    assert ce.dtype == torch.float32 and h.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(ce.double(), oce.mean(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ent.double(), oent.mean(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(h.grad.double(), hr.grad, rtol=2e-2, atol=1e-4)  # the gradient is stored in bf16
