@@ -521,6 +521,7 @@ def mmpareto_scale(sq_sum: torch.Tensor, sq_new: torch.Tensor, gamma: float = MM
 # PMR (Fan et al., CVPR 2023, "PMR: Prototypical Modal Rebalance for Multimodal Learning")
 # --------------------------------------------------------------------------------------------------------
 PMR_RULES = ("released", "ratio")
+__all__ += ["PMR_RULES", "pmr_coefficients", "pmr_entropy_weights", "pmr_prototype_ema"]
 
 
 def _pmr_scores(fn: str, scores) -> torch.Tensor:
