@@ -216,7 +216,7 @@ class PMR(Balancer):
     def loss(self, features: Mapping[str, torch.Tensor], labels: torch.Tensor, mask=None, epoch: int | None = None,
              *, accumulate: bool = False) -> torch.Tensor:
         """PMR's term to add to the task loss (0-d fp32 tensor); sets ``coefficients`` and ``stats``."""
-        import mmkernels
+        from mmkernels.ops.prototype_ce import _prototype_ce
 
         fn = "PMR.loss"
         B, device = self._features(fn, features)
@@ -235,8 +235,9 @@ class PMR(Balancer):
         with torch.set_grad_enabled(torch.is_grad_enabled() and active):
             for j, n in enumerate(self.names):
                 h = features[n]
-                c_m, e_m = mmkernels.prototype_ce(h, self.prototypes[n].to(device), per[j],
-                                                  squared=self.squared, reduction="none")
+                # features, labels and prototype shapes were checked above: the op's own checks would repeat
+                # the labels' range check (a host sync) once per modality
+                c_m, e_m = _prototype_ce(h, self.prototypes[n].to(device), per[j], self.squared, "none")
                 ce.append(c_m)
                 ent.append(e_m)
                 counted.append(per[j] != IGNORE_INDEX)

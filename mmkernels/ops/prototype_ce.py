@@ -468,6 +468,11 @@ def prototype_ce(features: torch.Tensor, prototypes: torch.Tensor, labels: torch
         raise TypeError(f"{fn}: squared must be a bool, got {type(squared).__name__} {squared!r}")
     if reduction not in _REDUCTIONS:
         raise ValueError(f"{fn}: reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    return _prototype_ce(features, prototypes, labels, squared, reduction)
+
+
+def _prototype_ce(features, prototypes, labels, squared: bool, reduction: str):
+    """:func:`prototype_ce` after its checks (the balancer calls it on arguments it has checked itself)."""
     prototypes = prototypes.detach()
     if skip_dispatch(features) and not _kernel_path(features):
         # eager reference calls differentiate the reference itself (autograd's C++ backward of a few ops)
