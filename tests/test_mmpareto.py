@@ -202,6 +202,18 @@ def test_benchmark_transcription_agrees(path):
     _assert_grads_equal(ours, ref)
 
 
+def test_unused_encoder_parameter_keeps_its_accumulated_gradient():
+    """A parameter no loss reaches in this step keeps its .grad (gradient accumulation), and is left out."""
+    net, _ = _pair(seed=1)
+    extra = nn.Parameter(torch.ones(3, dtype=torch.float64))
+    net.encoders[0].register_parameter("unused", extra)
+    extra.grad = torch.full((3,), 2.0, dtype=torch.float64)
+    xs, y = _data((6, 7), seed=1)
+    bal = _ours(net, xs, y)
+    assert torch.equal(extra.grad, torch.full((3,), 2.0, dtype=torch.float64))
+    assert bal.stats["magnitude"].shape == (8,)  # the 8 used tensors of the two encoders
+
+
 def test_state_dict_round_trip_bit_identical():
     a, b = _pair(seed=0)
     xs, y = _data((6, 7), seed=0)

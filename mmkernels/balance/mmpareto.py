@@ -246,13 +246,17 @@ class MMPareto(Balancer):
             for p, g in zip(flat, before):
                 p.grad = g
             raise
-        # tensors that got no gradient at all (unused by every loss) are left out
+        # tensors that got no gradient in this step (unused by every loss) are left out, their .grad as it was
+        produced = [p.grad is not None for p in flat]
+        for p, g, new in zip(flat, before, produced):
+            if not new:
+                p.grad = g
         grads, others, counts = [], [], []
         i = 0
         for ps in groups:
             gs, os_ = [], []
             for p in ps:
-                if p.grad is not None:
+                if produced[i]:
                     gs.append(p.grad)
                     os_.append(g_mm[i])
                 i += 1
@@ -278,7 +282,7 @@ class MMPareto(Balancer):
             scale = torch.where(per_tensor_of(bad), torch.ones_like(sq_new),
                                 policies.mmpareto_scale(t_ss, sq_new, self.gamma))
             mmkernels.group_grad_combine_(grads, others, c_s, c_mm, scale)
-            prev = [(p, g) for p, g in zip(flat, before) if g is not None and p.grad is not None]
+            prev = [(p, g) for p, g, new in zip(flat, before, produced) if g is not None and new]
             if prev:
                 torch._foreach_add_([g for _, g in prev], [p.grad for p, _ in prev])
                 for p, g in prev:
