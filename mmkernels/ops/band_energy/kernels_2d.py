@@ -16,7 +16,10 @@ cutoff are needed, so each image costs two small dense products and one read of 
   tiles) minus the others, clamped at 0.
 
 A program loops over groups of ``IMGS`` images (grid ``PROGRAMS_PER_SM`` × SMs, or one program per group when
-it is 0), so the loads of the next group can be in flight during this one's products.
+it is 0), so the loads of the next group can be in flight during this one's products. The stage-2
+accumulator ``(IMGS·V_PAD, 2·U_PAD)`` lives in registers; plans whose bins overflow it at one image per program
+(:data:`_ACC_BUDGET`: high last cutoffs, where an FFT is the cheaper algorithm) run the reference instead,
+with the same saved projections.
 
 Precision. fp32 products use Triton's ``tf32x3`` (each operand split into a TF32 head and a TF32 tail, three
 tensor-core products, fp32 accumulation): relative error ≈ 2^-21 per product, fp32-like, where plain TF32
@@ -202,10 +205,10 @@ class BandEnergy2dConfig(_tuning.LaunchConfig):
     HOST = ("PROGRAMS_PER_SM",)
 
 
-#: Elements of the per-program stage-2 accumulator (IMGS·V_PAD, 2·U_PAD): 16 fp32 registers per thread at
+#: Elements of the per-program stage-2 accumulator (IMGS·V_PAD, 2·U_PAD): 8 fp32 registers per thread at
 #: 8 warps. A plan whose bins need more than this at one image per program (high last cutoffs: U·V in the
 #: hundreds, where an rfft2 is the cheaper algorithm anyway) takes the reference path instead.
-_ACC_BUDGET = 4096
+_ACC_BUDGET = 2048
 
 
 def _pads(h: int, w: int) -> tuple[int, int]:
@@ -240,8 +243,10 @@ def _heuristic(h: int, w: int, nu: int, nv: int, cd: torch.dtype) -> BandEnergy2
     f64 = cd == torch.float64
     block_w = min(wp, 16 if f64 else 32)
     if hp <= 16:
-        return _legal(BandEnergy2dConfig(IMGS=min(cap, max(1, 128 // hp)), BLOCK_H=hp, BLOCK_W=block_w,
-                                         PROGRAMS_PER_SM=4, num_warps=4, num_stages=3))
+        imgs = min(cap, max(1, 128 // hp))
+        return _legal(BandEnergy2dConfig(IMGS=imgs, BLOCK_H=hp, BLOCK_W=block_w, PROGRAMS_PER_SM=4,
+                                         num_warps=8 if imgs * hp * block_w > 2048 and not f64 else 4,
+                                         num_stages=3))
     return _legal(BandEnergy2dConfig(IMGS=min(cap, 4 if f64 else 8), BLOCK_H=8, BLOCK_W=block_w,
                                      PROGRAMS_PER_SM=0, num_warps=4 if f64 else 8, num_stages=3))
 
