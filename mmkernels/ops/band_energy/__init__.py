@@ -143,7 +143,7 @@ def _energies(x: torch.Tensor, cut: tuple, ndim: int) -> torch.Tensor:
     spatial = x.shape[x.dim() - ndim:]
     flat = x if x.dim() == ndim + 1 else x.reshape((-1,) + tuple(spatial))
     save = torch.is_grad_enabled() and x.requires_grad
-    if not save and flat.shape[0] and skip_dispatch(x) and cpu.available(x, ndim):
+    if not save and flat.shape[0] and skip_dispatch(x) and _route(x, ndim) == "cpu":
         # Eager CPU call without autograd: straight to the C++ kernel (the per-step shapes are host-bound).
         out, _ = _CPU_FORWARD[ndim](flat, _PLANS[ndim](tuple(spatial), cut), False)
     else:
