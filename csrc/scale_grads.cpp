@@ -140,8 +140,10 @@ __attribute__((always_inline)) inline typename Bits<T>::U nonfinite_bits(const T
 }
 
 // noise=None in one pass: p <- p*coeff, saturated for finite inputs (a finite gradient stays finite), the
-// plain product for NaN/Inf inputs (what `g *= k` gives); returns whether the range held NaN/Inf.
-template <typename T>
+// plain product for NaN/Inf inputs (what `g *= k` gives); returns whether the range held NaN/Inf. With
+// |coeff| <= 1 a finite product cannot exceed its input, so the saturation is compiled out (Saturate=false):
+// the loop is then a load, an OR, a multiply and a store per element, as `g *= k`.
+template <bool Saturate, typename T>
 __attribute__((always_inline)) inline bool scale_flag_body(T* p, int64_t n, double coeff) {
   using U = typename Bits<T>::U;
   using A = acc_t<T>;
@@ -153,20 +155,24 @@ __attribute__((always_inline)) inline bool scale_flag_body(T* p, int64_t n, doub
     const U e = nonfinite_bits(p + i);
     any |= e;
     const A v = static_cast<A>(p[i]) * c;
-    const A s = v > m ? m : (v < -m ? -m : v);
-    p[i] = static_cast<T>((e & sign) ? v : s);
+    if constexpr (Saturate) {
+      const A s = v > m ? m : (v < -m ? -m : v);
+      p[i] = static_cast<T>((e & sign) ? v : s);
+    } else {
+      p[i] = static_cast<T>(v);
+    }
   }
   return (any & sign) != 0;
 }
 
 // The same loop compiled for AVX2, picked at run time as for the noise tiles; there is no FMA in it, so
 // both versions round alike.
-template <typename T>
+template <bool Saturate, typename T>
 __attribute__((target("avx2"))) bool scale_flag_avx2(T* p, int64_t n, double coeff) {
-  return scale_flag_body(p, n, coeff);
+  return scale_flag_body<Saturate>(p, n, coeff);
 }
-template <typename T>
-bool scale_flag_generic(T* p, int64_t n, double coeff) { return scale_flag_body(p, n, coeff); }
+template <bool Saturate, typename T>
+bool scale_flag_generic(T* p, int64_t n, double coeff) { return scale_flag_body<Saturate>(p, n, coeff); }
 
 bool use_avx2() {
   static const bool avx2 = __builtin_cpu_supports("avx2") && std::getenv("MMKERNELS_NO_AVX2") == nullptr;
@@ -175,7 +181,9 @@ bool use_avx2() {
 
 template <typename T>
 bool scale_flag(T* p, int64_t n, double coeff) {
-  return use_avx2() ? scale_flag_avx2(p, n, coeff) : scale_flag_generic(p, n, coeff);
+  if (std::fabs(coeff) <= 1.0)
+    return use_avx2() ? scale_flag_avx2<false>(p, n, coeff) : scale_flag_generic<false>(p, n, coeff);
+  return use_avx2() ? scale_flag_avx2<true>(p, n, coeff) : scale_flag_generic<true>(p, n, coeff);
 }
 
 struct Partial {
