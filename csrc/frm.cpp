@@ -27,60 +27,111 @@ struct FrmArgs {
 
 // The body, inlined into a portable and an AVX2+FMA copy (the extension is built without -mavx2; the
 // wider copy is picked at run time).
+// Stage 1 for p = 8, float32: eight columns at a time, the eight image rows loaded once and all 2q outputs
+// kept in registers (no read-modify-write of Z per row). Returns the columns done (a multiple of 8).
+template <int Q2>
+__attribute__((target("avx2,fma"))) int64_t frm_stage1_p8_q(const float* const* src, int64_t W, const float* R,
+                                                           float* Z) {
+  const int64_t done = W / 8 * 8;
+  __m256 c[Q2][8];
+  for (int r = 0; r < Q2; ++r)
+    for (int i = 0; i < 8; ++i) c[r][i] = _mm256_set1_ps(R[r * 8 + i]);
+  for (int64_t w = 0; w < done; w += 8) {
+    __m256 x[8];
+    for (int i = 0; i < 8; ++i) x[i] = _mm256_loadu_ps(src[i] + w);
+    for (int r = 0; r < Q2; ++r) {
+      __m256 acc = _mm256_mul_ps(c[r][0], x[0]);
+      for (int i = 1; i < 8; ++i) acc = _mm256_fmadd_ps(c[r][i], x[i], acc);
+      _mm256_storeu_ps(Z + r * W + w, acc);
+    }
+  }
+  return done;
+}
+
+__attribute__((target("avx2,fma"))) int64_t frm_stage1_p8_avx2(const float* const* src, int64_t W, int64_t q,
+                                                             const float* R, float* Z) {
+  switch (q) {
+    case 1: return frm_stage1_p8_q<2>(src, W, R, Z);
+    case 2: return frm_stage1_p8_q<4>(src, W, R, Z);
+    case 3: return frm_stage1_p8_q<6>(src, W, R, Z);
+    case 4: return frm_stage1_p8_q<8>(src, W, R, Z);
+    default: return 0;
+  }
+}
+
 // Stage 2 for p = 8, float32, eight patches at a time: an 8x8 register transpose of each Z row turns the
 // patches into vector lanes, so every coefficient is 8 broadcast multiply-adds and the ratio is computed
-// lane-wise. Returns the number of patches done (a multiple of 8); their |ratio| sum is added to *tot.
-__attribute__((target("avx2,fma"))) int64_t frm_stage2_p8_avx2(const float* Z, int64_t W, int64_t npw, int64_t q,
-                                                             const float* R, float eps, double* tot) {
-  const int64_t done = npw / 8 * 8;
-  __m256d acc = _mm256_setzero_pd();
-  const __m256 veps = _mm256_set1_ps(eps);
+// lane-wise. A last partial group runs on a zero-padded copy with its padding lanes masked out. Returns
+// the number of patches done (all of them); their |ratio| sum is added to *tot.
+__attribute__((target("avx2,fma"))) static inline __m256 frm_group_p8(const float* Z, int64_t W, int64_t q,
+                                                                     const float* R, __m256 veps) {
   const __m256 sign = _mm256_set1_ps(-0.0f);
   __m256 zt[8][8];  // [row r < 2q <= 8][column n]: lanes = 8 patches
-  for (int64_t pw = 0; pw < done; pw += 8) {
-    for (int64_t r = 0; r < 2 * q; ++r) {
-      const float* z = Z + r * W + pw * 8;
-      __m256 v[8];
-      for (int i = 0; i < 8; ++i) v[i] = _mm256_loadu_ps(z + 8 * i);
-      const __m256 t0 = _mm256_unpacklo_ps(v[0], v[1]), t1 = _mm256_unpackhi_ps(v[0], v[1]);
-      const __m256 t2 = _mm256_unpacklo_ps(v[2], v[3]), t3 = _mm256_unpackhi_ps(v[2], v[3]);
-      const __m256 t4 = _mm256_unpacklo_ps(v[4], v[5]), t5 = _mm256_unpackhi_ps(v[4], v[5]);
-      const __m256 t6 = _mm256_unpacklo_ps(v[6], v[7]), t7 = _mm256_unpackhi_ps(v[6], v[7]);
-      const __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE);
-      const __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE);
-      const __m256 u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE);
-      const __m256 u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
-      zt[r][0] = _mm256_permute2f128_ps(u0, u4, 0x20);
-      zt[r][1] = _mm256_permute2f128_ps(u1, u5, 0x20);
-      zt[r][2] = _mm256_permute2f128_ps(u2, u6, 0x20);
-      zt[r][3] = _mm256_permute2f128_ps(u3, u7, 0x20);
-      zt[r][4] = _mm256_permute2f128_ps(u0, u4, 0x31);
-      zt[r][5] = _mm256_permute2f128_ps(u1, u5, 0x31);
-      zt[r][6] = _mm256_permute2f128_ps(u2, u6, 0x31);
-      zt[r][7] = _mm256_permute2f128_ps(u3, u7, 0x31);
-    }
-    __m256 sum = _mm256_setzero_ps();
-    for (int64_t a = 0; a < q; ++a) {
-      for (int64_t d = 0; d < q; ++d) {
-        const float* rl = R + d * 8;
-        const float* rh = R + (q + d) * 8;
-        __m256 yl = _mm256_mul_ps(_mm256_set1_ps(rl[0]), zt[a][0]);
-        __m256 yh = _mm256_mul_ps(_mm256_set1_ps(rh[0]), zt[q + a][0]);
-        for (int n = 1; n < 8; ++n) {
-          yl = _mm256_fmadd_ps(_mm256_set1_ps(rl[n]), zt[a][n], yl);
-          yh = _mm256_fmadd_ps(_mm256_set1_ps(rh[n]), zt[q + a][n], yh);
-        }
-        sum = _mm256_add_ps(sum, _mm256_andnot_ps(sign, _mm256_div_ps(yl, _mm256_add_ps(yh, veps))));
+  for (int64_t r = 0; r < 2 * q; ++r) {
+    const float* z = Z + r * W;
+    __m256 v[8];
+    for (int i = 0; i < 8; ++i) v[i] = _mm256_loadu_ps(z + 8 * i);
+    const __m256 t0 = _mm256_unpacklo_ps(v[0], v[1]), t1 = _mm256_unpackhi_ps(v[0], v[1]);
+    const __m256 t2 = _mm256_unpacklo_ps(v[2], v[3]), t3 = _mm256_unpackhi_ps(v[2], v[3]);
+    const __m256 t4 = _mm256_unpacklo_ps(v[4], v[5]), t5 = _mm256_unpackhi_ps(v[4], v[5]);
+    const __m256 t6 = _mm256_unpacklo_ps(v[6], v[7]), t7 = _mm256_unpackhi_ps(v[6], v[7]);
+    const __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+    const __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+    const __m256 u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+    const __m256 u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+    zt[r][0] = _mm256_permute2f128_ps(u0, u4, 0x20);
+    zt[r][1] = _mm256_permute2f128_ps(u1, u5, 0x20);
+    zt[r][2] = _mm256_permute2f128_ps(u2, u6, 0x20);
+    zt[r][3] = _mm256_permute2f128_ps(u3, u7, 0x20);
+    zt[r][4] = _mm256_permute2f128_ps(u0, u4, 0x31);
+    zt[r][5] = _mm256_permute2f128_ps(u1, u5, 0x31);
+    zt[r][6] = _mm256_permute2f128_ps(u2, u6, 0x31);
+    zt[r][7] = _mm256_permute2f128_ps(u3, u7, 0x31);
+  }
+  __m256 sum = _mm256_setzero_ps();
+  for (int64_t a = 0; a < q; ++a) {
+    for (int64_t d = 0; d < q; ++d) {
+      const float* rl = R + d * 8;
+      const float* rh = R + (q + d) * 8;
+      __m256 yl = _mm256_mul_ps(_mm256_set1_ps(rl[0]), zt[a][0]);
+      __m256 yh = _mm256_mul_ps(_mm256_set1_ps(rh[0]), zt[q + a][0]);
+      for (int n = 1; n < 8; ++n) {
+        yl = _mm256_fmadd_ps(_mm256_set1_ps(rl[n]), zt[a][n], yl);
+        yh = _mm256_fmadd_ps(_mm256_set1_ps(rh[n]), zt[q + a][n], yh);
       }
+      sum = _mm256_add_ps(sum, _mm256_andnot_ps(sign, _mm256_div_ps(yl, _mm256_add_ps(yh, veps))));
     }
-    // float32 within a group of 8 patches x q*q terms, double across groups (the strip total)
-    acc = _mm256_add_pd(acc, _mm256_add_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(sum)),
-                                           _mm256_cvtps_pd(_mm256_extractf128_ps(sum, 1))));
+  }
+  return sum;
+}
+
+__attribute__((target("avx2,fma"))) static inline __m256d frm_widen_add(__m256d acc, __m256 s) {
+  return _mm256_add_pd(acc, _mm256_add_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(s)),
+                                          _mm256_cvtps_pd(_mm256_extractf128_ps(s, 1))));
+}
+
+__attribute__((target("avx2,fma"))) int64_t frm_stage2_p8_avx2(const float* Z, int64_t W, int64_t npw, int64_t q,
+                                                             const float* R, float eps, double* tot) {
+  const int64_t full = npw / 8 * 8;
+  const __m256 veps = _mm256_set1_ps(eps);
+  // float32 within a group of 8 patches x q*q terms, double across groups (the strip total)
+  __m256d acc = _mm256_setzero_pd();
+  for (int64_t pw = 0; pw < full; pw += 8) acc = frm_widen_add(acc, frm_group_p8(Z + pw * 8, W, q, R, veps));
+  if (full < npw) {
+    const int64_t rest = npw - full;
+    alignas(32) float pad[8 * 64] = {};
+    for (int64_t r = 0; r < 2 * q; ++r)
+      for (int64_t i = 0; i < rest * 8; ++i) pad[r * 64 + i] = Z[r * W + full * 8 + i];
+    alignas(32) int32_t keep[8];
+    for (int l = 0; l < 8; ++l) keep[l] = l < rest ? -1 : 0;
+    // padding lanes are 0 / (0 + eps): dropped explicitly (NaN when eps == 0)
+    acc = frm_widen_add(acc, _mm256_and_ps(frm_group_p8(pad, 64, q, R, veps),
+                                           _mm256_castsi256_ps(_mm256_load_si256((const __m256i*)keep))));
   }
   alignas(32) double t[4];
   _mm256_store_pd(t, acc);
   *tot += (t[0] + t[1]) + (t[2] + t[3]);
-  return done;
+  return npw;
 }
 
 template <typename T, typename A, int PP, bool Wide>
@@ -105,6 +156,9 @@ static inline __attribute__((always_inline)) void frm_strips_body(const FrmArgs&
       }
     }
     // Stage 1: Z[r, w] = sum_i R[r, i] x[i, w]
+    int64_t w_done = 0;
+    if constexpr (Wide && PP == 8 && std::is_same<A, float>::value) w_done = frm_stage1_p8_avx2(src.data(), W, q, R, Z);
+    if (w_done < W)
     for (int64_t r = 0; r < 2 * q; ++r) {
       A* z = Z + r * W;
       const A c0 = R[r * p];
