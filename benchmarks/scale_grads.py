@@ -11,6 +11,11 @@ tensor, ``_foreach_mul_`` / ``_foreach_add_``, no host sync) and ``torch.compile
 multi-tensor CUDA kernel on CUDA). One call per encoder, coefficients 0.1 and 0.15: the work does not
 depend on their values, and the gradients' scale stays bounded over thousands of repetitions (each GE step
 multiplies the std by √(1 + k²)). Shapes are torchvision's resnet18 without the classifier.
+
+Without noise (plain OGM in parameter mode) the implementations are the released per-tensor
+``grad *= coeff`` loop, ``torch._foreach_mul_`` and its ``torch.compile``, and ``mmkernels.scale_grads_``
+(one read-modify-write pass per element that also flags tensors holding NaN/Inf), each alternating the
+coefficients 0.5 and 2.0 so the gradients stay in range however many calls the timer makes.
 """
 from __future__ import annotations
 
@@ -39,17 +44,22 @@ def _conv_shapes(width: int) -> list:
     return [s for cin in (1, 3) for s in resnet18_param_shapes(cin, width) if len(s) == 4]
 
 
-def _case(width: int, dtype, sets, step=True) -> Case:
+def _case(width: int, dtype, sets, step=True, noise="ge") -> Case:
     shapes = _conv_shapes(width)
     n = sum(torch.Size(s).numel() for s in shapes)
     label = f"2x resnet18 w{width} {str(dtype).replace('torch.', '')} ({len(shapes)} conv grads, {n / 1e6:.1f}M)"
-    return Case((n,), dtype, params={"width": width}, sets=frozenset(sets), step=step, label=label)
+    if noise is None:
+        label += " no noise"
+    return Case((n,), dtype, params={"width": width, "noise": noise}, sets=frozenset(sets), step=step, label=label)
 
 
 CASES = [
     _case(16, torch.float32, {"quick"}),
     _case(64, torch.float32, {"cpu", "cuda"}),
     _case(64, torch.bfloat16, {"cuda"}),
+    # plain OGM (parameter mode without GE): the released per-tensor `grad *= coeff` against one fused pass
+    _case(16, torch.float32, {"quick"}, noise=None),
+    _case(64, torch.float32, {"cpu", "cuda"}, noise=None),
 ]
 
 
@@ -103,6 +113,9 @@ def make_impls(case: Case, device: str) -> Bench:
         for name in encoders:
             mmkernels.scale_grads_(conv_grads(name), coeff_t[name], noise="ge", generator=gen)
 
+    if case.params.get("noise", "ge") is None:
+        return _no_noise_impls(encoders, coeffs, coeff_t, conv_grads, dtype)
+
     impls = {"released_loop": released, "foreach": foreach, "foreach_compiled": foreach_compiled}
     roles = {"released_loop": "released", "foreach": "eager", "foreach_compiled": "compiled"}
     if device == "cuda":
@@ -114,6 +127,53 @@ def make_impls(case: Case, device: str) -> Bench:
     return Bench(impls, roles, nbytes=2 * n * elem,  # read once + write once: the least any implementation moves
                  bandwidth=True, extra={"tensors": nt, "elements": n, "threads": torch.get_num_threads(),
                                         "noise": "ge", "path": "extension" if _has_ext() else "reference"})
+
+
+def foreach_scale(grads, coeff):
+    torch._foreach_mul_(grads, coeff)
+
+
+def _no_noise_impls(encoders, coeffs, coeff_t, conv_grads, dtype) -> Bench:
+    """noise=None: the released OGM step's per-tensor ``grad *= coeff`` loop, ``torch._foreach_mul_`` (one
+    multi-tensor call per encoder) and its ``torch.compile``, and ``mmkernels.scale_grads_`` (one pass).
+    Each implementation alternates the coefficients 0.5 and 2.0 call by call (exact in binary floating
+    point), so the gradients never drift into subnormals, whose arithmetic is slow on the CPU."""
+    import mmkernels
+
+    device = next(iter(coeff_t.values())).device
+    ks = [0.5, 2.0]
+    kt = [torch.tensor(k, device=device) for k in ks]
+
+    def alternating(body):
+        calls = [0]
+
+        def fn():
+            i = calls[0] % 2
+            calls[0] += 1
+            for name in encoders:
+                body(conv_grads(name), i)
+        return fn
+
+    def released_body(grads, i):
+        for g in grads:
+            g *= ks[i]
+
+    compiled_scale = torch.compile(foreach_scale)
+    released = alternating(released_body)
+    foreach = alternating(lambda grads, i: foreach_scale(grads, kt[i]))
+    foreach_compiled = alternating(lambda grads, i: compiled_scale(grads, kt[i]))
+    ours = alternating(lambda grads, i: mmkernels.scale_grads_(grads, kt[i]))
+
+    impls = {"released_loop": released, "foreach_mul_": foreach, "foreach_mul_compiled": foreach_compiled,
+             "mmkernels.scale_grads_": ours}
+    roles = {"released_loop": "released", "foreach_mul_": "eager", "foreach_mul_compiled": "compiled",
+             "mmkernels.scale_grads_": "ours"}
+    n = sum(g.numel() for name in encoders for g in conv_grads(name))
+    nt = sum(len(conv_grads(name)) for name in encoders)
+    elem = torch.empty((), dtype=dtype).element_size()
+    return Bench(impls, roles, nbytes=2 * n * elem, bandwidth=True,
+                 extra={"tensors": nt, "elements": n, "threads": torch.get_num_threads(), "noise": "none",
+                        "path": "extension" if _has_ext() else "reference"})
 
 
 def _has_ext() -> bool:
