@@ -6,7 +6,7 @@ import os
 import sys
 
 
-STEP_BENCHMARKS = ("overhead", "overhead_adamw", "vit_step", "pmr", "opm", "agm", "mmpareto")  # whole training steps: mmkernels/bench/bench_<name>.py
+STEP_BENCHMARKS = ("overhead", "overhead_adamw", "vit_step", "pmr", "opm", "agm", "mmpareto", "inforeg")  # whole training steps: mmkernels/bench/bench_<name>.py
 
 
 def _bench_names() -> list[str]:

@@ -93,6 +93,14 @@ def mwam(mode="activation", **kw):
     return make
 
 
+def inforeg(**kw):
+    def make(m):
+        from mmkernels.balance import InfoReg
+
+        return InfoReg(_encoders(m), optimizer=m.optimizer, **kw)
+    return make
+
+
 # ---- the one Method class of the table -----------------------------------------------------------------
 class Balanced(Method):
     """A method built from its table entry (see :func:`method`)."""
@@ -373,6 +381,11 @@ METHODS: dict[str, MethodSpec] = {
         "(1/2, 1/2) of the multimodal and unimodal gradients when their cosine is positive, else the two-task "
         "min-norm point; each tensor's gradient rescaled to at least the plain sum's norm, times gamma=1.5",
         cls=ParetoMethod, label="unimodal-gradient weight 2·w_m", family="MMPareto"),
+    "inforeg": method(
+        "InfoReg (CVPR 2025, released rule): CE(fused) + Σ_m CE(head-split logits of m); while the Fisher trace's "
+        "10-epoch moving average still grows by > 5 % per epoch, the modality with the highest summed "
+        "confidence gets g += β(θ − θ₀), β = 0.95·exp(tanh(gap)), θ₀ its encoder at the epoch's start",
+        balancer=inforeg(), feeds=LOGITS, loss="uni_ce", label="proximal coefficient beta_m", family="InfoReg"),
 }
 
 CONTROLS = ("baseline", "baseline+uni_ce")
