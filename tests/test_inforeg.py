@@ -387,3 +387,30 @@ def test_bad_input_leaves_the_balancer_unchanged():
     with pytest.raises(ValueError, match="history"):
         bal.load_state_dict(wrong)
     assert torch.equal(bal.history, before["history"])
+
+
+def _ddp_worker(rank, world):
+    torch.manual_seed(0)
+    m = _AV()  # same initial model on every rank
+    bal = InfoReg({"audio": m.audio_net, "visual": m.visual_net}, threshold=0.45)
+    data = _data(2 * world, seed=3)
+    betas, scores = [], []
+    for epoch in range(3):
+        for step in range(2):
+            xa, xv, y = data[world * step + rank]  # each rank its own batch
+            m.zero_grad()
+            out, out_a, out_v = m(xa, xv)
+            bal.step(logits={"audio": out_a, "visual": out_v}, labels=y, epoch=epoch)
+            _loss(out, out_a, out_v, y).backward()  # no DDP wrapper: the ranks' gradients (and traces) differ
+            bal.after_backward()
+            betas.append(bal.coefficient_tensor.clone())
+            scores.append(bal.stats["scores"].clone())
+    return torch.stack(betas), torch.stack(scores), bal.history.clone()
+
+
+def test_ddp_ranks_agree_on_scores_traces_and_window():
+    from tests.helpers import run_on_ranks
+
+    (b0, s0, h0), (b1, s1, h1) = run_on_ranks(_ddp_worker)
+    assert torch.equal(b0, b1) and torch.equal(s0, s1)  # scores summed over ranks: one coefficient everywhere
+    assert torch.equal(h0, h1) and h0.shape == (2, 2) and bool((h0 > 0).all())  # epoch traces averaged
