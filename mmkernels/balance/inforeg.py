@@ -242,7 +242,8 @@ class InfoReg(Balancer):
         if self._acc is not None:
             stat = self._acc + stat  # gradient accumulation: the window's scores, as one large batch
         self._acc = stat
-        active = self._window & torch.tensor(self.active(epoch), device=self._window.device)
+        # the epochs=(start, stop) bound is a host-side int test; the window flag stays on the device
+        active = self._window if self.active(epoch) else torch.zeros_like(self._window)
         beta, fallback = policies.inforeg_beta(stat, active, self._coeff.to(stat.device), return_fallback=True)
         beta = beta.to(torch.float32)
         self._set_coefficients(beta)
@@ -299,6 +300,20 @@ class InfoReg(Balancer):
 
     def _end_accumulation(self) -> None:
         self._acc = None
+
+    def to(self, device) -> "InfoReg":
+        """Move the coefficients and the method's state (anchors, traces, window) to ``device``."""
+        super().to(device)
+        dev = self._device
+        self._coeff = self._coeff.to(dev)
+        self._fisher_epoch, self._history = self._fisher_epoch.to(dev), self._history.to(dev)
+        self._change, self._window, self._closed = self._change.to(dev), self._window.to(dev), self._closed.to(dev)
+        if self._acc is not None:
+            self._acc = self._acc.to(dev)
+        if self._anchors is not None:
+            self._anchors = [[a.to(p.device) for a, p in zip(grp, ps)] for grp, ps in zip(self._anchors, self._params)]
+        self._weight_cache.clear()
+        return self
 
     # ------------------------------------------------------------------------------------------------
     def _extra_state(self) -> dict:
