@@ -5,8 +5,8 @@ There is no released code path (decision-level weighting is this library's own m
 the eager composition, which is ``decision_fuse_ref`` under autograd (masked weight normalisation, scaled
 logits summed over modalities; the gradient coefficient applied by a detach split), and
 ``torch.compile`` of it (the peers); ``mmkernels.decision_fuse``. Each call runs forward and backward of
-``(M, B, K)`` logits with a per-sample availability mask and per-sample gradient coefficients. On the CPU
-backend ``auto`` runs the reference inside the registered op.
+``(M, B, K)`` logits with a per-sample availability mask and per-sample gradient coefficients. On CPU
+tensors backend ``auto`` runs the extension's C++ forward and backward kernels (the reference without it).
 """
 from __future__ import annotations
 

@@ -1,9 +1,32 @@
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
-from mmkernels import decision_fuse
+import mmkernels
+from mmkernels import _ext, decision_fuse
 from tests.helpers import assert_close, assert_raises_each
 from tests.oracles import decision_fuse as oracle
+
+
+def _has_kernels():
+    return _ext.has_kernel("decision_fuse_fwd", "cpu") and _ext.has_kernel("decision_fuse_bwd", "cpu")
+
+
+@pytest.fixture(params=["reference", "triton", "extension"])
+def backend(request, device):
+    """Every backend test also runs the extension's C++ kernels, which serve CPU tensors under ``auto``."""
+    name = request.param
+    if name == "extension":
+        if device != "cpu":
+            pytest.skip("the C++ kernels serve CPU tensors; on CUDA, auto is the Triton kernel")
+        if not _has_kernels():
+            pytest.skip(f"mmkernels._C has no decision_fuse CPU kernels: {_ext.why_missing() or 'stale build'}")
+        name = "auto"
+    with mmkernels.use_backend(name):
+        yield request.param
 
 TOL = {torch.float32: (1e-5, 1e-6), torch.float64: (1e-12, 1e-12), torch.float16: (2e-3, 2e-3), torch.bfloat16: (1.6e-2, 1e-2)}
 
@@ -186,6 +209,135 @@ def test_bad_inputs():
         (lambda: decision_fuse(x, w, s, mask, torch.ones(2, dtype=torch.long)), TypeError, "grad_coeff"),
     ]
     assert_raises_each(cases)
+
+
+# ------------------------------------------------------------------------------- the C++ CPU kernels (extension)
+@pytest.fixture
+def cpp():
+    if not _has_kernels():
+        pytest.skip(f"mmkernels._C has no decision_fuse CPU kernels: {_ext.why_missing() or 'stale build'}")
+    with mmkernels.use_backend("auto"):
+        yield
+
+
+def test_extension_has_the_kernels():
+    # a built extension must carry these kernels (a stale build would silently fall back to the reference)
+    if _ext.load() is None:
+        pytest.skip(f"mmkernels._C not built: {_ext.why_missing()}")
+    assert _has_kernels()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("K", [1, 7, 8, 9, 17, 1000])
+def test_kernel_vector_widths_and_layouts(cpp, dtype, K):
+    # K around the 8-lane vector (masked tails), the fp32 fast path and the widened/strided generic one,
+    # weights/scales/coefficients of other dtypes than the logits
+    M, B = 3, 5
+    x, w, s, mask, c = inputs(M, B, K, dtype, "cpu", "float", "mb")
+    s = s.half().float()  # passed as fp16 below: the oracle sees the same values
+    g = torch.randn(B, K).to(dtype)
+    want_z, want_dx = oracle(x, w, s, mask, c, g)
+    rtol, atol = TOL[dtype]
+    layouts = [(x, g), (x.permute(1, 2, 0).contiguous().permute(2, 0, 1), g.t().contiguous().t())]
+    for xx, gg in layouts:
+        z, dx = run(xx, w.double(), s.half(), mask, c.double(), gg)
+        assert dx.is_contiguous() and z.dtype == dx.dtype == dtype
+        assert_close(z, want_z.to(dtype), rtol, atol, "z")
+        assert_close(dx, want_dx.to(dtype), rtol, atol, "dlogits")
+
+
+def test_kernel_missing_modality_is_not_read(cpp):
+    # NaN/Inf logits of a missing modality reach neither z nor any gradient
+    x, w, s, _, c = inputs(3, 4, 12, torch.float32, "cpu", "none", "mb")
+    mask = torch.tensor([[1, 0, 1], [0, 1, 0], [1, 1, 1], [0, 0, 1]], dtype=torch.bool)
+    x[1, 0], x[0, 1], x[2, 1], x[0, 3], x[1, 3] = float("nan"), float("inf"), -float("inf"), float("nan"), float("nan")
+    g = torch.randn(4, 12)
+    z, dx = run(x, w, s, mask, c, g)
+    assert torch.isfinite(z).all() and torch.isfinite(dx).all()
+    want_z, want_dx = oracle(torch.where(mask.t()[:, :, None], x, 0.0), w, s, mask, c, g)
+    assert_close(z, want_z.float(), 1e-5, 1e-6, "z")
+    assert_close(dx, want_dx.float(), 1e-5, 1e-6, "dlogits")
+    assert (dx[1, 0] == 0).all() and (dx[0, 1] == 0).all() and (dx[0, 3] == 0).all()
+
+
+_BAD_VALUES = [
+    ("weights", lambda a: a.update(weights=torch.tensor([[1.0, float("nan"), 1.0], [1.0, 1.0, float("inf")]]))),
+    ("scales", lambda a: a.update(scales=torch.tensor([1.0, 0.0]))),
+    ("scales", lambda a: a.update(scales=torch.tensor([-float("inf"), 1.0], dtype=torch.float64))),
+    ("mask", lambda a: a.update(mask=torch.tensor([[1.0, float("nan")]] * 4))),
+    ("grad_coeff", lambda a: a.update(grad_coeff=torch.tensor([1.0, float("nan")]))),
+    ("grad_coeff", lambda a: a.update(grad_coeff=torch.full((2, 4), float("inf")))),
+    ("every modality", lambda a: a.update(mask=torch.tensor([[True, True], [False, False], [True, False], [False, False]]))),
+    ("every modality", lambda a: a.update(mask=torch.tensor([[1.0, 1.0], [0.0, 0.0]] * 2), weights=torch.full((2, 3), float("nan")))),
+]
+
+
+@pytest.mark.parametrize("name,bad", _BAD_VALUES, ids=[f"{n}-{i}" for i, (n, _) in enumerate(_BAD_VALUES)])
+def test_kernel_checks_give_the_reference_errors(name, bad):
+    # the C++ forward finds the bad value; the message (naming the entries) is the reference path's, and the
+    # first error of several is the same one
+    if not _has_kernels():
+        pytest.skip("no decision_fuse CPU kernels in mmkernels._C")
+    messages = []
+    for backend_name in ("reference", "auto"):
+        args = dict(logits=torch.randn(2, 4, 3, requires_grad=True), weights=torch.rand(2, 3) + 0.1,
+                    scales=torch.rand(2) + 0.5, mask=None, grad_coeff=None)
+        bad(args)
+        with mmkernels.use_backend(backend_name), pytest.raises(ValueError) as info:
+            decision_fuse(**args)
+        messages.append(str(info.value))
+        assert args["logits"].grad is None
+    assert messages[0] == messages[1] and name in messages[0]
+
+
+def test_kernel_unchecked_all_missing_and_check_mask_false(cpp):
+    x, w, s, _, _ = inputs(2, 3, 9, torch.float32, "cpu")
+    mask = torch.tensor([[True, False], [False, False], [False, True]])
+    z, dx = run(x, w, s, mask, None, torch.ones(3, 9), check_mask=False)
+    assert torch.isnan(z[1]).all() and (dx[:, 1] == 0).all() and torch.isfinite(z[[0, 2]]).all()
+
+
+def test_kernel_thread_count_does_not_change_results(cpp):
+    x, w, s, mask, c = inputs(3, 300, 100, torch.float32, "cpu", "bool", "mb")
+    g = torch.randn(300, 100)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = run(x, w, s, mask, c, g)
+        torch.set_num_threads(2)
+        two = run(x, w, s, mask, c, g)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one[0], two[0]) and torch.equal(one[1], two[1])
+
+
+_PORTABLE = """
+import torch, mmkernels
+from tests.test_decision_fuse import TOL, inputs, run, _has_kernels
+from tests.oracles import decision_fuse as oracle
+assert _has_kernels()
+torch.manual_seed(0)
+for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+    for shape in ((3, 5, 7), (2, 4, 1000)):
+        for mask_kind, coeff_kind in (("bool", "mb"), ("float", "m"), ("none", "none")):
+            x, w, s, mask, c = inputs(*shape, dtype, "cpu", mask_kind, coeff_kind)
+            g = torch.randn(shape[1], shape[2]).to(dtype)
+            z, dx = run(x, w, s, mask, c, g)
+            wz, wdx = oracle(x, w, s, mask, c, g)
+            rtol, atol = TOL[dtype]
+            assert torch.allclose(z.double(), wz.to(dtype).double(), rtol=rtol, atol=atol), (dtype, shape, "z")
+            assert torch.allclose(dx.double(), wdx.to(dtype).double(), rtol=rtol, atol=atol), (dtype, shape, "dx")
+print("portable ok")
+"""
+
+
+def test_kernel_portable_path(cpp):
+    # the baseline (non-AVX2) build of the same loops (picked once per process: a fresh one with it forced)
+    env = dict(os.environ, MMKERNELS_NO_AVX2="1", MMKERNELS_JIT="0")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", _PORTABLE], cwd=root, env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0 and "portable ok" in out.stdout, out.stderr[-3000:]
 
 
 @pytest.mark.gpu

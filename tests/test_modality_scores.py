@@ -1,10 +1,28 @@
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
 import mmkernels
-from mmkernels import modality_scores
+from mmkernels import _ext, modality_scores
 from tests.helpers import assert_close, assert_raises_each
 from tests.oracles import modality_scores as oracle
+
+
+@pytest.fixture(params=["reference", "triton", "extension"])
+def backend(request, device):
+    """Every backend test also runs the extension's C++ kernel, which serves CPU tensors under ``auto``."""
+    name = request.param
+    if name == "extension":
+        if device != "cpu":
+            pytest.skip("the C++ kernel serves CPU tensors; on CUDA, auto is the Triton kernel")
+        if not _ext.has_kernel("modality_scores", "cpu"):
+            pytest.skip(f"mmkernels._C has no modality_scores CPU kernel: {_ext.why_missing() or 'stale build'}")
+        name = "auto"
+    with mmkernels.use_backend(name):
+        yield request.param
 
 TOL = {torch.float32: (1e-5, 1e-5), torch.float64: (1e-6, 1e-6), torch.float16: (2e-3, 2e-3), torch.bfloat16: (2e-3, 2e-3)}
 
@@ -190,6 +208,130 @@ def test_bad_inputs():
         (lambda: modality_scores(x, y, [[1, 1]] * 4), TypeError, "mask must be a torch.Tensor"),
     ]
     assert_raises_each(cases)
+
+
+# ------------------------------------------------------------------------------- the C++ CPU kernel (extension)
+@pytest.fixture
+def cpp():
+    if not _ext.has_kernel("modality_scores", "cpu"):
+        pytest.skip(f"mmkernels._C has no modality_scores CPU kernel: {_ext.why_missing() or 'stale build'}")
+    with mmkernels.use_backend("auto"):
+        yield
+
+
+def test_extension_has_the_kernel():
+    # a built extension must carry this kernel (a stale build would silently fall back to the reference)
+    if _ext.load() is None:
+        pytest.skip(f"mmkernels._C not built: {_ext.why_missing()}")
+    assert _ext.has_kernel("modality_scores", "cpu")
+
+
+def _assert_same_nan(got, want, rtol, atol, what):
+    assert torch.equal(got.isnan(), want.isnan()), f"{what}: NaN at {got.isnan().tolist()}, want {want.isnan().tolist()}"
+    keep = ~want.isnan()
+    assert_close(got[keep], want[keep].float(), rtol, atol, what)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("K", [7, 8, 9, 17, 31, 32, 33, 65, 1000])
+def test_kernel_vector_widths_and_layouts(cpp, dtype, K):
+    # K around the 8-lane vector and the 32-wide unrolled max, fp16/bf16 widened, rows with a class stride
+    M, B = 2, 5
+    x = (4 * torch.randn(M, B, K)).to(dtype)
+    x[0, 0, K - 1] = x[0, 0].max() + 1  # the maximum in the tail lanes
+    x[1, 1, :] = x[1, 1, 0]  # a tie over the whole row: argmax 0
+    y = torch.randint(0, K, (B,))
+    y[0], y[1], y[2] = K - 1, 0, -100
+    mask = torch.tensor([[1, 1], [1, 1], [1, 0], [0, 1], [1, 1]], dtype=torch.bool)
+    want_s, want_c = oracle(x, y, mask)
+    rtol, atol = TOL[dtype]
+    for logits in (x, x.transpose(1, 2).contiguous().transpose(1, 2), list(x.unbind(0))):
+        s, c = modality_scores(logits, y, mask)
+        assert_close(s, want_s.float(), rtol, atol * B, "scores")
+        assert_close(c, want_c.float(), 0, 0, "correct")
+
+
+def test_kernel_nan_inf_and_extremes(cpp):
+    M, B, K = 2, 6, 40
+    x = torch.randn(M, B, K) * 30
+    x[0, 0, 3] = float("nan")  # counted: scores[0] is NaN
+    x[1, 1, 5] = float("nan")  # masked out for modality 1: not read
+    x[1, 2, 7] = float("nan")  # ignored label: not read
+    x[1, 3, :] = -float("inf")
+    x[1, 3, 9] = 2.0  # -inf everywhere but one class: p = 1 there
+    x[1, 4] *= 1e3  # |logits| ~ 3e4: exp far below the fp32 range for all but the max
+    y = torch.tensor([1, 2, -100, 9, 4, 0])
+    y[4] = int(x[1, 4].argmax())
+    mask = torch.ones(B, M, dtype=torch.bool)
+    mask[1, 1] = False
+    s, c = modality_scores(x, y, mask)
+    want_s, want_c = oracle(x, y, mask)
+    _assert_same_nan(s, want_s, 1e-5, 1e-5 * B, "scores")
+    assert float(c[1]) == float(want_c[1])
+    # -inf rows alone: NaN (0/0), as log_softmax gives
+    s, _ = modality_scores(torch.full((1, 2, 5), -float("inf")), torch.tensor([0, -100]))
+    assert torch.isnan(s).all()
+
+
+def test_kernel_bad_labels_same_error_as_reference():
+    x = torch.randn(2, 14, 4)
+    y = torch.tensor([0, 9, -7, 4, 5, 6, 7, 8, 10, 11, 12, 13, -100, -101])  # 12 distinct bad: 10 are shown
+    messages = []
+    for name in ("reference", "auto"):
+        with mmkernels.use_backend(name), pytest.raises(ValueError) as info:
+            modality_scores(x, y, torch.zeros(14, 2))  # masked: still an error
+        messages.append(str(info.value))
+    assert messages[0] == messages[1]
+    assert messages[0].endswith("got [-101, -7, 4, 5, 6, 7, 8, 9, 10, 11]")
+
+
+def test_kernel_thread_count_does_not_change_results(cpp):
+    x = torch.randn(3, 700, 64)  # enough work for the rows to be split between threads
+    y = torch.randint(0, 64, (700,))
+    mask = torch.rand(700, 3) > 0.2
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = modality_scores(x, y, mask)
+        torch.set_num_threads(2)
+        two = modality_scores(x, y, mask)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one[0], two[0]) and torch.equal(one[1], two[1])
+    want_s, _ = oracle(x, y, mask)
+    assert_close(one[0], want_s.float(), 1e-5, 1e-5 * 700, "scores")
+
+
+_PORTABLE = """
+import torch, mmkernels
+from mmkernels import _ext
+from tests.oracles import modality_scores as oracle
+assert _ext.has_kernel("modality_scores", "cpu")
+torch.manual_seed(0)
+for dtype, tol in ((torch.float32, 1e-5), (torch.float64, 1e-6), (torch.float16, 2e-3), (torch.bfloat16, 2e-3)):
+    for M, B, K in ((2, 5, 6), (3, 4, 37), (2, 3, 1000)):
+        x = (4 * torch.randn(M, B, K)).to(dtype)
+        x[0, 1, 2] = float("nan")
+        y = torch.randint(0, K, (B,))
+        y[2] = -100
+        mask = torch.rand(B, M) > 0.3
+        mask[1, 0] = False
+        s, c = mmkernels.modality_scores(x.transpose(1, 2).contiguous().transpose(1, 2), y, mask)
+        ws, wc = oracle(x, y, mask)
+        assert torch.equal(s.isnan(), ws.isnan()), (s, ws)
+        assert torch.allclose(s.double(), ws, rtol=tol, atol=tol * B, equal_nan=True), (dtype, s, ws)
+        assert torch.equal(c.double(), wc), (c, wc)
+print("portable ok")
+"""
+
+
+def test_kernel_portable_path(cpp):
+    # the non-AVX2 build of the same formulas (picked once per process, so a fresh one with it forced)
+    env = dict(os.environ, MMKERNELS_NO_AVX2="1", MMKERNELS_JIT="0")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", _PORTABLE], cwd=root, env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0 and "portable ok" in out.stdout, out.stderr[-3000:]
 
 
 @pytest.mark.gpu

@@ -27,6 +27,11 @@ Decisions where the spec is silent
 * Nothing large is saved for backward: ŵ is recomputed from (mask, weights), which costs M·K + B·M reads
   instead of storing M·B·K weights.
 * Empty batch (B = 0) gives an empty ``(0, K)`` output.
+
+On CPU tensors (backend ``auto``) the forward and backward are the C++ kernels of the extension
+(csrc/decision_fuse.cpp): one pass over the logits, sample by sample in class tiles kept in L1, the eager
+value and mask checks done while the kernel reads those values (the same ``ValueError``). Without the
+extension (or with backend ``reference``) the PyTorch reference runs.
 """
 from __future__ import annotations
 
@@ -35,7 +40,7 @@ from typing import Optional
 
 import torch
 
-from mmkernels import _tuning
+from mmkernels import _backend, _ext, _tuning
 from mmkernels._backend import skip_dispatch, use_triton
 from mmkernels._common import DifferentiableOp, acc_dtype, cdiv, check_float_tensor, next_pow2
 from mmkernels._common import check_mask as _check_mask_arg
@@ -252,10 +257,30 @@ def _fuse_bwd_ref(grad, weights, scales, mask, grad_coeff):
 # --------------------------------------------------------------------------------------------------------
 # 5. Registration: forward and backward written once, for the eager call and the registered autograd
 # --------------------------------------------------------------------------------------------------------
+_CPU_KERNELS: list = []  # [(forward, backward) kernels of the extension, or None], looked up on first use
+
+
+def _cpu_kernels():
+    """``mmkernels_C::decision_fuse_fwd`` / ``_bwd`` when the extension has their CPU kernels and the backend
+    is ``auto``, else None (reference). Looked up once: each lookup asks the dispatcher."""
+    if _backend.get_backend() != "auto":
+        return None
+    if not _CPU_KERNELS:
+        ok = _ext.has_kernel("decision_fuse_fwd", "cpu") and _ext.has_kernel("decision_fuse_bwd", "cpu")
+        ops = _ext.ops() if ok else None
+        _CPU_KERNELS.append((ops.decision_fuse_fwd.default, ops.decision_fuse_bwd.default) if ok else None)
+    return _CPU_KERNELS[0]
+
+
 def _fuse_forward(logits: torch.Tensor, weights: torch.Tensor, scales: torch.Tensor,
-                  mask: Optional[torch.Tensor], grad_coeff: Optional[torch.Tensor]) -> torch.Tensor:
+                  mask: Optional[torch.Tensor], grad_coeff: Optional[torch.Tensor],
+                  check_mask: bool = False, check_values: bool = False) -> torch.Tensor:
+    """``check_mask`` / ``check_values``: the eager CPU checks, done by the C++ kernel (only it gets them
+    True; grad_coeff is an input of the forward so that it can be checked here)."""
     if use_triton(logits):
         return _fuse_fwd_triton(logits, weights, scales, mask)
+    if logits.is_cpu and (kernels := _cpu_kernels()) is not None:
+        return kernels[0](logits, weights, scales, mask, grad_coeff, check_mask, check_values)
     return _fuse_fwd_ref(logits, weights, scales, mask)
 
 
@@ -263,11 +288,13 @@ def _fuse_backward(grad: torch.Tensor, weights: torch.Tensor, scales: torch.Tens
                    mask: Optional[torch.Tensor], grad_coeff: Optional[torch.Tensor]) -> torch.Tensor:
     if use_triton(grad):
         return _fuse_bwd_triton(grad, weights, scales, mask, grad_coeff)
+    if grad.is_cpu and (kernels := _cpu_kernels()) is not None:
+        return kernels[1](grad, weights, scales, mask, grad_coeff)
     return _fuse_bwd_ref(grad, weights, scales, mask, grad_coeff)
 
 
 def _setup_context(ctx, inputs, output):
-    _, weights, scales, mask, grad_coeff = inputs
+    weights, scales, mask, grad_coeff = inputs[1:5]
     ctx.save_for_backward(weights, scales, mask, grad_coeff)
 
 
@@ -280,8 +307,9 @@ def _backward_inputs(ctx, grad):
 _DECISION_FUSE = DifferentiableOp(
     "decision_fuse", _fuse_forward, _fuse_backward,
     setup_context=_setup_context, backward_inputs=_backward_inputs,
-    input_grads=lambda ctx, dx: (dx, None, None, None, None),
-    fake_forward=lambda logits, weights, scales, mask, grad_coeff: logits.new_empty(logits.shape[1:]),
+    input_grads=lambda ctx, dx: (dx, None, None, None, None, None, None),
+    fake_forward=lambda logits, weights, scales, mask, grad_coeff, check_mask=False, check_values=False:
+        logits.new_empty(logits.shape[1:]),
     fake_backward=lambda grad, weights, scales, mask, grad_coeff: grad.new_empty((weights.shape[0],) + tuple(grad.shape)),
 )
 
@@ -309,6 +337,17 @@ def _check_values(weights, scales, mask, grad_coeff) -> None:
         if bool(bad.any()):
             raise ValueError(f"decision_fuse: {name} must be {rule}, got {t[bad].unique().tolist()[:10]} "
                              f"at {bad.nonzero().tolist()[:10]}")
+
+
+def _check_present(fn: str, mask) -> None:
+    """Eager CPU check: every sample has at least one modality present (one host sync)."""
+    present = (mask != 0).any(dim=1)
+    if not bool(present.all()):
+        missing = (~present).nonzero().flatten().tolist()
+        shown = missing[:20]
+        more = f" (and {len(missing) - 20} more)" if len(missing) > 20 else ""
+        raise ValueError(f"{fn}: samples {shown}{more} have every modality missing in mask; a fused "
+                         "decision needs at least one modality per sample (drop those samples first)")
 
 
 def decision_fuse(logits: torch.Tensor, weights: torch.Tensor, scales: torch.Tensor,
@@ -367,20 +406,26 @@ def decision_fuse(logits: torch.Tensor, weights: torch.Tensor, scales: torch.Ten
         grad_coeff = grad_coeff.detach()
 
     # Under torch.compile a Python branch on tensor values would break the graph: use the device-side assert.
-    on_cpu = device.type == "cpu" and not torch.compiler.is_compiling()
+    on_cpu = logits.is_cpu and not torch.compiler.is_compiling()
     if check_mask is None:
-        check_mask = device.type == "cpu"
-    if check_mask and mask is not None and B > 0:
-        present = (mask != 0).any(dim=1)
+        check_mask = logits.is_cpu
+    check_mask = check_mask and mask is not None and B > 0
+    if on_cpu and _cpu_kernels() is not None:
+        # the C++ forward checks the values (and the mask) as it reads them; when it finds a bad one, the
+        # Python checks below name the offending entries
+        try:
+            return _DECISION_FUSE(logits, weights, scales, mask, grad_coeff, check_mask, True, anchor=logits)
+        except ValueError as exc:
+            error = exc
+        if check_mask:
+            _check_present(fn, mask)
+        _check_values(weights, scales, mask, grad_coeff)
+        raise error
+    if check_mask:
         if on_cpu:
-            if not bool(present.all()):
-                missing = (~present).nonzero().flatten().tolist()
-                shown = missing[:20]
-                more = f" (and {len(missing) - 20} more)" if len(missing) > 20 else ""
-                raise ValueError(f"{fn}: samples {shown}{more} have every modality missing in mask; a fused "
-                                 "decision needs at least one modality per sample (drop those samples first)")
+            _check_present(fn, mask)
         else:
-            torch._assert_async(present.all(), f"{fn}: a sample has every modality missing in mask")
+            torch._assert_async((mask != 0).any(dim=1).all(), f"{fn}: a sample has every modality missing in mask")
     if on_cpu:
         _check_values(weights, scales, mask, grad_coeff)
     if skip_dispatch(logits) and not use_triton(logits):
@@ -388,4 +433,4 @@ def decision_fuse(logits: torch.Tensor, weights: torch.Tensor, scales: torch.Ten
         # costs about half the host time of any Python autograd.Function around _fuse_bwd_ref (measured at
         # 3×64×10 on the CPU), and gives the same gradient (the grad_coeff trick of decision_fuse_ref).
         return decision_fuse_ref(logits, weights, scales, mask, grad_coeff)
-    return _DECISION_FUSE(logits, weights, scales, mask, grad_coeff, anchor=logits)
+    return _DECISION_FUSE(logits, weights, scales, mask, grad_coeff, False, False, anchor=logits)

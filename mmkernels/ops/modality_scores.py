@@ -10,6 +10,12 @@ second pass and no (B, K) probability tensor), tracking the running argmax (firs
 ``torch.argmax``) alongside. The true-class logit is one extra scalar load per row. Every row writes its
 own (score, correct) pair and a second, tiny reduction sums them, so results are deterministic (no atomics).
 
+On CPU tensors (backend ``auto``) the C++ kernel of the extension (csrc/modality_scores.cpp) runs instead:
+per row a vectorised max pass and an exp-sum pass while the row is still in cache, rows summed in double
+in fixed blocks (thread-count independent). It also does the eager label check, so an eager CPU call costs
+the argument checks and one dispatch. Without the extension (or with backend ``reference``) the PyTorch
+reference runs.
+
 Decisions where the spec is silent
 ----------------------------------
 * Sequence form: no stacking copy. The kernel is launched once per modality with that tensor's own strides
@@ -34,7 +40,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from mmkernels import _tuning
+from mmkernels import _backend, _ext, _tuning
 from mmkernels._backend import skip_dispatch, use_triton
 from mmkernels._common import FLOAT_DTYPES, IGNORE_INDEX, BoundedCache, acc_dtype, cdiv, next_pow2
 from mmkernels._common import check_labels as _check_labels_arg
@@ -243,11 +249,26 @@ def modality_scores_ref(logits, labels: torch.Tensor, mask: Optional[torch.Tenso
 # --------------------------------------------------------------------------------------------------------
 # 5. Registration
 # --------------------------------------------------------------------------------------------------------
+_CPU_KERNEL: list = []  # [the extension's CPU kernel, or None], looked up on first use
+
+
+def _cpu_kernel():
+    """``mmkernels_C::modality_scores(logits, labels, mask, check)`` when the extension has its CPU kernel and
+    the backend is ``auto``, else None (reference). Looked up once: each lookup asks the dispatcher."""
+    if _backend.get_backend() != "auto":
+        return None
+    if not _CPU_KERNEL:
+        _CPU_KERNEL.append(_ext.ops().modality_scores.default if _ext.has_kernel("modality_scores", "cpu") else None)
+    return _CPU_KERNEL[0]
+
+
 def _scores_impl(logits: list[torch.Tensor], labels, mask, checked: bool = False, in_range: bool = False):
     """``logits`` is [stacked (M, B, K)] or M tensors (B, K); the shape tells which (no value inspection).
     ``checked`` / ``in_range``: what the eager label check proved (only -100 out of range / none)."""
     if use_triton(labels):
         return _scores_fwd_triton(logits, labels, mask)
+    if labels.is_cpu and (kernel := _cpu_kernel()) is not None:
+        return kernel(logits, labels, mask, False)  # bad labels give NaN, as on CUDA
     x = logits[0] if logits[0].dim() == 3 else logits
     M, B, K = (x.shape if logits[0].dim() == 3 else (len(x), *x[0].shape))
     # stacking the sequence form copies it: only worth it while dispatch, not bandwidth, is the cost
@@ -327,7 +348,12 @@ def modality_scores(logits: Union[torch.Tensor, Sequence[torch.Tensor]], labels:
     if check_labels is not None and not isinstance(check_labels, bool):
         raise TypeError(f"{fn}: check_labels must be None, True or False, got {type(check_labels).__name__} "
                         f"{check_labels!r}")
-    xs = [x.detach() for x in xs]  # a statistic: never differentiated
+    if any(x.requires_grad for x in xs):  # a statistic: never differentiated
+        xs = [x.detach() for x in xs]
+
+    if labels.is_cpu and skip_dispatch(labels) and (kernel := _cpu_kernel()) is not None:
+        # one dispatch: the kernel range-checks the labels while it reads them (the same ValueError)
+        return kernel(xs, labels, mask, check_labels is not False)
 
     eager_cpu = device.type == "cpu" and not torch.compiler.is_compiling()
     if check_labels is None:
