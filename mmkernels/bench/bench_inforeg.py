@@ -19,6 +19,14 @@ each a whole step (zero_grad, forward, loss, backward, regulation, optimizer ste
 
 ``added_ms`` is the regulation alone, on the gradients of one real step. Timing as in ``bench_overhead``
 (CPU: interleaved rounds, one intra-op thread). ``grad_passes``: passes over the encoders' gradients per step.
+
+At that step's size (about 30K encoder parameters) per-call overhead dominates, so a second group of rows
+(``op`` = ``inforeg_pull_fisher``) times the regulation's tensor work alone at the scale of two ResNet-18
+encoders (all parameters of an audio (1-channel) and a visual encoder, 22.3M fp32; the audio encoder pulled,
+β = 0.5, the visual one only read for its trace): ``mmkernels.proximal_fisher_`` against the release's
+per-tensor arithmetic (``grad += beta * (p - p0)`` on every parameter, then ``(grad * grad)`` per conv weight
+and its ``.mean().item()``; its score loop and parameter identity search left out) and the ``torch._foreach_*``
+composition above.
 """
 from __future__ import annotations
 
@@ -147,6 +155,79 @@ def _cases(cfg: dict, device: str):
     return cases, added
 
 
+def resnet18_param_shapes(in_channels: int, width: int = 64) -> list[tuple[int, ...]]:
+    """Every parameter's shape of a ResNet-18 encoder (conv1 7x7, bn1, 4 stages of 2 BasicBlocks), as in
+    ``benchmarks/scale_grads.py``."""
+    shapes = [(width, in_channels, 7, 7), (width,), (width,)]
+    cin = width
+    for stage in range(4):
+        cout = width * 2**stage
+        for block in range(2):
+            shapes += [(cout, cin, 3, 3), (cout,), (cout,), (cout, cout, 3, 3), (cout,), (cout,)]
+            if block == 0 and stage > 0:  # 1x1 projection shortcut + its bn
+                shapes += [(cout, cin, 1, 1), (cout,), (cout,)]
+            cin = cout
+    return shapes
+
+
+def _tensor_work(device: str, quick: bool) -> list[dict]:
+    import mmkernels
+    from mmkernels.bench.harness import measure
+
+    width = 16 if quick else 64
+    g = torch.Generator(device="cpu").manual_seed(0)
+    groups = [[(torch.randn(s, generator=g) * 1e-3).to(device) for s in resnet18_param_shapes(c, width)]
+              for c in (1, 3)]
+    params = [[(torch.randn(x.shape, generator=g)).to(device) for x in grp] for grp in groups]
+    anchors = [[p + 1e-3 for p in grp] for grp in params]
+    w = [[1.0 / x.numel() if x.dim() == 4 else 0.0 for x in grp] for grp in groups]
+    wt = torch.tensor([v for grp in w for v in grp], dtype=torch.float64, device=device)
+    conv_w = [torch.tensor([v for v in grp if v > 0], dtype=torch.float64, device=device) for grp in w]
+    beta = torch.tensor([0.5, 0.0], dtype=torch.float64, device=device)
+    beta_host = [0.5, 0.0]
+    fisher = torch.zeros(2, dtype=torch.float64, device=device)
+
+    def ours():
+        fisher.add_(mmkernels.proximal_fisher_(groups, params, anchors, beta, wt))
+
+    def released_loop():
+        for m, (gs, ps, az) in enumerate(zip(groups, params, anchors)):
+            for x, p, a in zip(gs, ps, az):
+                x += beta_host[m] * (p - a)
+            sum((x * x).mean().item() for x in gs if x.dim() == 4)
+
+    def foreach():
+        for m, (gs, ps, az) in enumerate(zip(groups, params, anchors)):
+            d = torch._foreach_sub(ps, az)
+            torch._foreach_mul_(d, beta[m])
+            torch._foreach_add_(gs, d)
+            norms = torch.stack(torch._foreach_norm([x for x in gs if x.dim() == 4]))
+            fisher[m] += (norms.double().square() * conv_w[m]).sum()
+
+    n = sum(x.numel() for grp in groups for x in grp)
+    # the fewest bytes: the pulled group's gradient, parameter and anchor read and its gradient written; the
+    # other group's gradient read
+    pulled = sum(x.numel() for x in groups[0])
+    nbytes = 4 * (4 * pulled + (n - pulled))
+    shape = f"2x resnet18 w{width} float32 ({n / 1e6:.1f}M params, audio pulled)"
+    threads = torch.get_num_threads()
+    if device == "cpu":
+        torch.set_num_threads(1)
+    try:
+        rows = measure("inforeg_pull_fisher", shape, {"released_loop": released_loop, "foreach_inforeg": foreach,
+                                                      "mmkernels.proximal_fisher_": ours}, device,
+                       baseline="released_loop", nbytes=nbytes, quick=quick,
+                       roles={"released_loop": "released", "foreach_inforeg": "eager",
+                              "mmkernels.proximal_fisher_": "ours"},
+                       extra={"threads": torch.get_num_threads(), "elements": n})
+    finally:
+        torch.set_num_threads(threads)
+    passes = {"released_loop": 2, "foreach_inforeg": 4, "mmkernels.proximal_fisher_": 1}
+    for row in rows:
+        row["grad_passes"] = passes[row["impl"]]
+    return rows
+
+
 def run(device: str, quick: bool) -> list[dict]:
     cfg = _config(device, quick)
     cases, added = _cases(cfg, device)
@@ -154,4 +235,4 @@ def run(device: str, quick: bool) -> list[dict]:
     for row in rows:
         if row["impl"] in GRAD_PASSES:
             row["grad_passes"] = GRAD_PASSES[row["impl"]]
-    return rows
+    return rows + _tensor_work(device, quick)
