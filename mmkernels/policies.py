@@ -1,4 +1,4 @@
-"""The papers' coefficient rules as pure functions of statistics (SPEC §3).
+"""The papers' coefficient rules as pure functions of statistics.
 
 Tensors in, tensors out: no state, no host synchronisation (every decision on a tensor value is a
 ``torch.where``), so they run inside a CUDA stream or a ``torch.compile`` graph. The balancers in
@@ -24,7 +24,10 @@ import torch
 from mmkernels._common import check_number as _number
 
 __all__ = ["ogm_ge", "pdmp", "mwam_update_bank", "mwam", "MWAM_PRESETS", "decision_weights", "decision_scale",
-           "ema"]
+           "ema", "AGM_FORMS", "AGM_LOSS_CAP", "agm_shapley", "agm_mono_losses", "agm", "agm_update_target",
+           "MMPARETO_GAMMA", "mmpareto_weights", "mmpareto_scale", "PMR_RULES", "pmr_coefficients",
+           "pmr_entropy_weights", "pmr_prototype_ema", "opm_drop_probability", "opm_rescale", "ogm_tpami",
+           "INFOREG_SPAN", "INFOREG_THRESHOLD", "INFOREG_COEFF", "inforeg_window", "inforeg_beta"]
 
 
 def _as_float(t, name: str, fn: str = "policies") -> torch.Tensor:
@@ -159,7 +162,7 @@ def _check_omega(fn: str, omega) -> float:
 
 def mwam_update_bank(bank: torch.Tensor | None, frm: torch.Tensor, omega: float = 0.5,
                      warm_start: str = "code") -> torch.Tensor:
-    """MWAM's FRM bank, an EMA of each modality's batch FRM (SPEC §3.3): ``F̂_m ← ω·F̂_m + (1 − ω)·F_m``.
+    """MWAM's FRM bank, an EMA of each modality's batch FRM: ``F̂_m ← ω·F̂_m + (1 − ω)·F_m``.
 
     ``bank=None`` is the first step: ``warm_start="code"`` gives ``F̂ = (1 − ω)·F`` (the released code's soft
     begin from a zero bank), ``"paper"`` gives ``F̂⁰ = F⁰``. Returns a new tensor (inputs untouched).
@@ -195,7 +198,7 @@ def _check_mwam_hparams(fn: str, alpha, beta, lam, gamma, eps, eps_name: str = "
 
 def mwam(frm: torch.Tensor, bank: torch.Tensor, alpha: float = 1.5, beta: float = 1.0, lam: float = 6.0,
          gamma: float = 0.7, eps: float = 1e-6, *, return_fallback: bool = False):
-    """MWAM weights from FRM (SPEC §3.3), ``(M,)``: higher frequency ratio → smaller weight.
+    """MWAM weights from FRM, ``(M,)``: higher frequency ratio → smaller weight.
 
     ``T_m = F_m / (mean_c F̂_c + σ)`` (σ = ``eps`` >= 0; ``bank`` = F̂ already updated with this step's F, the
     same shape as ``frm``) and ``K_m = α − β / (1 + exp(−λ·(T_m − γ)))``, which lies in ``(α − β, α)``.
@@ -239,7 +242,7 @@ def ema(old: torch.Tensor, new: torch.Tensor, momentum: float, valid: torch.Tens
 
 def decision_weights(capability: torch.Tensor, tau: float = 1.0, eps: float = 1e-6, *,
                      return_fallback: bool = False):
-    """Class-wise modality weights for decision-level fusion (SPEC §3.4, the library's formula), ``(M, K)``.
+    """Class-wise modality weights for decision-level fusion (the library's formula), ``(M, K)``.
 
     ``capability[m, k]`` is the EMA of the mean true-class probability ``softmax(ℓ_m / s_m)[y]`` over samples
     of class ``k``; ``w[m, k] = r[m, k]^τ / mean_j r[j, k]^τ``. ``τ`` (finite, >= 0): ``τ = 0`` gives all ones
@@ -272,7 +275,7 @@ def decision_weights(capability: torch.Tensor, tau: float = 1.0, eps: float = 1e
 
 
 def decision_scale(sum_sq: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
-    """RMS logit scale ``sqrt(Σ ℓ² / count)`` per modality (SPEC §3.4); NaN where ``count == 0``."""
+    """RMS logit scale ``sqrt(Σ ℓ² / count)`` per modality; NaN where ``count == 0``."""
     fn = "decision_scale"
     for name, t in (("sum_sq", sum_sq), ("count", count)):
         if not isinstance(t, torch.Tensor):
@@ -285,7 +288,6 @@ def decision_scale(sum_sq: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------------------
 # AGM: adaptive gradient modulation (Li, Li, Hu, Lei, Li & Zhou, ICCV 2023)
 
-__all__ += ["AGM_FORMS", "AGM_LOSS_CAP", "agm_shapley", "agm_mono_losses", "agm", "agm_update_target"]
 
 #: ``"authors"``: the authors' release (lihong2303/AGM_ICCV2023); ``"benchmark"``: GeWu-Lab/BalanceBenchmark's
 #: ``AGM_trainer.py``. They differ in the empty coalition of the responses and in the sign of the ratio.
@@ -447,7 +449,6 @@ def agm_update_target(target: torch.Tensor, count: torch.Tensor, scores: torch.T
 # --------------------------------------------------------------------------------------------------------
 # MMPareto (Wei & Hu, ICML 2024): per encoder, the multimodal and the unimodal gradient combined
 
-__all__ += ["MMPARETO_GAMMA", "mmpareto_weights", "mmpareto_scale"]
 
 #: the released code's magnitude enhancement γ (``gamma=1.5`` in code/MMPareto.py)
 MMPARETO_GAMMA = 1.5
@@ -521,7 +522,6 @@ def mmpareto_scale(sq_sum: torch.Tensor, sq_new: torch.Tensor, gamma: float = MM
 # PMR (Fan et al., CVPR 2023, "PMR: Prototypical Modal Rebalance for Multimodal Learning")
 # --------------------------------------------------------------------------------------------------------
 PMR_RULES = ("released", "ratio")
-__all__ += ["PMR_RULES", "pmr_coefficients", "pmr_entropy_weights", "pmr_prototype_ema"]
 
 
 def _pmr_scores(fn: str, scores) -> torch.Tensor:

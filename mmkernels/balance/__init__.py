@@ -1,4 +1,4 @@
-"""Balancers: the papers' methods as objects added to a plain PyTorch training loop (SPEC §4).
+"""Balancers: the papers' methods as objects added to a plain PyTorch training loop.
 
 Every balancer is built from the *names* of the modalities and, where it modulates gradients, the
 encoder module of each name (mapped explicitly by the user, never by parameter-name substrings)::
@@ -44,25 +44,17 @@ Helpers: :func:`split_linear_head` (per-modality logits of a concat/sum linear h
 OGM-GE decomposition), :func:`masked_unimodal_logits` (for non-linear heads: forward with the other
 modalities zeroed), :func:`unimodal_performance` (PDMP's input measured on a validation loader).
 """
-from mmkernels.balance.base import Balancer, BalancerFallbackWarning, masked_unimodal_logits, split_linear_head
 from mmkernels.balance.agm import AGM, agm_linear_responses, coalition_logits
+from mmkernels.balance.base import Balancer, BalancerFallbackWarning, masked_unimodal_logits, split_linear_head
 from mmkernels.balance.decision import DecisionLevel
+from mmkernels.balance.inforeg import InfoReg
+from mmkernels.balance.mmpareto import MMPareto
 from mmkernels.balance.mwam import MWAM
 from mmkernels.balance.ogm_ge import OGMGE
+from mmkernels.balance.opm import OGMTPAMI, OPM
 from mmkernels.balance.pdmp import PDMP, unimodal_performance
 from mmkernels.balance.pmr import PMR
 
-__all__ = ["Balancer", "BalancerFallbackWarning", "OGMGE", "PDMP", "MWAM", "DecisionLevel", "split_linear_head",
-           "masked_unimodal_logits",
-           "unimodal_performance"]
-__all__ += ["PMR"]
-__all__ += ["AGM", "agm_linear_responses", "coalition_logits"]
-from mmkernels.balance.opm import OGMTPAMI, OPM  # noqa: E402
-
-__all__ += ["OPM", "OGMTPAMI"]
-from mmkernels.balance.inforeg import InfoReg  # noqa: E402
-
-__all__ += ["InfoReg"]
-from mmkernels.balance.mmpareto import MMPareto  # noqa: E402
-
-__all__ += ["MMPareto"]
+__all__ = ["Balancer", "BalancerFallbackWarning", "OGMGE", "PDMP", "MWAM", "DecisionLevel", "OPM", "OGMTPAMI",
+           "AGM", "PMR", "MMPareto", "InfoReg", "split_linear_head", "masked_unimodal_logits",
+           "unimodal_performance", "agm_linear_responses", "coalition_logits"]

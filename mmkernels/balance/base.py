@@ -22,8 +22,8 @@ contract; see its docstring.
 
 AMP: activation mode needs nothing (gradient scaling is linear). In parameter mode call
 ``scaler.unscale_(opt)`` before ``after_backward()`` so GE noise is drawn from the true gradient's std;
-non-finite gradients are left untouched by :func:`mmkernels.scale_grads_`, so the scaler still sees and
-skips an overflowing step.
+non-finite gradients stay non-finite (:func:`mmkernels.scale_grads_` leaves them unchanged under GE noise
+and scales them like ``g *= k`` without it), so the scaler still sees and skips an overflowing step.
 
 Gradient accumulation: call ``step()`` for every micro-batch. In activation mode each micro-batch's
 gradient gets the coefficient of its own statistics. In parameter mode statistics are summed over the
@@ -464,7 +464,7 @@ class Balancer:
 
     def after_backward(self) -> torch.Tensor | None:
         """Parameter mode: modulate the encoders' parameter gradients in place (``scale_grads_``, GE noise);
-        returns a 0-d bool tensor, True when some gradient was non-finite (left unchanged). Activation
+        returns a 0-d bool tensor, True when some gradient was non-finite (left unchanged under GE noise). Activation
         mode: nothing to do (returns None). Ends a gradient-accumulation window either way. Update mode:
         nothing to do (the optimizer's step hooks modulate the update and end the window)."""
         spec = _MODES[self.mode]

@@ -1,4 +1,4 @@
-"""Decision-level balancer: calibrated, capability-weighted fusion of per-modality logits (SPEC §3.4)."""
+"""Decision-level balancer: calibrated, capability-weighted fusion of per-modality logits."""
 from __future__ import annotations
 
 from typing import Mapping, Sequence
@@ -31,7 +31,7 @@ class DecisionLevel(Balancer):
         num_classes: K.
         momentum: EMA momentum of scales and capabilities (0.9).
         tau: capability exponent τ (1; 0 = calibration only).
-        calibration: ``"absolute"`` (SPEC §3.4: fuse ``ℓ_m / s_m``) or ``"relative"`` (fuse
+        calibration: ``"absolute"`` (the default: fuse ``ℓ_m / s_m``) or ``"relative"`` (fuse
             ``ℓ_m / (s_m / mean_j s_j)``). Trained *through* the fusion, absolute calibration divides the fused
             logit by a running RMS, so cross-entropy cannot saturate and the model inflates its logits
             (seen in the demo); relative calibration keeps the modalities' scales equal and the overall scale
@@ -86,7 +86,7 @@ class DecisionLevel(Balancer):
 
     @property
     def fusion_scales(self) -> torch.Tensor:
-        """The ``scales`` passed to :func:`mmkernels.decision_fuse`: ``s_m`` (``"absolute"``, SPEC §3.4) or
+        """The ``scales`` passed to :func:`mmkernels.decision_fuse`: ``s_m`` (``"absolute"``) or
         ``s_m / mean_j s_j`` (``"relative"``: equalises the modalities' logit scales but leaves the fused
         logit's overall scale to the model)."""
         return self._fusion_scales(self.scales)
