@@ -14,7 +14,7 @@ from importlib import import_module
 
 from mmkernels._backend import get_backend, set_backend, use_backend
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 # public name -> module that defines it
 _LAZY = {
