@@ -5,11 +5,12 @@
 // is selected out, never multiplied by 0: its logits are not read (NaN there does not reach z) and its
 // gradient is exactly 0. A sample with no modality present gets z = 0/0 = NaN and zero gradients.
 //
-// One pass over the logits (forward) and one write of dx (backward), sample by sample in tiles of classes
-// kept in L1; w/s and w are widened to the accumulation type once per call (M*K values). fp32 math for
-// fp32/fp16/bf16, fp64 for fp64; outputs in the logits' (gradient's) dtype. The loops are plain C++ that the
-// compiler vectorises, compiled twice (baseline and AVX2) and picked at run time (MMKERNELS_NO_AVX2=1 forces
-// the baseline), as in scale_grads.cpp.
+// One pass over the logits (forward) and one write of dx (backward), sample by sample; w/s and w are
+// widened to the accumulation type once per call (M*K values). fp32 math for fp32/fp16/bf16, fp64 for fp64;
+// outputs in the logits' (gradient's) dtype. fp32 with unit class stride takes AVX2/FMA paths: with a bool
+// mask (or none) the normalised weights of each present-set of modalities are tabulated once per call, so
+// rows do no division; a float mask renormalises per row in registers. Everything else runs plain C++ loops
+// compiled twice (baseline and AVX2) and picked at run time; MMKERNELS_NO_AVX2=1 forces the baseline.
 //
 // check_values (the public function's eager checks, done here where the values are read anyway): weights,
 // a float mask and grad_coeff finite, scales finite and non-zero; check_mask: every sample has a modality.
@@ -24,6 +25,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
+#include <limits>
 #include <type_traits>
 #include <vector>
 
@@ -316,6 +318,124 @@ __attribute__((target("avx2,fma"))) void bwd_rows_f32_avx2(const BwdArgs& p, int
   }
 }
 
+// fp32, bool mask or none: a row's normalised weights depend only on which modalities it has, so
+// q_P[m, k] = w[m, k] / s[m] / sum_{j in P} w[j, k] is built once per present-set P that occurs (at most
+// 2^M, M <= kMaxPatternM) and the rows need neither the renormaliser nor a division:
+// z = sum_{m in P} q_P[m] x[m], dx[m] = c[m] q_P[m] g.
+constexpr int64_t kMaxPatternM = 6;
+
+struct Patterns {
+  std::vector<uint8_t> of_row;  // B present-set bit masks
+  std::vector<int32_t> slot;    // 2^M: index into q, or -1
+  std::vector<float> q;         // (used sets, M, K)
+};
+
+__attribute__((target("avx2,fma"))) Patterns build_patterns(const float* a, const float* wp, const float* w,
+                                                            int64_t M, int64_t B, int64_t K) {
+  Patterns t;
+  t.of_row.resize(B);
+  t.slot.assign(int64_t(1) << M, -1);
+  int32_t used = 0;
+  for (int64_t i = 0; i < B; ++i) {
+    uint8_t bits = 0;
+    for (int64_t m = 0; m < M; ++m)
+      if (!a || a[i * M + m] != 0.0f) bits |= uint8_t(1u << m);
+    t.of_row[i] = bits;
+    if (t.slot[bits] < 0) t.slot[bits] = used++;
+  }
+  t.q.resize(used * M * K);
+  std::vector<float> den(K);
+  for (int64_t bits = 0; bits < (int64_t(1) << M); ++bits) {
+    if (t.slot[bits] < 0) continue;
+    std::fill(den.begin(), den.end(), 0.0f);
+    for (int64_t m = 0; m < M; ++m)
+      if (bits >> m & 1)
+        for (int64_t k = 0; k < K; ++k) den[k] += w[m * K + k];
+    float* q = t.q.data() + t.slot[bits] * M * K;
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t k = 0; k < K; ++k) q[m * K + k] = (bits >> m & 1) ? wp[m * K + k] / den[k] : 0.0f;
+  }
+  return t;
+}
+
+__attribute__((target("avx2,fma"))) void fwd_rows_pattern(const FwdArgs& p, const Patterns& t, int64_t i0,
+                                                          int64_t i1) {
+  const float* x = static_cast<const float*>(p.x);
+  float* z = static_cast<float*>(p.z);
+  const int64_t full = p.K & ~int64_t(7);
+  const __m256i tail = lanes(p.K - full);
+  int64_t ms[kMaxPatternM];
+  for (int64_t i = i0; i < i1; ++i) {
+    const uint8_t bits = t.of_row[i];
+    float* zi = z + i * p.K;
+    if (bits == 0) {  // no modality present: 0/0
+      std::fill(zi, zi + p.K, std::numeric_limits<float>::quiet_NaN());
+      continue;
+    }
+    int64_t np = 0;
+    for (int64_t m = 0; m < p.M; ++m)
+      if (bits >> m & 1) ms[np++] = m;
+    const float* q = t.q.data() + t.slot[bits] * p.M * p.K;
+    const float* xi = x + i * p.sxb;
+    for (int64_t k = 0; k < p.K; k += 8) {
+      const bool part = k == full;
+      __m256 acc = _mm256_setzero_ps();
+      for (int64_t j = 0; j < np; ++j) {
+        const float* xm = xi + ms[j] * p.sxm + k;
+        const float* qm = q + ms[j] * p.K + k;
+        acc = _mm256_fmadd_ps(part ? _mm256_maskload_ps(qm, tail) : _mm256_loadu_ps(qm),
+                              part ? _mm256_maskload_ps(xm, tail) : _mm256_loadu_ps(xm), acc);
+      }
+      if (part) {
+        _mm256_maskstore_ps(zi + k, tail, acc);
+      } else {
+        _mm256_storeu_ps(zi + k, acc);
+      }
+    }
+  }
+}
+
+__attribute__((target("avx2,fma"))) void bwd_rows_pattern(const BwdArgs& p, const Patterns& t, int64_t i0,
+                                                          int64_t i1) {
+  const float* g = static_cast<const float*>(p.g);
+  float* dx = static_cast<float*>(p.dx);
+  const float* c = static_cast<const float*>(p.c);
+  const int64_t full = p.K & ~int64_t(7);
+  const __m256i tail = lanes(p.K - full);
+  int64_t ms[kMaxPatternM];
+  float fs[kMaxPatternM];
+  for (int64_t i = i0; i < i1; ++i) {
+    const uint8_t bits = t.of_row[i];
+    int64_t np = 0;
+    for (int64_t m = 0; m < p.M; ++m) {
+      if (bits >> m & 1) {
+        fs[np] = c ? c[m * p.B + i] : 1.0f;
+        ms[np++] = m;
+      } else {  // selected out: exactly 0
+        std::fill(dx + (m * p.B + i) * p.K, dx + (m * p.B + i + 1) * p.K, 0.0f);
+      }
+    }
+    if (np == 0) continue;
+    const float* q = t.q.data() + t.slot[bits] * p.M * p.K;
+    const float* gi = g + i * p.sgb;
+    for (int64_t k = 0; k < p.K; k += 8) {
+      const bool part = k == full;
+      const __m256 gv = part ? _mm256_maskload_ps(gi + k, tail) : _mm256_loadu_ps(gi + k);
+      for (int64_t j = 0; j < np; ++j) {
+        const float* qm = q + ms[j] * p.K + k;
+        const __m256 v = _mm256_mul_ps(_mm256_mul_ps(_mm256_set1_ps(fs[j]), gv),
+                                       part ? _mm256_maskload_ps(qm, tail) : _mm256_loadu_ps(qm));
+        float* out = dx + (ms[j] * p.B + i) * p.K + k;
+        if (part) {
+          _mm256_maskstore_ps(out, tail, v);
+        } else {
+          _mm256_storeu_ps(out, v);
+        }
+      }
+    }
+  }
+}
+
 // ------------------------------------------------------------------------------------------------ glue
 template <typename A>
 struct Small {  // the per-call constants, widened to A
@@ -391,8 +511,16 @@ at::Tensor decision_fuse_fwd_cpu(const at::Tensor& logits, const at::Tensor& wei
                     M, B, K, s.wp.data(), s.w.data(), mask.has_value() ? s.a.data() : nullptr};
     const bool avx2 = fuse_avx2();
     const bool fast = avx2 && std::is_same_v<scalar_t, float> && logits.stride(2) == 1;
+    const bool by_pattern = fast && M <= kMaxPatternM && (!mask.has_value() || mask->scalar_type() == at::kBool);
+    Patterns t;
+    if (by_pattern) {
+      t = build_patterns(static_cast<const float*>(p.a), static_cast<const float*>(p.wp),
+                         static_cast<const float*>(p.w), M, B, K);
+    }
     at::parallel_for(0, B, grain_rows(M, K), [&](int64_t i0, int64_t i1) {
-      if (fast) {
+      if (by_pattern) {
+        fwd_rows_pattern(p, t, i0, i1);
+      } else if (fast) {
         fwd_rows_f32_avx2(p, i0, i1);
       } else if (avx2) {
         fwd_rows_avx2<scalar_t, A>(p, i0, i1);
@@ -419,8 +547,16 @@ at::Tensor decision_fuse_bwd_cpu(const at::Tensor& grad, const at::Tensor& weigh
                     grad_coeff.has_value() ? s.c.data() : nullptr};
     const bool avx2 = fuse_avx2();
     const bool fast = avx2 && std::is_same_v<scalar_t, float> && grad.stride(1) == 1;
+    const bool by_pattern = fast && M <= kMaxPatternM && (!mask.has_value() || mask->scalar_type() == at::kBool);
+    Patterns t;
+    if (by_pattern) {
+      t = build_patterns(static_cast<const float*>(p.a), static_cast<const float*>(p.wp),
+                         static_cast<const float*>(p.w), M, B, K);
+    }
     at::parallel_for(0, B, grain_rows(M, K), [&](int64_t i0, int64_t i1) {
-      if (fast) {
+      if (by_pattern) {
+        bwd_rows_pattern(p, t, i0, i1);
+      } else if (fast) {
         bwd_rows_f32_avx2(p, i0, i1);
       } else if (avx2) {
         bwd_rows_avx2<scalar_t, A>(p, i0, i1);

@@ -260,6 +260,26 @@ def test_kernel_missing_modality_is_not_read(cpp):
     assert (dx[1, 0] == 0).all() and (dx[0, 1] == 0).all() and (dx[0, 3] == 0).all()
 
 
+@pytest.mark.parametrize("M", [3, 7])
+def test_kernel_present_sets(cpp, M):
+    # bool masks: every present-set of 3 modalities (one normalised-weight table each), and M = 7 (past the
+    # tables: renormalised per sample); a class whose present weights are all 0 is 0/0 = NaN, as the formula
+    B, K = 2 ** 3 + 3, 21
+    x, w, s, _, c = inputs(M, B, K, torch.float32, "cpu", "none", "mb")
+    mask = torch.rand(B, M) > 0.5
+    mask[: 2 ** 3, :3] = torch.tensor([[(p >> m) & 1 for m in range(3)] for p in range(2 ** 3)], dtype=torch.bool)
+    mask[1:2 ** 3, 3:] = False
+    w[:, 4] = 0.0
+    g = torch.randn(B, K)
+    z, dx = run(x, w, s, mask, c, g, check_mask=False)
+    want_z, want_dx = oracle(x, w, s, mask, c, g)
+    want_dx = torch.where(mask.t()[:, :, None], want_dx, 0.0)  # a missing modality's gradient is exactly 0
+    for got, want, what in ((z, want_z, "z"), (dx, want_dx, "dlogits")):
+        assert torch.equal(got.isnan(), want.isnan()), what
+        keep = ~want.isnan()
+        assert_close(got[keep], want[keep].float(), 1e-5, 1e-6, what)
+
+
 _BAD_VALUES = [
     ("weights", lambda a: a.update(weights=torch.tensor([[1.0, float("nan"), 1.0], [1.0, 1.0, float("inf")]]))),
     ("scales", lambda a: a.update(scales=torch.tensor([1.0, 0.0]))),
