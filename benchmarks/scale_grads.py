@@ -21,23 +21,9 @@ from __future__ import annotations
 
 import torch
 
-from mmkernels.bench.harness import Bench, Case
+from mmkernels.bench.harness import Bench, Case, resnet18_param_shapes
 
 OP = "scale_grads"
-
-
-def resnet18_param_shapes(in_channels: int, width: int = 64) -> list[tuple[int, ...]]:
-    """(shape of every parameter) of a ResNet-18 encoder: conv1 7x7/2, bn1, 4 stages of 2 BasicBlocks."""
-    shapes = [(width, in_channels, 7, 7), (width,), (width,)]
-    cin = width
-    for stage in range(4):
-        cout = width * 2**stage
-        for block in range(2):
-            shapes += [(cout, cin, 3, 3), (cout,), (cout,), (cout, cout, 3, 3), (cout,), (cout,)]
-            if block == 0 and stage > 0:  # 1x1 projection shortcut + its bn
-                shapes += [(cout, cin, 1, 1), (cout,), (cout,)]
-            cin = cout
-    return shapes
 
 
 def _conv_shapes(width: int) -> list:

@@ -10,7 +10,6 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-import mmkernels
 from mmkernels import _ext, policies
 from mmkernels.balance import InfoReg
 from mmkernels.bench import released

@@ -11,11 +11,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import mmkernels
 from mmkernels import _ext, policies
 from mmkernels.balance.mmpareto import MMPareto
 from mmkernels.ops.group_grad_combine import _group_grad_combine_op, group_grad_combine_, group_grad_combine_ref_
-from mmkernels.ops.group_grad_stats import group_grad_stats, group_grad_stats_ref
+from mmkernels.ops.group_grad_stats import group_grad_stats
 from tests.helpers import assert_raises_each, run_on_ranks
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]

@@ -703,6 +703,19 @@ class Balancer:
             raise ValueError(f"{what} is missing modalities {missing}; give a tensor for every one of "
                              f"{list(self.names)} (use mask= for samples where a modality is absent)")
 
+    def _unimodal_logits(self, fn: str, logits: Mapping, batch: int | None = None) -> list[torch.Tensor]:
+        """The ``(B, K)`` unimodal logits of every modality, detached, in ``self.names`` order (checked: one
+        tensor per name, 2-D, ``B == batch`` when given)."""
+        self._check_names(logits, "logits")
+        for n in self.names:
+            t = logits[n]
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{fn}: logits[{n!r}] must be a (B, K) tensor, got {type(t).__name__}")
+            if t.dim() != 2 or (batch is not None and t.shape[0] != batch):
+                want = "(B, K)" if batch is None else f"(B, K) with B = {batch}"
+                raise ValueError(f"{fn}: logits[{n!r}] must have shape {want}, got {tuple(t.shape)}")
+        return [logits[n].detach() for n in self.names]
+
     def _mask_tensor(self, mask, batch: int, device, fn: str | None = None) -> torch.Tensor | None:
         """Accept ``mask`` as ``(B, M)`` tensor or ``{name: (B,) bool}``; returns ``(B, M)`` or None.
         Only checks and stacks (no value is read), so it is safe before any state changes."""

@@ -46,15 +46,13 @@ adds nothing to the trace (flagged in ``stats["nonfinite_fisher"]``).
 """
 from __future__ import annotations
 
-import math
 from typing import Mapping
 
 import torch
 from torch import nn
 
 from mmkernels import policies
-from mmkernels._common import IGNORE_INDEX
-from mmkernels.balance.base import Balancer, _check_epoch, _dist_ready, _state_bool, _state_tensor
+from mmkernels.balance.base import Balancer, _check_epoch, _dist_ready, _state_tensor
 from mmkernels.policies import _number
 
 _FISHER = ("released", "trace")
@@ -226,13 +224,7 @@ class InfoReg(Balancer):
         if self._epoch is not None and epoch < self._epoch:
             raise ValueError(f"{fn}: epoch {epoch} is before the current epoch {self._epoch}; epochs must not go "
                              "back (load the state_dict of that epoch to resume there)")
-        self._check_names(logits, "logits")
-        for n in self.names:
-            if not isinstance(logits[n], torch.Tensor):
-                raise TypeError(f"{fn}: logits[{n!r}] must be a (B, K) tensor, got {type(logits[n]).__name__}")
-            if logits[n].dim() != 2:
-                raise ValueError(f"{fn}: logits[{n!r}] must have shape (B, K), got {tuple(logits[n].shape)}")
-        seq = [logits[n].detach() for n in self.names]
+        seq = self._unimodal_logits(fn, logits)
         mask_t = self._mask_tensor(mask, seq[0].shape[0], seq[0].device, fn)
         # modality_scores checks shapes and labels before computing; nothing below it raises on the input
         scores, _ = mmkernels.modality_scores(seq, labels, mask_t)

@@ -72,13 +72,7 @@ class OGMGE(Balancer):
 
         fn = "OGMGE.step"
         _check_epoch(fn, epoch)
-        self._check_names(logits, "logits")
-        for n in self.names:
-            if not isinstance(logits[n], torch.Tensor):
-                raise TypeError(f"{fn}: logits[{n!r}] must be a (B, K) tensor, got {type(logits[n]).__name__}")
-            if logits[n].dim() != 2:
-                raise ValueError(f"{fn}: logits[{n!r}] must have shape (B, K), got {tuple(logits[n].shape)}")
-        seq = [logits[n].detach() for n in self.names]
+        seq = self._unimodal_logits(fn, logits)
         mask_t = self._mask_tensor(mask, seq[0].shape[0], seq[0].device, fn)
         # modality_scores checks the logits' shapes, the labels (and, on CPU, their range) before computing;
         # nothing below it raises, so an error leaves the accumulated window and the coefficients untouched

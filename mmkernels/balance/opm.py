@@ -31,7 +31,7 @@ import torch
 
 from mmkernels import policies
 from mmkernels._common import IGNORE_INDEX, FLOAT_DTYPES
-from mmkernels.balance.base import Balancer, _check_epoch, _dist_ready, _state_int
+from mmkernels.balance.base import Balancer, _check_epoch, _dist_ready
 from mmkernels.balance.ogm_ge import _DEFAULT, OGMGE
 from mmkernels.ops.modality_drop import _modality_drop_checked
 from mmkernels.policies import _number
@@ -191,14 +191,7 @@ class OPM(Balancer):
         if not isinstance(training, bool):
             raise TypeError(f"{fn}: training must be a bool, got {type(training).__name__} {training!r}")
         feats = self._check_features(fn, features)
-        self._check_names(logits, "logits")
-        for n in self.names:
-            if not isinstance(logits[n], torch.Tensor):
-                raise TypeError(f"{fn}: logits[{n!r}] must be a (B, K) tensor, got {type(logits[n]).__name__}")
-            if logits[n].dim() != 2 or logits[n].shape[0] != feats[0].shape[0]:
-                raise ValueError(f"{fn}: logits[{n!r}] must have shape (B, K) with B = {feats[0].shape[0]}, got "
-                                 f"{tuple(logits[n].shape)}")
-        seq = [logits[n].detach() for n in self.names]
+        seq = self._unimodal_logits(fn, logits, feats[0].shape[0])
         mask_t = self._mask_tensor(mask, seq[0].shape[0], seq[0].device, fn)
         if mask_t is not None and mask_t.device != feats[0].device:
             raise ValueError(f"{fn}: mask is on {mask_t.device} but the features are on {feats[0].device}")

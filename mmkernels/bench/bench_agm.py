@@ -23,14 +23,12 @@ release of the same semantics (authors' for ``AGM_linear``/``AGM_stacked``, Bala
 """
 from __future__ import annotations
 
-import time
-
 import torch
 from torch.nn import functional as F
 
 from mmkernels.bench import released
-from mmkernels.bench.bench_overhead import _config, setup
-from mmkernels.bench.harness import DEFAULTS, combine, summarize, time_interleaved
+from mmkernels.bench.bench_overhead import _config, _interleaved, setup
+from mmkernels.bench.harness import DEFAULTS, combine, time_interleaved
 
 _RELEASE_OF = {"AGM_linear": "released_authors", "AGM_stacked": "released_authors",
                "AGM_stacked_benchmark": "released_benchmark"}
@@ -127,19 +125,6 @@ def _count_forwards(model, fn) -> tuple[int, int]:
     finally:
         h.remove()
     return seen[0], seen[1]
-
-
-def _interleaved(cases: dict, rounds: int) -> dict:
-    for fn in cases.values():  # warm-up
-        fn()
-        fn()
-    times = {name: [] for name in cases}
-    for _ in range(rounds):
-        for name, fn in cases.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append((time.perf_counter() - t0) * 1e3)
-    return {name: summarize(ts) for name, ts in times.items()}
 
 
 def run(device: str, quick: bool) -> list[dict]:

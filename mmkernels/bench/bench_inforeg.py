@@ -36,6 +36,7 @@ import torch
 from torch.nn import functional as F
 
 from mmkernels.bench.bench_overhead import _config, setup, time_cases
+from mmkernels.bench.harness import resnet18_param_shapes
 from mmkernels.bench.released import (INFOREG_RELEASED_BETA, inforeg_fisher_accumulators,
                                       inforeg_step_regulation)
 
@@ -153,21 +154,6 @@ def _cases(cfg: dict, device: str):
                                                            uni_f["visual"], y, coeff, fisher)
     cases["foreach_inforeg"] = foreach
     return cases, added
-
-
-def resnet18_param_shapes(in_channels: int, width: int = 64) -> list[tuple[int, ...]]:
-    """Every parameter's shape of a ResNet-18 encoder (conv1 7x7, bn1, 4 stages of 2 BasicBlocks), as in
-    ``benchmarks/scale_grads.py``."""
-    shapes = [(width, in_channels, 7, 7), (width,), (width,)]
-    cin = width
-    for stage in range(4):
-        cout = width * 2**stage
-        for block in range(2):
-            shapes += [(cout, cin, 3, 3), (cout,), (cout,), (cout, cout, 3, 3), (cout,), (cout,)]
-            if block == 0 and stage > 0:  # 1x1 projection shortcut + its bn
-                shapes += [(cout, cin, 1, 1), (cout,), (cout,)]
-            cin = cout
-    return shapes
 
 
 def _tensor_work(device: str, quick: bool) -> list[dict]:

@@ -31,22 +31,14 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from mmkernels.bench.bench_overhead import time_cases
-
-
-def _encoder(cin: int, c: int) -> nn.Sequential:
-    layers, ch = [], cin
-    for out in (c, 2 * c, 4 * c):
-        layers += [nn.Conv2d(ch, out, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(out), nn.ReLU(inplace=True)]
-        ch = out
-    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
+from mmkernels.bench.bench_overhead import conv_encoder, time_cases
 
 
 class ParetoNet(nn.Module):
     def __init__(self, c: int, num_classes: int):
         super().__init__()
-        self.audio = _encoder(1, c)
-        self.visual = _encoder(3, c)
+        self.audio = conv_encoder(1, c)
+        self.visual = conv_encoder(3, c)
         self.head = nn.Linear(8 * c, num_classes)
         self.head_audio = nn.Linear(4 * c, num_classes)
         self.head_visual = nn.Linear(4 * c, num_classes)

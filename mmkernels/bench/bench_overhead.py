@@ -38,7 +38,7 @@ from mmkernels.bench.harness import summarize, time_interleaved
 from mmkernels.bench.released import ogm_ge_step_modulation
 
 
-def _encoder(cin: int, c: int) -> nn.Sequential:
+def conv_encoder(cin: int, c: int) -> nn.Sequential:
     layers, ch = [], cin
     for out in (c, 2 * c, 4 * c):
         layers += [nn.Conv2d(ch, out, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(out), nn.ReLU(inplace=True)]
@@ -49,8 +49,8 @@ def _encoder(cin: int, c: int) -> nn.Sequential:
 class AVNet(nn.Module):
     def __init__(self, c: int, num_classes: int):
         super().__init__()
-        self.audio = _encoder(1, c)
-        self.visual = _encoder(3, c)
+        self.audio = conv_encoder(1, c)
+        self.visual = conv_encoder(3, c)
         self.head = nn.Linear(8 * c, num_classes)
 
     def forward(self, xa, xv):

@@ -128,6 +128,21 @@ class Bench:
         return self.impls[self.of_role("ours")[0]]
 
 
+def resnet18_param_shapes(in_channels: int, width: int = 64) -> list[tuple[int, ...]]:
+    """(shape of every parameter) of a torchvision ResNet-18 encoder without its classifier (the gradient lists of
+    the scale_grads and InfoReg benchmarks): conv1 7x7/2, bn1, 4 stages of 2 BasicBlocks."""
+    shapes = [(width, in_channels, 7, 7), (width,), (width,)]
+    cin = width
+    for stage in range(4):
+        cout = width * 2**stage
+        for block in range(2):
+            shapes += [(cout, cin, 3, 3), (cout,), (cout,), (cout, cout, 3, 3), (cout,), (cout,)]
+            if block == 0 and stage > 0:  # 1x1 projection shortcut + its bn
+                shapes += [(cout, cin, 1, 1), (cout,), (cout,)]
+            cin = cout
+    return shapes
+
+
 def bench_path(device: str) -> str:
     """``triton`` where the registered op launches Triton kernels, else ``reference``."""
     import mmkernels
