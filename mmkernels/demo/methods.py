@@ -391,4 +391,4 @@ METHODS: dict[str, MethodSpec] = {
 CONTROLS = ("baseline", "baseline+uni_ce")
 # `make demo`'s methods: the controls and one entry per library method (the rest: --methods all)
 DEFAULT_METHODS = ("baseline", "baseline+uni_ce", "ogm_ge_act", "ogm_ge_update", "pdmp", "mwam", "mwam_update",
-                   "decision_rel")
+                   "decision_rel", "mmpareto", "opm", "agm", "pmr", "inforeg")
