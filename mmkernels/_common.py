@@ -259,3 +259,38 @@ def flatten_paired_groups(fn: str, names: tuple[str, str], a, b, fix: str):
             flat_b.append(y)
             group.append(g)
     return flat_a, flat_b, group, len(a), device
+
+
+def check_coefficients(fn: str, arg: str, value, count: int, device: torch.device, what: str = "group", *,
+                       dtype: Optional[torch.dtype] = torch.float64, held: str = "tensors") -> torch.Tensor:
+    """``value`` as a ``(count,)`` coefficient tensor on ``device``, for the multi-tensor ops (one coefficient per
+    group or per tensor): a 1-D floating tensor (moved without a sync; cast to ``dtype`` unless it is None) or a
+    list of 0-d floating tensors / finite Python numbers (float64). A CPU tensor is accepted for device tensors
+    (it is copied over); another device is refused. ``held`` names what the op's tensors are in the messages."""
+    if isinstance(value, torch.Tensor):
+        if value.dim() != 1 or value.numel() != count:
+            raise ValueError(f"{fn}: {arg} must have one entry per {what} ({count}), got shape {tuple(value.shape)}")
+        if not value.is_floating_point():
+            raise TypeError(f"{fn}: {arg} must be floating point, got {value.dtype}; pass {arg}.double()")
+        if value.device != device and value.device.type != "cpu":
+            raise ValueError(f"{fn}: {arg} is on {value.device} but the {held} are on {device}; move it to {device}")
+        return value.to(device, dtype or value.dtype, non_blocking=True).contiguous()
+    if not isinstance(value, (list, tuple)) or len(value) != count:
+        raise ValueError(f"{fn}: {arg} must be one coefficient per {what} ({count} {what}s), got {value!r}")
+    parts = []
+    for i, c in enumerate(value):
+        if isinstance(c, torch.Tensor):
+            if c.dim() != 0 or not c.is_floating_point():
+                raise TypeError(f"{fn}: {arg}[{i}] must be a 0-d floating tensor or a float, got {c.dtype} of shape "
+                                f"{tuple(c.shape)}")
+            if c.device != device and c.device.type != "cpu":
+                raise ValueError(f"{fn}: {arg}[{i}] is on {c.device} but the {held} are on {device}")
+            parts.append(c.to(device, torch.float64, non_blocking=True))
+        elif isinstance(c, (int, float)) and not isinstance(c, bool):
+            v = float(c) if isinstance(c, float) or abs(c) < 2**1023 else math.inf  # huge ints: inf, not OverflowError
+            if not math.isfinite(v):
+                raise ValueError(f"{fn}: {arg}[{i}] must be finite, got {c!r}")
+            parts.append(torch.full((), v, dtype=torch.float64, device=device))
+        else:
+            raise TypeError(f"{fn}: {arg}[{i}] must be a 0-d floating tensor or a float, got {type(c).__name__}")
+    return torch.stack(parts) if parts else torch.zeros(0, dtype=torch.float64, device=device)

@@ -34,12 +34,11 @@ Design choices
 """
 from __future__ import annotations
 
-import math
 
 import torch
 
 from mmkernels import _backend, _ext
-from mmkernels._common import acc_dtype, flatten_paired_groups, skip_dispatch
+from mmkernels._common import acc_dtype, check_coefficients, flatten_paired_groups, skip_dispatch
 from mmkernels.ops.scale_grads import _check_memory
 
 __all__ = ["proximal_fisher_", "proximal_fisher_ref_"]
@@ -97,38 +96,6 @@ def _(grads, params, anchors, beta, weights, group):
 # ----------------------------------------------------------------------------------------------------------
 # public API
 # ----------------------------------------------------------------------------------------------------------
-def _coefficients(name: str, arg: str, value, count: int, dev: torch.device, what: str) -> torch.Tensor:
-    """``value`` as a float64 ``(count,)`` tensor on ``dev``: a 1-D tensor (kept on the device, no sync) or a
-    list of 0-d tensors / finite floats."""
-    if isinstance(value, torch.Tensor):
-        if value.dim() != 1 or value.numel() != count:
-            raise ValueError(f"{name}: {arg} must have one entry per {what} ({count}), got shape {tuple(value.shape)}")
-        if not value.is_floating_point():
-            raise TypeError(f"{name}: {arg} must be floating point, got {value.dtype}; pass {arg}.double()")
-        if value.device != dev and value.device.type != "cpu":
-            raise ValueError(f"{name}: {arg} is on {value.device} but the tensors are on {dev}; move it to {dev}")
-        return value.to(dev, torch.float64, non_blocking=True).contiguous()
-    if not isinstance(value, (list, tuple)) or len(value) != count:
-        raise ValueError(f"{name}: {arg} must be one coefficient per {what} ({count}), got {value!r}")
-    parts = []
-    for i, c in enumerate(value):
-        if isinstance(c, torch.Tensor):
-            if c.dim() != 0 or not c.is_floating_point():
-                raise TypeError(f"{name}: {arg}[{i}] must be a 0-d floating tensor or a float, got {c.dtype} of shape "
-                                f"{tuple(c.shape)}")
-            if c.device != dev and c.device.type != "cpu":
-                raise ValueError(f"{name}: {arg}[{i}] is on {c.device} but the tensors are on {dev}")
-            parts.append(c.to(dev, torch.float64, non_blocking=True))
-        elif isinstance(c, (int, float)) and not isinstance(c, bool):
-            v = float(c) if isinstance(c, float) or abs(c) < 2**1023 else math.inf
-            if not math.isfinite(v):
-                raise ValueError(f"{name}: {arg}[{i}] must be finite, got {c!r}")
-            parts.append(torch.full((), v, dtype=torch.float64, device=dev))
-        else:
-            raise TypeError(f"{name}: {arg}[{i}] must be a 0-d floating tensor or a float, got {type(c).__name__}")
-    return torch.stack(parts) if parts else torch.zeros(0, dtype=torch.float64, device=dev)
-
-
 def _prepare(name, grads, params, anchors, beta, weights):
     flat_g, flat_p, group, num_groups, device = flatten_paired_groups(
         name, ("grads", "params"), grads, params, "pair each gradient with its own parameter")
@@ -146,11 +113,11 @@ def _prepare(name, grads, params, anchors, beta, weights):
     if not torch.compiler.is_compiling():
         _check_memory(name, flat_g, labels)
     dev = device if device is not None else torch.device("cpu")
-    b = _coefficients(name, "beta", beta, num_groups, dev, "group")
+    b = check_coefficients(name, "beta", beta, num_groups, dev, "group")
     if weights is None:
         w = torch.ones(len(flat_g), dtype=torch.float64, device=dev)
     elif isinstance(weights, torch.Tensor):
-        w = _coefficients(name, "weights", weights, len(flat_g), dev, "tensor")
+        w = check_coefficients(name, "weights", weights, len(flat_g), dev, "tensor")
     else:
         if not isinstance(weights, (list, tuple)) or len(weights) != num_groups or any(
                 not isinstance(wg, (list, tuple)) for wg in weights):
@@ -161,7 +128,7 @@ def _prepare(name, grads, params, anchors, beta, weights):
         if sizes != [sum(1 for k in group if k == g) for g in range(num_groups)]:
             raise ValueError(f"{name}: weights has groups of sizes {sizes}; grads has "
                              f"{[sum(1 for k in group if k == g) for g in range(num_groups)]}")
-        w = _coefficients(name, "weights", flat_w, len(flat_g), dev, "tensor")
+        w = check_coefficients(name, "weights", flat_w, len(flat_g), dev, "tensor")
     return flat_g, flat_p, flat_a, b, w, group
 
 

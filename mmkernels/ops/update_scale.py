@@ -22,13 +22,12 @@ Design choices
 """
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 import torch
 
 from mmkernels import _backend, _ext
-from mmkernels._common import acc_dtype, flatten_paired_groups, skip_dispatch
+from mmkernels._common import acc_dtype, check_coefficients, flatten_paired_groups, skip_dispatch
 from mmkernels.ops.scale_grads import _check_memory
 
 __all__ = ["update_scale_", "update_scale_ref_"]
@@ -97,37 +96,8 @@ def _prepare(name, params, snapshots, coeffs):
     if not torch.compiler.is_compiling():
         _check_memory(name, flat_p, labels)
     dev = device if device is not None else torch.device("cpu")
-    if isinstance(coeffs, torch.Tensor):
-        if coeffs.dim() != 1 or coeffs.numel() != num_groups:
-            raise ValueError(f"{name}: coeffs must have one entry per group ({num_groups}), got shape "
-                             f"{tuple(coeffs.shape)}")
-        if not coeffs.is_floating_point():
-            raise TypeError(f"{name}: coeffs must be floating point, got {coeffs.dtype}")
-        if coeffs.device != dev and coeffs.device.type != "cpu":
-            raise ValueError(f"{name}: coeffs is on {coeffs.device} but the parameters are on {dev}")
-        k = coeffs.to(dev, non_blocking=True)
-    else:
-        if not isinstance(coeffs, (list, tuple)) or len(coeffs) != num_groups:
-            raise ValueError(f"{name}: coeffs must be one coefficient per group ({num_groups} groups), got "
-                             f"{coeffs!r}")
-        parts = []
-        for g, c in enumerate(coeffs):
-            if isinstance(c, torch.Tensor):
-                if c.dim() != 0 or not c.is_floating_point():
-                    raise TypeError(f"{name}: coeffs[{g}] must be a 0-d floating tensor or a float, got "
-                                    f"{c.dtype} of shape {tuple(c.shape)}")
-                if c.device != dev and c.device.type != "cpu":
-                    raise ValueError(f"{name}: coeffs[{g}] is on {c.device} but the parameters are on {dev}")
-                parts.append(c.to(dev, torch.float64, non_blocking=True))
-            elif isinstance(c, (int, float)) and not isinstance(c, bool):
-                v = float(c) if isinstance(c, float) or abs(c) < 2**1023 else math.inf
-                if not math.isfinite(v):
-                    raise ValueError(f"{name}: coeffs[{g}] must be finite, got {c!r}")
-                parts.append(torch.full((), v, dtype=torch.float64, device=dev))
-            else:
-                raise TypeError(f"{name}: coeffs[{g}] must be a 0-d floating tensor or a float, got "
-                                f"{type(c).__name__}")
-        k = torch.stack(parts) if parts else torch.zeros(0, dtype=torch.float64, device=dev)
+    # a tensor keeps its dtype (the kernel reads it as is); a list becomes float64
+    k = check_coefficients(name, "coeffs", coeffs, num_groups, dev, dtype=None, held="parameters")
     return flat_p, flat_s, k, group
 
 
