@@ -31,7 +31,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from mmkernels.bench.bench_overhead import conv_encoder, time_cases
+from mmkernels.bench.bench_overhead import _config, batch, conv_encoder, time_cases
 
 
 class ParetoNet(nn.Module):
@@ -51,13 +51,6 @@ class ParetoNet(nn.Module):
         return self.head(torch.cat([ha, hv], 1)), self.head_audio(ha), self.head_visual(hv)
 
 
-def _config(device: str, quick: bool) -> dict:
-    cfg = dict(B=256, S=128, c=64, K=100) if device == "cuda" else dict(B=64, S=64, c=16, K=10)
-    if quick:
-        cfg.update(B=16, S=32)
-    return cfg
-
-
 def _cases(cfg: dict, device: str):
     import mmkernels
     from mmkernels.balance import MMPareto
@@ -65,10 +58,7 @@ def _cases(cfg: dict, device: str):
 
     torch.manual_seed(0)
     base = ParetoNet(cfg["c"], cfg["K"]).to(device)
-    g = torch.Generator(device="cpu").manual_seed(1)
-    xa = torch.randn(cfg["B"], 1, cfg["S"], cfg["S"], generator=g).to(device)
-    xv = torch.randn(cfg["B"], 3, cfg["S"], cfg["S"], generator=g).to(device)
-    y = torch.randint(0, cfg["K"], (cfg["B"],), generator=g).to(device)
+    xa, xv, y = batch(cfg, device)
 
     def fresh():
         m = copy.deepcopy(base)

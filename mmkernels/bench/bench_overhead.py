@@ -85,15 +85,21 @@ def _released_ogm_ge_modulation(model, a, v, y, alpha=0.8):
                            a, v, y, alpha)
 
 
+def batch(cfg: dict, device: str):
+    """The step benchmarks' one batch: audio ``(B, 1, S, S)``, visual ``(B, 3, S, S)``, labels, from seed 1."""
+    g = torch.Generator(device="cpu").manual_seed(1)
+    xa = torch.randn(cfg["B"], 1, cfg["S"], cfg["S"], generator=g).to(device)
+    xv = torch.randn(cfg["B"], 3, cfg["S"], cfg["S"], generator=g).to(device)
+    y = torch.randint(0, cfg["K"], (cfg["B"],), generator=g).to(device)
+    return xa, xv, y
+
+
 def setup(cfg: dict, device: str, make_optimizer):
     """The step every case shares: the data, a ``fresh()`` copy of one initial model with its optimizer, and
     the ``baseline`` case (no balancing). Returns ``(xa, xv, y, fresh, cases)``."""
     torch.manual_seed(0)
     base_model = AVNet(cfg["c"], cfg["K"]).to(device)
-    g = torch.Generator(device="cpu").manual_seed(1)
-    xa = torch.randn(cfg["B"], 1, cfg["S"], cfg["S"], generator=g).to(device)
-    xv = torch.randn(cfg["B"], 3, cfg["S"], cfg["S"], generator=g).to(device)
-    y = torch.randint(0, cfg["K"], (cfg["B"],), generator=g).to(device)
+    xa, xv, y = batch(cfg, device)
 
     def fresh():
         m = copy.deepcopy(base_model)
