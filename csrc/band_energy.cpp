@@ -20,6 +20,8 @@
 
 #include <immintrin.h>
 
+#include "simd.h"
+
 #include <algorithm>
 #include <cmath>
 #include <tuple>
@@ -211,23 +213,9 @@ __attribute__((target("avx2,fma"))) void gather8_avx2(const float* x, int64_t sm
       s_lo[r] = _mm256_fmadd_pd(lo, lo, s_lo[r]);
       s_hi[r] = _mm256_fmadd_pd(hi, hi, s_hi[r]);
     }
-    const __m256 t0 = _mm256_unpacklo_ps(v[0], v[1]), t1 = _mm256_unpackhi_ps(v[0], v[1]);
-    const __m256 t2 = _mm256_unpacklo_ps(v[2], v[3]), t3 = _mm256_unpackhi_ps(v[2], v[3]);
-    const __m256 t4 = _mm256_unpacklo_ps(v[4], v[5]), t5 = _mm256_unpackhi_ps(v[4], v[5]);
-    const __m256 t6 = _mm256_unpacklo_ps(v[6], v[7]), t7 = _mm256_unpackhi_ps(v[6], v[7]);
-    const __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE);
-    const __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE);
-    const __m256 u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE);
-    const __m256 u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
-    // column c of the 8x8 block = the 8 rows' values at n0 + c
-    _mm256_storeu_ps(dst + rev[n0 + 0] * L, _mm256_permute2f128_ps(u0, u4, 0x20));
-    _mm256_storeu_ps(dst + rev[n0 + 1] * L, _mm256_permute2f128_ps(u1, u5, 0x20));
-    _mm256_storeu_ps(dst + rev[n0 + 2] * L, _mm256_permute2f128_ps(u2, u6, 0x20));
-    _mm256_storeu_ps(dst + rev[n0 + 3] * L, _mm256_permute2f128_ps(u3, u7, 0x20));
-    _mm256_storeu_ps(dst + rev[n0 + 4] * L, _mm256_permute2f128_ps(u0, u4, 0x31));
-    _mm256_storeu_ps(dst + rev[n0 + 5] * L, _mm256_permute2f128_ps(u1, u5, 0x31));
-    _mm256_storeu_ps(dst + rev[n0 + 6] * L, _mm256_permute2f128_ps(u2, u6, 0x31));
-    _mm256_storeu_ps(dst + rev[n0 + 7] * L, _mm256_permute2f128_ps(u3, u7, 0x31));
+    __m256 col[8];  // column c of the 8x8 block = the 8 rows' values at n0 + c
+    mmkernels::transpose8x8_ps(v, col);
+    for (int c = 0; c < 8; ++c) _mm256_storeu_ps(dst + rev[n0 + c] * L, col[c]);
   }
   for (int r = 0; r < 8; ++r) {
     alignas(32) double t[4];

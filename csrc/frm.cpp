@@ -11,6 +11,8 @@
 
 #include <immintrin.h>
 
+#include "simd.h"
+
 #include <cmath>
 #include <cstring>
 #include <type_traits>
@@ -71,22 +73,7 @@ __attribute__((target("avx2,fma"))) static inline __m256 frm_group_p8(const floa
     const float* z = Z + r * W;
     __m256 v[8];
     for (int i = 0; i < 8; ++i) v[i] = _mm256_loadu_ps(z + 8 * i);
-    const __m256 t0 = _mm256_unpacklo_ps(v[0], v[1]), t1 = _mm256_unpackhi_ps(v[0], v[1]);
-    const __m256 t2 = _mm256_unpacklo_ps(v[2], v[3]), t3 = _mm256_unpackhi_ps(v[2], v[3]);
-    const __m256 t4 = _mm256_unpacklo_ps(v[4], v[5]), t5 = _mm256_unpackhi_ps(v[4], v[5]);
-    const __m256 t6 = _mm256_unpacklo_ps(v[6], v[7]), t7 = _mm256_unpackhi_ps(v[6], v[7]);
-    const __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE);
-    const __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE);
-    const __m256 u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE);
-    const __m256 u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
-    zt[r][0] = _mm256_permute2f128_ps(u0, u4, 0x20);
-    zt[r][1] = _mm256_permute2f128_ps(u1, u5, 0x20);
-    zt[r][2] = _mm256_permute2f128_ps(u2, u6, 0x20);
-    zt[r][3] = _mm256_permute2f128_ps(u3, u7, 0x20);
-    zt[r][4] = _mm256_permute2f128_ps(u0, u4, 0x31);
-    zt[r][5] = _mm256_permute2f128_ps(u1, u5, 0x31);
-    zt[r][6] = _mm256_permute2f128_ps(u2, u6, 0x31);
-    zt[r][7] = _mm256_permute2f128_ps(u3, u7, 0x31);
+    mmkernels::transpose8x8_ps(v, zt[r]);
   }
   __m256 sum = _mm256_setzero_ps();
   for (int64_t a = 0; a < q; ++a) {
