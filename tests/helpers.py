@@ -53,3 +53,35 @@ def assert_raises_each(cases):
     for fn, exc, msg in cases:
         with pytest.raises(exc, match=msg):
             fn()
+
+
+def select_backend(name: str, device, kernel: str, what: str):
+    """Body of an op's ``backend`` fixture: tests/conftest.py's backends plus ``"cpu-kernel"``, i.e. backend
+    "auto" on CPU tensors, which runs the extension's C++ kernel ``mmkernels_C::<kernel>`` (skipped when it is
+    not built, or when tests run on CUDA). Use as ``yield from select_backend(request.param, device, ...)``."""
+    import pytest
+
+    import mmkernels
+    from mmkernels import _ext
+
+    backend = name
+    if name == "cpu-kernel":
+        if device != "cpu" or not _ext.has_kernel(kernel, "cpu"):
+            pytest.skip(f"no C++ CPU kernel for {what} here ({_ext.why_missing() or 'tests run on ' + device})")
+        backend = "auto"
+    with mmkernels.use_backend(backend):
+        yield name
+
+
+def run_portable_kernels(script: str) -> None:
+    """Run ``script`` in a fresh interpreter with the extension's non-AVX2 loops forced (the choice is made once
+    per process) and the cached build only; it must print "portable ok"."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, MMKERNELS_NO_AVX2="1", MMKERNELS_JIT="0")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", script], cwd=root, env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0 and "portable ok" in out.stdout, out.stderr[-3000:]

@@ -14,7 +14,7 @@ import torch
 
 import mmkernels
 from mmkernels import band_energy, band_energy_ref, band_ratio
-from tests.helpers import assert_close
+from tests.helpers import assert_close, select_backend
 from tests.oracles import band_energy_1d as oracle_1d
 from tests.oracles import band_energy_1d_diff as oracle_1d_diff
 from tests.oracles import band_energy_2d as oracle_2d
@@ -44,14 +44,7 @@ DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 def backend(request, device):
     """tests/conftest.py's backends plus "cpu-kernel": backend "auto" on CPU tensors, i.e. the C++ kernels of
     csrc/band_energy.cpp (skipped when the extension is not built, or when tests run on CUDA)."""
-    name = request.param
-    if name == "cpu-kernel":
-        from mmkernels import _ext
-        if device != "cpu" or not _ext.has_kernel("band_energy_1d", "cpu"):
-            pytest.skip(f"no C++ CPU kernel for band_energy here ({_ext.why_missing() or 'tests run on ' + device})")
-        name = "auto"
-    with mmkernels.use_backend(name):
-        yield request.param
+    yield from select_backend(request.param, device, "band_energy_1d", "band_energy")
 
 
 # ---------------------------------------------------------------------------------------------- 1-D

@@ -1,13 +1,9 @@
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
 import mmkernels
 from mmkernels import _ext, decision_fuse
-from tests.helpers import assert_close, assert_raises_each
+from tests.helpers import assert_close, assert_raises_each, run_portable_kernels
 from tests.oracles import decision_fuse as oracle
 
 
@@ -353,11 +349,7 @@ print("portable ok")
 
 def test_kernel_portable_path(cpp):
     # the baseline (non-AVX2) build of the same loops (picked once per process: a fresh one with it forced)
-    env = dict(os.environ, MMKERNELS_NO_AVX2="1", MMKERNELS_JIT="0")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    out = subprocess.run([sys.executable, "-c", _PORTABLE], cwd=root, env=env, capture_output=True, text=True,
-                         timeout=120)
-    assert out.returncode == 0 and "portable ok" in out.stdout, out.stderr[-3000:]
+    run_portable_kernels(_PORTABLE)
 
 
 @pytest.mark.gpu

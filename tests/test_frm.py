@@ -7,7 +7,7 @@ import mmkernels
 from mmkernels import _tuning
 from mmkernels.bench.released import dct_2d_fft, mwam_frm
 from mmkernels.ops.frm import _frm_fwd_kernel, _frm_fwd_triton, frm_ref
-from tests.helpers import assert_close
+from tests.helpers import assert_close, select_backend
 from tests.oracles import dct_matrix
 from tests.oracles import frm as oracle
 
@@ -38,14 +38,7 @@ def image_like(shape, dtype=torch.float32, device="cpu"):
 def backend(request, device):
     """tests/conftest.py's backends plus "cpu-kernel": backend "auto" on CPU tensors, i.e. the C++ kernel of
     csrc/frm.cpp (skipped when the extension is not built, or when tests run on CUDA)."""
-    name = request.param
-    if name == "cpu-kernel":
-        from mmkernels import _ext
-        if device != "cpu" or not _ext.has_kernel("frm", "cpu"):
-            pytest.skip(f"no C++ CPU kernel for frm here ({_ext.why_missing() or 'tests run on ' + device})")
-        name = "auto"
-    with mmkernels.use_backend(name):
-        yield request.param
+    yield from select_backend(request.param, device, "frm", "frm")
 
 
 RTOL = {torch.float64: 1e-10, torch.float32: 3e-5, torch.float16: 3e-5, torch.bfloat16: 3e-5}
