@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import numbers
 from collections import OrderedDict
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 
@@ -294,3 +294,13 @@ def check_coefficients(fn: str, arg: str, value, count: int, device: torch.devic
         else:
             raise TypeError(f"{fn}: {arg}[{i}] must be a 0-d floating tensor or a float, got {type(c).__name__}")
     return torch.stack(parts) if parts else torch.zeros(0, dtype=torch.float64, device=device)
+
+
+def group_labels(arg: str, group: Sequence[int]) -> list[str]:
+    """``"<arg>[g][j]"`` for every tensor of a flattened list of groups (``group[i]``: the group of tensor i, as
+    :func:`flatten_paired_groups` returns it): how the multi-tensor ops name a tensor in their messages."""
+    labels, j, prev = [], 0, None
+    for g in group:
+        j, prev = (j + 1 if g == prev else 0), g
+        labels.append(f"{arg}[{g}][{j}]")
+    return labels

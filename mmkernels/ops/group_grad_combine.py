@@ -38,7 +38,7 @@ from typing import Optional
 import torch
 
 from mmkernels import _backend, _ext
-from mmkernels._common import acc_dtype, flatten_paired_groups, skip_dispatch
+from mmkernels._common import acc_dtype, flatten_paired_groups, group_labels, skip_dispatch
 
 __all__ = ["group_grad_combine_", "group_grad_combine_ref_"]
 
@@ -141,12 +141,7 @@ def _prepare(name, grads, others, a, b, scale):
         name, ("grads", "others"), grads, others, "pair each gradient with the same parameter's other gradient")
     if num_groups == 0:
         raise ValueError(f"{name}: grads and others must hold at least one group")
-    sizes = [len(grp) for grp in grads]
-    offsets = [sum(sizes[:g]) for g in range(num_groups)]
-
-    def where(i):
-        g = group[i]
-        return f"[{g}][{i - offsets[g]}]"
+    where = group_labels("", group).__getitem__  # "[g][j]" of tensor i, after "grads" or "others"
 
     for i, g in enumerate(flat_g):
         if g.requires_grad and torch.is_grad_enabled():

@@ -38,7 +38,7 @@ from __future__ import annotations
 import torch
 
 from mmkernels import _backend, _ext
-from mmkernels._common import acc_dtype, check_coefficients, flatten_paired_groups, skip_dispatch
+from mmkernels._common import acc_dtype, check_coefficients, flatten_paired_groups, group_labels, skip_dispatch
 from mmkernels.ops.scale_grads import _check_memory
 
 __all__ = ["proximal_fisher_", "proximal_fisher_ref_"]
@@ -103,13 +103,11 @@ def _prepare(name, grads, params, anchors, beta, weights):
         name, ("grads", "anchors"), grads, anchors, "snapshot each parameter with p.detach().clone()")
     if num_groups == 0:
         raise ValueError(f"{name}: grads must hold at least one group")
-    labels, j, prev = [], 0, None
-    for g, k in zip(flat_g, group):
-        j, prev = (j + 1 if k == prev else 0), k
+    labels = group_labels("grads", group)
+    for g, label in zip(flat_g, labels):
         if g.requires_grad and torch.is_grad_enabled():
-            raise ValueError(f"{name}: grads[{k}][{j}] requires grad; pass p.grad (not p) or call it under "
+            raise ValueError(f"{name}: {label} requires grad; pass p.grad (not p) or call it under "
                              "torch.no_grad()")
-        labels.append(f"grads[{k}][{j}]")
     if not torch.compiler.is_compiling():
         _check_memory(name, flat_g, labels)
     dev = device if device is not None else torch.device("cpu")

@@ -27,7 +27,7 @@ from typing import Sequence
 import torch
 
 from mmkernels import _backend, _ext
-from mmkernels._common import acc_dtype, check_coefficients, flatten_paired_groups, skip_dispatch
+from mmkernels._common import acc_dtype, check_coefficients, flatten_paired_groups, group_labels, skip_dispatch
 from mmkernels.ops.scale_grads import _check_memory
 
 __all__ = ["update_scale_", "update_scale_ref_"]
@@ -86,13 +86,11 @@ def _(params, snapshots, coeffs, group):
 def _prepare(name, params, snapshots, coeffs):
     flat_p, flat_s, group, num_groups, device = flatten_paired_groups(
         name, ("params", "snapshots"), params, snapshots, "snapshot each parameter with p.detach().clone()")
-    labels, j, prev = [], 0, None
-    for p, g in zip(flat_p, group):
-        j, prev = (j + 1 if g == prev else 0), g  # index of p inside its group, for the messages
+    labels = group_labels("params", group)
+    for p, label in zip(flat_p, labels):
         if p.requires_grad and torch.is_grad_enabled():
-            raise ValueError(f"{name}: params[{g}][{j}] requires grad; call update_scale_ under torch.no_grad() "
+            raise ValueError(f"{name}: {label} requires grad; call update_scale_ under torch.no_grad() "
                              "(as the optimizer step runs)")
-        labels.append(f"params[{g}][{j}]")
     if not torch.compiler.is_compiling():
         _check_memory(name, flat_p, labels)
     dev = device if device is not None else torch.device("cpu")
