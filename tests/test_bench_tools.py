@@ -706,3 +706,13 @@ def test_bench_cli_records_elsewhere_without_touching_the_readme(monkeypatch, tm
     out = capsys.readouterr().out
     assert f"wrote {tmp_path / 'frm_cpu.json'}" in out and "README and docs/benchmarks.md not regenerated" in out
     assert (open(readme).read() if os.path.exists(readme) else None) == before
+
+
+def test_targets_table_has_the_read_bandwidth_goal_at_256_mb(tmp_path):
+    # 300 MB moved in 50 ms = 6.3 GB/s against a 10 GB/s probe: 63 %, under the 70 % goal; 1 MB is too small
+    big = {"op": "toy", "shape": "big", "impl": "mmkernels.toy", "role": "ours", "dtype": "float32",
+           "median_ms": 50.0, "gbps": 300 * 2**20 / 50e-3 / 1e9, "pct_read_bw": 300 * 2**20 / 50e-3 / 1e10 * 100}
+    small = dict(big, shape="small", median_ms=0.1, gbps=2**20 / 0.1e-3 / 1e9, pct_read_bw=99.0)
+    _write(tmp_path / "toy_cpu.json", CPU_ENV, [big, small])
+    lines = [line for line in report.targets(str(tmp_path)).splitlines() if "read bandwidth" in line]
+    assert lines == ["| 2-core CPU | toy | big float32 (300 MB moved) | ≥ 70 % of read bandwidth | 62.91 | **no** | – |"]
