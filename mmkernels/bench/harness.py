@@ -151,7 +151,8 @@ def bench_path(device: str) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ benchmark modules
-OP_MODULES = ("frm", "band_energy", "modality_scores", "decision_fuse", "scale_grads", "prototype_ce")
+OP_MODULES = ("frm", "band_energy", "modality_scores", "decision_fuse", "scale_grads", "prototype_ce",
+              "update_scale", "modality_drop", "grad_scale")
 
 
 def benchmarks_dir() -> str | None:
