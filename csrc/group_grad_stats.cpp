@@ -2,42 +2,80 @@
 // two gradient lists a, b whose tensors belong to groups (one group per modality encoder), per group (and,
 // for the second, also per tensor) <a, b>, |a|^2 and |b|^2 in float64, in one multi-tensor pass (a functor
 // on csrc/multi_tensor_apply.h). MMPareto needs exactly these: per encoder, the cosine of the multimodal and
-// unimodal gradients and the two-task min-norm weights; per tensor, the norms of its magnitude rule. Chunk
-// partials are combined in chunk order: the result does not depend on the thread count.
+// unimodal gradients and the two-task min-norm weights; per tensor, the norms of its magnitude rule. Float32
+// runs through an AVX2 loop where the CPU has one; every path sums in the lanes of csrc/group_grad_lanes.h,
+// so they give the same bits. Chunk partials are combined in chunk order: the result does not depend on the
+// thread count.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
 
 #include <array>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
+#include "group_grad_lanes.h"
 #include "group_grad_stats.h"
 #include "multi_tensor_apply.h"
 
 namespace mmk {
 namespace {
 
+struct Lanes3 {
+  double ab[lanes::kLanes] = {0}, aa[lanes::kLanes] = {0}, bb[lanes::kLanes] = {0};
+};
+
+// Elements [begin, n) of the chunk, element i into lane i % 16.
 template <typename T>
-std::array<double, 3> dot_norms(const T* a, const T* b, int64_t n) {
-  // 4 independent lanes: the adds vectorise without reassociating anything
-  double ab[4] = {0}, aa[4] = {0}, bb[4] = {0};
-  int64_t i = 0;
-  for (; i + 4 <= n; i += 4) {
-    for (int l = 0; l < 4; ++l) {
+void dot_norms_portable(const T* a, const T* b, int64_t begin, int64_t n, Lanes3& s) {
+  int64_t i = begin;
+  for (; i + lanes::kLanes <= n; i += lanes::kLanes)
+    for (int l = 0; l < lanes::kLanes; ++l) {
       const double x = static_cast<double>(a[i + l]), y = static_cast<double>(b[i + l]);
-      ab[l] += x * y;
-      aa[l] += x * x;
-      bb[l] += y * y;
+      s.ab[l] += x * y;
+      s.aa[l] += x * x;
+      s.bb[l] += y * y;
+    }
+  for (; i < n; ++i) {
+    const int l = (int)(i % lanes::kLanes);
+    const double x = static_cast<double>(a[i]), y = static_cast<double>(b[i]);
+    s.ab[l] += x * y;
+    s.aa[l] += x * x;
+    s.bb[l] += y * y;
+  }
+}
+
+// Whole 16-element blocks of the chunk; returns how many elements it took.
+__attribute__((target("avx2,fma"))) int64_t dot_norms_avx2(const float* a, const float* b, int64_t n, Lanes3& s) {
+  __m256d ab[4], aa[4], bb[4];
+  for (int k = 0; k < 4; ++k) ab[k] = aa[k] = bb[k] = _mm256_setzero_pd();
+  const int64_t m = n - n % lanes::kLanes;
+  for (int64_t i = 0; i < m; i += lanes::kLanes) {
+    __m256d x[4], y[4];
+    lanes::widen16(a + i, x);
+    lanes::widen16(b + i, y);
+    for (int k = 0; k < 4; ++k) {
+      ab[k] = _mm256_fmadd_pd(x[k], y[k], ab[k]);
+      aa[k] = _mm256_fmadd_pd(x[k], x[k], aa[k]);
+      bb[k] = _mm256_fmadd_pd(y[k], y[k], bb[k]);
     }
   }
-  for (; i < n; ++i) {
-    const double x = static_cast<double>(a[i]), y = static_cast<double>(b[i]);
-    ab[0] += x * y;
-    aa[0] += x * x;
-    bb[0] += y * y;
+  lanes::store_lanes(ab, s.ab);
+  lanes::store_lanes(aa, s.aa);
+  lanes::store_lanes(bb, s.bb);
+  return m;
+}
+
+template <typename T>
+std::array<double, 3> dot_norms(const T* a, const T* b, int64_t n) {
+  Lanes3 s;
+  int64_t done = 0;
+  if constexpr (std::is_same_v<T, float>) {
+    if (lanes::use_avx2()) done = dot_norms_avx2(a, b, n, s);
   }
-  return {(ab[0] + ab[1]) + (ab[2] + ab[3]), (aa[0] + aa[1]) + (aa[2] + aa[3]), (bb[0] + bb[1]) + (bb[2] + bb[3])};
+  dot_norms_portable(a, b, done, n, s);
+  return {lanes::reduce(s.ab), lanes::reduce(s.aa), lanes::reduce(s.bb)};
 }
 
 // Chunk partials <a, b>, |a|^2, |b|^2 of the whole list, in chunk order (the inputs checked first).

@@ -5,8 +5,9 @@
 // pulled gradient, per group. The released code adds the pull before it accumulates g*g, so the trace
 // sees the pulled gradient. A group whose beta is 0 (not regulated this step) or NaN/Inf is not written
 // and only its gradients are read. Arithmetic: fp32 (fp64 for fp64) for the pull, rounded once per op
-// (no FMA; the CUDA kernel and the PyTorch reference round alike), squares summed in fp64 per chunk and
-// combined in chunk order, so the result does not depend on the thread count.
+// (no FMA; the CUDA kernel and the PyTorch reference round alike), squares summed in fp64 in the lanes of
+// csrc/group_grad_lanes.h (float32 through AVX2 loops where the CPU has them, with the same bits) and chunk
+// partials combined in chunk order, so the result depends neither on the CPU nor on the thread count.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
@@ -15,6 +16,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "group_grad_lanes.h"
 #include "multi_tensor_apply.h"
 #include "noise.h"
 #include "proximal_fisher.h"
@@ -26,29 +28,26 @@ namespace {
 template <typename T>
 using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
 
-// 4 independent fp64 lanes: the adds vectorise without reassociating anything.
+// Elements [begin, n) of the chunk, element i into lane i % 16.
 template <typename T>
-double sum_squares(const T* g, int64_t n) {
-  double s[4] = {0, 0, 0, 0};
-  int64_t i = 0;
-  for (; i + 4 <= n; i += 4)
-    for (int l = 0; l < 4; ++l) {
+void sum_squares_portable(const T* g, int64_t begin, int64_t n, double* s) {
+  int64_t i = begin;
+  for (; i + lanes::kLanes <= n; i += lanes::kLanes)
+    for (int l = 0; l < lanes::kLanes; ++l) {
       const double x = static_cast<double>(g[i + l]);
       s[l] += x * x;
     }
   for (; i < n; ++i) {
     const double x = static_cast<double>(g[i]);
-    s[0] += x * x;
+    s[i % lanes::kLanes] += x * x;
   }
-  return (s[0] + s[1]) + (s[2] + s[3]);
 }
 
 template <typename T>
-double pull_sum_squares(T* g, const T* p, const T* p0, int64_t n, double beta) {
+void pull_sum_squares_portable(T* g, const T* p, const T* p0, int64_t begin, int64_t n, double beta, double* s) {
   using A = acc_t<T>;
   const A c = static_cast<A>(beta);
-  double s[4] = {0, 0, 0, 0};
-  auto one = [&](int64_t i) {
+  for (int64_t i = begin; i < n; ++i) {
     const A x = static_cast<A>(g[i]), w = static_cast<A>(p[i]), w0 = static_cast<A>(p0[i]);
     T y;
     if constexpr (std::is_same_v<A, float>) {
@@ -58,13 +57,60 @@ double pull_sum_squares(T* g, const T* p, const T* p0, int64_t n, double beta) {
     }
     g[i] = y;
     const double d = static_cast<double>(y);  // the trace sees the gradient as stored
-    return d * d;
-  };
-  int64_t i = 0;
-  for (; i + 4 <= n; i += 4)
-    for (int l = 0; l < 4; ++l) s[l] += one(i + l);
-  for (; i < n; ++i) s[0] += one(i);
-  return (s[0] + s[1]) + (s[2] + s[3]);
+    s[i % lanes::kLanes] += d * d;
+  }
+}
+
+// Whole 16-element blocks; return how many elements they took.
+__attribute__((target("avx2,fma"))) int64_t sum_squares_avx2(const float* g, int64_t n, double* s) {
+  __m256d acc[4];
+  for (int k = 0; k < 4; ++k) acc[k] = _mm256_setzero_pd();
+  const int64_t m = n - n % lanes::kLanes;
+  for (int64_t i = 0; i < m; i += lanes::kLanes) {
+    __m256d x[4];
+    lanes::widen16(g + i, x);
+    for (int k = 0; k < 4; ++k) acc[k] = _mm256_fmadd_pd(x[k], x[k], acc[k]);
+  }
+  lanes::store_lanes(acc, s);
+  return m;
+}
+
+// AVX2 without FMA: a contracted multiply-add would round the pull once where the other paths round twice (the
+// squares of floats are exact in fp64, so their separate multiply and add lose nothing).
+__attribute__((target("avx2"))) int64_t pull_sum_squares_avx2(float* g, const float* p, const float* p0,
+                                                                  int64_t n, float beta, double* s) {
+  const __m256 c = _mm256_set1_ps(beta);
+  __m256d acc[4];
+  for (int k = 0; k < 4; ++k) acc[k] = _mm256_setzero_pd();
+  const int64_t m = n - n % lanes::kLanes;
+  for (int64_t i = 0; i < m; i += lanes::kLanes) {
+    for (int h = 0; h < 2; ++h) {
+      const int64_t j = i + 8 * h;
+      const __m256 d = _mm256_sub_ps(_mm256_loadu_ps(p + j), _mm256_loadu_ps(p0 + j));
+      const __m256 y = _mm256_add_ps(_mm256_loadu_ps(g + j), _mm256_mul_ps(c, d));
+      _mm256_storeu_ps(g + j, y);
+      const __m256d lo = _mm256_cvtps_pd(_mm256_castps256_ps128(y)), hi = _mm256_cvtps_pd(_mm256_extractf128_ps(y, 1));
+      acc[2 * h] = _mm256_add_pd(_mm256_mul_pd(lo, lo), acc[2 * h]);
+      acc[2 * h + 1] = _mm256_add_pd(_mm256_mul_pd(hi, hi), acc[2 * h + 1]);
+    }
+  }
+  lanes::store_lanes(acc, s);
+  return m;
+}
+
+template <typename T>
+double chunk_term(T* g, const T* p, const T* p0, int64_t n, bool pull, double beta) {
+  double s[lanes::kLanes] = {0};
+  int64_t done = 0;
+  if constexpr (std::is_same_v<T, float>) {
+    if (lanes::use_avx2())
+      done = pull ? pull_sum_squares_avx2(g, p, p0, n, static_cast<float>(beta), s) : sum_squares_avx2(g, n, s);
+  }
+  if (pull)
+    pull_sum_squares_portable(g, p, p0, done, n, beta, s);
+  else
+    sum_squares_portable(g, done, n, s);
+  return lanes::reduce(s);
 }
 
 at::Tensor proximal_fisher_cpu(at::TensorList grads, at::TensorList params, at::TensorList anchors,
@@ -81,12 +127,10 @@ at::Tensor proximal_fisher_cpu(at::TensorList grads, at::TensorList params, at::
     const double bg = b[group[ch.tensor]];
     const bool pull = bg != 0.0 && std::isfinite(bg);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grads[ch.tensor].scalar_type(), "proximal_fisher_", [&] {
-      scalar_t* g = grads[ch.tensor].data_ptr<scalar_t>() + ch.begin;
-      const int64_t len = ch.end - ch.begin;
-      part[k] = w[ch.tensor] * (pull ? pull_sum_squares(g, params[ch.tensor].const_data_ptr<scalar_t>() + ch.begin,
-                                                        anchors[ch.tensor].const_data_ptr<scalar_t>() + ch.begin,
-                                                        len, bg)
-                                     : sum_squares(g, len));
+      const scalar_t* p = pull ? params[ch.tensor].const_data_ptr<scalar_t>() + ch.begin : nullptr;
+      const scalar_t* p0 = pull ? anchors[ch.tensor].const_data_ptr<scalar_t>() + ch.begin : nullptr;
+      part[k] = w[ch.tensor] *
+                chunk_term(grads[ch.tensor].data_ptr<scalar_t>() + ch.begin, p, p0, ch.end - ch.begin, pull, bg);
     });
   });
   auto out = at::zeros({num_groups}, beta.options());

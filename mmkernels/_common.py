@@ -304,3 +304,16 @@ def group_labels(arg: str, group: Sequence[int]) -> list[str]:
         j, prev = (j + 1 if g == prev else 0), g
         labels.append(f"{arg}[{g}][{j}]")
     return labels
+
+
+class LazyGroupLabels:
+    """``labels[i]`` = ``group_labels(arg, group)[i]``, built on first use: the multi-tensor ops pass it to their
+    checks, which read a label only to word an error, so a valid call does not format one string per tensor."""
+
+    def __init__(self, arg: str, group: Sequence[int]):
+        self.arg, self.group, self._labels = arg, group, None
+
+    def __getitem__(self, i: int) -> str:
+        if self._labels is None:
+            self._labels = group_labels(self.arg, self.group)
+        return self._labels[i]

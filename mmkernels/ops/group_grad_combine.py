@@ -38,7 +38,7 @@ from typing import Optional
 import torch
 
 from mmkernels import _backend, _ext
-from mmkernels._common import acc_dtype, flatten_paired_groups, group_labels, skip_dispatch
+from mmkernels._common import LazyGroupLabels, acc_dtype, flatten_paired_groups, group_labels, skip_dispatch
 
 __all__ = ["group_grad_combine_", "group_grad_combine_ref_"]
 
@@ -99,6 +99,8 @@ def _(grads, others, a, b, scale, group):
 def _spans(t: torch.Tensor) -> tuple[int, int]:
     """Byte range a tensor's elements may touch (first byte, one past the last)."""
     start = t.data_ptr()
+    if t.is_contiguous():  # the common case, without a Python loop over the dimensions
+        return start, start + t.nbytes
     reach = sum(st * (sz - 1) for sz, st in zip(t.shape, t.stride()) if sz > 1)
     return start, start + (reach + 1) * t.element_size()
 
@@ -141,7 +143,8 @@ def _prepare(name, grads, others, a, b, scale):
         name, ("grads", "others"), grads, others, "pair each gradient with the same parameter's other gradient")
     if num_groups == 0:
         raise ValueError(f"{name}: grads and others must hold at least one group")
-    where = group_labels("", group).__getitem__  # "[g][j]" of tensor i, after "grads" or "others"
+    def where(i: int) -> str:  # "[g][j]" of tensor i, after "grads" or "others"; built only for a message
+        return group_labels("", group)[i]
 
     for i, g in enumerate(flat_g):
         if g.requires_grad and torch.is_grad_enabled():
@@ -155,7 +158,7 @@ def _prepare(name, grads, others, a, b, scale):
         scale = _coefficient(name, "scale", scale, (len(flat_g),), device,
                              "one factor per tensor, in list order, or None")
     if not torch.compiler.is_compiling():
-        _check_memory(name, flat_g, [f"grads{where(i)}" for i in range(len(flat_g))])
+        _check_memory(name, flat_g, LazyGroupLabels("grads", group))
         _check_others_apart(name, flat_g, flat_o, where)
     return flat_g, flat_o, a, b, scale, group
 

@@ -38,7 +38,7 @@ from __future__ import annotations
 import torch
 
 from mmkernels import _backend, _ext
-from mmkernels._common import acc_dtype, check_coefficients, flatten_paired_groups, group_labels, skip_dispatch
+from mmkernels._common import LazyGroupLabels, acc_dtype, check_coefficients, flatten_paired_groups, skip_dispatch
 from mmkernels.ops.scale_grads import _check_memory
 
 __all__ = ["proximal_fisher_", "proximal_fisher_ref_"]
@@ -103,11 +103,12 @@ def _prepare(name, grads, params, anchors, beta, weights):
         name, ("grads", "anchors"), grads, anchors, "snapshot each parameter with p.detach().clone()")
     if num_groups == 0:
         raise ValueError(f"{name}: grads must hold at least one group")
-    labels = group_labels("grads", group)
-    for g, label in zip(flat_g, labels):
-        if g.requires_grad and torch.is_grad_enabled():
-            raise ValueError(f"{name}: {label} requires grad; pass p.grad (not p) or call it under "
-                             "torch.no_grad()")
+    labels = LazyGroupLabels("grads", group)
+    if torch.is_grad_enabled():
+        for i, g in enumerate(flat_g):
+            if g.requires_grad:
+                raise ValueError(f"{name}: {labels[i]} requires grad; pass p.grad (not p) or call it under "
+                                 "torch.no_grad()")
     if not torch.compiler.is_compiling():
         _check_memory(name, flat_g, labels)
     dev = device if device is not None else torch.device("cpu")

@@ -1,0 +1,50 @@
+// Float64 sums over the gradient lists of group_grad_stats.cpp and proximal_fisher.cpp, with one fixed
+// association whatever the CPU: element i of a chunk adds into lane i % 16 and the 16 lanes are reduced by
+// a fixed tree. The AVX2 loops (four 4-wide fp64 accumulators = the 16 lanes) and the portable loops therefore
+// give the same bits, and so does any thread count (chunks are combined in chunk order by the callers).
+// Float inputs: a product of two floats is exact in fp64, so the AVX2 loops' FMA rounds as mul + add does.
+// Float arithmetic that the portable loops round once per operation (the pull of proximal_fisher_, the
+// combination of group_grad_combine_) runs in functions compiled for AVX2 without FMA: the compiler would
+// otherwise contract a vector multiply and add into one FMA (one rounding instead of two).
+#pragma once
+#include <immintrin.h>
+
+#include <cstdint>
+#include <cstdlib>
+
+namespace mmk {
+namespace lanes {
+
+constexpr int64_t kLanes = 16;
+
+// The AVX2 loops where the CPU has AVX2 and FMA, unless MMKERNELS_NO_AVX2 is set (the tests' portable run).
+inline bool use_avx2() {
+  static const bool on = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                         std::getenv("MMKERNELS_NO_AVX2") == nullptr;
+  return on;
+}
+
+inline double reduce(const double* l) {
+  double t[8];
+  for (int j = 0; j < 8; ++j) t[j] = l[j] + l[j + 8];
+  for (int j = 0; j < 4; ++j) t[j] += t[j + 4];
+  for (int j = 0; j < 2; ++j) t[j] += t[j + 2];
+  return t[0] + t[1];
+}
+
+// Lanes 4k..4k+3 of a 16-lane accumulator held in acc[k].
+__attribute__((target("avx2"))) inline void store_lanes(const __m256d acc[4], double* l) {
+  for (int k = 0; k < 4; ++k) _mm256_storeu_pd(l + 4 * k, _mm256_add_pd(_mm256_loadu_pd(l + 4 * k), acc[k]));
+}
+
+// 16 floats as four fp64 vectors: elements 4k..4k+3 in out[k].
+__attribute__((target("avx2"))) inline void widen16(const float* x, __m256d out[4]) {
+  const __m256 lo = _mm256_loadu_ps(x), hi = _mm256_loadu_ps(x + 8);
+  out[0] = _mm256_cvtps_pd(_mm256_castps256_ps128(lo));
+  out[1] = _mm256_cvtps_pd(_mm256_extractf128_ps(lo, 1));
+  out[2] = _mm256_cvtps_pd(_mm256_castps256_ps128(hi));
+  out[3] = _mm256_cvtps_pd(_mm256_extractf128_ps(hi, 1));
+}
+
+}  // namespace lanes
+}  // namespace mmk
