@@ -188,6 +188,61 @@ def test_group_grad_stats_opcheck():
         torch.library.opcheck(_ext.ops().group_grad_stats.default, (a, b, [1, 1], 2))
 
 
+# ------------------------------------------------ AVX2 and portable loops of the group-gradient kernels
+# float32 lengths around the 16-lane blocks and the 16384-element chunks; the same seed in both processes
+_LANE_SCRIPT = """
+import sys, torch
+from mmkernels import _ext
+_ext.load()
+ops = _ext.ops()
+g = torch.Generator().manual_seed(11)
+n = [1, 15, 16, 17, 31, 16384 + 5, 40001]
+a = [torch.randn(k, generator=g) for k in n]
+b = [torch.randn(k, generator=g) for k in n]
+p = [torch.randn(k, generator=g) for k in n]
+p0 = [torch.randn(k, generator=g) for k in n]
+grp = [i % 2 for i in range(len(n))]
+stats = ops.group_grad_tensor_stats(a, b, grp, 2)
+comb = [x.clone() for x in a]
+ops.group_grad_combine_(comb, b, torch.tensor([0.7, -1.3]), torch.tensor([0.3, 2.1]), torch.rand(len(n), generator=g), grp)
+pulled = [x.clone() for x in a]
+f = ops.proximal_fisher_(pulled, p, p0, torch.tensor([0.3, 0.0], dtype=torch.float64),
+                         torch.rand(len(n), generator=g, dtype=torch.float64), grp)
+out = (stats, comb, pulled, f)
+if len(sys.argv) > 1:
+    torch.save(out, sys.argv[1])
+else:
+    want = torch.load(PATH)
+    same = [torch.equal(x, y) for x, y in zip(torch.utils._pytree.tree_leaves(out), torch.utils._pytree.tree_leaves(want))]
+    assert all(same), same
+    print("portable ok")
+"""
+
+
+def test_group_grad_kernels_portable_path_same_bits(tmp_path):
+    """The AVX2 float32 loops of group_grad_stats, group_grad_combine_ and proximal_fisher_ give the bits of the
+    portable loops (a fresh process with MMKERNELS_NO_AVX2=1), tails of the 16-lane blocks included; and
+    those bits are the float64 formulas' within rounding."""
+    import subprocess
+    import sys
+
+    from tests.helpers import run_portable_kernels
+
+    if not (HAS_EXT and _ext.has_kernel("proximal_fisher_", "cpu") and _ext.has_kernel("group_grad_combine_", "cpu")):
+        pytest.skip("mmkernels._C not built with the group-gradient kernels")
+    path = tmp_path / "avx2.pt"
+    root = __file__.rsplit("/tests/", 1)[0]
+    subprocess.run([sys.executable, "-c", _LANE_SCRIPT, str(path)], cwd=root, check=True, timeout=120)
+    (stats, per_tensor), comb, pulled, _ = torch.load(path)
+    g = torch.Generator().manual_seed(11)
+    n = [1, 15, 16, 17, 31, 16384 + 5, 40001]
+    a = [torch.randn(k, generator=g, dtype=torch.float32).double() for k in n]
+    b = [torch.randn(k, generator=g, dtype=torch.float32).double() for k in n]
+    want = torch.tensor([[float(x @ y), float(x @ x), float(y @ y)] for x, y in zip(a, b)], dtype=torch.float64)
+    torch.testing.assert_close(per_tensor, want, rtol=1e-12, atol=1e-12)
+    run_portable_kernels(f"PATH = {str(path)!r}\n" + _LANE_SCRIPT)
+
+
 # ---------------------------------------------------------------------------------------------- CUDA
 def _cuda_ready(op):
     if not (torch.cuda.is_available() and _ext.has_kernel(op, "cuda")):

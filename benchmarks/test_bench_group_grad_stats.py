@@ -1,0 +1,14 @@
+"""pytest-benchmark entries for group_grad_stats, from the cases and implementations of ``benchmarks/group_grad_stats.py``:
+``pytest benchmarks/test_bench_group_grad_stats.py --benchmark-only`` (with ``--benchmark-disable``, as the test suite
+runs it, only the quick cases)."""
+from benchmarks import group_grad_stats as spec
+from benchmarks.conftest import impl_of
+from benchmarks.group_grad_stats import pytest_entries
+
+
+def pytest_generate_tests(metafunc):
+    metafunc.parametrize("case,impl", pytest_entries(spec, metafunc.config))
+
+
+def test_group_grad_stats(bench_call, case, impl):
+    bench_call(impl_of(spec, case, impl))
