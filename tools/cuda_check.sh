@@ -29,9 +29,11 @@ fi
 # the flags torch's BuildExtension passes to nvcc
 NVCC_TORCH=(-D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__ -D__CUDA_NO_BFLOAT16_CONVERSIONS__
             -D__CUDA_NO_HALF2_OPERATORS__ --expt-relaxed-constexpr -DMMKERNELS_WITH_CUDA)
-# one nvcc call per file for both architectures (the host side is parsed once); files in parallel
+# one nvcc call per file for both architectures (the host side is parsed once). -O0: nvcc's -O sets only the
+# host compiler's optimisation (ptxas optimises the device code at its default -O3 either way), and the
+# host object is thrown away, so optimising it would only cost time.
 check_cu() {
-  "$NVCC" -std=c++17 -O3 -Icsrc -I"$TORCH_INC" "${NVCC_TORCH[@]}" -Xcompiler -Wno-c++20-extensions \
+  "$NVCC" -std=c++17 -O0 -Icsrc -I"$TORCH_INC" "${NVCC_TORCH[@]}" -Xcompiler -Wno-c++20-extensions \
     -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90 -c "$1" \
     -o "$out/$(basename "$1" .cu).o" && echo "[cuda-check] $1: sm_80, sm_90 ok"
 }
@@ -39,12 +41,18 @@ check_glue() {
   "${CXX:-c++}" -std=c++17 -fsyntax-only -Wall -Wno-c++20-extensions -DMMKERNELS_WITH_CUDA -Icsrc -I"$out/include" \
     -I"$TORCH_INC" -I"$TORCH_INC/torch/csrc/api/include" -I"$CUDA_INC" "$1" && echo "[cuda-check] $1: host compile ok"
 }
-pids=()
-for f in "${cus[@]}"; do check_cu "$f" & pids+=($!); done
+# at most CUDA_CHECK_JOBS (default: one per core) compiles at a time: more only add memory (~0.6 GB each)
+jobs=${CUDA_CHECK_JOBS:-$(nproc)}
+status=0 running=0
+spawn() {
+  "$@" &
+  running=$((running + 1))
+  if ((running >= jobs)); then wait -n || status=1; running=$((running - 1)); fi
+}
+for f in "${cus[@]}"; do spawn check_cu "$f"; done
 for f in "${glue[@]}"; do
   if [ -z "$CUDA_INC" ]; then echo "[cuda-check] $f: skipped (cuda_runtime.h not found; set CUDA_HOME)"; continue; fi
-  check_glue "$f" & pids+=($!)
+  spawn check_glue "$f"
 done
-status=0
-for p in "${pids[@]}"; do wait "$p" || status=1; done
+while ((running > 0)); do wait -n || status=1; running=$((running - 1)); done
 exit $status
