@@ -11,8 +11,9 @@ second pass and no (B, K) probability tensor), tracking the running argmax (firs
 own (score, correct) pair and a second, tiny reduction sums them, so results are deterministic (no atomics).
 
 On CPU tensors (backend ``auto``) the C++ kernel of the extension (csrc/modality_scores.cpp) runs instead:
-per row a vectorised max pass and an exp-sum pass while the row is still in cache, rows summed in double
-in fixed blocks (thread-count independent). It also does the eager label check, so an eager CPU call costs
+the same online softmax over 1 KB chunks of a row (a max sweep, then an exp-sum sweep from L1), so each
+logit is read from memory once, with an AVX2 exp for the sums (below 4e-7 relative error against float64)
+and software prefetch ahead; rows summed in double in fixed blocks (thread-count independent). It also does the eager label check, so an eager CPU call costs
 the argument checks and one dispatch. Without the extension (or with backend ``reference``) the PyTorch
 reference runs.
 
