@@ -9,6 +9,7 @@ import mmkernels
 from mmkernels._common import IGNORE_INDEX
 from mmkernels.balance import PMR
 from mmkernels.ops.prototype_ce import prototype_ce, prototype_sums, prototype_update
+from tests.helpers import run_portable_kernels, select_backend
 
 
 # ---- float64 oracle: distances as explicit differences, no product form -----------------------------------
@@ -24,11 +25,12 @@ def oracle_terms(h, c, y, squared):
     return ce, ent, keep
 
 
-def data(B, C, D, offset=0.0, seed=0):
+def data(B, C, D, offset=0.0, seed=0, scale=1.0):
+    """``scale`` < 1 brings the prototypes closer (softmax far from one-hot: every gradient term counts)."""
     g = torch.Generator().manual_seed(seed)
-    c = torch.randn(C, D, generator=g, dtype=torch.float64) * 2 + offset
+    c = torch.randn(C, D, generator=g, dtype=torch.float64) * 2 * scale + offset
     y = torch.randint(0, C, (B,), generator=g)
-    h = c[y] + 0.7 * torch.randn(B, D, generator=g, dtype=torch.float64)
+    h = c[y] + 0.7 * scale * torch.randn(B, D, generator=g, dtype=torch.float64)
     return h, c, y
 
 
@@ -107,15 +109,130 @@ def ref_form(request, monkeypatch):
     return request.param
 
 
-@pytest.fixture(params=["reference-direct", "reference-product", "triton"])
-def impl(request, monkeypatch):
-    """Every path of the op: the reference in both distance forms, and the Triton kernels (interpreter on the CPU)."""
+@pytest.fixture(params=["reference-direct", "reference-product", "triton", "cpu-kernel"])
+def impl(request, monkeypatch, device):
+    """Every path of the op: the reference in both distance forms, the Triton kernels (interpreter on the CPU)
+    and the extension's C++ kernels (backend auto on CPU tensors)."""
     from mmkernels.ops import prototype_ce as module
 
+    if request.param == "cpu-kernel":
+        yield from select_backend(request.param, device, "prototype_ce_fwd", "prototype_ce")
+        return
     if request.param == "reference-product":
         monkeypatch.setattr(module, "_DIRECT_MAX", 0)
     with mmkernels.use_backend(request.param.split("-")[0]):
         yield request.param
+
+
+@pytest.fixture
+def cpp(device):
+    """The C++ CPU kernels (skipped where the extension lacks them or tests run on CUDA)."""
+    yield from select_backend("cpu-kernel", device, "prototype_ce_fwd", "prototype_ce")
+
+
+_CPP_TOL = {torch.float32: (1e-5, 1e-4), torch.bfloat16: (1e-5, 2e-2), torch.float16: (1e-5, 2e-3)}  # (terms, grad)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("squared", [False, True])
+@pytest.mark.parametrize("shape", [(23, 11, 37), (7, 1, 16)])
+def test_cpu_kernel_vs_float64(cpp, shape, squared, dtype):
+    """The C++ kernels where every tile is partial (B % 4, B % 6, C % 3, D % 8, D % 16 non-zero; one prototype),
+    each reduction, ignored samples, per-sample weights on both terms (every G_k path), a common offset, fp64
+    prototypes with low-precision features; against autograd of the float64 formula on the same (rounded)
+    features."""
+    B, C, D = shape
+    h64, c64, y = data(B, C, D, offset=3.0, seed=10, scale=0.25)
+    y[[0, B - 2]] = IGNORE_INDEX
+    h_in = h64.to(dtype)
+    keep = y != IGNORE_INDEX
+    g = torch.Generator().manual_seed(11)
+    w_ce, w_ent = torch.randn(B, generator=g, dtype=torch.float64), torch.randn(B, generator=g, dtype=torch.float64)
+    tol, gtol = _CPP_TOL[dtype]
+    for reduction in ("none", "mean", "sum"):
+        h = h_in.clone().requires_grad_()
+        ce, ent = prototype_ce(h, c64, y, squared=squared, reduction=reduction)
+        hr = h_in.double().requires_grad_()
+        oce, oent, _ = oracle_terms(hr, c64, y, squared)
+        if reduction == "none":
+            assert ce.shape == (B,) and ce[~keep].eq(0).all() and ent[~keep].eq(0).all()
+            ((w_ce.float() * ce).sum() + (w_ent.float() * ent).sum()).backward()
+            ((w_ce[keep] * oce).sum() + (w_ent[keep] * oent).sum()).backward()
+            ce, ent = ce[keep], ent[keep]
+        else:
+            (ce - 0.6 * ent).backward()
+            oce, oent = (oce.mean(), oent.mean()) if reduction == "mean" else (oce.sum(), oent.sum())
+            (oce - 0.6 * oent).backward()
+        assert ce.dtype == torch.float32 and h.grad.dtype == dtype
+        torch.testing.assert_close(ce.double(), oce, rtol=tol, atol=tol)
+        torch.testing.assert_close(ent.double(), oent, rtol=tol, atol=tol)
+        scale = hr.grad.abs().max().clamp_min(1e-6)  # one prototype: the gradient is exactly 0
+        torch.testing.assert_close(h.grad.double() / scale, hr.grad / scale, rtol=gtol, atol=gtol)
+        assert torch.all(h.grad[~keep] == 0)
+
+
+def test_cpu_kernel_thread_count_independent(cpp):
+    """Large enough that both kernels split rows (and feature chunks) over two threads: bit-identical results."""
+    h64, c64, y = data(200, 40, 128, seed=12, scale=0.3)
+    y[3] = IGNORE_INDEX
+    threads = torch.get_num_threads()
+    runs = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            h = h64.float().requires_grad_()
+            ce, ent = prototype_ce(h, c64.float(), y, reduction="none")
+            (ce.sum() - 0.3 * ent.sum()).backward()
+            runs.append((ce, ent, h.grad))
+    finally:
+        torch.set_num_threads(threads)
+    for one, two in zip(*runs):
+        assert torch.equal(one, two)
+    oce, _, _ = oracle_terms(h64, c64, y, False)
+    torch.testing.assert_close(runs[0][0][y != IGNORE_INDEX].double(), oce, rtol=1e-5, atol=1e-5)
+
+
+def test_cpu_kernel_bad_labels(cpp):
+    """The C++ forward's label check gives the Python check's error and leaves everything as it was; unchecked
+    (the registered op, what torch.compile runs) a bad label gives a NaN ce, never another class's."""
+    h64, c64, _ = data(5, 3, 4, seed=13)
+    h, c = h64.float().requires_grad_(), c64.float()
+    bad = torch.tensor([0, 5, -3, 1, 5])
+    before = (h.detach().clone(), c.clone(), bad.clone())
+    message = r"prototype_ce: labels must lie in \[0, 3\) or equal -100 \(ignored\); got \[-3, 5\]"
+    for backend in ("auto", "reference"):
+        with mmkernels.use_backend(backend), pytest.raises(ValueError, match=message):
+            prototype_ce(h, c, bad)
+    assert h.grad is None and all(torch.equal(a, b) for a, b in zip(before, (h.detach(), c, bad)))
+    ce, ent, _ = torch.ops.mmkernels.prototype_ce(h, c, bad, False)
+    assert torch.isnan(ce[[1, 2, 4]]).all() and torch.isfinite(ce[[0, 3]]).all() and torch.isfinite(ent).all()
+
+
+_PORTABLE = """
+import torch
+from mmkernels.ops.prototype_ce import _cpu_kernels, prototype_ce
+from tests.test_pmr import data, oracle_terms
+assert _cpu_kernels() is not None
+for squared in (False, True):
+    for B, C, D in ((23, 11, 37), (6, 3, 16)):
+        h64, c64, y = data(B, C, D, offset=3.0, seed=14, scale=0.25)
+        y[0] = -100
+        h = h64.float().requires_grad_()
+        ce, ent = prototype_ce(h, c64.float(), y, squared=squared)
+        (ce + 0.3 * ent).backward()
+        hr = h64.clone().requires_grad_()
+        oce, oent, _ = oracle_terms(hr, c64, y, squared)
+        (oce.mean() + 0.3 * oent.mean()).backward()
+        assert torch.allclose(ce.double(), oce.mean(), rtol=1e-5, atol=1e-5), (B, C, D, squared, "ce")
+        assert torch.allclose(ent.double(), oent.mean(), rtol=1e-5, atol=1e-5), (B, C, D, squared, "ent")
+        assert torch.allclose(h.grad.double(), hr.grad, rtol=1e-4, atol=1e-6), (B, C, D, squared, "grad")
+print("portable ok")
+"""
+
+
+def test_cpu_kernel_portable_path(cpp):
+    # the baseline (non-AVX2) loops, picked once per process: a fresh one with them forced
+    run_portable_kernels(_PORTABLE)
 
 
 @pytest.mark.parametrize("squared", [False, True])

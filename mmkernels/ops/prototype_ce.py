@@ -58,6 +58,13 @@ Decisions where the spec is silent
   the gradcheck path. Outputs are fp32 (fp64 for fp64 features).
 * Empty batch: zeros (``reduction="mean"`` gives 0).
 
+On CPU tensors (backend ``auto``) the forward and backward are the C++ kernels of the extension
+(csrc/prototype_ce.cpp): distances in the exact difference form ``Σ_d (h_d − c_d)²`` in register tiles of
+4 samples × 3 prototypes, the softmax terms per row, and a backward that recomputes the distances (no
+``(B, C)`` tensor is kept) and forms ``W (c − μ) − (Σ W)(h − μ)`` over 16-feature column chunks. The eager
+label check runs inside the forward (the same ``ValueError``). Without the extension (or with backend
+``reference``) the PyTorch reference runs.
+
 ``prototype_update`` (no autograd): masked class means and their EMA, the released ``calculate_prototype``
 semantics ``c ← (1 − momentum)·mean + momentum·c`` per class; ignored, masked-out and (on CUDA) out-of-range
 samples are excluded, and a class with no sample keeps its prototype.
@@ -69,7 +76,7 @@ from typing import Optional
 
 import torch
 
-from mmkernels import _tuning
+from mmkernels import _backend, _ext, _tuning
 from mmkernels._backend import skip_dispatch, use_triton
 from mmkernels._common import IGNORE_INDEX, DifferentiableOp, acc_dtype, cdiv, check_float_tensor, check_number
 from mmkernels._common import check_labels as _check_labels_arg
@@ -380,14 +387,40 @@ def _pce_bwd_ref(grad_ce, grad_ent, h, c, labels, lse, ent, squared):
 # --------------------------------------------------------------------------------------------------------
 # 5. Registration: forward and backward written once, for the eager call and the registered autograd
 # --------------------------------------------------------------------------------------------------------
+_CPU_KERNELS: list = []  # [(forward, backward) kernels of the extension, or None], looked up on first use
+
+
+def _cpu_kernels():
+    """``mmkernels_C::prototype_ce_fwd`` / ``_bwd`` when the extension has their CPU kernels and the backend
+    is ``auto``, else None (reference). Looked up once: each lookup asks the dispatcher."""
+    if _backend.get_backend() != "auto":
+        return None
+    if not _CPU_KERNELS:
+        ok = _ext.has_kernel("prototype_ce_fwd", "cpu") and _ext.has_kernel("prototype_ce_bwd", "cpu")
+        ops = _ext.ops() if ok else None
+        _CPU_KERNELS.append((ops.prototype_ce_fwd.default, ops.prototype_ce_bwd.default) if ok else None)
+    return _CPU_KERNELS[0]
+
+
 def _kernel_path(h: torch.Tensor) -> bool:
     return h.dtype != torch.float64 and use_triton(h)
 
 
-def _pce_forward(h: torch.Tensor, c: torch.Tensor, labels: torch.Tensor, squared: bool
+def _cpp_kernels(h: torch.Tensor):
+    """The C++ (forward, backward) for ``h``, or None: CPU tensors below float64 (fp64 is the reference's,
+    the gradcheck path)."""
+    if h.is_cpu and h.dtype != torch.float64:
+        return _cpu_kernels()
+    return None
+
+
+def _pce_forward(h: torch.Tensor, c: torch.Tensor, labels: torch.Tensor, squared: bool, check: bool = False
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``check``: the eager CPU range check of the labels, done by the C++ forward (only it gets it True)."""
     if _kernel_path(h):
         return _pce_fwd_triton(h, c, labels, squared)
+    if (kernels := _cpp_kernels(h)) is not None:
+        return kernels[0](h, c, labels, squared, check)
     return _pce_fwd_ref(h, c, labels, squared)
 
 
@@ -395,11 +428,13 @@ def _pce_backward(grad_ce: torch.Tensor, grad_ent: torch.Tensor, h: torch.Tensor
                   labels: torch.Tensor, lse: torch.Tensor, ent: torch.Tensor, squared: bool) -> torch.Tensor:
     if _kernel_path(h):
         return _pce_bwd_triton(grad_ce, grad_ent, h, c, labels, lse, ent, squared)
+    if (kernels := _cpp_kernels(h)) is not None:
+        return kernels[1](grad_ce, grad_ent, h, c, labels, lse, ent, squared)
     return _pce_bwd_ref(grad_ce, grad_ent, h, c, labels, lse, ent, squared)
 
 
 def _setup_context(ctx, inputs, output):
-    h, c, labels, squared = inputs
+    h, c, labels, squared = inputs[:4]
     _, ent, lse = output
     ctx.save_for_backward(h, c, labels, lse, ent)
     ctx.squared = squared
@@ -413,7 +448,7 @@ def _backward_inputs(ctx, grad_ce, grad_ent, _grad_lse):
     return grad_ce, grad_ent, h, c, labels, lse, ent, ctx.squared
 
 
-def _fake_forward(h, c, labels, squared):
+def _fake_forward(h, c, labels, squared, check=False):
     out = h.new_empty(h.shape[0], dtype=acc_dtype(h.dtype))
     return out, torch.empty_like(out), torch.empty_like(out)
 
@@ -421,7 +456,7 @@ def _fake_forward(h, c, labels, squared):
 _PROTOTYPE_CE = DifferentiableOp(
     "prototype_ce", _pce_forward, _pce_backward,
     setup_context=_setup_context, backward_inputs=_backward_inputs,
-    input_grads=lambda ctx, dh: (dh, None, None, None),
+    input_grads=lambda ctx, dh: (dh, None, None, None, None),
     fake_forward=_fake_forward,
     fake_backward=lambda grad_ce, grad_ent, h, c, labels, lse, ent, squared: torch.empty_like(
         h, memory_format=torch.contiguous_format),
@@ -431,7 +466,8 @@ _PROTOTYPE_CE = DifferentiableOp(
 # --------------------------------------------------------------------------------------------------------
 # 6. Public functions
 # --------------------------------------------------------------------------------------------------------
-def _check_inputs(fn: str, features, prototypes, labels) -> None:
+def _check_inputs(fn: str, features, prototypes, labels, eager_range: bool = True) -> None:
+    """``eager_range=False``: the labels' range is left to the caller (the C++ forward checks it)."""
     check_float_tensor(fn, "features", features, ndim=2)
     check_float_tensor(fn, "prototypes", prototypes, ndim=2)
     B, D = features.shape
@@ -443,7 +479,7 @@ def _check_inputs(fn: str, features, prototypes, labels) -> None:
         raise ValueError(f"{fn}: prototypes are on {prototypes.device} but features on {features.device}; "
                          f"move them to {features.device}")
     # the range check reads labels on the host: CPU only (on CUDA a bad label gives a NaN ce, see above)
-    _check_labels_arg(fn, labels, B, features.device, C, eager_range=features.device.type == "cpu")
+    _check_labels_arg(fn, labels, B, features.device, C, eager_range=eager_range and features.device.type == "cpu")
 
 
 def prototype_ce(features: torch.Tensor, prototypes: torch.Tensor, labels: torch.Tensor, *,
@@ -463,21 +499,32 @@ def prototype_ce(features: torch.Tensor, prototypes: torch.Tensor, labels: torch
         prototype probability of the true class (PMR's score).
     """
     fn = "prototype_ce"
-    _check_inputs(fn, features, prototypes, labels)
+    check_float_tensor(fn, "features", features, ndim=2)
+    # an eager CPU call of the C++ kernel: it checks the labels' range while it reads them
+    in_kernel = skip_dispatch(features) and not use_triton(features) and _cpp_kernels(features) is not None
+    _check_inputs(fn, features, prototypes, labels, eager_range=not in_kernel)
     if not isinstance(squared, bool):
         raise TypeError(f"{fn}: squared must be a bool, got {type(squared).__name__} {squared!r}")
     if reduction not in _REDUCTIONS:
         raise ValueError(f"{fn}: reduction must be one of {_REDUCTIONS}, got {reduction!r}")
-    return _prototype_ce(features, prototypes, labels, squared, reduction)
+    return _prototype_ce(features, prototypes, labels, squared, reduction, check=in_kernel)
 
 
-def _prototype_ce(features, prototypes, labels, squared: bool, reduction: str):
-    """:func:`prototype_ce` after its checks (the balancer calls it on arguments it has checked itself)."""
+def _prototype_ce(features, prototypes, labels, squared: bool, reduction: str, check: bool = False):
+    """:func:`prototype_ce` after its checks (the balancer calls it on arguments it has checked itself);
+    ``check``: the C++ forward range-checks the labels."""
     prototypes = prototypes.detach()
-    if skip_dispatch(features) and not _kernel_path(features):
+    if skip_dispatch(features) and not _kernel_path(features) and _cpp_kernels(features) is None:
         # eager reference calls differentiate the reference itself (autograd's C++ backward of a few ops)
         return prototype_ce_ref(features, prototypes, labels, squared=squared, reduction=reduction)
-    ce, ent, _ = _PROTOTYPE_CE(features, prototypes, labels, squared, anchor=features)
+    ce, ent, _ = _PROTOTYPE_CE(features, prototypes, labels, squared, check, anchor=features)
+    if reduction == "none":
+        return ce, ent
+    if reduction == "mean" and labels.is_cpu and skip_dispatch(features):
+        # eager CPU: the count on the host (a sync costs nothing there) leaves two recorded ops per term
+        # instead of five (at 64×6×512 the reduction's autograd cost more than both kernels)
+        n = max(labels.numel() - int(torch.count_nonzero(labels == IGNORE_INDEX)), 1)
+        return ce.sum() / n, ent.sum() / n
     counted = labels != IGNORE_INDEX
     return _reduce(ce, counted, reduction), _reduce(ent, counted, reduction)
 

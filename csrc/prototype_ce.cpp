@@ -1,0 +1,447 @@
+// CPU kernels of prototype_ce (Python: mmkernels/ops/prototype_ce.py): PMR's prototypical cross-entropy and
+// prototype entropy of features h (B, D) against prototypes c (C, D), forward and backward.
+//
+// Distances are taken in the difference form d²_ik = Σ_d (h_id − c_kd)², the exact form (no cancellation
+// whatever the features' common offset; the product form ‖h‖² − 2h·c + ‖c‖² loses it, see the Python module).
+// It costs a subtract per multiply-add, but the tiles keep four feature rows and three prototypes in
+// registers (12 accumulators; each loaded vector feeds three or four pairs). Every pair is summed in the same
+// lane order whatever tile it falls in, so the backward's recomputed distances are bit-identical to the
+// forward's and nothing (B, C)-sized is kept between the two.
+//
+// Forward, per row: z = −d (or −d²), lse = max + log Σ e^{z − max}, ce = lse − z_y,
+//   ent = lse − Σ_k s_k z_k (= −Σ s log s).
+// Backward: G_k = g_ce (s_k − [k = y]) − g_ent s_k (log s_k + ent), W_k = 2 G_k (squared) or G_k / d_k
+//   (Euclidean; 0 where d² <= 1e-12, the reference's rule), ∂L/∂h_i = Σ_k W_ik (c_k − μ) − (Σ_k W_ik)(h_i − μ)
+//   with μ the mean prototype, so the rounding scales with the prototypes' spread, not their offset. The
+//   product Σ_k W_ik (c_k − μ) runs over 16-feature column chunks of (c − μ) (C × 64 bytes: L1-resident
+//   for C up to a few hundred) with six rows' accumulators in registers.
+//
+// float32/float16/bfloat16 features (any strides) are read as contiguous fp32; prototypes of any float dtype
+// likewise. Math in fp32, the row reductions (Σ e^{z}, Σ s z) in double. Rows not counted (label -100) get
+// ce = ent = 0 and a gradient of exactly 0. Labels outside [0, C) and not -100: with check = true a
+// ValueError (the Python check's message), else ce = NaN for that sample (the CUDA kernel's signal).
+// The AVX2/FMA loops are picked at run time, with a portable version of the same loops (MMKERNELS_NO_AVX2=1
+// forces it). Work is split over threads in fixed tiles (rows, then feature chunks), each output summed by
+// one thread in a fixed order: results do not depend on the thread count.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <limits>
+#include <set>
+#include <sstream>
+#include <vector>
+
+namespace mmk {
+namespace {
+
+constexpr int64_t kIgnore = -100;
+constexpr float kTinySqDist = 1e-12f;        // below it the Euclidean distance has no usable derivative
+constexpr int64_t kRowTile = 4;               // feature rows per distance tile
+constexpr int64_t kProtoTile = 3;             // prototypes per distance tile
+constexpr int64_t kGradRows = 6;              // feature rows per gradient tile
+constexpr int64_t kParallelWork = 1 << 18;    // multiply-adds per thread below which threads cost more
+
+bool pce_avx2() {
+  static const bool on = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                         std::getenv("MMKERNELS_NO_AVX2") == nullptr;
+  return on;
+}
+
+// ------------------------------------------------------------------------------------- squared distances
+__attribute__((target("avx2"))) inline __m256i tail_mask(int64_t n) {  // lanes [0, n) set, 0 <= n <= 8
+  alignas(32) static const int32_t table[16] = {-1, -1, -1, -1, -1, -1, -1, -1, 0, 0, 0, 0, 0, 0, 0, 0};
+  return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(table + 8 - n));
+}
+
+__attribute__((target("avx2,fma"))) inline float hsum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+  return _mm_cvtss_f32(s);
+}
+
+// d2[r * ldd + p] = ‖h_r − c_p‖² for R rows (h, stride D) and P prototypes (c, stride D); lanes past D are
+// zero in both operands (masked loads), so they add nothing.
+template <int R, int P>
+__attribute__((target("avx2,fma"))) void dist_tile_avx2(const float* h, const float* c, int64_t D, float* d2,
+                                                        int64_t ldd) {
+  __m256 acc[R][P];
+  for (int r = 0; r < R; ++r)
+    for (int p = 0; p < P; ++p) acc[r][p] = _mm256_setzero_ps();
+  const int64_t full = D & ~int64_t(7);
+  for (int64_t d = 0; d < full; d += 8) {
+    __m256 cv[P];
+    for (int p = 0; p < P; ++p) cv[p] = _mm256_loadu_ps(c + p * D + d);
+    for (int r = 0; r < R; ++r) {
+      const __m256 hv = _mm256_loadu_ps(h + r * D + d);
+      for (int p = 0; p < P; ++p) {
+        const __m256 diff = _mm256_sub_ps(hv, cv[p]);
+        acc[r][p] = _mm256_fmadd_ps(diff, diff, acc[r][p]);
+      }
+    }
+  }
+  if (full < D) {
+    const __m256i m = tail_mask(D - full);
+    __m256 cv[P];
+    for (int p = 0; p < P; ++p) cv[p] = _mm256_maskload_ps(c + p * D + full, m);
+    for (int r = 0; r < R; ++r) {
+      const __m256 hv = _mm256_maskload_ps(h + r * D + full, m);
+      for (int p = 0; p < P; ++p) {
+        const __m256 diff = _mm256_sub_ps(hv, cv[p]);
+        acc[r][p] = _mm256_fmadd_ps(diff, diff, acc[r][p]);
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int p = 0; p < P; ++p) d2[r * ldd + p] = hsum8(acc[r][p]);
+}
+
+// The same sums, one pair at a time, in the AVX2 loop's lane order (eight partial sums, then the tree).
+void dist_pair_portable(const float* h, const float* c, int64_t D, float* out) {
+  float lane[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  for (int64_t d = 0; d < D; ++d) {
+    const float diff = h[d] - c[d];
+    lane[d & 7] += diff * diff;
+  }
+  const float a = lane[0] + lane[4], b = lane[1] + lane[5], e = lane[2] + lane[6], f = lane[3] + lane[7];
+  *out = (a + e) + (b + f);
+}
+
+// P prototypes (c) against n rows (h), written to columns [0, P) of d2 (row stride C)
+template <int P>
+void dist_protos_avx2(const float* h, const float* c, int64_t n, int64_t C, int64_t D, float* d2) {
+  int64_t i = 0;
+  for (; i + kRowTile <= n; i += kRowTile) dist_tile_avx2<kRowTile, P>(h + i * D, c, D, d2 + i * C, C);
+  switch (n - i) {
+    case 3: dist_tile_avx2<3, P>(h + i * D, c, D, d2 + i * C, C); break;
+    case 2: dist_tile_avx2<2, P>(h + i * D, c, D, d2 + i * C, C); break;
+    case 1: dist_tile_avx2<1, P>(h + i * D, c, D, d2 + i * C, C); break;
+    default: break;
+  }
+}
+
+// d2 (n, C) for n contiguous fp32 feature rows h (n, D) and prototypes c (C, D)
+void sq_dist_rows(const float* h, const float* c, int64_t C, int64_t D, int64_t n, float* d2, bool avx2) {
+  if (!avx2) {
+    for (int64_t i = 0; i < n; ++i)
+      for (int64_t k = 0; k < C; ++k) dist_pair_portable(h + i * D, c + k * D, D, d2 + i * C + k);
+    return;
+  }
+  // prototype tiles outside: a tile of prototypes stays in L1 while the rows stream from L2
+  int64_t k = 0;
+  for (; k + kProtoTile <= C; k += kProtoTile) dist_protos_avx2<kProtoTile>(h, c + k * D, n, C, D, d2 + k);
+  if (C - k == 2) dist_protos_avx2<2>(h, c + k * D, n, C, D, d2 + k);
+  if (C - k == 1) dist_protos_avx2<1>(h, c + k * D, n, C, D, d2 + k);
+}
+
+// ------------------------------------------------------------------------------------------ shared setup
+struct Problem {
+  at::Tensor h, c;  // contiguous fp32 copies (or the inputs themselves when they already are)
+  int64_t B, C, D;
+  const float* hp;
+  const float* cp;
+};
+
+at::Tensor as_f32_contiguous(const at::Tensor& t) {
+  if (t.scalar_type() == at::kFloat && t.is_contiguous()) return t;
+  return t.to(at::kFloat).contiguous();
+}
+
+Problem problem(const at::Tensor& features, const at::Tensor& prototypes, const at::Tensor& labels) {
+  TORCH_CHECK(features.dim() == 2 && prototypes.dim() == 2 && prototypes.size(1) == features.size(1) &&
+                  prototypes.size(0) >= 1,
+              "prototype_ce: features must be (B, D) and prototypes (C >= 1, D)");
+  TORCH_CHECK(labels.scalar_type() == at::kLong && labels.dim() == 1 && labels.size(0) == features.size(0),
+              "prototype_ce: labels must be (B,) int64");
+  TORCH_CHECK(at::isFloatingType(features.scalar_type()) && at::isFloatingType(prototypes.scalar_type()),
+              "prototype_ce: features and prototypes must be floating point");
+  Problem p;
+  p.h = as_f32_contiguous(features);
+  p.c = as_f32_contiguous(prototypes);
+  p.B = features.size(0);
+  p.C = prototypes.size(0);
+  p.D = features.size(1);
+  p.hp = p.h.const_data_ptr<float>();
+  p.cp = p.c.const_data_ptr<float>();
+  return p;
+}
+
+int64_t grain(int64_t tile_rows, const Problem& p) {
+  return std::max<int64_t>(1, kParallelWork / std::max<int64_t>(1, tile_rows * p.C * p.D));
+}
+
+// Scratch of the calling thread, kept between calls: a fresh allocation of a few hundred KB is a fresh mmap
+// each call, whose page faults cost more than the packing written into it (measured: ~300 µs at C·D = 158K).
+float* scratch(int slot, int64_t n) {
+  static thread_local std::vector<float> bufs[2];
+  std::vector<float>& b = bufs[slot];
+  if (static_cast<int64_t>(b.size()) < n) b.resize(n);
+  return b.data();
+}
+
+inline float neg_dist(float d2, bool squared) { return squared ? -d2 : -std::sqrt(d2); }
+
+// ---------------------------------------------------------------------------------------------- forward
+std::tuple<at::Tensor, at::Tensor, at::Tensor> prototype_ce_fwd_cpu(const at::Tensor& features,
+                                                                    const at::Tensor& prototypes,
+                                                                    const at::Tensor& labels, bool squared,
+                                                                    bool check) {
+  const Problem p = problem(features, prototypes, labels);
+  const int64_t B = p.B, C = p.C, D = p.D;
+  const int64_t* lab = labels.const_data_ptr<int64_t>();
+  const int64_t sy = labels.stride(0);
+  if (check) {
+    std::set<int64_t> bad;
+    for (int64_t i = 0; i < B; ++i) {
+      const int64_t y = lab[i * sy];
+      if (y != kIgnore && (y < 0 || y >= C)) bad.insert(y);
+    }
+    if (!bad.empty()) {
+      std::ostringstream msg;
+      msg << "prototype_ce: labels must lie in [0, " << C << ") or equal " << kIgnore << " (ignored); got [";
+      int shown = 0;
+      for (int64_t v : bad) {
+        if (shown == 10) break;
+        msg << (shown++ ? ", " : "") << v;
+      }
+      msg << "]";
+      TORCH_CHECK_VALUE(false, msg.str());
+    }
+  }
+  auto opts = features.options().dtype(at::kFloat);
+  at::Tensor ce = at::empty({B}, opts), ent = at::empty({B}, opts), lse = at::empty({B}, opts);
+  if (B == 0) return {ce, ent, lse};
+  float* ce_p = ce.data_ptr<float>();
+  float* ent_p = ent.data_ptr<float>();
+  float* lse_p = lse.data_ptr<float>();
+  const bool avx2 = pce_avx2();
+  const int64_t tiles = (B + kRowTile - 1) / kRowTile;
+  at::parallel_for(0, tiles, grain(kRowTile, p), [&](int64_t t0, int64_t t1) {
+    const int64_t i0 = t0 * kRowTile, i1 = std::min(B, t1 * kRowTile);
+    std::vector<float> z((i1 - i0) * C);
+    sq_dist_rows(p.hp + i0 * D, p.cp, C, D, i1 - i0, z.data(), avx2);
+    for (int64_t i = i0; i < i1; ++i) {
+      float* zi = z.data() + (i - i0) * C;
+      float mx = -std::numeric_limits<float>::infinity();
+      for (int64_t k = 0; k < C; ++k) {
+        zi[k] = neg_dist(zi[k], squared);
+        mx = std::max(mx, zi[k]);
+      }
+      // a NaN feature makes every z NaN; max() skipped them: NaN flows through the sums below anyway
+      double sum = 0.0, zs = 0.0;
+      for (int64_t k = 0; k < C; ++k) {
+        const double e = std::exp(zi[k] - mx);
+        sum += e;
+        zs += e * zi[k];
+      }
+      const double l = mx + std::log(sum);
+      const int64_t y = lab[i * sy];
+      lse_p[i] = static_cast<float>(l);
+      if (y == kIgnore) {
+        ce_p[i] = 0.0f;
+        ent_p[i] = 0.0f;
+        continue;
+      }
+      ce_p[i] = (y >= 0 && y < C) ? static_cast<float>(l - zi[y]) : std::numeric_limits<float>::quiet_NaN();
+      ent_p[i] = static_cast<float>(l - zs / sum);
+    }
+  });
+  return {ce, ent, lse};
+}
+
+// --------------------------------------------------------------------------------------------- backward
+// Layouts that keep the product's inner loop on contiguous memory (a stride of D floats between prototypes
+// would map a column chunk of every prototype onto the same few L1 sets):
+//   ccp[q][k][0..16)  centred prototypes c_k − μ, features [16q, 16q + 16), zero past D;
+//   wtp[t][k][0..R)   W of the R rows of row tile t (zero for rows past B).
+constexpr int64_t kChunk = 16;
+
+// dh rows of a six-row tile, features [16q, 16q + 16): Σ_k W_ik (c_k − μ) − (Σ_k W_ik)(h_i − μ). The twelve
+// accumulators are named variables: held in an array, GCC 12 writes them back to the stack every iteration.
+#define MMK_PCE_ROW(r)                                      \
+  {                                                         \
+    const __m256 wv = _mm256_broadcast_ss(w + r);           \
+    a##r##0 = _mm256_fmadd_ps(wv, c0, a##r##0);             \
+    a##r##1 = _mm256_fmadd_ps(wv, c1, a##r##1);             \
+  }
+
+__attribute__((target("avx2,fma"))) void grad_tile_avx2(const float* wtp, const float* ccp, int64_t C, int64_t D,
+                                                        int64_t q, const float* h, const float* mu, const float* wsum,
+                                                        int64_t rows, float* dh) {
+  static_assert(kGradRows == 6, "grad_tile_avx2 is written out for six rows");
+  __m256 a00 = _mm256_setzero_ps(), a01 = a00, a10 = a00, a11 = a00, a20 = a00, a21 = a00, a30 = a00, a31 = a00,
+         a40 = a00, a41 = a00, a50 = a00, a51 = a00;
+  for (int64_t k = 0; k < C; ++k) {
+    const __m256 c0 = _mm256_loadu_ps(ccp + k * kChunk), c1 = _mm256_loadu_ps(ccp + k * kChunk + 8);
+    const float* w = wtp + k * kGradRows;
+    MMK_PCE_ROW(0) MMK_PCE_ROW(1) MMK_PCE_ROW(2) MMK_PCE_ROW(3) MMK_PCE_ROW(4) MMK_PCE_ROW(5)
+  }
+  alignas(32) float acc[kGradRows][kChunk];
+  _mm256_store_ps(acc[0], a00), _mm256_store_ps(acc[0] + 8, a01), _mm256_store_ps(acc[1], a10);
+  _mm256_store_ps(acc[1] + 8, a11), _mm256_store_ps(acc[2], a20), _mm256_store_ps(acc[2] + 8, a21);
+  _mm256_store_ps(acc[3], a30), _mm256_store_ps(acc[3] + 8, a31), _mm256_store_ps(acc[4], a40);
+  _mm256_store_ps(acc[4] + 8, a41), _mm256_store_ps(acc[5], a50), _mm256_store_ps(acc[5] + 8, a51);
+  const int64_t d = q * kChunk, left = std::min<int64_t>(kChunk, D - d);
+  const __m256i m0 = tail_mask(std::min<int64_t>(8, left)), m1 = tail_mask(std::max<int64_t>(0, left - 8));
+  const __m256 mu0 = _mm256_maskload_ps(mu + d, m0), mu1 = _mm256_maskload_ps(mu + d + 8, m1);
+  for (int64_t r = 0; r < std::min<int64_t>(kGradRows, rows); ++r) {
+    const __m256 ws = _mm256_set1_ps(wsum[r]);
+    const float* hr = h + r * D + d;
+    float* out = dh + r * D + d;
+    const __m256 o0 = _mm256_fnmadd_ps(ws, _mm256_sub_ps(_mm256_maskload_ps(hr, m0), mu0), _mm256_load_ps(acc[r]));
+    const __m256 o1 = _mm256_fnmadd_ps(ws, _mm256_sub_ps(_mm256_maskload_ps(hr + 8, m1), mu1),
+                                       _mm256_load_ps(acc[r] + 8));
+    if (left == kChunk) {
+      _mm256_storeu_ps(out, o0);
+      _mm256_storeu_ps(out + 8, o1);
+    } else {
+      _mm256_maskstore_ps(out, m0, o0);
+      _mm256_maskstore_ps(out + 8, m1, o1);
+    }
+  }
+}
+#undef MMK_PCE_ROW
+
+template <int R>
+void grad_tile_portable(const float* wtp, const float* ccp, int64_t C, int64_t D, int64_t q, const float* h,
+                        const float* mu, const float* wsum, int64_t rows, float* dh) {
+  const int64_t d0 = q * kChunk, left = std::min<int64_t>(kChunk, D - d0);
+  for (int64_t r = 0; r < std::min<int64_t>(R, rows); ++r) {
+    float acc[kChunk] = {};
+    for (int64_t k = 0; k < C; ++k) {
+      const float w = wtp[k * R + r];
+      for (int64_t j = 0; j < kChunk; ++j) acc[j] += w * ccp[k * kChunk + j];
+    }
+    for (int64_t j = 0; j < left; ++j) dh[r * D + d0 + j] = acc[j] - wsum[r] * (h[r * D + d0 + j] - mu[d0 + j]);
+  }
+}
+
+at::Tensor prototype_ce_bwd_cpu(const at::Tensor& grad_ce, const at::Tensor& grad_ent, const at::Tensor& features,
+                                const at::Tensor& prototypes, const at::Tensor& labels, const at::Tensor& lse,
+                                const at::Tensor& ent, bool squared) {
+  const Problem p = problem(features, prototypes, labels);
+  const int64_t B = p.B, C = p.C, D = p.D;
+  TORCH_CHECK(grad_ce.dim() == 1 && grad_ce.size(0) == B && grad_ent.dim() == 1 && grad_ent.size(0) == B &&
+                  lse.dim() == 1 && lse.size(0) == B && ent.dim() == 1 && ent.size(0) == B,
+              "prototype_ce: the gradients, lse and ent must be (B,)");
+  at::Tensor dh = at::empty({B, D}, features.options().dtype(at::kFloat));
+  if (B == 0 || D == 0) return features.scalar_type() == at::kFloat ? dh : dh.to(features.scalar_type());
+  const at::Tensor gce = grad_ce.to(at::kFloat), gent = grad_ent.to(at::kFloat);
+  const at::Tensor lse_f = lse.to(at::kFloat), ent_f = ent.to(at::kFloat);
+  const float* gce_p = gce.const_data_ptr<float>();
+  const float* gent_p = gent.const_data_ptr<float>();
+  const float* lse_p = lse_f.const_data_ptr<float>();
+  const float* ent_p = ent_f.const_data_ptr<float>();
+  const int64_t s_gce = gce.stride(0), s_gent = gent.stride(0), s_lse = lse_f.stride(0), s_ent = ent_f.stride(0);
+  const int64_t* lab = labels.const_data_ptr<int64_t>();
+  const int64_t sy = labels.stride(0);
+  const int64_t chunks = (D + kChunk - 1) / kChunk, tiles = (B + kGradRows - 1) / kGradRows;
+
+  // μ (the mean prototype; any point near the prototypes does, the gradient does not depend on it) and the
+  // packed centred prototypes
+  std::vector<float> mu(D, 0.0f);
+  float* ccp = scratch(0, chunks * C * kChunk);  // written below, padding included
+  {
+    for (int64_t k = 0; k < C; ++k)
+      for (int64_t d = 0; d < D; ++d) mu[d] += p.cp[k * D + d];
+    for (int64_t d = 0; d < D; ++d) mu[d] /= static_cast<float>(C);
+    for (int64_t k = 0; k < C; ++k) {
+      const float* ck = p.cp + k * D;
+      for (int64_t q = 0; q < chunks; ++q) {
+        float* dst = ccp + (q * C + k) * kChunk;
+        const int64_t d0 = q * kChunk, left = std::min<int64_t>(kChunk, D - d0);
+        for (int64_t j = 0; j < left; ++j) dst[j] = ck[d0 + j] - mu[d0 + j];
+        for (int64_t j = left; j < kChunk; ++j) dst[j] = 0.0f;
+      }
+    }
+  }
+
+  // W and Σ_k W per row, tile by tile (the distances recomputed: the forward's own arithmetic)
+  float* wtp = scratch(1, tiles * C * kGradRows);
+  std::fill(wtp, wtp + tiles * C * kGradRows, 0.0f);  // ignored rows and rows past B: W = 0
+  std::vector<float> wsum(tiles * kGradRows, 0.0f);
+  const bool avx2 = pce_avx2();
+  at::parallel_for(0, tiles, grain(kGradRows, p), [&](int64_t t0, int64_t t1) {
+    // all the rows of this range at once: the prototypes stream through once (sq_dist_rows' loop order)
+    const int64_t first = t0 * kGradRows, last = std::min(B, t1 * kGradRows);
+    std::vector<float> d2((last - first) * C);
+    sq_dist_rows(p.hp + first * D, p.cp, C, D, last - first, d2.data(), avx2);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t i0 = t * kGradRows, n = std::min(B, i0 + kGradRows) - i0;
+      float* w = wtp + t * C * kGradRows;
+      for (int64_t r = 0; r < n; ++r) {
+        const int64_t i = i0 + r, y = lab[i * sy];
+        if (y == kIgnore) continue;  // W = 0
+        const float g_ce = gce_p[i * s_gce], g_ent = gent_p[i * s_gent], l = lse_p[i * s_lse];
+        const float e = ent_p[i * s_ent];
+        const float* di = d2.data() + (i - first) * C;
+        double ws = 0.0;
+        for (int64_t k = 0; k < C; ++k) {
+          const float z = neg_dist(di[k], squared);
+          const float log_s = z - l;
+          const float s = std::exp(log_s);
+          const float g = g_ce * (s - (k == y ? 1.0f : 0.0f)) - g_ent * s * (log_s + e);
+          const float wk = squared ? 2.0f * g : (di[k] > kTinySqDist ? g / -z : 0.0f);
+          w[k * kGradRows + r] = wk;
+          ws += wk;
+        }
+        wsum[i] = static_cast<float>(ws);
+      }
+    }
+  });
+
+  // the product, column chunk by column chunk: a chunk of the packed prototypes stays in L1 for every tile
+  float* dh_p = dh.data_ptr<float>();
+  at::parallel_for(0, chunks, std::max<int64_t>(1, kParallelWork / std::max<int64_t>(1, B * C * kChunk)),
+                   [&](int64_t q0, int64_t q1) {
+    for (int64_t q = q0; q < q1; ++q) {
+      const float* cq = ccp + q * C * kChunk;
+      for (int64_t t = 0; t < tiles; ++t) {
+        const int64_t i0 = t * kGradRows, rows = std::min(B, i0 + kGradRows) - i0;
+        const float* w = wtp + t * C * kGradRows;
+        if (avx2) {
+          grad_tile_avx2(w, cq, C, D, q, p.hp + i0 * D, mu.data(), wsum.data() + i0, rows, dh_p + i0 * D);
+        } else {
+          grad_tile_portable<kGradRows>(w, cq, C, D, q, p.hp + i0 * D, mu.data(), wsum.data() + i0, rows,
+                                        dh_p + i0 * D);
+        }
+      }
+    }
+  });
+  // an ignored sample's gradient is exactly 0, even where its (missing modality's) features are not finite
+  for (int64_t i = 0; i < B; ++i)
+    if (lab[i * sy] == kIgnore) std::fill(dh_p + i * D, dh_p + (i + 1) * D, 0.0f);
+  return features.scalar_type() == at::kFloat ? dh : dh.to(features.scalar_type());
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(mmkernels_C, m) {
+  // (ce, ent, lse), float32 (B,): features (B, D) and prototypes (C, D) floating point, labels (B,) int64
+  // (-100: ignored). check: labels outside [0, C) raise ValueError instead of giving a NaN ce.
+  m.def("prototype_ce_fwd(Tensor features, Tensor prototypes, Tensor labels, bool squared, bool check) -> "
+        "(Tensor, Tensor, Tensor)");
+  // dfeatures (B, D), contiguous, in the features' dtype
+  m.def("prototype_ce_bwd(Tensor grad_ce, Tensor grad_ent, Tensor features, Tensor prototypes, Tensor labels, "
+        "Tensor lse, Tensor ent, bool squared) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(mmkernels_C, CPU, m) {
+  m.impl("prototype_ce_fwd", &prototype_ce_fwd_cpu);
+  m.impl("prototype_ce_bwd", &prototype_ce_bwd_cpu);
+}
+
+// The Python autograd.Function / registered autograd of mmkernels::prototype_ce differentiates these two;
+// autograd itself skips them (no fallback kernel on every call).
+TORCH_LIBRARY_IMPL(mmkernels_C, Autograd, m) {
+  m.impl("prototype_ce_fwd", torch::CppFunction::makeFallthrough());
+  m.impl("prototype_ce_bwd", torch::CppFunction::makeFallthrough());
+}
+
+}  // namespace mmk
