@@ -6,8 +6,8 @@ precomputed band masks (radial for 2-D; one-sided bins weighted for their conjug
 reduction — ``fft2`` and the half-spectrum ``rfft2`` for 2-D, ``rfft`` for 1-D — each eager and under
 ``torch.compile``. Then ``band_energy_ref`` (this library's PyTorch path: DFT projection onto the needed
 bins) and ``mmkernels.band_energy`` (Triton on CUDA; on the CPU, backend ``auto``, the C++ kernels of
-``csrc/band_energy.cpp``: direct projection, a row-batched radix-2 FFT, or the 2-D separable projection). Cases: the demo's band_ratio (64×76, cutoff 0.25), 4096×1024 with two cutoffs,
-64×64×56×56 feature maps; forward+backward on CUDA (the op is used on activations inside a training step).
+``csrc/band_energy.cpp``: direct projection, a row-batched FFT, or the 2-D separable projection as two register-tiled GEMMs). Cases: the demo's band_ratio (64×76, cutoff 0.25), 4096×1024 with two cutoffs (and 65536×1024, 268 MB, on the
+CPU: a streaming read), 64×64×56×56 feature maps; forward+backward on CUDA (the op is used on activations inside a training step).
 """
 from __future__ import annotations
 
@@ -29,6 +29,7 @@ CASES = [
     _case((64, 76), [0.25], 1, {"quick", "cpu", "cuda"}, step=True),  # the demo's band_ratio
     _case((2, 4, 20, 20), [0.1], 2, {"quick"}),
     _case((4096, 1024), [0.05, 0.2], 1, {"cpu", "cuda"}),
+    _case((65536, 1024), [0.05, 0.2], 1, {"cpu"}),  # 268 MB: well past the caches, for % of read bandwidth
     _case((64, 64, 56, 56), [0.1], 2, {"cpu", "cuda"}),
     _case((64, 64, 56, 56), [0.1], 2, {"cuda"}, backward=True),
     _case((4096, 1024), [0.05, 0.2], 1, {"cuda"}, backward=True),

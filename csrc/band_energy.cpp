@@ -4,12 +4,16 @@
 //   plan's weighted cos/sin basis (2K x N), four rows per pass over a basis row so each basis load feeds
 //   four multiply-adds. The Parseval total is summed in double from the same loads; the last band is
 //   total - sum of the others, clamped at 0.
-// 1-D, many bins (the plan's FFT regime), N a power of two: a radix-2 FFT run on 2L rows at once, the lanes
-//   of every vector being rows (L real rows in the real parts, L in the imaginary parts), so no butterfly
-//   ever shuffles; the two real spectra are separated from the packed one with X_a[k] = (Z[k] + conj Z[N-k])/2,
-//   X_b[k] = (Z[k] - conj Z[N-k])/(2i). Other N use ATen's rfft and the same band reduction.
+// 1-D, many bins (the plan's FFT regime), N a power of two: a complex FFT run on 2L rows at once, the lanes of
+//   every vector being rows (L real rows in the real parts, L in the imaginary parts), so no butterfly ever
+//   shuffles; the two real spectra are separated from the packed one with X_a[k] = (Z[k] + conj Z[N-k])/2,
+//   X_b[k] = (Z[k] - conj Z[N-k])/(2i). With AVX2 it is a radix-4 decimation in frequency (natural-order input:
+//   the gather writes whole cache lines in sequence; each pass loads and stores the data once per two stages)
+//   and the band sums read bin k at its bit-reversed position; the portable loops are a radix-2 decimation in
+//   time. Other N use ATen's rfft and the same band reduction.
 // 2-D: separable projection per image, stage 1 onto the v-basis (2V x W) along W, stage 2 onto the u-basis
-//   (2U x H) along H, on the image held in L1 (transposed once while it is converted to the compute type).
+//   (2U x H) along H. With AVX2 (fp32 compute) both stages are register-tiled GEMMs on the image read in
+//   place; the portable loops hold the image transposed in L1.
 // Every path can write the projections the backward reuses ((M, 2K) or (M, 2, U, V), as the reference
 // lays them out). Work is split over rows/images with at::parallel_for; each row's sums are computed by
 // one thread in a fixed order, so results do not depend on the thread count.
@@ -24,6 +28,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <tuple>
 #include <type_traits>
 #include <vector>
@@ -34,7 +39,9 @@ namespace {
 #define MMK_INLINE static inline __attribute__((always_inline))
 
 bool cpu_has_avx2_fma() {
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  // MMKERNELS_NO_AVX2=1 forces the portable loops (tests compare both).
+  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                         std::getenv("MMKERNELS_NO_AVX2") == nullptr;
   return ok;
 }
 
@@ -162,66 +169,175 @@ struct Fft1dArgs {
   void* proj;
 };
 
-__attribute__((target("avx2,fma"))) static inline void butterflies_avx2(float* __restrict re, float* __restrict im,
-                                                                     const float* __restrict tw, int64_t lo,
-                                                                     int64_t hi, int64_t half, int64_t step) {
-  for (int64_t start = lo; start < hi; start += 2 * half) {
+// Decimation in frequency: natural-order input (the gather stores whole cache lines in sequence), output
+// bin k at position rev[k]. Two radix-2 stages (spans 2h and h) in one pass over blocks of 4h points, so every
+// point is loaded and stored once per two stages (radix-2 passes are store-bound). With w = (cos, sin) of
+// 2 pi k / N every twiddle multiplies by conj(w); the first stage's twiddle for the upper half of the span is
+// conj(w) times -i, a swap.
+__attribute__((target("avx2,fma"))) MMK_INLINE void cmul_conj_avx2(__m256 wr, __m256 wi, __m256& xr, __m256& xi) {
+  const __m256 r = _mm256_fmadd_ps(wr, xr, _mm256_mul_ps(wi, xi));
+  xi = _mm256_fmsub_ps(wr, xi, _mm256_mul_ps(wi, xr));
+  xr = r;
+}
+
+__attribute__((target("avx2,fma"))) static inline void radix4_dif_avx2(float* __restrict re, float* __restrict im,
+                                                                    const float* __restrict tw, int64_t lo,
+                                                                    int64_t hi, int64_t h, int64_t N) {
+  const int64_t s = N / (4 * h), q = h * L;
+  for (int64_t start = lo; start < hi; start += 4 * h) {
     float* ar = re + start * L;
     float* ai = im + start * L;
-    for (int64_t j = 0; j < half; ++j) {
-      const __m256 wr = _mm256_set1_ps(tw[2 * (j * step)]), wi = _mm256_set1_ps(tw[2 * (j * step) + 1]);
+    for (int64_t j = 0; j < h; ++j) {
+      const __m256 w1r = _mm256_set1_ps(tw[2 * (j * s)]), w1i = _mm256_set1_ps(tw[2 * (j * s) + 1]);
+      const __m256 w2r = _mm256_set1_ps(tw[2 * (2 * j * s)]), w2i = _mm256_set1_ps(tw[2 * (2 * j * s) + 1]);
       float* pr = ar + j * L;
       float* pi = ai + j * L;
-      const __m256 xr = _mm256_loadu_ps(pr), xi = _mm256_loadu_ps(pi);
-      const __m256 yr = _mm256_loadu_ps(pr + half * L), yi = _mm256_loadu_ps(pi + half * L);
-      // t = conj(w) * y with w = (cos, sin): (wr yr + wi yi, wr yi - wi yr)
-      const __m256 tr = _mm256_fmadd_ps(wr, yr, _mm256_mul_ps(wi, yi));
-      const __m256 ti = _mm256_fmsub_ps(wr, yi, _mm256_mul_ps(wi, yr));
-      _mm256_storeu_ps(pr, _mm256_add_ps(xr, tr));
-      _mm256_storeu_ps(pi, _mm256_add_ps(xi, ti));
-      _mm256_storeu_ps(pr + half * L, _mm256_sub_ps(xr, tr));
-      _mm256_storeu_ps(pi + half * L, _mm256_sub_ps(xi, ti));
+      const __m256 xar = _mm256_loadu_ps(pr), xai = _mm256_loadu_ps(pi);
+      const __m256 xbr = _mm256_loadu_ps(pr + q), xbi = _mm256_loadu_ps(pi + q);
+      const __m256 xcr = _mm256_loadu_ps(pr + 2 * q), xci = _mm256_loadu_ps(pi + 2 * q);
+      const __m256 xdr = _mm256_loadu_ps(pr + 3 * q), xdi = _mm256_loadu_ps(pi + 3 * q);
+      // span 2h: (a, c) and (b, d); the difference of (b, d) also takes the -i
+      const __m256 ar1 = _mm256_add_ps(xar, xcr), ai1 = _mm256_add_ps(xai, xci);
+      const __m256 br1 = _mm256_add_ps(xbr, xdr), bi1 = _mm256_add_ps(xbi, xdi);
+      __m256 cr1 = _mm256_sub_ps(xar, xcr), ci1 = _mm256_sub_ps(xai, xci);
+      __m256 dr1 = _mm256_sub_ps(xbi, xdi), di1 = _mm256_sub_ps(xdr, xbr);  // (b - d) * -i
+      cmul_conj_avx2(w1r, w1i, cr1, ci1);
+      cmul_conj_avx2(w1r, w1i, dr1, di1);
+      // span h: (a, b) and (c, d), twiddle w2
+      __m256 br2 = _mm256_sub_ps(ar1, br1), bi2 = _mm256_sub_ps(ai1, bi1);
+      __m256 dr2 = _mm256_sub_ps(cr1, dr1), di2 = _mm256_sub_ps(ci1, di1);
+      cmul_conj_avx2(w2r, w2i, br2, bi2);
+      cmul_conj_avx2(w2r, w2i, dr2, di2);
+      _mm256_storeu_ps(pr, _mm256_add_ps(ar1, br1));
+      _mm256_storeu_ps(pi, _mm256_add_ps(ai1, bi1));
+      _mm256_storeu_ps(pr + q, br2);
+      _mm256_storeu_ps(pi + q, bi2);
+      _mm256_storeu_ps(pr + 2 * q, _mm256_add_ps(cr1, dr1));
+      _mm256_storeu_ps(pi + 2 * q, _mm256_add_ps(ci1, di1));
+      _mm256_storeu_ps(pr + 3 * q, dr2);
+      _mm256_storeu_ps(pi + 3 * q, di2);
     }
   }
 }
 
-// All stages; the early ones (butterfly span within a 256-point block, 16 KB of data) block by block so
-// they run in L1, then the remaining stages over the whole transform.
+// Last radix-2 stage (span 1, twiddle 1) when log2(N) is odd.
+__attribute__((target("avx2,fma"))) static inline void radix2_last_avx2(float* __restrict re, float* __restrict im,
+                                                                     int64_t lo, int64_t hi) {
+  for (int64_t p = lo * L; p < hi * L; p += 2 * L) {
+    const __m256 xr = _mm256_loadu_ps(re + p), xi = _mm256_loadu_ps(im + p);
+    const __m256 yr = _mm256_loadu_ps(re + p + L), yi = _mm256_loadu_ps(im + p + L);
+    _mm256_storeu_ps(re + p, _mm256_add_ps(xr, yr));
+    _mm256_storeu_ps(im + p, _mm256_add_ps(xi, yi));
+    _mm256_storeu_ps(re + p + L, _mm256_sub_ps(xr, yr));
+    _mm256_storeu_ps(im + p + L, _mm256_sub_ps(xi, yi));
+  }
+}
+
+// The span-(2, 1) pass: every twiddle is 1.
+__attribute__((target("avx2,fma"))) static inline void radix4_dif_unit_avx2(float* __restrict re,
+                                                                         float* __restrict im, int64_t lo,
+                                                                         int64_t hi) {
+  for (int64_t p = lo * L; p < hi * L; p += 4 * L) {
+    const __m256 xar = _mm256_loadu_ps(re + p), xai = _mm256_loadu_ps(im + p);
+    const __m256 xbr = _mm256_loadu_ps(re + p + L), xbi = _mm256_loadu_ps(im + p + L);
+    const __m256 xcr = _mm256_loadu_ps(re + p + 2 * L), xci = _mm256_loadu_ps(im + p + 2 * L);
+    const __m256 xdr = _mm256_loadu_ps(re + p + 3 * L), xdi = _mm256_loadu_ps(im + p + 3 * L);
+    const __m256 ar1 = _mm256_add_ps(xar, xcr), ai1 = _mm256_add_ps(xai, xci);
+    const __m256 br1 = _mm256_add_ps(xbr, xdr), bi1 = _mm256_add_ps(xbi, xdi);
+    const __m256 cr1 = _mm256_sub_ps(xar, xcr), ci1 = _mm256_sub_ps(xai, xci);
+    const __m256 dr1 = _mm256_sub_ps(xbi, xdi), di1 = _mm256_sub_ps(xdr, xbr);
+    _mm256_storeu_ps(re + p, _mm256_add_ps(ar1, br1));
+    _mm256_storeu_ps(im + p, _mm256_add_ps(ai1, bi1));
+    _mm256_storeu_ps(re + p + L, _mm256_sub_ps(ar1, br1));
+    _mm256_storeu_ps(im + p + L, _mm256_sub_ps(ai1, bi1));
+    _mm256_storeu_ps(re + p + 2 * L, _mm256_add_ps(cr1, dr1));
+    _mm256_storeu_ps(im + p + 2 * L, _mm256_add_ps(ci1, di1));
+    _mm256_storeu_ps(re + p + 3 * L, _mm256_sub_ps(cr1, dr1));
+    _mm256_storeu_ps(im + p + 3 * L, _mm256_sub_ps(ci1, di1));
+  }
+}
+
+// All stages: radix-4 passes whose span crosses a 256-point block (16 KB of data) over the whole transform,
+// then the rest block by block in L1, a radix-2 stage last if log2(N) is odd.
 __attribute__((target("avx2,fma"))) void fft_passes_avx2(float* __restrict re, float* __restrict im,
-                                                       const float* __restrict tw, int64_t N) {
+                                                       const float* __restrict tw, int64_t N, int64_t logn) {
   const int64_t blk = std::min<int64_t>(N, 256);
-  for (int64_t b0 = 0; b0 < N; b0 += blk)
-    for (int64_t half = 1, step = N / 2; half < blk; half *= 2, step /= 2)
-      butterflies_avx2(re, im, tw, b0, b0 + blk, half, step);
-  for (int64_t half = blk, step = N / (2 * blk); half < N; half *= 2, step /= 2)
-    butterflies_avx2(re, im, tw, 0, N, half, step);
+  int64_t h = N / 4;
+  for (; h >= 1 && 4 * h > blk; h /= 4) radix4_dif_avx2(re, im, tw, 0, N, h, N);
+  for (int64_t b0 = 0; b0 < N; b0 += blk) {
+    for (int64_t hh = h; hh > 1; hh /= 4) radix4_dif_avx2(re, im, tw, b0, b0 + blk, hh, N);
+    if (logn & 1)
+      radix2_last_avx2(re, im, b0, b0 + blk);
+    else
+      radix4_dif_unit_avx2(re, im, b0, b0 + blk);
+  }
 }
 
-// 8 contiguous float32 rows into the lanes of dst (bit-reversed positions) through 8x8 register
-// transposes; sums of squares in double.
-__attribute__((target("avx2,fma"))) void gather8_avx2(const float* x, int64_t sm, int64_t N,
-                                                    const int32_t* __restrict rev, float* __restrict dst,
+// 8 contiguous float32 rows into the lanes of dst (natural order) through 8x8 register
+// transposes; the rows' sums of squares from the transposed columns (lanes = rows), fp32 over 32 values
+// per lane, then double.
+__attribute__((target("avx2,fma"))) void gather8_avx2(const float* x, int64_t sm, int64_t N, float* __restrict dst,
                                                     double* sumsq) {
-  __m256d s_lo[8], s_hi[8];
-  for (int r = 0; r < 8; ++r) s_lo[r] = s_hi[r] = _mm256_setzero_pd();
-  for (int64_t n0 = 0; n0 < N; n0 += 8) {
-    __m256 v[8];
-    for (int r = 0; r < 8; ++r) {
-      v[r] = _mm256_loadu_ps(x + r * sm + n0);
-      const __m256d lo = _mm256_cvtps_pd(_mm256_castps256_ps128(v[r]));
-      const __m256d hi = _mm256_cvtps_pd(_mm256_extractf128_ps(v[r], 1));
-      s_lo[r] = _mm256_fmadd_pd(lo, lo, s_lo[r]);
-      s_hi[r] = _mm256_fmadd_pd(hi, hi, s_hi[r]);
+  __m256d s_lo = _mm256_setzero_pd(), s_hi = _mm256_setzero_pd();
+  for (int64_t b0 = 0; b0 < N; b0 += 32) {
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    const int64_t b1 = std::min<int64_t>(N, b0 + 32);
+    for (int64_t n0 = b0; n0 < b1; n0 += 8) {
+      __m256 v[8];
+      for (int r = 0; r < 8; ++r) v[r] = _mm256_loadu_ps(x + r * sm + n0);
+      __m256 col[8];  // column c of the 8x8 block = the 8 rows' values at n0 + c
+      mmkernels::transpose8x8_ps(v, col);
+      for (int c = 0; c < 8; c += 2) {
+        acc0 = _mm256_fmadd_ps(col[c], col[c], acc0);
+        acc1 = _mm256_fmadd_ps(col[c + 1], col[c + 1], acc1);
+        _mm256_storeu_ps(dst + (n0 + c) * L, col[c]);
+        _mm256_storeu_ps(dst + (n0 + c + 1) * L, col[c + 1]);
+      }
     }
-    __m256 col[8];  // column c of the 8x8 block = the 8 rows' values at n0 + c
-    mmkernels::transpose8x8_ps(v, col);
-    for (int c = 0; c < 8; ++c) _mm256_storeu_ps(dst + rev[n0 + c] * L, col[c]);
+    const __m256 a = _mm256_add_ps(acc0, acc1);
+    s_lo = _mm256_add_pd(s_lo, _mm256_cvtps_pd(_mm256_castps256_ps128(a)));
+    s_hi = _mm256_add_pd(s_hi, _mm256_cvtps_pd(_mm256_extractf128_ps(a, 1)));
   }
-  for (int r = 0; r < 8; ++r) {
-    alignas(32) double t[4];
-    _mm256_store_pd(t, _mm256_add_pd(s_lo[r], s_hi[r]));
-    sumsq[r] = (t[0] + t[1]) + (t[2] + t[3]);
+  _mm256_storeu_pd(sumsq, s_lo);
+  _mm256_storeu_pd(sumsq + 4, s_hi);
+}
+
+// e[0..L) += pa, e[L..2L) += pb, in double.
+__attribute__((target("avx2,fma"))) static inline void add_band_avx2(double* e, __m256 pa, __m256 pb) {
+  _mm256_storeu_pd(e, _mm256_add_pd(_mm256_loadu_pd(e), _mm256_cvtps_pd(_mm256_castps256_ps128(pa))));
+  _mm256_storeu_pd(e + 4, _mm256_add_pd(_mm256_loadu_pd(e + 4), _mm256_cvtps_pd(_mm256_extractf128_ps(pa, 1))));
+  _mm256_storeu_pd(e + L, _mm256_add_pd(_mm256_loadu_pd(e + L), _mm256_cvtps_pd(_mm256_castps256_ps128(pb))));
+  _mm256_storeu_pd(e + L + 4,
+                   _mm256_add_pd(_mm256_loadu_pd(e + L + 4), _mm256_cvtps_pd(_mm256_extractf128_ps(pb, 1))));
+}
+
+// Band sums of the 2L rows of one transform, e[band * 2L + s], from the packed spectrum Z: row a's power
+// |X_a[k]|^2 = |Z[k] + conj Z[N-k]|^2 / 4 and row b's |Z[k] - conj Z[N-k]|^2 / 4, weighted 2 for bins that
+// stand for their conjugate twins; bin k is at position rev[k]. fp32 within runs of at most 32 bins of one band, then double.
+__attribute__((target("avx2,fma"))) void band_sums_avx2(const float* __restrict re, const float* __restrict im,
+                                                      int64_t N, int64_t K, const int64_t* __restrict bin_band,
+                                                      const int32_t* __restrict rev, double* __restrict e) {
+  __m256 pa = _mm256_setzero_ps(), pb = _mm256_setzero_ps();
+  int64_t cur = K ? bin_band[0] : 0, run = 0;
+  for (int64_t k = 0; k < K; ++k) {
+    if (bin_band[k] != cur || run == 32) {
+      add_band_avx2(e + cur * 2 * L, pa, pb);
+      pa = pb = _mm256_setzero_ps();
+      run = 0;
+      cur = bin_band[k];
+    }
+    const int64_t kk = k == 0 ? 0 : N - k;
+    const __m256 wk = _mm256_set1_ps((k == 0 || 2 * k == N) ? 0.25f : 0.5f);
+    const int64_t pk = rev[k] * L, pkk = rev[kk] * L;
+    const __m256 zr = _mm256_loadu_ps(re + pk), zi = _mm256_loadu_ps(im + pk);
+    const __m256 vr = _mm256_loadu_ps(re + pkk), vi = _mm256_loadu_ps(im + pkk);
+    const __m256 sr = _mm256_add_ps(zr, vr), di = _mm256_sub_ps(zi, vi);
+    const __m256 si = _mm256_add_ps(zi, vi), dr = _mm256_sub_ps(zr, vr);
+    pa = _mm256_fmadd_ps(wk, _mm256_fmadd_ps(sr, sr, _mm256_mul_ps(di, di)), pa);
+    pb = _mm256_fmadd_ps(wk, _mm256_fmadd_ps(si, si, _mm256_mul_ps(dr, dr)), pb);
+    ++run;
   }
+  if (K) add_band_avx2(e + cur * 2 * L, pa, pb);
 }
 
 template <typename T, typename A, bool Wide>
@@ -230,15 +346,19 @@ MMK_INLINE void fft1d_body(const Fft1dArgs& g, int64_t grp0, int64_t grp1) {
   const A* tw = static_cast<const A*>(g.tw);
   std::vector<A> re(N * L), im(N * L), tmp(N);
   std::vector<double> e(2 * L * (J + 1));
+  constexpr bool dif = Wide && std::is_same<A, float>::value;
+  // Position of bin k in the transformed buffers.
+  auto pos = [&](int64_t k) { return dif ? static_cast<int64_t>(g.rev[k]) : k; };
   for (int64_t grp = grp0; grp < grp1; ++grp) {
     const int64_t row0 = grp * 2 * L;
     double sumsq[2 * L];
-    // Gather: lane l of the real parts is row row0+l, of the imaginary parts row row0+L+l, bit-reversed.
+    // Gather: lane l of the real parts is row row0+l, of the imaginary parts row row0+L+l; bit-reversed for
+    // the portable radix-2 DIT, natural order for the AVX2 DIF (which leaves bin k at position rev[k]).
     const bool fast_gather = Wide && std::is_same<T, float>::value && g.sn == 1 && row0 + 2 * L <= g.M;
     if (fast_gather) {
       const float* xr = reinterpret_cast<const float*>(static_cast<const T*>(g.x) + row0 * g.sm);
-      gather8_avx2(xr, g.sm, N, g.rev, reinterpret_cast<float*>(re.data()), sumsq);
-      gather8_avx2(xr + L * g.sm, g.sm, N, g.rev, reinterpret_cast<float*>(im.data()), sumsq + L);
+      gather8_avx2(xr, g.sm, N, reinterpret_cast<float*>(re.data()), sumsq);
+      gather8_avx2(xr + L * g.sm, g.sm, N, reinterpret_cast<float*>(im.data()), sumsq + L);
     } else
     for (int s = 0; s < 2 * L; ++s) {
       A* dst = s < L ? re.data() : im.data();
@@ -246,16 +366,16 @@ MMK_INLINE void fft1d_body(const Fft1dArgs& g, int64_t grp0, int64_t grp1) {
       const int64_t row = row0 + s;
       if (row < g.M) {
         load_row<T, A>(static_cast<const T*>(g.x) + row * g.sm, N, g.sn, tmp.data(), &sumsq[s]);
-        for (int64_t n = 0; n < N; ++n) dst[g.rev[n] * L + lane] = tmp[n];
+        for (int64_t n = 0; n < N; ++n) dst[(dif ? n : g.rev[n]) * L + lane] = tmp[n];
       } else {
         sumsq[s] = 0.0;
         for (int64_t n = 0; n < N; ++n) dst[n * L + lane] = A(0);
       }
     }
-    // Radix-2 decimation in time; every butterfly is one vector op per component across the L lanes.
-    if (Wide && std::is_same<A, float>::value) {
+    // Every butterfly is one vector op per component across the L lanes.
+    if (dif) {
       fft_passes_avx2(reinterpret_cast<float*>(re.data()), reinterpret_cast<float*>(im.data()),
-                      reinterpret_cast<const float*>(tw), N);
+                      reinterpret_cast<const float*>(tw), N, g.logn);
     } else
     for (int64_t half = 1, step = N / 2; half < N; half *= 2, step /= 2) {
       for (int64_t start = 0; start < N; start += 2 * half) {
@@ -279,6 +399,10 @@ MMK_INLINE void fft1d_body(const Fft1dArgs& g, int64_t grp0, int64_t grp1) {
     }
     // e[band * 2L + s]: band sums of row row0 + s, lanes vectorised (the proj copy is a separate loop).
     std::fill(e.begin(), e.end(), 0.0);
+    if (dif) {
+      band_sums_avx2(reinterpret_cast<const float*>(re.data()), reinterpret_cast<const float*>(im.data()), N, K,
+                     g.bin_band, g.rev, e.data());
+    } else
     for (int64_t k = 0; k < K; ++k) {
       const int64_t kk = k == 0 ? 0 : N - k;
       const double wk = (k == 0 || 2 * k == N) ? 1.0 : 2.0;
@@ -298,7 +422,8 @@ MMK_INLINE void fft1d_body(const Fft1dArgs& g, int64_t grp0, int64_t grp1) {
       for (int64_t k = 0; k < K; ++k) {
         const int64_t kk = k == 0 ? 0 : N - k;
         const double sw = (k == 0 || 2 * k == N) ? 1.0 : std::sqrt(2.0);
-        const A *zr = re.data() + k * L, *zi = im.data() + k * L, *vr = re.data() + kk * L, *vi = im.data() + kk * L;
+        const int64_t pk = pos(k) * L, pkk = pos(kk) * L;
+        const A *zr = re.data() + pk, *zi = im.data() + pk, *vr = re.data() + pkk, *vi = im.data() + pkk;
         for (int l = 0; l < L; ++l) {
           const double ar = 0.5 * (static_cast<double>(zr[l]) + vr[l]), ai = 0.5 * (static_cast<double>(zi[l]) - vi[l]);
           const double br = 0.5 * (static_cast<double>(zi[l]) + vi[l]), bi = -0.5 * (static_cast<double>(zr[l]) - vr[l]);
@@ -501,9 +626,137 @@ MMK_INLINE void proj2d_body(const Proj2dArgs& g, int64_t m0, int64_t m1) {
 
 template <typename T, typename A>
 void proj2d_generic(const Proj2dArgs& g, int64_t a, int64_t b) { proj2d_body<T, A>(g, a, b); }
-template <typename T, typename A>
-__attribute__((target("avx2,fma"))) void proj2d_avx2(const Proj2dArgs& g, int64_t a, int64_t b) {
-  proj2d_body<T, A>(g, a, b);
+
+// 2-D, float compute with AVX2: both stages as register-tiled GEMMs C = A B (A row-major, B's rows padded
+// to a multiple of 8 columns): a tile of MR rows of A times 8*NV columns of B lives in MR*NV accumulators,
+// each B row load feeds MR multiply-adds and each broadcast of A feeds NV. Stage 1 is image (H x W) times
+// csv^T (W x 2V), stage 2 csu (2U x H) times that (H x 2V); the tables and the stage-1 result stay in L1.
+template <int MR, int NV>
+__attribute__((target("avx2,fma"))) MMK_INLINE void gemm_tile_avx2(const float* __restrict a, int64_t lda,
+                                                                  const float* __restrict b, int64_t ldb,
+                                                                  int64_t K, float* __restrict c, int64_t ldc) {
+  __m256 acc[MR][NV];
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NV; ++j) acc[i][j] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < K; ++k) {
+    __m256 bv[NV];
+    for (int j = 0; j < NV; ++j) bv[j] = _mm256_loadu_ps(b + k * ldb + 8 * j);
+    for (int i = 0; i < MR; ++i) {
+      const __m256 av = _mm256_broadcast_ss(a + i * lda + k);
+      for (int j = 0; j < NV; ++j) acc[i][j] = _mm256_fmadd_ps(av, bv[j], acc[i][j]);
+    }
+  }
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NV; ++j) _mm256_storeu_ps(c + i * ldc + 8 * j, acc[i][j]);
+}
+
+template <int NV>
+__attribute__((target("avx2,fma"))) MMK_INLINE void gemm_rows_avx2(const float* a, int64_t lda, const float* b,
+                                                                  int64_t ldb, int64_t M, int64_t K, float* c,
+                                                                  int64_t ldc) {
+  constexpr int MR = 6;  // 6 x 2 accumulators + 2 B rows + 1 broadcast: 15 of the 16 ymm registers
+  int64_t i = 0;
+  for (; i + MR <= M; i += MR) gemm_tile_avx2<MR, NV>(a + i * lda, lda, b, ldb, K, c + i * ldc, ldc);
+  switch (M - i) {
+    case 5: gemm_tile_avx2<5, NV>(a + i * lda, lda, b, ldb, K, c + i * ldc, ldc); break;
+    case 4: gemm_tile_avx2<4, NV>(a + i * lda, lda, b, ldb, K, c + i * ldc, ldc); break;
+    case 3: gemm_tile_avx2<3, NV>(a + i * lda, lda, b, ldb, K, c + i * ldc, ldc); break;
+    case 2: gemm_tile_avx2<2, NV>(a + i * lda, lda, b, ldb, K, c + i * ldc, ldc); break;
+    case 1: gemm_tile_avx2<1, NV>(a + i * lda, lda, b, ldb, K, c + i * ldc, ldc); break;
+    default: break;
+  }
+}
+
+// C (M x Np) = A (M x K) B (K x Np), Np a multiple of 8.
+__attribute__((target("avx2,fma"))) void gemm_avx2(const float* a, int64_t lda, const float* b, int64_t ldb,
+                                                 int64_t M, int64_t K, int64_t Np, float* c, int64_t ldc) {
+  int64_t n = 0;
+  for (; n + 16 <= Np; n += 16) gemm_rows_avx2<2>(a, lda, b + n, ldb, M, K, c + n, ldc);
+  if (n < Np) gemm_rows_avx2<1>(a, lda, b + n, ldb, M, K, c + n, ldc);
+}
+
+// Sum of squares of an H x W float block (row stride ld): fp32 partial sums over at most 64 values per row
+// chunk (8 per lane), accumulated in double.
+__attribute__((target("avx2,fma"))) double sumsq_rows_avx2(const float* x, int64_t ld, int64_t H, int64_t W) {
+  alignas(32) static const int32_t ones[16] = {-1, -1, -1, -1, -1, -1, -1, -1, 0, 0, 0, 0, 0, 0, 0, 0};
+  const __m256i tail = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ones + 8 - (W % 8)));
+  __m256d s0 = _mm256_setzero_pd(), s1 = _mm256_setzero_pd();
+  for (int64_t h = 0; h < H; ++h) {
+    const float* r = x + h * ld;
+    for (int64_t w0 = 0; w0 < W; w0 += 64) {
+      const int64_t w1 = std::min<int64_t>(W, w0 + 64);
+      __m256 a = _mm256_setzero_ps(), b = _mm256_setzero_ps();
+      int64_t w = w0;
+      for (; w + 16 <= w1; w += 16) {
+        const __m256 v0 = _mm256_loadu_ps(r + w), v1 = _mm256_loadu_ps(r + w + 8);
+        a = _mm256_fmadd_ps(v0, v0, a);
+        b = _mm256_fmadd_ps(v1, v1, b);
+      }
+      if (w + 8 <= w1) {
+        const __m256 v = _mm256_loadu_ps(r + w);
+        a = _mm256_fmadd_ps(v, v, a);
+        w += 8;
+      }
+      if (w < w1) {
+        const __m256 v = _mm256_maskload_ps(r + w, tail);
+        b = _mm256_fmadd_ps(v, v, b);
+      }
+      a = _mm256_add_ps(a, b);
+      s0 = _mm256_add_pd(s0, _mm256_cvtps_pd(_mm256_castps256_ps128(a)));
+      s1 = _mm256_add_pd(s1, _mm256_cvtps_pd(_mm256_extractf128_ps(a, 1)));
+    }
+  }
+  alignas(32) double t[4];
+  _mm256_store_pd(t, _mm256_add_pd(s0, s1));
+  return (t[0] + t[1]) + (t[2] + t[3]);
+}
+
+template <typename T>
+__attribute__((target("avx2,fma"))) void proj2d_tiled_avx2(const Proj2dArgs& g, int64_t m0, int64_t m1) {
+  const int64_t H = g.H, W = g.W, U = g.U, V = g.V, J = g.J, C2 = 2 * V, R2 = 2 * U;
+  const int64_t Cp = (C2 + 7) / 8 * 8;  // padded row length of csv^T and of the stage results
+  const float* csv = static_cast<const float*>(g.csv);
+  const float* csu = static_cast<const float*>(g.csu);
+  // Images of float32 with unit column stride are read in place; others are converted into one buffer first.
+  const bool direct = std::is_same<T, float>::value && g.sw == 1;
+  std::vector<float> bt(W * Cp, 0.0f), y(H * Cp), z(R2 * Cp), xb(direct ? 0 : H * W);
+  for (int64_t c = 0; c < C2; ++c)
+    for (int64_t w = 0; w < W; ++w) bt[w * Cp + c] = csv[c * W + w];
+  std::vector<double> e(J + 1);
+  for (int64_t m = m0; m < m1; ++m) {
+    const T* xm = static_cast<const T*>(g.x) + m * g.sm;
+    const float* img;
+    int64_t ld;
+    if (direct) {
+      img = reinterpret_cast<const float*>(xm);
+      ld = g.sh;
+    } else {
+      for (int64_t h = 0; h < H; ++h)
+        for (int64_t w = 0; w < W; ++w) xb[h * W + w] = static_cast<float>(xm[h * g.sh + w * g.sw]);
+      img = xb.data();
+      ld = W;
+    }
+    const double sumsq = sumsq_rows_avx2(img, ld, H, W);
+    gemm_avx2(img, ld, bt.data(), Cp, H, W, Cp, y.data(), Cp);  // stage 1: y (H x 2V)
+    gemm_avx2(csu, H, y.data(), Cp, R2, H, Cp, z.data(), Cp);   // stage 2: z (2U x 2V)
+    std::fill(e.begin(), e.end(), 0.0);
+    float* p = g.proj ? static_cast<float*>(g.proj) + m * 2 * U * V : nullptr;
+    for (int64_t u = 0; u < U; ++u) {
+      const float *zc = z.data() + u * Cp, *zs = z.data() + (U + u) * Cp;
+      for (int64_t v = 0; v < V; ++v) {
+        // Re = Cu Yc - Su Ys, Im' = Su Yc + Cu Ys (Im' = -Im X; only |X|^2 matters)
+        const float re = zc[v] - zs[V + v];
+        const float im = zs[v] + zc[V + v];
+        const int64_t band = g.band[u * V + v];
+        if (band >= 0) e[band] += static_cast<double>(re) * re + static_cast<double>(im) * im;
+        if (p) {
+          p[u * V + v] = re;
+          p[U * V + u * V + v] = im;
+        }
+      }
+    }
+    finish_row<float>(e.data(), J, sumsq * static_cast<double>(H * W), static_cast<float*>(g.out) + m * (J + 1));
+  }
 }
 
 std::tuple<at::Tensor, at::Tensor> band_energy_2d_cpu(const at::Tensor& x, const at::Tensor& csv, const at::Tensor& csu,
@@ -528,7 +781,10 @@ std::tuple<at::Tensor, at::Tensor> band_energy_2d_cpu(const at::Tensor& x, const
     Proj2dArgs g{x.const_data_ptr(), M, H, W, x.stride(0), x.stride(1), x.stride(2), U, V, num_cut,
                  csv.const_data_ptr(), csu.const_data_ptr(), band.const_data_ptr<int64_t>(), out.data_ptr(),
                  save_proj ? proj.data_ptr() : nullptr};
-    auto fn = cpu_has_avx2_fma() ? &proj2d_avx2<scalar_t, A> : &proj2d_generic<scalar_t, A>;
+    auto fn = &proj2d_generic<scalar_t, A>;
+    if constexpr (std::is_same<A, float>::value) {
+      if (cpu_has_avx2_fma()) fn = &proj2d_tiled_avx2<scalar_t>;
+    }
     const int64_t work = std::max<int64_t>(1, H * W * (2 * V + 1));
     const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 18) / work);
     at::parallel_for(0, M, grain, [&](int64_t a, int64_t b) { fn(g, a, b); });

@@ -14,7 +14,7 @@ import torch
 
 import mmkernels
 from mmkernels import band_energy, band_energy_ref, band_ratio
-from tests.helpers import assert_close, select_backend
+from tests.helpers import assert_close, run_portable_kernels, select_backend
 from tests.oracles import band_energy_1d as oracle_1d
 from tests.oracles import band_energy_1d_diff as oracle_1d_diff
 from tests.oracles import band_energy_2d as oracle_2d
@@ -423,9 +423,10 @@ def cpu_kernel(monkeypatch):
 
 
 # (M, N, cutoffs): the direct projection (2K <= 64 basis rows, or <= 256 for N not a power of two), the
-# radix-2 FFT over 16-row groups (N a power of two; 37 rows leave a partial group), ATen's rfft (other N).
+# FFT over 16-row groups (N a power of two; 37 rows leave a partial group; log2 N odd (128, 512) ends on a
+# radix-2 stage), ATen's rfft (other N).
 KERNEL_1D = [(64, 76, [0.25]), (37, 256, [0.1, 0.3]), (16, 1024, [0.05, 0.2]), (5, 64, [0.5]),
-             (9, 600, [0.2, 0.45]), (3, 33, [0.1, 0.4, 0.5])]
+             (9, 600, [0.2, 0.45]), (3, 33, [0.1, 0.4, 0.5]), (23, 128, [0.1, 0.3, 0.5]), (35, 512, [0.02, 0.3])]
 
 
 @pytest.mark.parametrize("m,n,cutoffs", KERNEL_1D)
@@ -490,6 +491,45 @@ def test_cpu_kernel_2d(cpu_kernel, shape, cutoffs, dtype):
     xd = xg.detach().requires_grad_()
     (wantg,) = torch.autograd.grad(oracle_2d_diff(xd, cutoffs), xd, gout)
     assert_close(gx, wantg, rtol=1e-9, atol=1e-9 * float(wantg.abs().max()), what="2-D grad")
+
+
+# (shape, cutoffs) of the 2-D kernel's register tiles: H and 2U not multiples of the 6-row tile, 2V = 18 (a
+# 16-column and an 8-column block, padded), W not a multiple of 8 (the masked tail of the sums of squares).
+KERNEL_2D_TILES = [((3, 40, 44), [0.05, 0.2]), ((2, 31, 17), [0.05, 0.15, 0.3]), ((5, 9, 23), [0.1, 0.25])]
+
+
+@pytest.mark.parametrize("shape,cutoffs", KERNEL_2D_TILES)
+def test_cpu_kernel_2d_tiles(cpu_kernel, shape, cutoffs):
+    from mmkernels.ops.band_energy import plans
+
+    if plans.plan_2d(shape[-2:], tuple(cutoffs)).use_fft:
+        pytest.fail("case meant for the projection kernel: the plan chose rfft2")
+    base = torch.randn(shape[0], shape[1] + 3, shape[2] + 5)
+    for x in (base[:, :shape[1], :shape[2]].contiguous(), base[:, 2:, 3:3 + shape[2]][:, :shape[1]]):
+        # contiguous images, and images read in place with a row stride longer than W
+        got = band_energy(x, cutoffs, ndim=2)
+        assert_bands_close(got, oracle_2d(x, cutoffs), f"{tuple(x.shape)} stride {x.stride()}")
+
+
+_PORTABLE = """
+import torch
+from mmkernels import band_energy
+from tests.oracles import band_energy_1d, band_energy_2d
+from tests.test_band_energy import assert_bands_close
+torch.manual_seed(0)
+for m, n, cut in [(37, 256, [0.1, 0.3]), (21, 128, [0.1, 0.3, 0.5]), (9, 76, [0.25])]:
+    x = torch.randn(m, n)
+    assert_bands_close(band_energy(x, cut), band_energy_1d(x, cut), f"portable 1-D {m}x{n}")
+for shape, cut in [((3, 40, 44), [0.05, 0.2]), ((2, 31, 17), [0.05, 0.15, 0.3])]:
+    x = torch.randn(shape)
+    assert_bands_close(band_energy(x, cut, ndim=2), band_energy_2d(x, cut), f"portable 2-D {shape}")
+print("portable ok")
+"""
+
+
+def test_cpu_kernel_portable_path(cpu_kernel):
+    # the non-AVX2 loops (radix-2 FFT, untiled 2-D projection), picked once per process: a fresh one
+    run_portable_kernels(_PORTABLE)
 
 
 @pytest.mark.gpu

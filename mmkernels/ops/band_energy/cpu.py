@@ -6,9 +6,13 @@ cos/sin bases, the Parseval total in float64, the last band as total − others 
 so the backward is the reference's (:func:`.reference.backward_1d` / ``backward_2d``: two GEMMs).
 
 1-D method, by cost: a direct projection (``2K`` dot products per row, rows across the vector lanes) while
-the basis is small, else a radix-2 FFT over 16 rows at a time (N a power of two) or ATen's ``rfft`` (other
-N) followed by the same band reduction. 2-D: the separable projection while the plan says it is cheaper
-than an ``rfft2``; otherwise the reference (its ``rfft2``).
+the basis is small, else an FFT over 16 rows at a time (N a power of two; radix-4 with AVX2, the input read
+once in sequence) or ATen's ``rfft`` (other N) followed by the same band reduction. 2-D: the separable
+projection while the plan says it is cheaper than an ``rfft2`` (with AVX2 both stages as register-tiled
+GEMMs, the image read in place); otherwise the reference (its ``rfft2``). The 2-D kernel is used at every
+shape the plan sends to the projection: at 64×64×56×56 (cutoff 0.1, 1 thread) it took 15 ms of CPU time
+against 38 ms for the reference's two matmuls, and at small images its per-call cost is below the
+reference's.
 """
 from __future__ import annotations
 
