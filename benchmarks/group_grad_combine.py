@@ -13,7 +13,7 @@ the C++ kernel on the CPU). Coefficients ``a = (0.5, 0.6)``, ``b = (0.5, 0.4)``,
 values). MMPareto's released code has no op-level counterpart (its combination is a per-parameter loop inside
 the training step, with a host-side test per tensor: ``mmkernels.bench.bench_mmpareto`` times that step).
 
-Cases: the balancers' per-step shape (both encoders at width 64, every parameter: 124 tensors, 22.4M
+Cases: the balancers' per-step shape (both encoders at width 64, every parameter: 120 tensors, 22.4M
 elements per list), a large one (width 96: 604 MB moved), a quick one (2 small tensors per encoder).
 """
 from __future__ import annotations

@@ -13,7 +13,7 @@ The peers sum in float32, ours in float64: the peers are not slowed by our preci
 has no op-level counterpart (its dot products are a per-tensor loop inside the training step:
 ``mmkernels.bench.bench_mmpareto`` times that step).
 
-Cases: the balancers' per-step shape (both encoders at width 64, every parameter: 124 tensors, 22.4M
+Cases: the balancers' per-step shape (both encoders at width 64, every parameter: 120 tensors, 22.4M
 elements per list), a large one (width 96, 403 MB read), and a quick one (2 small tensors per encoder, so that
 compiling the peer stays short).
 """

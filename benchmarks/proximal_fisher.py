@@ -12,7 +12,7 @@ tensor, ``torch._foreach_norm`` for the trace term: no host sync) and ``torch.co
 inductor fuses it into one pass per tensor); ``proximal_fisher_ref_`` (this library's per-tensor reference);
 ``mmkernels.proximal_fisher_`` (one pass; the C++ kernel on the CPU).
 
-Cases: the balancers' per-step shape (both encoders at width 64, every parameter, 124 tensors, 22.4M elements;
+Cases: the balancers' per-step shape (both encoders at width 64, every parameter, 120 tensors, 22.4M elements;
 as in InfoReg only the dominant (audio) encoder is pulled, ``beta = (0.5, 0)``, the other's gradients are only
 read for its trace term), a large one (width 96, both encoders pulled, ``beta = (0.5, 0.25)``: 806 MB moved),
 a quick one (2 small tensors per encoder). Repeated calls add ``beta * (theta - theta0)`` again each time, a

@@ -152,7 +152,8 @@ def bench_path(device: str) -> str:
 
 # ------------------------------------------------------------------------------------------------ benchmark modules
 OP_MODULES = ("frm", "band_energy", "modality_scores", "decision_fuse", "scale_grads", "prototype_ce",
-              "update_scale", "modality_drop", "grad_scale")
+              "update_scale", "modality_drop", "grad_scale", "group_grad_stats", "group_grad_combine",
+              "proximal_fisher")
 
 
 def benchmarks_dir() -> str | None:
