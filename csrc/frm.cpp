@@ -3,7 +3,8 @@
 // p rows with the 2q DCT rows the metric reads (Z = R·strip, 2q x W, vectorised along W); stage 2 contracts
 // each patch's p columns with the same rows, giving the q x q low block Y[a, d] and the flipped high block
 // Y[p-1-a, p-1-d]; |low / (high + eps)| is summed in double per strip. Strip partials are combined in strip
-// order, so the result does not depend on the thread count.
+// order, so the result does not depend on the thread count. p = 8 with float32 arithmetic (the images the
+// metric is used on) has its own AVX2 path (frm_strips_p8_avx2); everything else runs the general body.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -14,6 +15,7 @@
 #include "simd.h"
 
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <type_traits>
 #include <vector>
@@ -27,67 +29,122 @@ struct FrmArgs {
   int64_t p, q, nph, npw;
 };
 
-// The body, inlined into a portable and an AVX2+FMA copy (the extension is built without -mavx2; the
-// wider copy is picked at run time).
-// Stage 1 for p = 8, float32: eight columns at a time, the eight image rows loaded once and all 2q outputs
-// kept in registers (no read-modify-write of Z per row). Returns the columns done (a multiple of 8).
-template <int Q2>
-__attribute__((target("avx2,fma"))) int64_t frm_stage1_p8_q(const float* const* src, int64_t W, const float* R,
-                                                           float* Z) {
-  const int64_t done = W / 8 * 8;
-  __m256 c[Q2][8];
-  for (int r = 0; r < Q2; ++r)
-    for (int i = 0; i < 8; ++i) c[r][i] = _mm256_set1_ps(R[r * 8 + i]);
-  for (int64_t w = 0; w < done; w += 8) {
-    __m256 x[8];
-    for (int i = 0; i < 8; ++i) x[i] = _mm256_loadu_ps(src[i] + w);
-    for (int r = 0; r < Q2; ++r) {
-      __m256 acc = _mm256_mul_ps(c[r][0], x[0]);
-      for (int i = 1; i < 8; ++i) acc = _mm256_fmadd_ps(c[r][i], x[i], acc);
-      _mm256_storeu_ps(Z + r * W + w, acc);
-    }
-  }
-  return done;
+// The fast path: p = 8, float32 arithmetic (float32, float16 and bfloat16 inputs), AVX2+FMA; one strip at a time,
+// everything after the strip's one read of x runs in L1 (Z is 2q rows of W floats).
+//
+// Stage 1, eight columns at a time. D[k, 7-n] = -D[k, n] for odd k, so an odd row is 4 multiply-adds on
+// d_i = x_i - x_{7-i} (i < 4) instead of 8 on x (and d_i is exact for neighbouring pixels within a factor 2 of
+// each other). Even rows keep the 8 products: the matching sums x_i + x_{7-i} are twice the size of x and
+// their rounding, carried into the tiny high-frequency denominators, measurably raised the error on
+// image-like inputs. The rows of the next strips are prefetched meanwhile: a strip is p rows that each span
+// only a few cache lines, too short a stream for the hardware prefetcher to pick up before it ends, which
+// left the kernel waiting on DRAM for most lines once x was larger than the caches.
+// The 2q rows of R, every coefficient broadcast to a vector once per call: the kernels below read them as
+// memory operands of their multiply-adds (one fused load per product, no broadcast in the loops).
+template <int Q>
+struct FrmCoef8 {
+  __m256 c[2 * Q][8];
+};
+
+// DCT frequency of row r of R (rows 0..q-1 are D[0..q-1], rows q..2q-1 are D[7], D[6], ...).
+template <int Q>
+constexpr int frm_freq(int r) {
+  return r < Q ? r : 7 - (r - Q);
 }
 
-__attribute__((target("avx2,fma"))) int64_t frm_stage1_p8_avx2(const float* const* src, int64_t W, int64_t q,
-                                                             const float* R, float* Z) {
-  switch (q) {
-    case 1: return frm_stage1_p8_q<2>(src, W, R, Z);
-    case 2: return frm_stage1_p8_q<4>(src, W, R, Z);
-    case 3: return frm_stage1_p8_q<6>(src, W, R, Z);
-    case 4: return frm_stage1_p8_q<8>(src, W, R, Z);
-    default: return 0;
+// sum_n D[k, n] v[n] over 8 vectors, using the symmetry of the DCT rows: D[0, n] is one constant (7 adds and
+// one product); for odd k D[k, 7-n] = -D[k, n], so 4 products of dv[n] = v[n] - v[7-n] (precomputed by the
+// caller; exact for neighbouring values within a factor 2 of each other); other even k keep the 8 products:
+// the matching sums v[n] + v[7-n] are twice the size of v and their rounding, carried into the tiny
+// high-frequency denominators, measurably raised the error on image-like inputs. Beyond the saved
+// multiply-adds, the adds run on the FP add pipes, which the 8-product form leaves idle.
+template <int K>
+__attribute__((target("avx2,fma"))) static inline __m256 frm_dot8(const __m256* c, const __m256* v, const __m256* dv) {
+  if constexpr (K == 0) {
+    const __m256 s = _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(v[0], v[1]), _mm256_add_ps(v[2], v[3])),
+                                   _mm256_add_ps(_mm256_add_ps(v[4], v[5]), _mm256_add_ps(v[6], v[7])));
+    return _mm256_mul_ps(c[0], s);
+  } else if constexpr (K % 2 == 1) {
+    __m256 acc = _mm256_mul_ps(c[0], dv[0]);
+    for (int i = 1; i < 4; ++i) acc = _mm256_fmadd_ps(c[i], dv[i], acc);
+    return acc;
+  } else {
+    __m256 acc = _mm256_mul_ps(c[0], v[0]);
+    for (int i = 1; i < 8; ++i) acc = _mm256_fmadd_ps(c[i], v[i], acc);
+    return acc;
   }
 }
 
-// Stage 2 for p = 8, float32, eight patches at a time: an 8x8 register transpose of each Z row turns the
-// patches into vector lanes, so every coefficient is 8 broadcast multiply-adds and the ratio is computed
-// lane-wise. A last partial group runs on a zero-padded copy with its padding lanes masked out. Returns
-// the number of patches done (all of them); their |ratio| sum is added to *tot.
-__attribute__((target("avx2,fma"))) static inline __m256 frm_group_p8(const float* Z, int64_t W, int64_t q,
-                                                                     const float* R, __m256 veps) {
-  const __m256 sign = _mm256_set1_ps(-0.0f);
-  __m256 zt[8][8];  // [row r < 2q <= 8][column n]: lanes = 8 patches
-  for (int64_t r = 0; r < 2 * q; ++r) {
-    const float* z = Z + r * W;
-    __m256 v[8];
-    for (int i = 0; i < 8; ++i) v[i] = _mm256_loadu_ps(z + 8 * i);
-    mmkernels::transpose8x8_ps(v, zt[r]);
+template <int Q, int R0 = 0>
+__attribute__((target("avx2,fma"))) static inline void frm_stage1_rows(const FrmCoef8<Q>& R, const __m256* x,
+                                                                      const __m256* d, float* z, int64_t zs) {
+  if constexpr (R0 < 2 * Q) {
+    _mm256_storeu_ps(z + R0 * zs, frm_dot8<frm_freq<Q>(R0)>(R.c[R0], x, d));
+    frm_stage1_rows<Q, R0 + 1>(R, x, d, z, zs);
   }
+}
+
+// Stage 1, eight columns at a time: Z[r, w] = sum_i D[k_r, i] x[i, w].
+template <int Q>
+__attribute__((target("avx2,fma"))) static inline void frm_stage1_cols8(const float* const* src, int64_t w,
+                                                                       const FrmCoef8<Q>& R, float* Z, int64_t zs) {
+  __m256 x[8], d[4];
+  for (int i = 0; i < 8; ++i) x[i] = _mm256_loadu_ps(src[i] + w);
+  for (int i = 0; i < 4; ++i) d[i] = _mm256_sub_ps(x[i], x[7 - i]);
+  frm_stage1_rows<Q>(R, x, d, Z + w, zs);
+}
+
+// The rows of a later strip are prefetched meanwhile: a strip is p rows read side by side, each only a few
+// cache lines long, too short a stream for the hardware prefetcher to pick up before it ends.
+template <int Q>
+__attribute__((target("avx2,fma"))) static inline void frm_stage1_p8(const float* const* src, int64_t W,
+                                                                    const FrmCoef8<Q>& R, float* Z, int64_t zs,
+                                                                    const char* const* next) {
+  int64_t w = 0;
+  for (; w + 16 <= W; w += 16) {  // one prefetch per row per 64 bytes
+    if (next)
+      for (int i = 0; i < 8; ++i) _mm_prefetch(next[i] + w * 4, _MM_HINT_T0);
+    frm_stage1_cols8<Q>(src, w, R, Z, zs);
+    frm_stage1_cols8<Q>(src, w + 8, R, Z, zs);
+  }
+  if (w < W) frm_stage1_cols8<Q>(src, w, R, Z, zs);
+  if (next)  // the line holding each row's last element (rows need not start on a line boundary)
+    for (int i = 0; i < 8; ++i) _mm_prefetch(next[i] + (W - 1) * 4, _MM_HINT_T0);
+}
+
+// |Y[a, d] / (Y[7-a, 7-d] + eps)| summed over d, from the transposed low row a and high row q + a of Z.
+template <int Q, int D = 0>
+__attribute__((target("avx2,fma"))) static inline __m256 frm_ratios(const FrmCoef8<Q>& R, const __m256* lo,
+                                                                   const __m256* lod, const __m256* hi,
+                                                                   const __m256* hid, __m256 veps, __m256 sum) {
+  if constexpr (D < Q) {
+    const __m256 yl = frm_dot8<D>(R.c[D], lo, lod);
+    const __m256 yh = frm_dot8<7 - D>(R.c[Q + D], hi, hid);
+    const __m256 r = _mm256_andnot_ps(_mm256_set1_ps(-0.0f), _mm256_div_ps(yl, _mm256_add_ps(yh, veps)));
+    return frm_ratios<Q, D + 1>(R, lo, lod, hi, hid, veps, _mm256_add_ps(sum, r));
+  } else {
+    return sum;
+  }
+}
+
+// Stage 2, eight patches at a time: an 8x8 register transpose of a Z row turns the patches into vector lanes,
+// so every coefficient is a lane-wise multiply-add and so is the ratio. One low row a and its high partner
+// q + a at a time.
+template <int Q>
+__attribute__((target("avx2,fma"))) static inline __m256 frm_group_p8(const float* Z, int64_t zs, const FrmCoef8<Q>& R,
+                                                                     __m256 veps) {
   __m256 sum = _mm256_setzero_ps();
-  for (int64_t a = 0; a < q; ++a) {
-    for (int64_t d = 0; d < q; ++d) {
-      const float* rl = R + d * 8;
-      const float* rh = R + (q + d) * 8;
-      __m256 yl = _mm256_mul_ps(_mm256_set1_ps(rl[0]), zt[a][0]);
-      __m256 yh = _mm256_mul_ps(_mm256_set1_ps(rh[0]), zt[q + a][0]);
-      for (int n = 1; n < 8; ++n) {
-        yl = _mm256_fmadd_ps(_mm256_set1_ps(rl[n]), zt[a][n], yl);
-        yh = _mm256_fmadd_ps(_mm256_set1_ps(rh[n]), zt[q + a][n], yh);
-      }
-      sum = _mm256_add_ps(sum, _mm256_andnot_ps(sign, _mm256_div_ps(yl, _mm256_add_ps(yh, veps))));
+  for (int a = 0; a < Q; ++a) {
+    __m256 lo[8], hi[8], v[8], lod[4], hid[4];  // lo[n], hi[n]: column n of the 8 patches' Z rows a and q + a
+    for (int i = 0; i < 8; ++i) v[i] = _mm256_loadu_ps(Z + a * zs + 8 * i);
+    mmkernels::transpose8x8_ps(v, lo);
+    for (int i = 0; i < 8; ++i) v[i] = _mm256_loadu_ps(Z + (Q + a) * zs + 8 * i);
+    mmkernels::transpose8x8_ps(v, hi);
+    for (int i = 0; i < 4; ++i) {
+      lod[i] = _mm256_sub_ps(lo[i], lo[7 - i]);
+      hid[i] = _mm256_sub_ps(hi[i], hi[7 - i]);
     }
+    sum = frm_ratios<Q>(R, lo, lod, hi, hid, veps, sum);
   }
   return sum;
 }
@@ -97,31 +154,68 @@ __attribute__((target("avx2,fma"))) static inline __m256d frm_widen_add(__m256d 
                                           _mm256_cvtps_pd(_mm256_extractf128_ps(s, 1))));
 }
 
-__attribute__((target("avx2,fma"))) int64_t frm_stage2_p8_avx2(const float* Z, int64_t W, int64_t npw, int64_t q,
-                                                             const float* R, float eps, double* tot) {
+// The |ratio| sum of one strip's npw patches. Z's rows are zs >= 8 * 8 * ceil(npw / 8) floats, zero past W, so a
+// last partial group reads zeros; its padding lanes (0 / (0 + eps), NaN when eps == 0) are masked out.
+template <int Q>
+__attribute__((target("avx2,fma"))) static inline double frm_stage2_p8(const float* Z, int64_t zs, int64_t npw,
+                                                                      const FrmCoef8<Q>& R, __m256 veps, __m256 tail) {
   const int64_t full = npw / 8 * 8;
-  const __m256 veps = _mm256_set1_ps(eps);
   // float32 within a group of 8 patches x q*q terms, double across groups (the strip total)
   __m256d acc = _mm256_setzero_pd();
-  for (int64_t pw = 0; pw < full; pw += 8) acc = frm_widen_add(acc, frm_group_p8(Z + pw * 8, W, q, R, veps));
-  if (full < npw) {
-    const int64_t rest = npw - full;
-    alignas(32) float pad[8 * 64] = {};
-    for (int64_t r = 0; r < 2 * q; ++r)
-      for (int64_t i = 0; i < rest * 8; ++i) pad[r * 64 + i] = Z[r * W + full * 8 + i];
-    alignas(32) int32_t keep[8];
-    for (int l = 0; l < 8; ++l) keep[l] = l < rest ? -1 : 0;
-    // padding lanes are 0 / (0 + eps): dropped explicitly (NaN when eps == 0)
-    acc = frm_widen_add(acc, _mm256_and_ps(frm_group_p8(pad, 64, q, R, veps),
-                                           _mm256_castsi256_ps(_mm256_load_si256((const __m256i*)keep))));
-  }
+  for (int64_t pw = 0; pw < full; pw += 8) acc = frm_widen_add(acc, frm_group_p8<Q>(Z + pw * 8, zs, R, veps));
+  if (full < npw) acc = frm_widen_add(acc, _mm256_and_ps(frm_group_p8<Q>(Z + full * 8, zs, R, veps), tail));
   alignas(32) double t[4];
   _mm256_store_pd(t, acc);
-  *tot += (t[0] + t[1]) + (t[2] + t[3]);
-  return npw;
+  return (t[0] + t[1]) + (t[2] + t[3]);
 }
 
-template <typename T, typename A, int PP, bool Wide>
+template <typename T, int Q>
+__attribute__((target("avx2,fma"))) void frm_strips_p8_avx2(const FrmArgs& g, const float* R, float eps, int64_t s0,
+                                                            int64_t s1, double* part) {
+  const int64_t W = g.W, zs = (W + 63) / 64 * 64;
+  const bool direct = std::is_same<T, float>::value && g.sw == 1;
+  std::vector<float> rowbuf(direct ? 0 : 8 * W), zbuf(2 * Q * zs, 0.0f);
+  const float* src[8];
+  const char* next[8];
+  const __m256 veps = _mm256_set1_ps(eps);
+  FrmCoef8<Q> coef;
+  for (int r = 0; r < 2 * Q; ++r)
+    for (int i = 0; i < 8; ++i) coef.c[r][i] = _mm256_set1_ps(R[r * 8 + i]);
+  alignas(32) int32_t keep[8];
+  for (int l = 0; l < 8; ++l) keep[l] = l < g.npw % 8 ? -1 : 0;
+  const __m256 tail = _mm256_castsi256_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(keep)));
+  // How far ahead to prefetch: at least one strip, about 16 KB (measured at 112- and 448-pixel rows, 1 thread:
+  // no prefetch 25-30% slower on inputs past the caches; 8-128 KB within noise of each other).
+  const int64_t ahead = std::max<int64_t>(1, 16384 / (8 * W * static_cast<int64_t>(sizeof(float))));
+  auto strip_base = [&](int64_t s) {
+    const int64_t ph = s % g.nph, bc = s / g.nph, c = bc % g.C, b = bc / g.C;
+    return static_cast<const T*>(g.x) + b * g.sb + c * g.sc + ph * 8 * g.sh;
+  };
+  for (int64_t s = s0; s < s1; ++s) {
+    const T* base = strip_base(s);
+    for (int64_t i = 0; i < 8; ++i) {
+      const T* row = base + i * g.sh;
+      if (direct) {
+        src[i] = reinterpret_cast<const float*>(row);
+      } else {
+        float* dst = rowbuf.data() + i * W;
+        for (int64_t w = 0; w < W; ++w) dst[w] = static_cast<float>(row[w * g.sw]);
+        src[i] = dst;
+      }
+    }
+    const bool fetch = direct && s + ahead < s1;
+    if (fetch) {
+      const T* nb = strip_base(s + ahead);
+      for (int64_t i = 0; i < 8; ++i) next[i] = reinterpret_cast<const char*>(nb + i * g.sh);
+    }
+    frm_stage1_p8<Q>(src, W, coef, zbuf.data(), zs, fetch ? next : nullptr);
+    part[s] = frm_stage2_p8<Q>(zbuf.data(), zs, g.npw, coef, veps, tail);
+  }
+}
+
+// The general body (any p; float64; CPUs without AVX2), inlined into a portable and an AVX2+FMA copy (the
+// extension is built without -mavx2; the wider copy is picked at run time).
+template <typename T, typename A, int PP>
 static inline __attribute__((always_inline)) void frm_strips_body(const FrmArgs& g, const A* R, A eps, int64_t s0,
                                                                   int64_t s1, double* part) {
   const int64_t p = PP ? PP : g.p, q = g.q, W = g.W;
@@ -143,9 +237,6 @@ static inline __attribute__((always_inline)) void frm_strips_body(const FrmArgs&
       }
     }
     // Stage 1: Z[r, w] = sum_i R[r, i] x[i, w]
-    int64_t w_done = 0;
-    if constexpr (Wide && PP == 8 && std::is_same<A, float>::value) w_done = frm_stage1_p8_avx2(src.data(), W, q, R, Z);
-    if (w_done < W)
     for (int64_t r = 0; r < 2 * q; ++r) {
       A* z = Z + r * W;
       const A c0 = R[r * p];
@@ -161,9 +252,7 @@ static inline __attribute__((always_inline)) void frm_strips_body(const FrmArgs&
     }
     // Stage 2, per patch: low Y[a, d] and its flipped-high partner
     double tot = 0.0;
-    int64_t pw0 = 0;
-    if constexpr (Wide && PP == 8 && std::is_same<A, float>::value) pw0 = frm_stage2_p8_avx2(Z, W, g.npw, q, R, eps, &tot);
-    for (int64_t pw = pw0; pw < g.npw; ++pw) {
+    for (int64_t pw = 0; pw < g.npw; ++pw) {
       for (int64_t a = 0; a < q; ++a) {
         const A* zl = Z + a * W + pw * p;
         const A* zh = Z + (q + a) * W + pw * p;
@@ -186,17 +275,18 @@ static inline __attribute__((always_inline)) void frm_strips_body(const FrmArgs&
 
 template <typename T, typename A, int PP>
 void frm_strips_generic(const FrmArgs& g, const A* R, A eps, int64_t s0, int64_t s1, double* part) {
-  frm_strips_body<T, A, PP, false>(g, R, eps, s0, s1, part);
+  frm_strips_body<T, A, PP>(g, R, eps, s0, s1, part);
 }
 
 template <typename T, typename A, int PP>
 __attribute__((target("avx2,fma"))) void frm_strips_avx2(const FrmArgs& g, const A* R, A eps, int64_t s0,
                                                           int64_t s1, double* part) {
-  frm_strips_body<T, A, PP, true>(g, R, eps, s0, s1, part);
+  frm_strips_body<T, A, PP>(g, R, eps, s0, s1, part);
 }
 
-bool cpu_has_avx2_fma() {
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+bool cpu_has_avx2_fma() {  // MMKERNELS_NO_AVX2=1 forces the portable loops (tested on AVX2 machines too)
+  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                         std::getenv("MMKERNELS_NO_AVX2") == nullptr;
   return ok;
 }
 
@@ -215,6 +305,13 @@ void frm_run(const FrmArgs& g, double eps, int64_t strips, double* part) {
   const bool wide = cpu_has_avx2_fma();
   Fn fn = g.p == 8 ? (wide ? &frm_strips_avx2<T, A, 8> : &frm_strips_generic<T, A, 8>)
                    : (wide ? &frm_strips_avx2<T, A, 0> : &frm_strips_generic<T, A, 0>);
+  if constexpr (std::is_same<A, float>::value) {
+    if (wide && g.p == 8) {
+      static constexpr Fn fast[4] = {&frm_strips_p8_avx2<T, 1>, &frm_strips_p8_avx2<T, 2>, &frm_strips_p8_avx2<T, 3>,
+                                     &frm_strips_p8_avx2<T, 4>};
+      fn = fast[g.q - 1];  // 1 <= q <= p / 2
+    }
+  }
   // ~32K elements per task: small inputs stay on one thread (no fork/join cost).
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, g.p * g.W));
   const A* Rp = R.data();

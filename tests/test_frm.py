@@ -7,7 +7,7 @@ import mmkernels
 from mmkernels import _tuning
 from mmkernels.bench.released import dct_2d_fft, mwam_frm
 from mmkernels.ops.frm import _frm_fwd_kernel, _frm_fwd_triton, frm_ref
-from tests.helpers import assert_close, select_backend
+from tests.helpers import assert_close, run_portable_kernels, select_backend
 from tests.oracles import dct_matrix
 from tests.oracles import frm as oracle
 
@@ -244,13 +244,43 @@ def cpu_kernel(monkeypatch):
 
 
 @pytest.mark.parametrize("shape,p,q", [((2, 3, 16, 112), 8, 2), ((1, 2, 8, 72), 8, 1), ((1, 2, 8, 72), 8, 3),
-                                       ((2, 1, 8, 136), 8, 4), ((3, 2, 10, 15), 5, 2)])
+                                       ((2, 1, 8, 136), 8, 4), ((3, 2, 10, 15), 5, 2), ((2, 1, 16, 128), 8, 2),
+                                       ((3, 1, 8, 8), 8, 2), ((1, 1, 48, 24), 8, 4)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_cpu_kernel_vector_groups_and_tails(cpu_kernel, shape, p, q, dtype):
-    # p = 8 fp32 takes eight patches per vector group: rows of 14, 9 and 17 patches leave scalar tails.
+    # p = 8 fp32 takes eight patches per vector group: rows of 14, 9 and 17 patches end in a partial group,
+    # 16 patches in two full ones, 1 and 3 patches in a partial group only; 12 strips of 112 columns reach
+    # past the prefetch distance (the AVX2 path prefetches the strips ahead), 6 strips of 24 columns do not.
     x = well_conditioned(shape, p, q, dtype)
     want, _ = oracle(x, p, q)
     assert_close(mmkernels.frm(x, patch_size=p, window=q), want, rtol=RTOL[dtype], atol=0, what=f"{shape} q={q}")
+
+
+def test_cpu_kernel_eps_zero_partial_group(cpu_kernel):
+    # eps = 0: the padding lanes of a partial group are 0 / 0 and must be dropped, not summed as NaN.
+    x = well_conditioned((2, 2, 16, 40), 8, 2, torch.float32)
+    want, _ = oracle(x, 8, 2, eps=0.0)
+    assert_close(mmkernels.frm(x, eps=0.0), want, rtol=3e-5, atol=0, what="eps=0")
+
+
+_PORTABLE = """
+import torch, mmkernels
+from tests.oracles import frm as oracle
+from tests.test_frm import well_conditioned
+torch.manual_seed(0)
+with mmkernels.use_backend("auto"):
+    for shape, p, q in [((2, 3, 16, 112), 8, 2), ((1, 2, 8, 72), 8, 3), ((3, 2, 10, 15), 5, 2)]:
+        x = well_conditioned(shape, p, q)
+        want, _ = oracle(x, p, q)
+        got = mmkernels.frm(x, patch_size=p, window=q).double()
+        assert ((got - want).abs() <= 3e-5 * want.abs()).all(), (shape, got, want)
+print("portable ok")
+"""
+
+
+def test_cpu_kernel_portable_path(cpu_kernel):
+    # CPUs without AVX2 run the general loops for p = 8 too (picked once per process: a fresh one with them forced)
+    run_portable_kernels(_PORTABLE)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
