@@ -11,8 +11,8 @@ once in sequence) or ATen's ``rfft`` (other N) followed by the same band reducti
 projection while the plan says it is cheaper than an ``rfft2`` (with AVX2 both stages as register-tiled
 GEMMs, the image read in place); otherwise the reference (its ``rfft2``). The 2-D kernel is used at every
 shape the plan sends to the projection: at 64×64×56×56 (cutoff 0.1, 1 thread) it took 15 ms of CPU time
-against 38 ms for the reference's two matmuls, and at small images its per-call cost is below the
-reference's.
+against 38 ms for the reference's two matmuls, and small inputs gain as much (2×4×20×20: 31 against 169 µs
+per call; 8×64×14×14: 0.20 against 1.03 ms), so there is no shape threshold.
 """
 from __future__ import annotations
 
