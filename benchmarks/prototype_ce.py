@@ -8,7 +8,8 @@ prototype score ``Σ_i softmax(−d)[i, y_i]``. Implementations: the released PM
 :func:`~mmkernels.bench.released.pmr_score`, a per-sample loop; left out where B·C makes it take minutes);
 the eager composition a user would write (``torch.cdist`` → ``cross_entropy`` and a gather for the score) and
 ``torch.compile`` of it (the peers); the library's ``prototype_ce_ref`` and ``mmkernels.prototype_ce``, which
-also return the prototype entropy in the same pass. On the CPU backend ``auto`` runs the reference.
+also return the prototype entropy in the same pass. On CPU tensors backend ``auto`` runs the extension's C++
+kernels (the reference where the extension is not built); rows carry the path that ran.
 Cases: CREMA-D's 64×6×512 and VGGSound's 64×309×512 per-step shapes, and on CUDA larger ones.
 """
 from __future__ import annotations
@@ -36,6 +37,16 @@ def eager_pce(h: torch.Tensor, c: torch.Tensor, y: torch.Tensor):
     z = -torch.cdist(h.float(), c.float())
     score = torch.softmax(z, dim=1).gather(1, y[:, None]).sum()
     return F.cross_entropy(z, y), score
+
+
+def _path(device: str) -> str:
+    """``cpp`` where the op runs the C++ CPU kernels (CPU tensors, backend ``auto``, extension built)."""
+    import mmkernels
+    from mmkernels import _ext
+
+    if device == "cpu" and mmkernels.get_backend() == "auto" and _ext.has_kernel("prototype_ce_fwd", "cpu"):
+        return "cpp"
+    return bench_path(device)
 
 
 def make_impls(case: Case, device: str) -> Bench:
@@ -69,7 +80,7 @@ def make_impls(case: Case, device: str) -> Bench:
 
     compiled = torch.compile(eager_pce)
     impls, roles = {}, {}
-    extra = {"backend": mmkernels.get_backend(), "path": bench_path(device)}
+    extra = {"backend": mmkernels.get_backend(), "path": _path(device)}
     if B * C <= RELEASED_MAX_PAIRS:
         impls["released_eu_dist_loop"] = fwd_bwd(released)
         roles["released_eu_dist_loop"] = "released"
