@@ -172,3 +172,92 @@ def test_reference_gives_the_same_value_and_gradient(device, per_sample):
 def test_non_finite_python_coeff_is_refused(bad):
     with pytest.raises(ValueError, match="grad_scale: coeff must be a finite number"):
         grad_scale(torch.randn(3, requires_grad=True), bad)
+
+
+# --------------------------------------------------------------------------------------------------------
+# the eager CPU path: the extension's C++ autograd Function (csrc/grad_scale.cpp)
+# --------------------------------------------------------------------------------------------------------
+FLOATS = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+
+
+def _need_cpu_kernel():
+    from mmkernels.ops import grad_scale as gs
+
+    if gs._cpu_op() is None:
+        pytest.skip("the extension's grad_scale kernel is not built")
+
+
+def _formula(g: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """The product rounded once in float32 (float64 where either side is float64), then to g's dtype: the
+    float64 product of two float32-representable numbers is exact, so rounding it to float32 is that rounding."""
+    cb = c.double().view((-1,) + (1,) * (g.dim() - 1)) if c.dim() else c.double()
+    p = g.double() * cb
+    return (p if torch.float64 in (g.dtype, c.dtype) else p.float()).to(g.dtype)
+
+
+@pytest.mark.parametrize("per_sample", [False, True])
+def test_cpu_kernel_matches_formula_for_every_dtype_pair(per_sample):
+    _need_cpu_kernel()
+    gen = torch.Generator().manual_seed(3)
+    for gdt in FLOATS:
+        for cdt in FLOATS:
+            x = torch.randn(5, 7, 3, generator=gen).to(gdt).requires_grad_()
+            c = (torch.rand(5 if per_sample else (), generator=gen) * 3).to(cdt)
+            g = torch.randn(5, 7, 3, generator=gen).to(gdt)
+            y = grad_scale(x, c)
+            assert "GradScaleFunction" in y.grad_fn.name() and y.data_ptr() == x.data_ptr()
+            c.mul_(0.5)  # filled in place after the forward: the backward reads the new value
+            (got,) = torch.autograd.grad(y, x, g)
+            assert got.dtype == gdt and torch.equal(got, _formula(g, c)), (gdt, cdt, per_sample)
+
+
+def test_cpu_kernel_streaming_rows_and_fallbacks():
+    _need_cpu_kernel()
+    # rows of odd width larger than the last-level cache: streaming stores with unaligned row starts
+    x = torch.randn(3, 3_000_001, requires_grad=True)
+    g = torch.randn(3, 3_000_001)
+    c = torch.tensor([0.25, -1.5, 3.0])
+    (got,) = torch.autograd.grad(grad_scale(x, c), x, g)
+    assert torch.equal(got, _formula(g, c))
+    # a non-contiguous incoming gradient and a differentiable backward take the ATen expression
+    x = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
+    k = torch.tensor(0.75, dtype=torch.float64)
+    gt = torch.randn(6, 4, dtype=torch.float64).t()
+    (got,) = torch.autograd.grad(grad_scale(x, k), x, gt)
+    assert torch.equal(got, gt * 0.75)
+    up = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
+    (gx,) = torch.autograd.grad(grad_scale(x, k), x, up, create_graph=True)
+    (gg,) = torch.autograd.grad(gx.sum(), up)
+    assert torch.equal(gg, torch.full_like(up, 0.75))
+    # the reference backend keeps the Python Function
+    import mmkernels
+
+    with mmkernels.use_backend("reference"):
+        assert "GradScaleFunction" not in grad_scale(x, k).grad_fn.name()
+
+
+def test_portable_loops_of_this_area_match():
+    """The non-AVX2 loops of grad_scale's, modality_drop's and update_scale_'s CPU kernels, in one fresh
+    interpreter (the choice is made once per process), against the float64 formulas and the reference."""
+    _need_cpu_kernel()
+    from tests.helpers import run_portable_kernels
+
+    run_portable_kernels("""
+import torch, mmkernels
+from mmkernels.ops.modality_drop import modality_drop, modality_drop_ref
+g = torch.Generator().manual_seed(0)
+x = torch.randn(5, 37, generator=g, requires_grad=True); up = torch.randn(5, 37, generator=g)
+c = torch.rand(5, generator=g)
+(gx,) = torch.autograd.grad(mmkernels.grad_scale(x, c), x, up)
+assert torch.equal(gx, (up.double() * c.double()[:, None]).float())
+feats = [torch.randn(9, 37, generator=g), torch.randn(9, 5, generator=g)]
+q = torch.tensor([0.6, 0.3])
+outs, f = modality_drop(feats, q, generator=torch.Generator().manual_seed(1))
+u = torch.rand((9, 2), generator=torch.Generator().manual_seed(1))
+ref, rf = modality_drop_ref(feats, q, u)
+assert torch.equal(f, rf) and all(torch.equal(a, b) for a, b in zip(outs, ref))
+p = [torch.randn(1000 + 13, generator=g)]; s = [p[0] * 0.5]; r = [p[0].clone()]
+mmkernels.update_scale_([p], [s], [0.3]); mmkernels.update_scale_ref_([r], [s], [0.3])
+assert torch.equal(p[0], r[0])
+print("portable ok")
+""")

@@ -13,12 +13,15 @@ Design choices
   ``ctx`` (not ``save_for_backward``: the latter checks the version counter and would reject the in-place
   fill ``coeff.fill_(k)`` / ``coeff.copy_(k)`` that this op exists to allow). Fill it in place; rebinding
   the Python name to a new tensor has no effect on a forward that already ran.
-* Backward multiply: plain PyTorch. It is one elementwise op; in fp32 math with a single rounding to the
-  gradient's dtype (``coeff`` fp32, gradient bf16 -> bf16). A ``()`` coefficient uses PyTorch's opmath
-  (one kernel, result in the gradient's dtype). A ``(B,)`` coefficient with a lower-precision gradient
-  multiplies in the promoted dtype and casts back (two kernels eager, one under torch.compile); we did not
-  write a Triton kernel for it because a Triton launch would save at most one elementwise pass, which is
-  not where the time of a training step goes.
+* Backward multiply: in fp32 math with a single rounding to the gradient's dtype (``coeff`` fp32,
+  gradient bf16 -> bf16; fp64 where either is fp64): the value of ``(grad * c).to(grad.dtype)`` with ``c``
+  promoting as a 1-element tensor. On CUDA and under ``torch.compile`` it is that PyTorch expression (one
+  elementwise op, fused by the compiler; a Triton launch would save at most one elementwise pass).
+* Eager CPU calls (plain tensors, the extension built, backend not ``"reference"``) go through
+  ``torch.ops.mmkernels_C.grad_scale`` (``csrc/grad_scale.cpp``): the same Function written in C++, so
+  neither the forward nor the backward enters Python (at B=64 activations a call is host overhead, not
+  arithmetic), and the backward's product is one pass with streaming stores for gradients larger than the
+  last-level cache (a plain store reads each destination line first).
 * ``coeff`` gets no gradient. A Python number must be finite (``ValueError`` otherwise); a tensor's values
   are not checked, since the backward reads them only later (after an in-place fill).
 
@@ -29,6 +32,7 @@ from __future__ import annotations
 
 import torch
 
+from mmkernels import _backend, _ext
 from mmkernels._common import check_number
 
 __all__ = ["grad_scale", "grad_scale_ref"]
@@ -71,6 +75,18 @@ class _GradScale(torch.autograd.Function):
         return (grad * c).to(grad.dtype), None
 
 
+_CPU_OP: list = []  # [the extension's eager CPU op, or None], looked up on first use
+
+
+def _cpu_op():
+    """``mmkernels_C::grad_scale`` (the C++ autograd Function) when the extension has it, else None. Looked
+    up once: each lookup asks the dispatcher."""
+    if not _CPU_OP:
+        ok = _ext.has_kernel("grad_scale_bwd", "cpu")
+        _CPU_OP.append(_ext.ops().grad_scale.default if ok else None)
+    return _CPU_OP[0]
+
+
 # --------------------------------------------------------------------------------------------------------
 # 6. Public function
 # --------------------------------------------------------------------------------------------------------
@@ -103,4 +119,7 @@ def grad_scale(x: torch.Tensor, coeff) -> torch.Tensor:
         raise ValueError(f"grad_scale: coeff must have shape () or (B,), got {tuple(coeff.shape)}")
     if coeff.device != x.device and not (coeff.dim() == 0 and coeff.device.type == "cpu"):
         raise ValueError(f"grad_scale: coeff is on {coeff.device} but x is on {x.device}; move coeff to {x.device}")
+    if (x.device.type == "cpu" and type(x) is torch.Tensor and _backend.get_backend() != "reference"
+            and not torch.compiler.is_compiling() and (op := _cpu_op()) is not None):
+        return op(x, coeff)
     return _GradScale.apply(x, coeff)

@@ -39,15 +39,22 @@ Decisions where the method is silent
 One launch per group of up to four modalities of one dtype (usually one launch for all of them): the
 kernel addresses modality ``g`` of its group as ``x₀ + offset_g`` with host-computed element offsets, so no
 table of pointers has to be copied to the device (a blocking host-to-device copy on CUDA).
+
+On the CPU, with the extension built and backend ``"auto"``, forward and backward are the C++ kernels
+``mmkernels_C::modality_drop_fwd`` / ``_bwd`` (``csrc/modality_drop.cpp``): the decisions from the same
+uniforms with the same float32 comparisons, then one pass per modality (streaming stores for outputs larger
+than the last-level cache), bit-identical to the reference; eager calls reach them through one
+``autograd.Function``, so a call costs a handful of dispatches instead of the reference's dozen ops.
 """
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import List, Optional, Sequence
 
 import torch
 
-from mmkernels import _tuning
+from mmkernels import _backend, _ext, _tuning
 from mmkernels._backend import skip_dispatch, use_triton
 from mmkernels._common import (FLOAT_DTYPES, DifferentiableOp, acc_dtype, cdiv, check_float_tensor, check_mask,
                                next_pow2)
@@ -346,16 +353,36 @@ def _drop_bwd_ref(grads, factor):
 # --------------------------------------------------------------------------------------------------------
 # 5. Registration
 # --------------------------------------------------------------------------------------------------------
-def _drop_forward(features: List[torch.Tensor], u: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
+_CPU_KERNELS: list = []  # [(forward, backward) kernels of the extension, or None], looked up on first use
+
+
+def _cpu_kernels():
+    """``mmkernels_C::modality_drop_fwd`` / ``_bwd`` when the extension has their CPU kernels and the backend
+    is ``auto``, else None (reference). Looked up once: each lookup asks the dispatcher."""
+    if _backend.get_backend() != "auto":
+        return None
+    if not _CPU_KERNELS:
+        ok = _ext.has_kernel("modality_drop_fwd", "cpu") and _ext.has_kernel("modality_drop_bwd", "cpu")
+        ops = _ext.ops() if ok else None
+        _CPU_KERNELS.append((ops.modality_drop_fwd.default, ops.modality_drop_bwd.default) if ok else None)
+    return _CPU_KERNELS[0]
+
+
+def _drop_forward(features: List[torch.Tensor], u: torch.Tensor, q: torch.Tensor, scale: Optional[torch.Tensor],
                   mask: Optional[torch.Tensor]) -> List[torch.Tensor]:
+    """``scale`` None: the default ``1 / (1 − q)`` (the C++ kernel forms it with the same float32 ops)."""
     if use_triton(u):
-        return _drop_fwd_triton(features, u, q, scale, mask)
-    return _drop_fwd_ref(features, u, q, scale, mask)
+        return _drop_fwd_triton(features, u, q, default_scale(q) if scale is None else scale, mask)
+    if u.is_cpu and (kernels := _cpu_kernels()) is not None:
+        return kernels[0](features, u, q, scale, mask)
+    return _drop_fwd_ref(features, u, q, default_scale(q) if scale is None else scale, mask)
 
 
 def _drop_backward(grads: List[torch.Tensor], factor: torch.Tensor) -> List[torch.Tensor]:
     if use_triton(factor):
         return _drop_bwd_triton(grads, factor)
+    if factor.is_cpu and (kernels := _cpu_kernels()) is not None:
+        return kernels[1](grads, factor)
     return _drop_bwd_ref(grads, factor)
 
 
@@ -498,31 +525,35 @@ def modality_drop(features: Sequence[torch.Tensor], q, *, scale=None, mask: Opti
             raise ValueError(f"{fn}: generator is on {generator.device} but the features are on {device}; create "
                              f"it with torch.Generator(device={str(device)!r})")
     if device.type == "cpu" and not torch.compiler.is_compiling():
-        # value checks: one host read, free on the CPU; on CUDA the kernel clamps q instead (no sync)
-        if not bool(((q >= 0) & (q <= 1)).all()):
-            raise ValueError(f"{fn}: q must hold probabilities in [0, 1], got {q.tolist()}")
-        if scale is not None and not bool((torch.isfinite(scale) & (scale > 0)).all()):
+        # value checks: one host read of M numbers, free on the CPU; on CUDA the kernel clamps q instead (no sync)
+        qv = q.tolist()
+        if not all(0 <= v <= 1 for v in qv):  # NaN fails both comparisons
+            raise ValueError(f"{fn}: q must hold probabilities in [0, 1], got {qv}")
+        if scale is not None and not all(math.isfinite(v) and v > 0 for v in scale.tolist()):
             raise ValueError(f"{fn}: scale must be finite and > 0, got {scale.tolist()}")
         if mask is not None and mask.dtype != torch.bool and not bool(torch.isfinite(mask).all()):
             raise ValueError(f"{fn}: a float mask must be finite (0 = missing), got non-finite entries")
     q = _as(q.detach(), torch.float32)
     # CPU values were checked above; elsewhere they are clamped on the device
     q_eff = q if device.type == "cpu" and not torch.compiler.is_compiling() else _sanitize(q)
-    scale = default_scale(q_eff) if scale is None else _as(scale.detach(), torch.float32)
+    if scale is not None:
+        scale = _as(scale.detach(), torch.float32)
     if mask is not None and mask.requires_grad:
         mask = mask.detach()
     return _modality_drop_checked(feats, q_eff, scale, mask, generator)
 
 
-def _modality_drop_checked(feats: list[torch.Tensor], q: torch.Tensor, scale: torch.Tensor,
+def _modality_drop_checked(feats: list[torch.Tensor], q: torch.Tensor, scale: Optional[torch.Tensor],
                            mask: Optional[torch.Tensor], generator: Optional[torch.Generator]):
-    """:func:`modality_drop` after its checks: ``q`` float32 in [0, 1], ``scale`` float32 (both ``(M,)`` on the
-    features' device), ``mask`` checked. The balancers call it with values their policies guarantee."""
+    """:func:`modality_drop` after its checks: ``q`` float32 in [0, 1], ``scale`` float32 or None for the
+    default ``1 / (1 − q)`` (both ``(M,)`` on the features' device), ``mask`` checked. The balancers call it
+    with values their policies guarantee."""
     B, M, device = feats[0].shape[0], len(feats), feats[0].device
     # everything checked: only now does the generator advance
     u = torch.rand((B, M), dtype=torch.float32, device=device, generator=generator)
-    if skip_dispatch(feats[0]) and not use_triton(u):
+    if skip_dispatch(feats[0]) and not use_triton(u) and not (u.is_cpu and _cpu_kernels() is not None):
         # eager reference: plain autograd through the reference (C++ backward of a few ops)
+        scale = default_scale(q) if scale is None else scale
         if mask is None and device.type == "cpu" and bool(q.amin() == 0):
             # a modality that is never dropped: no sample can lose every modality (a host read, free on
             # the CPU, saves the restore rule's ops)
