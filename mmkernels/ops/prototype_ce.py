@@ -48,7 +48,7 @@ Decisions where the spec is silent
   by the number of samples that count (0/0 → 0 when none does).
 * Out-of-range labels: on CPU tensors a ``ValueError`` (eager check); on CUDA (no host sync) the kernel
   writes NaN into that sample's ce, so the loss is NaN, never a silently wrong class.
-* The reference (the CPU path) computes distances in the difference form, one ``torch.cdist`` with
+* The reference (the CPU path without the extension) computes distances in the difference form, one ``torch.cdist`` with
   ``compute_mode="donot_use_mm_for_euclid_dist"`` (exact, no cancellation), while ``B·C·D <= 2^19``, where
   the product form's dozen small ops cost more than they save; above that it uses the kernel's centred
   product form. At ``d = 0`` the difference form gives exactly 0 (the kernel ``1e-6``), no gradient either way.
