@@ -16,6 +16,11 @@ Without noise (plain OGM in parameter mode) the implementations are the released
 ``grad *= coeff`` loop, ``torch._foreach_mul_`` and its ``torch.compile``, and ``mmkernels.scale_grads_``
 (one read-modify-write pass per element that also flags tensors holding NaN/Inf), each alternating the
 coefficients 0.5 and 2.0 so the gradients stay in range however many calls the timer makes.
+
+Both cases read and write every element in place, so besides ``pct_read_bw`` their rows carry ``pct_rmw_bw``:
+GB/s (reads + writes) against the harness's in-place probe, ``x.mul_(k)`` over 256 MB at the same thread
+count (``rmw_gbps`` in the environment). Without noise that probe is the roof: at 1 thread
+``torch._foreach_mul_`` already runs at it, so no implementation can be much faster than it there.
 """
 from __future__ import annotations
 
@@ -111,7 +116,7 @@ def make_impls(case: Case, device: str) -> Bench:
     nt = sum(len(conv_grads(name)) for name in encoders)
     elem = torch.empty((), dtype=dtype).element_size()
     return Bench(impls, roles, nbytes=2 * n * elem,  # read once + write once: the least any implementation moves
-                 bandwidth=True, extra={"tensors": nt, "elements": n, "threads": torch.get_num_threads(),
+                 bandwidth=True, rmw=True, extra={"tensors": nt, "elements": n, "threads": torch.get_num_threads(),
                                         "noise": "ge", "path": "extension" if _has_ext() else "reference"})
 
 
@@ -157,7 +162,7 @@ def _no_noise_impls(encoders, coeffs, coeff_t, conv_grads, dtype) -> Bench:
     n = sum(g.numel() for name in encoders for g in conv_grads(name))
     nt = sum(len(conv_grads(name)) for name in encoders)
     elem = torch.empty((), dtype=dtype).element_size()
-    return Bench(impls, roles, nbytes=2 * n * elem, bandwidth=True,
+    return Bench(impls, roles, nbytes=2 * n * elem, bandwidth=True, rmw=True,
                  extra={"tensors": nt, "elements": n, "threads": torch.get_num_threads(), "noise": "none",
                         "path": "extension" if _has_ext() else "reference"})
 

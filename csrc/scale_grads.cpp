@@ -174,6 +174,45 @@ __attribute__((target("avx2"))) bool scale_flag_avx2(T* p, int64_t n, double coe
 template <bool Saturate, typename T>
 bool scale_flag_generic(T* p, int64_t n, double coeff) { return scale_flag_body<Saturate>(p, n, coeff); }
 
+// fp32, the common case, written out: four vectors per iteration with the exponent test on the loaded
+// registers. The compiler's version of scale_flag_body (one vector per iteration, each element loaded twice)
+// ran about 25% behind torch._foreach_mul_ at 2x ResNet-18 (22M fp32, 1 thread). Same rounding (one
+// multiply, no FMA) and the same saturation rule as scale_flag_body.
+template <bool Saturate>
+__attribute__((target("avx2"), always_inline)) inline void scale_flag8(float* q, __m256 vc, __m256i& any) {
+  const __m256 x = _mm256_loadu_ps(q);
+  // sign bit set exactly where the exponent is all ones (NaN/Inf), as nonfinite_bits
+  const __m256i e = _mm256_add_epi32(_mm256_and_si256(_mm256_castps_si256(x), _mm256_set1_epi32(0x7f800000)),
+                                     _mm256_set1_epi32(0x00800000));
+  any = _mm256_or_si256(any, e);
+  __m256 v = _mm256_mul_ps(x, vc);
+  if constexpr (Saturate) {
+    const __m256 m = _mm256_set1_ps(std::numeric_limits<float>::max());
+    const __m256 s = _mm256_min_ps(_mm256_max_ps(v, _mm256_sub_ps(_mm256_setzero_ps(), m)), m);
+    v = _mm256_blendv_ps(s, v, _mm256_castsi256_ps(e));  // NaN/Inf inputs: the plain product
+  }
+  _mm256_storeu_ps(q, v);
+}
+
+template <bool Saturate>
+__attribute__((target("avx2"))) bool scale_flag_avx2_f32(float* p, int64_t n, double coeff) {
+  const __m256 vc = _mm256_set1_ps(static_cast<float>(coeff));
+  __m256i any = _mm256_setzero_si256();
+  int64_t i = 0;
+  for (; i + 32 <= n; i += 32) {
+    // 1 KB ahead: measured to help a little at 1 thread; a prefetch past the tensor's end cannot fault
+    _mm_prefetch(reinterpret_cast<const char*>(p + i) + 1024, _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(p + i) + 1088, _MM_HINT_T0);
+    scale_flag8<Saturate>(p + i, vc, any);
+    scale_flag8<Saturate>(p + i + 8, vc, any);
+    scale_flag8<Saturate>(p + i + 16, vc, any);
+    scale_flag8<Saturate>(p + i + 24, vc, any);
+  }
+  for (; i + 8 <= n; i += 8) scale_flag8<Saturate>(p + i, vc, any);
+  const bool bad = _mm256_movemask_ps(_mm256_castsi256_ps(any)) != 0;
+  return (i < n && scale_flag_body<Saturate>(p + i, n - i, coeff)) || bad;
+}
+
 bool use_avx2() {
   static const bool avx2 = __builtin_cpu_supports("avx2") && std::getenv("MMKERNELS_NO_AVX2") == nullptr;
   return avx2;
@@ -181,6 +220,10 @@ bool use_avx2() {
 
 template <typename T>
 bool scale_flag(T* p, int64_t n, double coeff) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (use_avx2())
+      return std::fabs(coeff) <= 1.0 ? scale_flag_avx2_f32<false>(p, n, coeff) : scale_flag_avx2_f32<true>(p, n, coeff);
+  }
   if (std::fabs(coeff) <= 1.0)
     return use_avx2() ? scale_flag_avx2<false>(p, n, coeff) : scale_flag_generic<false>(p, n, coeff);
   return use_avx2() ? scale_flag_avx2<true>(p, n, coeff) : scale_flag_generic<true>(p, n, coeff);

@@ -192,6 +192,22 @@ def test_no_noise_is_elementwise_product_with_nonfinite(path, dtype, coeff):
         assert torch.equal(t.isnan(), e.isnan()) and torch.equal(t.nan_to_num(), e.nan_to_num()), (dtype, coeff)
 
 
+@pytest.mark.parametrize("coeff", [4.0, -4.0])
+def test_no_noise_fp32_saturates_finite_overflow(path, coeff):
+    """|coeff| > 1 without noise: a finite fp32 gradient whose product overflows is stored as +-max (in the
+    unrolled vector body and in the scalar tail), while NaN/Inf inputs get the plain product."""
+    big = torch.finfo(torch.float32).max
+    g = torch.randn(32 * 3 + 8 + 5)  # three unrolled blocks, one vector, a 5-element tail
+    for i in (1, 40, 100, 108):  # 100: the last full vector; 108: the tail
+        g[i] = 0.9 * big * (-1) ** i
+    g[50], g[106] = float("inf"), float("nan")
+    x = g.double()
+    want = torch.where(torch.isfinite(x), (x * coeff).clamp(-big, big), x * coeff).float()
+    flags = mmkernels.scale_grads_([g], coeff)
+    assert flags.tolist() == [True]
+    assert torch.equal(g.isnan(), want.isnan()) and torch.equal(g.nan_to_num(), want.nan_to_num())
+
+
 def test_mixed_dtypes_one_call(path):
     grads = [torch.randn(9, 7).to(d) for d in DTYPES]
     orig = [g.clone() for g in grads]

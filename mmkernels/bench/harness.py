@@ -16,7 +16,8 @@ Every row has the same columns (:data:`COLUMNS`; a column that does not apply is
   eager peer; ``best_peer`` and ``vs_best_peer``: against the fastest peer of the same case (> 1: faster);
 * ``gbps`` from the fewest bytes the op must move, ``pct_read_bw`` = that against this machine's read
   bandwidth, measured once per run by :func:`read_bandwidth` (``x.sum()`` over a large buffer) and stored in
-  the environment; on CUDA also ``pct_peak_bw`` against the datasheet;
+  the environment; on CUDA also ``pct_peak_bw`` against the datasheet; for in-place ops (``Bench.rmw``)
+  also ``pct_rmw_bw`` against :func:`rmw_bandwidth` (``x.mul_(k)``: reads and writes);
 * ``peak_mem_mb``: memory one call needs above what was allocated before it (:func:`peak_memory`);
 * ``repeats``, ``spread_pct`` (100·(max − min)/median of the per-repeat medians) and ``noisy`` (spread above
   :data:`NOISY_SPREAD_PCT`, or with one repeat a 20–80 % quantile range that wide).
@@ -102,6 +103,9 @@ class Bench:
     nbytes: int | None = None
     bandwidth: bool = False
     extra: dict = dataclasses.field(default_factory=dict)
+    # in-place read-modify-write ops (scale_grads_): rows also get ``pct_rmw_bw``, against
+    # :func:`rmw_bandwidth` (``x.mul_(k)`` over a large buffer), the roof a read-only probe overstates
+    rmw: bool = False
 
     def __post_init__(self):
         if set(self.impls) != set(self.roles):
@@ -353,6 +357,30 @@ def read_bandwidth(device: str, nbytes: int | None = None, quick: bool = False) 
     return _READ_BW[key]
 
 
+def rmw_bandwidth(device: str, nbytes: int | None = None, quick: bool = False) -> dict:
+    """This machine's in-place read-modify-write bandwidth, reads plus writes: ``x.mul_(k)`` over a float32
+    buffer of :func:`read_bandwidth`'s size, k alternating 0.5 and 2.0 (exact, so the values never drift
+    into subnormals), timed like every benchmark. Cached per device for the run. Returns
+    ``{"rmw_gbps", "rmw_bw_probe"}``."""
+    key = ("rmw", device, nbytes, quick)
+    if key not in _READ_BW:
+        nbytes = nbytes or ((64 if quick else (1024 if device == "cuda" else 256)) << 20)
+        x = torch.ones(nbytes // 4, device=device)
+        ks = [torch.tensor(0.5, device=device), torch.tensor(2.0, device=device)]
+        calls = [0]
+
+        def step():
+            calls[0] += 1
+            x.mul_(ks[calls[0] % 2])
+
+        t = time_fn(step, device, quick)
+        _READ_BW[key] = {"rmw_gbps": 2 * nbytes / (t["median_ms"] * 1e-3) / 1e9,
+                         "rmw_bw_probe": f"x.mul_(k) over {nbytes >> 20} MB float32 (read + write)"
+                                         + (f", {torch.get_num_threads()} threads" if device == "cpu" else "")}
+        del x
+    return _READ_BW[key]
+
+
 PEAK_MEM_METHOD = {
     "cuda": "torch.cuda.max_memory_allocated() after reset_peak_memory_stats(), minus memory_allocated() before the call",
     "cpu": "growth of the process's peak RSS (VmHWM, reset through /proc/self/clear_refs) over the RSS before the call",
@@ -527,10 +555,17 @@ def run_op(op: str, device: str, quick: bool = False, module=None) -> tuple[list
         if bench.bandwidth and bench.nbytes and bw is None:
             bw = read_bandwidth(device, quick=quick)
             env.update(bw)
+        rmw = rmw_bandwidth(device, quick=quick) if bench.rmw and bench.nbytes else None
+        if rmw:
+            env.update(rmw)
         extra = {"dtype": case.dtype_str, "pass": "fwd+bwd" if case.backward else "fwd", **bench.extra}
         case_rows = measure(op, case.shape_str, bench.impls, device, baseline=bench.baseline, nbytes=bench.nbytes,
                             quick=quick, extra=extra, roles=bench.roles,
                             read_gbps=bw["read_gbps"] if bench.bandwidth and bw else None, memory=True)
+        if rmw:
+            for row in case_rows:
+                if row.get("gbps"):
+                    row["pct_rmw_bw"] = 100.0 * row["gbps"] / rmw["rmw_gbps"]
         for row in case_rows:
             if row.get("role") == "ours":
                 row["target_vs_best_peer"] = case.target_vs_best_peer
