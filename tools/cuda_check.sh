@@ -37,9 +37,20 @@ check_cu() {
     -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90 -c "$1" \
     -o "$out/$(basename "$1" .cu).o" && echo "[cuda-check] $1: sm_80, sm_90 ok"
 }
+# torch's and CUDA's headers as system headers, as torch's extension build passes them (-isystem)
+GLUE_FLAGS=(-std=c++17 -Wall -Wno-c++20-extensions -DMMKERNELS_WITH_CUDA -Icsrc -I"$out/pch" -I"$out/include"
+            -isystem "$TORCH_INC" -isystem "$TORCH_INC/torch/csrc/api/include" -isystem "$CUDA_INC")
 check_glue() {
-  "${CXX:-c++}" -std=c++17 -fsyntax-only -Wall -Wno-c++20-extensions -DMMKERNELS_WITH_CUDA -Icsrc -I"$out/include" \
-    -I"$TORCH_INC" -I"$TORCH_INC/torch/csrc/api/include" -I"$CUDA_INC" "$1" && echo "[cuda-check] $1: host compile ok"
+  "${CXX:-c++}" "${GLUE_FLAGS[@]}" -fsyntax-only "$1" && echo "[cuda-check] $1: host compile ok"
+}
+# <ATen/ATen.h> is ~90% of a glue file's compile time, and they all include it first: it is precompiled once,
+# with the glue files' own flags (a precompiled header must match them). gcc reads $out/pch/ATen/ATen.h.gch
+# for the header only where it is a file's first include, the header itself anywhere else, so no file passes
+# here that would not compile without it. Best effort: without the .gch the files just take longer.
+precompile_aten() {
+  mkdir -p "$out/pch/ATen"
+  "${CXX:-c++}" "${GLUE_FLAGS[@]}" -x c++-header "$TORCH_INC/ATen/ATen.h" -o "$out/pch/ATen/ATen.h.gch" \
+    > "$out/pch.log" 2>&1 || { rm -f "$out/pch/ATen/ATen.h.gch"; echo "[cuda-check] no precompiled ATen.h ($out/pch.log)"; }
 }
 # at most CUDA_CHECK_JOBS (default: one per core) compiles at a time: more only add memory (~0.6 GB each)
 jobs=${CUDA_CHECK_JOBS:-$(nproc)}
@@ -49,7 +60,10 @@ spawn() {
   running=$((running + 1))
   if ((running >= jobs)); then wait -n || status=1; running=$((running - 1)); fi
 }
-for f in "${cus[@]}"; do spawn check_cu "$f"; done
+# the first jobs-1 .cu files compile while the header is precompiled, then the rest and the glue files
+for f in "${cus[@]:0:jobs-1}"; do spawn check_cu "$f"; done
+if [ ${#glue[@]} -gt 0 ] && [ -n "$CUDA_INC" ]; then precompile_aten; fi
+for f in "${cus[@]:jobs-1}"; do spawn check_cu "$f"; done
 for f in "${glue[@]}"; do
   if [ -z "$CUDA_INC" ]; then echo "[cuda-check] $f: skipped (cuda_runtime.h not found; set CUDA_HOME)"; continue; fi
   spawn check_glue "$f"
