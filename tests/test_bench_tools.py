@@ -361,6 +361,24 @@ def test_run_op_adds_targets_and_environment(monkeypatch):
     assert 1.4 < ours[0]["vs_best_peer"] < 2.6
 
 
+
+def test_run_op_rmw_roof_for_in_place_ops(monkeypatch):
+    # Bench.rmw: the rows also get pct_rmw_bw against the in-place probe, measured for real (64 MB, quick)
+    def make_impls(case, device):
+        x = torch.ones(1 << 16)
+        return Bench({"ours": lambda: x.mul_(1.0)}, {"ours": "ours"}, nbytes=2 * x.numel() * 4, bandwidth=True,
+                     rmw=case.params.get("rmw", False))
+
+    fake = types.SimpleNamespace(OP="toy", make_impls=make_impls,
+                                 CASES=[Case((4,), sets=frozenset({"quick"}), params={"rmw": True}),
+                                        Case((5,), sets=frozenset({"quick"}))])
+    monkeypatch.setattr(harness, "read_bandwidth", lambda device, nbytes=None, quick=False:
+                        {"read_gbps": 10.0, "read_bw_probe": "fake"})
+    rows, env = harness.run_op("toy", "cpu", quick=True, module=fake)
+    assert env["rmw_gbps"] > 0 and env["rmw_bw_probe"].startswith("x.mul_(k) over 64 MB")
+    assert rows[0]["pct_rmw_bw"] == pytest.approx(100 * rows[0]["gbps"] / env["rmw_gbps"])
+    assert "pct_rmw_bw" not in rows[1]
+
 # ------------------------------------------------------------------------------------------------ files
 def _write(path, env, rows):
     with open(path, "w") as f:
