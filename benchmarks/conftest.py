@@ -10,17 +10,25 @@ from mmkernels.bench.harness import cases
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def entries(module) -> list:
+def entries(module, config=None) -> list:
     """``pytest.param(case, impl)`` for every case of ``module`` in this device's full run and every
-    implementation its ``make_impls`` returns (built once here for the names, then freed)."""
+    implementation its ``make_impls`` returns (built once here for the names, then freed). With
+    ``--benchmark-disable`` (the test suite calls every entry once to keep it working) only the quick cases:
+    the full ones allocate up to gigabytes and compile their peers for minutes."""
+    quick = bool(config is not None and config.getoption("benchmark_disable", False))
     out = []
-    for case in cases(module, DEVICE, quick=False):
+    for case in cases(module, DEVICE, quick=quick):
         names = list(module.make_impls(case, DEVICE).impls)
         out += [pytest.param(case, name, id=f"{case.shape_str}-{case.dtype_str}-{name}".replace(" ", "_"))
                 for name in names]
         if DEVICE == "cuda":
             torch.cuda.empty_cache()
     return out
+
+
+def parametrize(metafunc, module) -> None:
+    """The ``pytest_generate_tests`` of every ``test_bench_<op>.py``: its ``case, impl`` pairs."""
+    metafunc.parametrize("case,impl", entries(module, metafunc.config))
 
 
 _current: dict = {}

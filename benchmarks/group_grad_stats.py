@@ -106,20 +106,3 @@ def kernel_path(op: str, device: str) -> str:
     except Exception:  # noqa: BLE001 - only labels the row
         ok = False
     return "extension" if ok else "reference"
-
-
-def pytest_entries(module, config) -> list:
-    """``pytest.param(case, impl)`` for the pytest-benchmark entries of ``module``: this device's full run, or,
-    with ``--benchmark-disable`` (the test suite calls every entry once), the quick cases only, whose compiled
-    peers take seconds to compile rather than minutes."""
-    import pytest
-
-    from benchmarks.conftest import DEVICE
-    from mmkernels.bench.harness import cases
-
-    quick = bool(config.getoption("benchmark_disable", False))
-    out = []
-    for c in cases(module, DEVICE, quick):
-        out += [pytest.param(c, name, id=f"{c.shape_str}-{c.dtype_str}-{name}".replace(" ", "_"))
-                for name in module.make_impls(c, DEVICE).impls]
-    return out

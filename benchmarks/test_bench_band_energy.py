@@ -1,11 +1,12 @@
 """pytest-benchmark entries for band_energy, from the cases and implementations of ``benchmarks/band_energy.py``:
 ``pytest benchmarks/test_bench_band_energy.py --benchmark-only``."""
-import pytest
-
 from benchmarks import band_energy as spec
-from benchmarks.conftest import entries, impl_of
+from benchmarks.conftest import impl_of, parametrize
 
 
-@pytest.mark.parametrize("case,impl", entries(spec))
+def pytest_generate_tests(metafunc):
+    parametrize(metafunc, spec)
+
+
 def test_band_energy(bench_call, case, impl):
     bench_call(impl_of(spec, case, impl))

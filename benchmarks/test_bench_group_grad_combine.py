@@ -2,12 +2,11 @@
 ``pytest benchmarks/test_bench_group_grad_combine.py --benchmark-only`` (with ``--benchmark-disable``, as the test suite
 runs it, only the quick cases)."""
 from benchmarks import group_grad_combine as spec
-from benchmarks.conftest import impl_of
-from benchmarks.group_grad_stats import pytest_entries
+from benchmarks.conftest import impl_of, parametrize
 
 
 def pytest_generate_tests(metafunc):
-    metafunc.parametrize("case,impl", pytest_entries(spec, metafunc.config))
+    parametrize(metafunc, spec)
 
 
 def test_group_grad_combine(bench_call, case, impl):

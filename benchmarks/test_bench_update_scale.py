@@ -1,11 +1,12 @@
 """pytest-benchmark entries for update_scale, from the cases and implementations of ``benchmarks/update_scale.py``:
 ``pytest benchmarks/test_bench_update_scale.py --benchmark-only``."""
-import pytest
-
 from benchmarks import update_scale as spec
-from benchmarks.conftest import entries, impl_of
+from benchmarks.conftest import impl_of, parametrize
 
 
-@pytest.mark.parametrize("case,impl", entries(spec))
+def pytest_generate_tests(metafunc):
+    parametrize(metafunc, spec)
+
+
 def test_update_scale(bench_call, case, impl):
     bench_call(impl_of(spec, case, impl))
