@@ -87,16 +87,6 @@ def rfft_band_energy(masks):
     return f
 
 
-def _path(device: str) -> str:
-    """``cpp`` where the op runs the C++ CPU kernel (CPU tensors, backend ``auto``, extension built)."""
-    import mmkernels
-    from mmkernels import _ext
-
-    if device == "cpu" and mmkernels.get_backend() != "reference" and _ext.has_kernel("band_energy_1d", "cpu"):
-        return "cpp"
-    return bench_path(device)
-
-
 def make_impls(case: Case, device: str) -> Bench:
     import mmkernels
 
@@ -127,4 +117,4 @@ def make_impls(case: Case, device: str) -> Bench:
     numel = math.prod(case.shape)
     return Bench(impls, roles, nbytes=numel * x.element_size() * (3 if backward else 1),  # fwd+bwd: + read x, write grad
                  bandwidth=True, extra={"ndim": ndim, "cutoffs": str(cutoffs), "backend": mmkernels.get_backend(),
-                                        "path": _path(device)})
+                                        "path": bench_path(device, "band_energy_1d")})

@@ -52,4 +52,4 @@ def make_impls(case: Case, device: str) -> Bench:
     # fewest bytes: forward reads M·B·K, writes B·K; backward reads B·K, writes M·B·K
     return Bench(impls, roles, nbytes=2 * (M + 1) * B * K * size, bandwidth=False,
                  extra={"backend": mmkernels.get_backend(), "mask": "(B, M) bool", "grad_coeff": "(M, B)",
-                        "path": bench_path(device)})
+                        "path": bench_path(device, "decision_fuse_fwd")})

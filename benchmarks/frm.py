@@ -28,16 +28,6 @@ CASES = [
 _RELEASED_MAX_BYTES = 64 << 20  # the released path is timed on the CPU up to this input size
 
 
-def _path(device: str) -> str:
-    """``cpp`` where the op runs the C++ CPU kernel (CPU tensors, backend ``auto``, extension built)."""
-    import mmkernels
-    from mmkernels import _ext
-
-    if device == "cpu" and mmkernels.get_backend() != "reference" and _ext.has_kernel("frm", "cpu"):
-        return "cpp"
-    return bench_path(device)
-
-
 def make_impls(case: Case, device: str) -> Bench:
     import mmkernels
     from mmkernels.bench.released import mwam_frm, released_dct_2d
@@ -57,4 +47,5 @@ def make_impls(case: Case, device: str) -> Bench:
         for table in (impls, roles):  # about 30x slower than the eager peer: seconds per call on the CPU here
             del table["released_mwam"]
     return Bench(impls, roles, nbytes=x.numel() * x.element_size(), bandwidth=True,
-                 extra={"released_dct": which, "backend": mmkernels.get_backend(), "path": _path(device)})
+                 extra={"released_dct": which, "backend": mmkernels.get_backend(),
+                        "path": bench_path(device, "frm")})

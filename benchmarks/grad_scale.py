@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from mmkernels.bench.harness import Bench, Case
+from mmkernels.bench.harness import Bench, Case, bench_path
 
 OP = "grad_scale"
 CASES = [
@@ -68,15 +68,4 @@ def make_impls(case: Case, device: str) -> Bench:
              "grad_scale_ref": "ref", "mmkernels.grad_scale": "ours"}
     # identity forward moves nothing; backward reads the incoming gradient once and writes x's once
     return Bench(impls, roles, nbytes=2 * x.numel() * x.element_size(), bandwidth=True,
-                 extra={"coeff": "() tensor", "path": _path(device)})
-
-
-def _path(device: str) -> str:
-    if device == "cpu":
-        try:
-            from mmkernels import _ext
-
-            return "extension" if _ext.has_kernel("grad_scale_bwd", "cpu") else "reference"
-        except Exception:  # noqa: BLE001 - only labels the row
-            return "reference"
-    return "reference"
+                 extra={"coeff": "() tensor", "path": bench_path(device, "grad_scale_bwd")})

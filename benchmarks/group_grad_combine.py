@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import torch
 
-from benchmarks.group_grad_stats import case, encoder_shapes, kernel_path
-from mmkernels.bench.harness import Bench, Case
+from benchmarks.group_grad_stats import case, encoder_shapes
+from mmkernels.bench.harness import Bench, Case, bench_path
 
 OP = "group_grad_combine"
 
@@ -65,4 +65,4 @@ def make_impls(case: Case, device: str) -> Bench:
     elem = torch.empty((), dtype=case.dtype).element_size()
     return Bench(impls, roles, nbytes=3 * n * elem,  # grads and others read once, grads written once
                  bandwidth=True, extra={"tensors": len(flat_g), "elements": n, "threads": torch.get_num_threads(),
-                                        "path": kernel_path("group_grad_combine_", device)})
+                                        "path": bench_path(device, "group_grad_combine_", cuda_kernel=True)})

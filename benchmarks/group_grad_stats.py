@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from mmkernels.bench.harness import Bench, Case, resnet18_param_shapes
+from mmkernels.bench.harness import Bench, Case, resnet18_param_shapes, bench_path
 
 OP = "group_grad_stats"
 
@@ -92,17 +92,4 @@ def make_impls(case: Case, device: str) -> Bench:
     elem = torch.empty((), dtype=case.dtype).element_size()
     return Bench(impls, roles, nbytes=2 * n * elem,  # both lists read once: the least any implementation moves
                  bandwidth=True, extra={"tensors": len(flat_a), "elements": n, "threads": torch.get_num_threads(),
-                                        "path": kernel_path("group_grad_tensor_stats", device)})
-
-
-def kernel_path(op: str, device: str) -> str:
-    """``extension`` where ``mmkernels_C::<op>`` has a kernel for ``device`` (backend auto), else ``reference``."""
-    import mmkernels
-
-    try:
-        from mmkernels import _ext
-
-        ok = mmkernels.get_backend() != "reference" and _ext.load() is not None and _ext.has_kernel(op, device)
-    except Exception:  # noqa: BLE001 - only labels the row
-        ok = False
-    return "extension" if ok else "reference"
+                                        "path": bench_path(device, "group_grad_tensor_stats", cuda_kernel=True)})

@@ -81,15 +81,5 @@ def make_impls(case: Case, device: str) -> Bench:
     # fewest bytes: forward reads the features and writes the outputs, backward reads the incoming gradients
     # and writes the features' gradients (the (B, M) decisions are negligible)
     return Bench(impls, roles, nbytes=4 * M * B * D * size, bandwidth=True,
-                 extra={"backend": mmkernels.get_backend(), "q": list(Q[M]), "path": _path(device)})
-
-
-def _path(device: str) -> str:
-    if device == "cpu":
-        try:
-            from mmkernels import _ext
-
-            return "extension" if _ext.has_kernel("modality_drop_fwd", "cpu") else "reference"
-        except Exception:  # noqa: BLE001 - only labels the row
-            return "reference"
-    return bench_path(device)
+                 extra={"backend": mmkernels.get_backend(), "q": list(Q[M]),
+                        "path": bench_path(device, "modality_drop_fwd")})

@@ -37,18 +37,6 @@ def eager_scores(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return p.gather(2, idx).squeeze(2).sum(dim=1)
 
 
-def _path(device: str) -> str:
-    """``cpp`` where ``mmkernels.modality_scores`` runs the C++ CPU kernel (CPU tensors, backend ``auto``,
-    extension built); :func:`bench_path` alone knows only Triton vs reference and labelled those rows
-    ``reference``."""
-    import mmkernels
-    from mmkernels import _ext
-
-    if device == "cpu" and mmkernels.get_backend() == "auto" and _ext.has_kernel("modality_scores", "cpu"):
-        return "cpp"
-    return bench_path(device)
-
-
 def make_impls(case: Case, device: str) -> Bench:
     import mmkernels
     from mmkernels.bench.released import ogm_ge_score
@@ -58,7 +46,7 @@ def make_impls(case: Case, device: str) -> Bench:
     labels = torch.randint(0, K, (B,), device=device)
     compiled = torch.compile(eager_scores)
     impls, roles = {}, {}
-    extra = {"backend": mmkernels.get_backend(), "path": _path(device)}
+    extra = {"backend": mmkernels.get_backend(), "path": bench_path(device, "modality_scores")}
     if B * B * K <= RELEASED_MAX_WORK:
         impls["released_ogm_ge_loop"] = lambda: [ogm_ge_score(x, labels) for x in logits]
         roles["released_ogm_ge_loop"] = "released"

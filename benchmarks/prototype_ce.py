@@ -39,16 +39,6 @@ def eager_pce(h: torch.Tensor, c: torch.Tensor, y: torch.Tensor):
     return F.cross_entropy(z, y), score
 
 
-def _path(device: str) -> str:
-    """``cpp`` where the op runs the C++ CPU kernels (CPU tensors, backend ``auto``, extension built)."""
-    import mmkernels
-    from mmkernels import _ext
-
-    if device == "cpu" and mmkernels.get_backend() == "auto" and _ext.has_kernel("prototype_ce_fwd", "cpu"):
-        return "cpp"
-    return bench_path(device)
-
-
 def make_impls(case: Case, device: str) -> Bench:
     import mmkernels
     from mmkernels.bench.released import pmr_eu_dist, pmr_score
@@ -80,7 +70,7 @@ def make_impls(case: Case, device: str) -> Bench:
 
     compiled = torch.compile(eager_pce)
     impls, roles = {}, {}
-    extra = {"backend": mmkernels.get_backend(), "path": _path(device)}
+    extra = {"backend": mmkernels.get_backend(), "path": bench_path(device, "prototype_ce_fwd")}
     if B * C <= RELEASED_MAX_PAIRS:
         impls["released_eu_dist_loop"] = fwd_bwd(released)
         roles["released_eu_dist_loop"] = "released"

@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import torch
 
-from benchmarks.group_grad_stats import case, encoder_shapes, kernel_path
-from mmkernels.bench.harness import Bench, Case
+from benchmarks.group_grad_stats import case, encoder_shapes
+from mmkernels.bench.harness import Bench, Case, bench_path
 
 OP = "proximal_fisher"
 
@@ -87,4 +87,5 @@ def make_impls(case: Case, device: str) -> Bench:
     nbytes = elem * (4 * pulled + (n - pulled))
     return Bench(impls, roles, nbytes=nbytes, bandwidth=True,
                  extra={"tensors": sum(map(len, grads)), "elements": n, "pulled_elements": pulled,
-                        "threads": torch.get_num_threads(), "path": kernel_path("proximal_fisher_", device)})
+                        "threads": torch.get_num_threads(),
+                        "path": bench_path(device, "proximal_fisher_", cuda_kernel=True)})

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import torch
 
-from mmkernels.bench.harness import Bench, Case, resnet18_param_shapes
+from mmkernels.bench.harness import Bench, Case, resnet18_param_shapes, bench_path
 
 OP = "scale_grads"
 
@@ -117,7 +117,7 @@ def make_impls(case: Case, device: str) -> Bench:
     elem = torch.empty((), dtype=dtype).element_size()
     return Bench(impls, roles, nbytes=2 * n * elem,  # read once + write once: the least any implementation moves
                  bandwidth=True, rmw=True, extra={"tensors": nt, "elements": n, "threads": torch.get_num_threads(),
-                                        "noise": "ge", "path": "extension" if _has_ext() else "reference"})
+                                        "noise": "ge", "path": bench_path(device, "scale_grads_", cuda_kernel=True)})
 
 
 def foreach_scale(grads, coeff):
@@ -164,13 +164,4 @@ def _no_noise_impls(encoders, coeffs, coeff_t, conv_grads, dtype) -> Bench:
     elem = torch.empty((), dtype=dtype).element_size()
     return Bench(impls, roles, nbytes=2 * n * elem, bandwidth=True, rmw=True,
                  extra={"tensors": nt, "elements": n, "threads": torch.get_num_threads(), "noise": "none",
-                        "path": "extension" if _has_ext() else "reference"})
-
-
-def _has_ext() -> bool:
-    try:
-        from mmkernels import _ext
-
-        return _ext.load() is not None
-    except Exception:  # noqa: BLE001 - only labels the row
-        return False
+                        "path": bench_path(device, "scale_grads_", cuda_kernel=True)})

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from mmkernels.bench.harness import Bench, Case, resnet18_param_shapes
+from mmkernels.bench.harness import Bench, Case, resnet18_param_shapes, bench_path
 
 OP = "update_scale"
 ENCODERS = (("audio", 1), ("visual", 3))
@@ -93,13 +93,4 @@ def make_impls(case: Case, device: str) -> Bench:
     # read theta and theta0 once, write theta once: the least any implementation moves
     return Bench(impls, roles, nbytes=3 * n * elem, bandwidth=True,
                  extra={"tensors": nt, "elements": n, "threads": torch.get_num_threads(),
-                        "path": "extension" if _has_ext(device) else "reference"})
-
-
-def _has_ext(device: str) -> bool:
-    try:
-        from mmkernels import _ext
-
-        return _ext.has_kernel("update_scale_", device)
-    except Exception:  # noqa: BLE001 - only labels the row
-        return False
+                        "path": bench_path(device, "update_scale_", cuda_kernel=True)})

@@ -147,11 +147,25 @@ def resnet18_param_shapes(in_channels: int, width: int = 64) -> list[tuple[int, 
     return shapes
 
 
-def bench_path(device: str) -> str:
-    """``triton`` where the registered op launches Triton kernels, else ``reference``."""
+def bench_path(device: str, kernel: str | None = None, cuda_kernel: bool = False) -> str:
+    """The path the op under test takes, for the rows' ``path`` column: ``reference`` under the reference
+    backend; on the CPU ``cpp`` where the extension registered a CPU kernel of ``mmkernels_C::<kernel>``,
+    else ``reference``; on CUDA ``cuda`` where the op runs the extension's CUDA kernel (``cuda_kernel``:
+    the multi-tensor ops) and it is registered, else ``triton``."""
     import mmkernels
 
-    return "triton" if device == "cuda" and mmkernels.get_backend() != "reference" else "reference"
+    device = torch.device(device).type
+    if mmkernels.get_backend() == "reference":
+        return "reference"
+    try:
+        from mmkernels import _ext
+
+        has = kernel is not None and _ext.has_kernel(kernel, device)
+    except Exception:  # noqa: BLE001 - only labels the row
+        has = False
+    if device == "cpu":
+        return "cpp" if has else "reference"
+    return "cuda" if cuda_kernel and has else "triton"
 
 
 # ------------------------------------------------------------------------------------------------ benchmark modules
