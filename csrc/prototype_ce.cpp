@@ -4,14 +4,13 @@
 // Distances are taken in the difference form d²_ik = Σ_d (h_id − c_kd)², the exact form (no cancellation
 // whatever the features' common offset; the product form ‖h‖² − 2h·c + ‖c‖² loses it, see the Python module).
 // It costs a subtract per multiply-add, but the tiles keep four feature rows and three prototypes in
-// registers (12 accumulators; each loaded vector feeds three or four pairs). Every pair is summed in the same
-// lane order whatever tile it falls in, so the backward's recomputed distances are bit-identical to the
-// forward's and nothing (B, C)-sized is kept between the two.
+// registers (12 accumulators; each loaded vector feeds three or four pairs). The forward returns z = −d (or
+// −d²) as a (B, C) fp32 output that the backward reads back: recomputing it cost a third of the backward.
 //
 // Forward, per row: z = −d (or −d²), lse = max + log Σ e^{z − max}, ce = lse − z_y,
 //   ent = lse − Σ_k s_k z_k (= −Σ s log s).
 // Backward: G_k = g_ce (s_k − [k = y]) − g_ent s_k (log s_k + ent), W_k = 2 G_k (squared) or G_k / d_k
-//   (Euclidean; 0 where d² <= 1e-12, the reference's rule), ∂L/∂h_i = Σ_k W_ik (c_k − μ) − (Σ_k W_ik)(h_i − μ)
+//   (Euclidean; 0 where d <= 1e-6, i.e. d² <= 1e-12, the reference's rule; s_k by an AVX2 exp), ∂L/∂h_i = Σ_k W_ik (c_k − μ) − (Σ_k W_ik)(h_i − μ)
 //   with μ the mean prototype, so the rounding scales with the prototypes' spread, not their offset. The
 //   product Σ_k W_ik (c_k − μ) runs over 16-feature column chunks of (c − μ) (C × 64 bytes: L1-resident
 //   for C up to a few hundred) with six rows' accumulators in registers.
@@ -41,7 +40,7 @@ namespace mmk {
 namespace {
 
 constexpr int64_t kIgnore = -100;
-constexpr float kTinySqDist = 1e-12f;        // below it the Euclidean distance has no usable derivative
+constexpr float kTinyDist = 1e-6f;           // sqrt(1e-12): below it the Euclidean distance has no usable derivative
 constexpr int64_t kRowTile = 4;               // feature rows per distance tile
 constexpr int64_t kProtoTile = 3;             // prototypes per distance tile
 constexpr int64_t kGradRows = 6;              // feature rows per gradient tile
@@ -188,7 +187,7 @@ float* scratch(int slot, int64_t n) {
 inline float neg_dist(float d2, bool squared) { return squared ? -d2 : -std::sqrt(d2); }
 
 // ---------------------------------------------------------------------------------------------- forward
-std::tuple<at::Tensor, at::Tensor, at::Tensor> prototype_ce_fwd_cpu(const at::Tensor& features,
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> prototype_ce_fwd_cpu(const at::Tensor& features,
                                                                     const at::Tensor& prototypes,
                                                                     const at::Tensor& labels, bool squared,
                                                                     bool check) {
@@ -216,18 +215,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> prototype_ce_fwd_cpu(const at::Te
   }
   auto opts = features.options().dtype(at::kFloat);
   at::Tensor ce = at::empty({B}, opts), ent = at::empty({B}, opts), lse = at::empty({B}, opts);
-  if (B == 0) return {ce, ent, lse};
+  at::Tensor z = at::empty({B, C}, opts);
+  if (B == 0) return {ce, ent, lse, z};
   float* ce_p = ce.data_ptr<float>();
+  float* z_p = z.data_ptr<float>();
   float* ent_p = ent.data_ptr<float>();
   float* lse_p = lse.data_ptr<float>();
   const bool avx2 = pce_avx2();
   const int64_t tiles = (B + kRowTile - 1) / kRowTile;
   at::parallel_for(0, tiles, grain(kRowTile, p), [&](int64_t t0, int64_t t1) {
     const int64_t i0 = t0 * kRowTile, i1 = std::min(B, t1 * kRowTile);
-    std::vector<float> z((i1 - i0) * C);
-    sq_dist_rows(p.hp + i0 * D, p.cp, C, D, i1 - i0, z.data(), avx2);
+    sq_dist_rows(p.hp + i0 * D, p.cp, C, D, i1 - i0, z_p + i0 * C, avx2);
     for (int64_t i = i0; i < i1; ++i) {
-      float* zi = z.data() + (i - i0) * C;
+      float* zi = z_p + i * C;
       float mx = -std::numeric_limits<float>::infinity();
       for (int64_t k = 0; k < C; ++k) {
         zi[k] = neg_dist(zi[k], squared);
@@ -252,7 +252,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> prototype_ce_fwd_cpu(const at::Te
       ent_p[i] = static_cast<float>(l - zs / sum);
     }
   });
-  return {ce, ent, lse};
+  return {ce, ent, lse, z};
 }
 
 // --------------------------------------------------------------------------------------------- backward
@@ -322,11 +322,99 @@ void grad_tile_portable(const float* wtp, const float* ccp, int64_t C, int64_t D
   }
 }
 
+// One row's softmax terms in the backward: g_ce, g_ent, lse, ent and the label.
+struct RowTerms {
+  float g_ce, g_ent, lse, ent;
+  int64_t y;
+};
+
+// W_k of prototypes [k0, C) of one row, written to w[k * kGradRows] (the row-tile layout); returns their sum.
+double weight_row_portable(const float* z, int64_t k0, int64_t C, const RowTerms& rt, bool squared, float* w) {
+  double ws = 0.0;
+  for (int64_t k = k0; k < C; ++k) {
+    const float log_s = z[k] - rt.lse;
+    const float s = std::exp(log_s);
+    const float g = rt.g_ce * (s - (k == rt.y ? 1.0f : 0.0f)) - rt.g_ent * s * (log_s + rt.ent);
+    // -z = d; d <= 1e-6 is d² <= 1e-12: the Euclidean distance has no usable derivative there
+    const float wk = squared ? 2.0f * g : (-z[k] > kTinyDist ? g / -z[k] : 0.0f);
+    w[k * kGradRows] = wk;
+    ws += wk;
+  }
+  return ws;
+}
+
+// e^x, fp32, x <= 88: x = n ln2 + r (|r| <= ln2/2, ln2 split in a high part with trailing zero bits so
+// that n·ln2_hi is exact), e^r by its Taylor polynomial to r⁶ (truncation below 1.2e-7 relative), 2^n built
+// in the exponent bits. Below -87.3 (2^n would be subnormal) the result is 0, within 1.2e-38 of e^x. NaN in,
+// NaN out (the max/min keep their second operand when it is NaN).
+__attribute__((target("avx2,fma"))) inline __m256 exp_avx2(__m256 x) {
+  const __m256 lo = _mm256_set1_ps(-87.33654f);
+  const __m256 xc = _mm256_min_ps(_mm256_set1_ps(88.0f), _mm256_max_ps(lo, x));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(xc, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), xc);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 q = _mm256_set1_ps(1.0f / 720.0f);
+  q = _mm256_fmadd_ps(q, r, _mm256_set1_ps(1.0f / 120.0f));
+  q = _mm256_fmadd_ps(q, r, _mm256_set1_ps(1.0f / 24.0f));
+  q = _mm256_fmadd_ps(q, r, _mm256_set1_ps(1.0f / 6.0f));
+  q = _mm256_fmadd_ps(q, r, _mm256_set1_ps(0.5f));
+  q = _mm256_fmadd_ps(q, r, _mm256_set1_ps(1.0f));
+  q = _mm256_fmadd_ps(q, r, _mm256_set1_ps(1.0f));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  const __m256 v = _mm256_mul_ps(q, _mm256_castsi256_ps(e));
+  return _mm256_andnot_ps(_mm256_cmp_ps(x, lo, _CMP_LT_OQ), v);
+}
+
+// weight_row_portable's terms, eight prototypes at a time (the tail in the portable loop); the row sum in
+// double, like the portable loop.
+__attribute__((target("avx2,fma"))) double weight_row_avx2(const float* z, int64_t C, const RowTerms& rt,
+                                                           bool squared, float* w) {
+  const __m256 lse = _mm256_set1_ps(rt.lse), ent = _mm256_set1_ps(rt.ent), gce = _mm256_set1_ps(rt.g_ce),
+               gent = _mm256_set1_ps(rt.g_ent), tiny = _mm256_set1_ps(kTinyDist), zero = _mm256_setzero_ps(),
+               one = _mm256_set1_ps(1.0f), two = _mm256_set1_ps(2.0f);
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  // a label outside [0, C) (the forward's NaN ce) matches no prototype
+  const __m256i yv = _mm256_set1_epi32(rt.y >= 0 && rt.y < C ? static_cast<int32_t>(rt.y) : -1);
+  __m256d ws0 = _mm256_setzero_pd(), ws1 = _mm256_setzero_pd();
+  alignas(32) float wk[8];
+  int64_t k = 0;
+  for (; k + 8 <= C; k += 8) {
+    const __m256 zv = _mm256_loadu_ps(z + k);
+    const __m256 log_s = _mm256_sub_ps(zv, lse);
+    const __m256 s = exp_avx2(log_s);
+    const __m256 hot = _mm256_and_ps(
+        _mm256_castsi256_ps(_mm256_cmpeq_epi32(_mm256_add_epi32(lane, _mm256_set1_epi32(static_cast<int32_t>(k))), yv)),
+        one);
+    // g = g_ce (s − [k = y]) − g_ent s (log s + ent)
+    const __m256 g = _mm256_fnmadd_ps(_mm256_mul_ps(gent, s), _mm256_add_ps(log_s, ent),
+                                      _mm256_mul_ps(gce, _mm256_sub_ps(s, hot)));
+    __m256 wv;
+    if (squared) {
+      wv = _mm256_mul_ps(two, g);
+    } else {
+      const __m256 d = _mm256_sub_ps(zero, zv);
+      wv = _mm256_and_ps(_mm256_cmp_ps(d, tiny, _CMP_GT_OQ), _mm256_div_ps(g, d));
+    }
+    _mm256_store_ps(wk, wv);
+    for (int j = 0; j < 8; ++j) w[(k + j) * kGradRows] = wk[j];
+    ws0 = _mm256_add_pd(ws0, _mm256_cvtps_pd(_mm256_castps256_ps128(wv)));
+    ws1 = _mm256_add_pd(ws1, _mm256_cvtps_pd(_mm256_extractf128_ps(wv, 1)));
+  }
+  alignas(32) double part[4];
+  _mm256_store_pd(part, _mm256_add_pd(ws0, ws1));
+  return (part[0] + part[1]) + (part[2] + part[3]) + weight_row_portable(z, k, C, rt, squared, w);
+}
+
 at::Tensor prototype_ce_bwd_cpu(const at::Tensor& grad_ce, const at::Tensor& grad_ent, const at::Tensor& features,
                                 const at::Tensor& prototypes, const at::Tensor& labels, const at::Tensor& lse,
-                                const at::Tensor& ent, bool squared) {
+                                const at::Tensor& ent, const at::Tensor& z, bool squared) {
   const Problem p = problem(features, prototypes, labels);
   const int64_t B = p.B, C = p.C, D = p.D;
+  TORCH_CHECK(z.scalar_type() == at::kFloat && z.dim() == 2 && z.size(0) == B && z.size(1) == C &&
+                  z.is_contiguous(),
+              "prototype_ce: z must be the forward's contiguous float32 (B, C) output");
+  const float* z_p = z.const_data_ptr<float>();
   TORCH_CHECK(grad_ce.dim() == 1 && grad_ce.size(0) == B && grad_ent.dim() == 1 && grad_ent.size(0) == B &&
                   lse.dim() == 1 && lse.size(0) == B && ent.dim() == 1 && ent.size(0) == B,
               "prototype_ce: the gradients, lse and ent must be (B,)");
@@ -362,35 +450,22 @@ at::Tensor prototype_ce_bwd_cpu(const at::Tensor& grad_ce, const at::Tensor& gra
     }
   }
 
-  // W and Σ_k W per row, tile by tile (the distances recomputed: the forward's own arithmetic)
+  // W and Σ_k W per row, tile by tile, from the forward's z (nothing recomputed)
   float* wtp = scratch(1, tiles * C * kGradRows);
   std::fill(wtp, wtp + tiles * C * kGradRows, 0.0f);  // ignored rows and rows past B: W = 0
   std::vector<float> wsum(tiles * kGradRows, 0.0f);
   const bool avx2 = pce_avx2();
-  at::parallel_for(0, tiles, grain(kGradRows, p), [&](int64_t t0, int64_t t1) {
-    // all the rows of this range at once: the prototypes stream through once (sq_dist_rows' loop order)
-    const int64_t first = t0 * kGradRows, last = std::min(B, t1 * kGradRows);
-    std::vector<float> d2((last - first) * C);
-    sq_dist_rows(p.hp + first * D, p.cp, C, D, last - first, d2.data(), avx2);
+  at::parallel_for(0, tiles, std::max<int64_t>(1, kParallelWork / std::max<int64_t>(1, kGradRows * C * 32)),
+                   [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t i0 = t * kGradRows, n = std::min(B, i0 + kGradRows) - i0;
       float* w = wtp + t * C * kGradRows;
       for (int64_t r = 0; r < n; ++r) {
         const int64_t i = i0 + r, y = lab[i * sy];
         if (y == kIgnore) continue;  // W = 0
-        const float g_ce = gce_p[i * s_gce], g_ent = gent_p[i * s_gent], l = lse_p[i * s_lse];
-        const float e = ent_p[i * s_ent];
-        const float* di = d2.data() + (i - first) * C;
-        double ws = 0.0;
-        for (int64_t k = 0; k < C; ++k) {
-          const float z = neg_dist(di[k], squared);
-          const float log_s = z - l;
-          const float s = std::exp(log_s);
-          const float g = g_ce * (s - (k == y ? 1.0f : 0.0f)) - g_ent * s * (log_s + e);
-          const float wk = squared ? 2.0f * g : (di[k] > kTinySqDist ? g / -z : 0.0f);
-          w[k * kGradRows + r] = wk;
-          ws += wk;
-        }
+        const RowTerms rt{gce_p[i * s_gce], gent_p[i * s_gent], lse_p[i * s_lse], ent_p[i * s_ent], y};
+        const double ws = avx2 ? weight_row_avx2(z_p + i * C, C, rt, squared, w + r)
+                               : weight_row_portable(z_p + i * C, 0, C, rt, squared, w + r);
         wsum[i] = static_cast<float>(ws);
       }
     }
@@ -423,13 +498,14 @@ at::Tensor prototype_ce_bwd_cpu(const at::Tensor& grad_ce, const at::Tensor& gra
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(mmkernels_C, m) {
-  // (ce, ent, lse), float32 (B,): features (B, D) and prototypes (C, D) floating point, labels (B,) int64
+  // (ce, ent, lse, z): ce, ent, lse float32 (B,) and z = −d (or −d²) float32 (B, C), kept for the backward
+  // (a (B, C) tensor, 79 KB at 64 × 309, read back instead of recomputing B·C·D differences); features (B, D) and prototypes (C, D) floating point, labels (B,) int64
   // (-100: ignored). check: labels outside [0, C) raise ValueError instead of giving a NaN ce.
   m.def("prototype_ce_fwd(Tensor features, Tensor prototypes, Tensor labels, bool squared, bool check) -> "
-        "(Tensor, Tensor, Tensor)");
-  // dfeatures (B, D), contiguous, in the features' dtype
+        "(Tensor, Tensor, Tensor, Tensor)");
+  // dfeatures (B, D), contiguous, in the features' dtype; z: the forward's fourth output
   m.def("prototype_ce_bwd(Tensor grad_ce, Tensor grad_ent, Tensor features, Tensor prototypes, Tensor labels, "
-        "Tensor lse, Tensor ent, bool squared) -> Tensor");
+        "Tensor lse, Tensor ent, Tensor z, bool squared) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(mmkernels_C, CPU, m) {

@@ -60,8 +60,9 @@ Decisions where the spec is silent
 
 On CPU tensors (backend ``auto``) the forward and backward are the C++ kernels of the extension
 (csrc/prototype_ce.cpp): distances in the exact difference form ``Σ_d (h_d − c_d)²`` in register tiles of
-4 samples × 3 prototypes, the softmax terms per row, and a backward that recomputes the distances (no
-``(B, C)`` tensor is kept) and forms ``W (c − μ) − (Σ W)(h − μ)`` over 16-feature column chunks. The eager
+4 samples × 3 prototypes, the softmax terms per row, and a backward that reads the forward's ``(B, C)``
+``z`` back (kept for it: 79 KB at 64 × 309, cheaper than recomputing ``B·C·D`` differences), takes the
+softmax terms eight prototypes at a time (AVX2 exp) and forms ``W (c − μ) − (Σ W)(h − μ)`` over 16-feature column chunks. The eager
 label check runs inside the forward (the same ``ValueError``). Without the extension (or with backend
 ``reference``) the PyTorch reference runs.
 
@@ -415,42 +416,50 @@ def _cpp_kernels(h: torch.Tensor):
 
 
 def _pce_forward(h: torch.Tensor, c: torch.Tensor, labels: torch.Tensor, squared: bool, check: bool = False
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``check``: the eager CPU range check of the labels, done by the C++ forward (only it gets it True)."""
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(ce, ent, lse, z). ``z``: the C++ forward's ``(B, C)`` fp32 ``−d`` (or ``−d²``), read back by its
+    backward instead of recomputing the distances; an empty tensor on the other paths (they recompute).
+    ``check``: the eager CPU range check of the labels, done by the C++ forward (only it gets it True)."""
     if _kernel_path(h):
-        return _pce_fwd_triton(h, c, labels, squared)
+        ce, ent, lse = _pce_fwd_triton(h, c, labels, squared)
+        return ce, ent, lse, lse.new_empty(0)
     if (kernels := _cpp_kernels(h)) is not None:
         return kernels[0](h, c, labels, squared, check)
-    return _pce_fwd_ref(h, c, labels, squared)
+    ce, ent, lse = _pce_fwd_ref(h, c, labels, squared)
+    return ce, ent, lse, lse.new_empty(0)
 
 
 def _pce_backward(grad_ce: torch.Tensor, grad_ent: torch.Tensor, h: torch.Tensor, c: torch.Tensor,
-                  labels: torch.Tensor, lse: torch.Tensor, ent: torch.Tensor, squared: bool) -> torch.Tensor:
+                  labels: torch.Tensor, lse: torch.Tensor, ent: torch.Tensor, z: torch.Tensor,
+                  squared: bool) -> torch.Tensor:
     if _kernel_path(h):
         return _pce_bwd_triton(grad_ce, grad_ent, h, c, labels, lse, ent, squared)
     if (kernels := _cpp_kernels(h)) is not None:
-        return kernels[1](grad_ce, grad_ent, h, c, labels, lse, ent, squared)
+        return kernels[1](grad_ce, grad_ent, h, c, labels, lse, ent, z, squared)
     return _pce_bwd_ref(grad_ce, grad_ent, h, c, labels, lse, ent, squared)
 
 
 def _setup_context(ctx, inputs, output):
     h, c, labels, squared = inputs[:4]
-    _, ent, lse = output
-    ctx.save_for_backward(h, c, labels, lse, ent)
+    _, ent, lse, z = output
+    ctx.save_for_backward(h, c, labels, lse, ent, z)
     ctx.squared = squared
 
 
-def _backward_inputs(ctx, grad_ce, grad_ent, _grad_lse):
-    h, c, labels, lse, ent = ctx.saved_tensors
+def _backward_inputs(ctx, grad_ce, grad_ent, _grad_lse, _grad_z):
+    h, c, labels, lse, ent, z = ctx.saved_tensors
     # an output the loss does not use has no gradient: a zero one keeps one backward signature
     grad_ce = torch.zeros_like(lse) if grad_ce is None else grad_ce
     grad_ent = torch.zeros_like(lse) if grad_ent is None else grad_ent
-    return grad_ce, grad_ent, h, c, labels, lse, ent, ctx.squared
+    return grad_ce, grad_ent, h, c, labels, lse, ent, z, ctx.squared
 
 
 def _fake_forward(h, c, labels, squared, check=False):
     out = h.new_empty(h.shape[0], dtype=acc_dtype(h.dtype))
-    return out, torch.empty_like(out), torch.empty_like(out)
+    # the same route as _pce_forward: only the C++ forward returns a (B, C) z
+    cpp = not _kernel_path(h) and _cpp_kernels(h) is not None
+    z = h.new_empty((h.shape[0], c.shape[0]) if cpp else (0,), dtype=torch.float32 if cpp else out.dtype)
+    return out, torch.empty_like(out), torch.empty_like(out), z
 
 
 _PROTOTYPE_CE = DifferentiableOp(
@@ -458,7 +467,7 @@ _PROTOTYPE_CE = DifferentiableOp(
     setup_context=_setup_context, backward_inputs=_backward_inputs,
     input_grads=lambda ctx, dh: (dh, None, None, None, None),
     fake_forward=_fake_forward,
-    fake_backward=lambda grad_ce, grad_ent, h, c, labels, lse, ent, squared: torch.empty_like(
+    fake_backward=lambda grad_ce, grad_ent, h, c, labels, lse, ent, z, squared: torch.empty_like(
         h, memory_format=torch.contiguous_format),
 )
 
@@ -517,7 +526,7 @@ def _prototype_ce(features, prototypes, labels, squared: bool, reduction: str, c
     if skip_dispatch(features) and not _kernel_path(features) and _cpp_kernels(features) is None:
         # eager reference calls differentiate the reference itself (autograd's C++ backward of a few ops)
         return prototype_ce_ref(features, prototypes, labels, squared=squared, reduction=reduction)
-    ce, ent, _ = _PROTOTYPE_CE(features, prototypes, labels, squared, check, anchor=features)
+    ce, ent, _, _ = _PROTOTYPE_CE(features, prototypes, labels, squared, check, anchor=features)
     if reduction == "none":
         return ce, ent
     if reduction == "mean" and labels.is_cpu and skip_dispatch(features):
