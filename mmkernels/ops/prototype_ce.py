@@ -444,6 +444,9 @@ def _setup_context(ctx, inputs, output):
     _, ent, lse, z = output
     ctx.save_for_backward(h, c, labels, lse, ent, z)
     ctx.squared = squared
+    # lse and z are saved for the backward, never differentiated: no zero (B, C) gradient is materialised
+    # for them (the backward below fills an unused ce or entropy gradient itself)
+    ctx.set_materialize_grads(False)
 
 
 def _backward_inputs(ctx, grad_ce, grad_ent, _grad_lse, _grad_z):
