@@ -168,7 +168,8 @@ BW_TARGET_PCT, BW_TARGET_MB = 70, 256
 
 
 def _moved_mb(row: dict) -> float:
-    """The fewest bytes the call must move, from the row's own GB/s and time (every recorded file has both)."""
+    """The fewest bytes the call must move, from the row's own GB/s and time (every recorded file has both;
+    rounded before the comparison, since 256 MB exactly comes back a hair under it)."""
     gbps, ms = row.get("gbps"), row.get("median_ms")
     return gbps * 1e9 * ms * 1e-3 / 2**20 if gbps and ms else 0.0
 
@@ -194,7 +195,7 @@ def target_rows(results: list[tuple[str, dict]]) -> list[dict]:
                     "value": value, "met": met, "peer": _peer_cell(row)})
     for name, data in results:
         for row in data["rows"]:
-            if row.get("role") == "ours" and row.get("pct_read_bw") is not None and _moved_mb(row) >= BW_TARGET_MB:
+            if row.get("role") == "ours" and row.get("pct_read_bw") is not None and round(_moved_mb(row)) >= BW_TARGET_MB:
                 out.append({"device": _device_label(data["environment"]), "op": row["op"],
                             "shape": _case_label(row) + f" ({_moved_mb(row):.0f} MB moved)",
                             "target": f"≥ {BW_TARGET_PCT} % of read bandwidth", "value": row["pct_read_bw"],
