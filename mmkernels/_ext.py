@@ -75,6 +75,18 @@ def ops():
     return torch.ops.mmkernels_C
 
 
+_CPU_KERNELS: dict = {}  # names -> their OpOverloads, or None when one lacks a CPU kernel (fixed per process)
+
+
+def cpu_kernels(*names: str):
+    """``(mmkernels_C::<name>.default, ...)`` when the extension has a CPU kernel for every name, else None.
+    Looked up once per set of names: each lookup asks the dispatcher, and the ops' eager paths ask per call."""
+    if names not in _CPU_KERNELS:
+        ok = all(has_kernel(n, "cpu") for n in names)
+        _CPU_KERNELS[names] = tuple(getattr(ops(), n).default for n in names) if ok else None
+    return _CPU_KERNELS[names]
+
+
 def warn_missing_once() -> None:
     global _warned
     if load() is None and not _warned:

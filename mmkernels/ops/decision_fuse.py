@@ -257,19 +257,10 @@ def _fuse_bwd_ref(grad, weights, scales, mask, grad_coeff):
 # --------------------------------------------------------------------------------------------------------
 # 5. Registration: forward and backward written once, for the eager call and the registered autograd
 # --------------------------------------------------------------------------------------------------------
-_CPU_KERNELS: list = []  # [(forward, backward) kernels of the extension, or None], looked up on first use
-
-
 def _cpu_kernels():
     """``mmkernels_C::decision_fuse_fwd`` / ``_bwd`` when the extension has their CPU kernels and the backend
-    is ``auto``, else None (reference). Looked up once: each lookup asks the dispatcher."""
-    if _backend.get_backend() != "auto":
-        return None
-    if not _CPU_KERNELS:
-        ok = _ext.has_kernel("decision_fuse_fwd", "cpu") and _ext.has_kernel("decision_fuse_bwd", "cpu")
-        ops = _ext.ops() if ok else None
-        _CPU_KERNELS.append((ops.decision_fuse_fwd.default, ops.decision_fuse_bwd.default) if ok else None)
-    return _CPU_KERNELS[0]
+    is ``auto``, else None (reference)."""
+    return _ext.cpu_kernels("decision_fuse_fwd", "decision_fuse_bwd") if _backend.get_backend() == "auto" else None
 
 
 def _fuse_forward(logits: torch.Tensor, weights: torch.Tensor, scales: torch.Tensor,

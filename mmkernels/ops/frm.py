@@ -255,23 +255,20 @@ def frm_ref(x: torch.Tensor, patch_size: int = 8, window: int = 2, eps: float = 
 # --------------------------------------------------------------------------------------------------------
 _ext.register_fake("frm", lambda x, patch_size, window, eps, sum: x.new_empty(() if sum else (x.shape[0],),
                                                                                dtype=acc_dtype(x.dtype)))
-_CPU_KERNEL: list = []  # once asked: [whether the extension has the CPU kernel, its op] (fixed per process)
-
-
-def _use_cpu_kernel(x: torch.Tensor) -> bool:
+def _cpu_kernel(x: torch.Tensor):
+    """``mmkernels_C::frm`` for a CPU tensor when the extension has its CPU kernel and the backend is not
+    ``reference``, else None."""
     if x.device.type != "cpu" or _backend.get_backend() == "reference":
-        return False
-    if not _CPU_KERNEL:
-        has = _ext.has_kernel("frm", "cpu")
-        _CPU_KERNEL.extend([has, _ext.ops().frm.default if has else None])
-    return _CPU_KERNEL[0]
+        return None
+    kernels = _ext.cpu_kernels("frm")
+    return kernels and kernels[0]
 
 
 def _frm_impl(x: torch.Tensor, patch_size: int, window: int, eps: float, reduction: str) -> torch.Tensor:
     if use_triton(x) and x.numel() > 0:
         return _frm_fwd_triton(x, patch_size, window, eps, reduction)
-    if _use_cpu_kernel(x):
-        return _CPU_KERNEL[1](x, patch_size, window, eps, reduction == "sum")
+    if (kernel := _cpu_kernel(x)) is not None:
+        return kernel(x, patch_size, window, eps, reduction == "sum")
     return _frm_ref_impl(x, patch_size, window, eps, reduction)
 
 

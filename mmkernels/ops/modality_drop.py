@@ -353,19 +353,10 @@ def _drop_bwd_ref(grads, factor):
 # --------------------------------------------------------------------------------------------------------
 # 5. Registration
 # --------------------------------------------------------------------------------------------------------
-_CPU_KERNELS: list = []  # [(forward, backward) kernels of the extension, or None], looked up on first use
-
-
 def _cpu_kernels():
     """``mmkernels_C::modality_drop_fwd`` / ``_bwd`` when the extension has their CPU kernels and the backend
-    is ``auto``, else None (reference). Looked up once: each lookup asks the dispatcher."""
-    if _backend.get_backend() != "auto":
-        return None
-    if not _CPU_KERNELS:
-        ok = _ext.has_kernel("modality_drop_fwd", "cpu") and _ext.has_kernel("modality_drop_bwd", "cpu")
-        ops = _ext.ops() if ok else None
-        _CPU_KERNELS.append((ops.modality_drop_fwd.default, ops.modality_drop_bwd.default) if ok else None)
-    return _CPU_KERNELS[0]
+    is ``auto``, else None (reference)."""
+    return _ext.cpu_kernels("modality_drop_fwd", "modality_drop_bwd") if _backend.get_backend() == "auto" else None
 
 
 def _drop_forward(features: List[torch.Tensor], u: torch.Tensor, q: torch.Tensor, scale: Optional[torch.Tensor],

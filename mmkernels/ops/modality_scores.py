@@ -250,17 +250,13 @@ def modality_scores_ref(logits, labels: torch.Tensor, mask: Optional[torch.Tenso
 # --------------------------------------------------------------------------------------------------------
 # 5. Registration
 # --------------------------------------------------------------------------------------------------------
-_CPU_KERNEL: list = []  # [the extension's CPU kernel, or None], looked up on first use
 
 
 def _cpu_kernel():
     """``mmkernels_C::modality_scores(logits, labels, mask, check)`` when the extension has its CPU kernel and
-    the backend is ``auto``, else None (reference). Looked up once: each lookup asks the dispatcher."""
-    if _backend.get_backend() != "auto":
-        return None
-    if not _CPU_KERNEL:
-        _CPU_KERNEL.append(_ext.ops().modality_scores.default if _ext.has_kernel("modality_scores", "cpu") else None)
-    return _CPU_KERNEL[0]
+    the backend is ``auto``, else None (reference)."""
+    kernels = _ext.cpu_kernels("modality_scores") if _backend.get_backend() == "auto" else None
+    return kernels and kernels[0]
 
 
 def _scores_impl(logits: list[torch.Tensor], labels, mask, checked: bool = False, in_range: bool = False):

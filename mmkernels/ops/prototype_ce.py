@@ -388,19 +388,10 @@ def _pce_bwd_ref(grad_ce, grad_ent, h, c, labels, lse, ent, squared):
 # --------------------------------------------------------------------------------------------------------
 # 5. Registration: forward and backward written once, for the eager call and the registered autograd
 # --------------------------------------------------------------------------------------------------------
-_CPU_KERNELS: list = []  # [(forward, backward) kernels of the extension, or None], looked up on first use
-
-
 def _cpu_kernels():
     """``mmkernels_C::prototype_ce_fwd`` / ``_bwd`` when the extension has their CPU kernels and the backend
-    is ``auto``, else None (reference). Looked up once: each lookup asks the dispatcher."""
-    if _backend.get_backend() != "auto":
-        return None
-    if not _CPU_KERNELS:
-        ok = _ext.has_kernel("prototype_ce_fwd", "cpu") and _ext.has_kernel("prototype_ce_bwd", "cpu")
-        ops = _ext.ops() if ok else None
-        _CPU_KERNELS.append((ops.prototype_ce_fwd.default, ops.prototype_ce_bwd.default) if ok else None)
-    return _CPU_KERNELS[0]
+    is ``auto``, else None (reference)."""
+    return _ext.cpu_kernels("prototype_ce_fwd", "prototype_ce_bwd") if _backend.get_backend() == "auto" else None
 
 
 def _kernel_path(h: torch.Tensor) -> bool:

@@ -33,13 +33,9 @@ _DIRECT_MAX_POW2 = 64
 _DIRECT_MAX_OTHER = 256
 
 _TENSORS = BoundedCache(maxsize=128)
-_OPS: dict = {}  # op name -> its OpOverload, or None without the CPU kernel (fixed per process)
-
-
 def _op(name: str):
-    if name not in _OPS:
-        _OPS[name] = getattr(_ext.ops(), name).default if _ext.has_kernel(name, "cpu") else None
-    return _OPS[name]
+    kernels = _ext.cpu_kernels(name)
+    return kernels and kernels[0]
 
 
 def available(x: torch.Tensor, ndim: int) -> bool:
@@ -82,14 +78,14 @@ def _t2d(plan: Plan2d, cd: torch.dtype) -> _T2d:
 
 def forward_1d(x: torch.Tensor, plan: Plan1d, save_proj: bool):
     t = _t1d(plan, acc_dtype(x.dtype))
-    return _OPS["band_energy_1d"](x, t.basis, t.bin_band, len(plan.cutoffs), t.use_fft, save_proj)
+    return _op("band_energy_1d")(x, t.basis, t.bin_band, len(plan.cutoffs), t.use_fft, save_proj)
 
 
 def forward_2d(x: torch.Tensor, plan: Plan2d, save_proj: bool):
     if plan.use_fft or plan.num_u == 0 or plan.num_v == 0:
         return reference.forward_2d(x, plan, save_proj)
     t = _t2d(plan, acc_dtype(x.dtype))
-    return _OPS["band_energy_2d"](x, t.csv, t.csu, t.band, len(plan.cutoffs), save_proj)
+    return _op("band_energy_2d")(x, t.csv, t.csu, t.band, len(plan.cutoffs), save_proj)
 
 
 _ext.register_fake("band_energy_1d", lambda x, basis, bin_band, num_cut, use_fft, save_proj: (
