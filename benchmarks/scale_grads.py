@@ -48,9 +48,12 @@ CASES = [
     _case(16, torch.float32, {"quick"}),
     _case(64, torch.float32, {"cpu", "cuda"}),
     _case(64, torch.bfloat16, {"cuda"}),
+    # 2x ResNet-18 at width 96 (50M gradients, 383 MB read + written): the large case, past every cache
+    _case(96, torch.float32, {"cpu", "cuda"}, step=False),
     # plain OGM (parameter mode without GE): the released per-tensor `grad *= coeff` against one fused pass
     _case(16, torch.float32, {"quick"}, noise=None),
     _case(64, torch.float32, {"cpu", "cuda"}, noise=None),
+    _case(96, torch.float32, {"cpu", "cuda"}, step=False, noise=None),
 ]
 
 

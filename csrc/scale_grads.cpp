@@ -234,7 +234,7 @@ struct Partial {
 };
 
 template <typename T>
-Partial shifted_sums(const T* p, int64_t n, double shift) {
+__attribute__((always_inline)) inline Partial shifted_sums_body(const T* p, int64_t n, double shift) {
   // 8 independent lanes: the adds vectorise without reassociating anything.
   double s1[8] = {0}, s2[8] = {0}, chk[8] = {0};
   int64_t i = 0;
@@ -261,9 +261,65 @@ Partial shifted_sums(const T* p, int64_t n, double shift) {
   return r;
 }
 
+template <typename T>
+Partial shifted_sums_generic(const T* p, int64_t n, double shift) { return shifted_sums_body(p, n, shift); }
+template <typename T>
+__attribute__((target("avx2"))) Partial shifted_sums_avx2(const T* p, int64_t n, double shift) {
+  return shifted_sums_body(p, n, shift);
+}
+
+// fp32 written out: the same eight lanes in the same order as shifted_sums_body (lanes 0-3 in `lo`, 4-7 in
+// `hi`), so the sums are bit-identical to the portable loop's; NaN/Inf come from the exponent bits (as in
+// scale_flag8) instead of a third sum. The compiler's SSE2 version of the loop above ran at 4.4 GB/s, a
+// third of the 1-thread read bandwidth, and this pass reads every gradient once before the noise pass.
+__attribute__((target("avx2"))) Partial shifted_sums_avx2_f32(const float* p, int64_t n, double shift) {
+  const __m256d sh = _mm256_set1_pd(shift);
+  __m256d s1lo = _mm256_setzero_pd(), s1hi = _mm256_setzero_pd(), s2lo = _mm256_setzero_pd(),
+          s2hi = _mm256_setzero_pd();
+  __m256i any = _mm256_setzero_si256();
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 x = _mm256_loadu_ps(p + i);
+    any = _mm256_or_si256(any, _mm256_add_epi32(_mm256_and_si256(_mm256_castps_si256(x), _mm256_set1_epi32(0x7f800000)),
+                                                _mm256_set1_epi32(0x00800000)));
+    const __m256d dlo = _mm256_sub_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(x)), sh);
+    const __m256d dhi = _mm256_sub_pd(_mm256_cvtps_pd(_mm256_extractf128_ps(x, 1)), sh);
+    s1lo = _mm256_add_pd(s1lo, dlo);
+    s1hi = _mm256_add_pd(s1hi, dhi);
+    s2lo = _mm256_add_pd(s2lo, _mm256_mul_pd(dlo, dlo));  // no FMA: the portable loop's rounding
+    s2hi = _mm256_add_pd(s2hi, _mm256_mul_pd(dhi, dhi));
+  }
+  alignas(32) double s1[8], s2[8];
+  _mm256_store_pd(s1, s1lo);
+  _mm256_store_pd(s1 + 4, s1hi);
+  _mm256_store_pd(s2, s2lo);
+  _mm256_store_pd(s2 + 4, s2hi);
+  double chk0 = _mm256_movemask_ps(_mm256_castsi256_ps(any)) != 0 ? std::numeric_limits<double>::quiet_NaN() : 0.0;
+  for (; i < n; ++i) {
+    const double d = static_cast<double>(p[i]) - shift;
+    s1[0] += d;
+    s2[0] += d * d;
+    chk0 += d * 0.0;
+  }
+  Partial r;
+  for (int l = 0; l < 8; ++l) {
+    r.s1 += s1[l];
+    r.s2 += s2[l];
+  }
+  r.chk = chk0;
+  return r;
+}
+
+template <typename T>
+Partial shifted_sums(const T* p, int64_t n, double shift) {
+  if (!use_avx2()) return shifted_sums_generic(p, n, shift);
+  if constexpr (std::is_same_v<T, float>) return shifted_sums_avx2_f32(p, n, shift);
+  return shifted_sums_avx2(p, n, shift);
+}
+
 // g*coeff + sd*z on elements [begin, end) of list entry `tensor`; z[k] is the normal of element begin+k.
 template <typename T>
-void scale_add_noise(T* p, int64_t begin, int64_t end, double coeff, float sd, uint64_t seed, uint32_t tensor) {
+__attribute__((always_inline)) inline void scale_add_noise_body(T* p, int64_t begin, int64_t end, double coeff, float sd, uint64_t seed, uint32_t tensor) {
   using A = acc_t<T>;
   const A c = static_cast<A>(coeff);
   alignas(64) float z[kTile];
@@ -279,6 +335,19 @@ void scale_add_noise(T* p, int64_t begin, int64_t end, double coeff, float sd, u
       }
     }
   }
+}
+
+// The same loop compiled for AVX2 (no FMA enabled, so it rounds as the portable one): the multiply-adds of
+// the gradient then run eight wide beside the vector noise tiles.
+template <typename T>
+__attribute__((target("avx2"))) void scale_add_noise_avx2(T* p, int64_t begin, int64_t end, double coeff, float sd,
+                                                          uint64_t seed, uint32_t tensor) {
+  scale_add_noise_body(p, begin, end, coeff, sd, seed, tensor);
+}
+template <typename T>
+void scale_add_noise(T* p, int64_t begin, int64_t end, double coeff, float sd, uint64_t seed, uint32_t tensor) {
+  if (use_avx2()) return scale_add_noise_avx2(p, begin, end, coeff, sd, seed, tensor);
+  scale_add_noise_body(p, begin, end, coeff, sd, seed, tensor);
 }
 
 #define MMK_DISPATCH_GRAD_TYPES(dtype, ...) \
