@@ -14,6 +14,7 @@
 
 #include "simd.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -29,22 +30,19 @@ struct FrmArgs {
   int64_t p, q, nph, npw;
 };
 
-// The fast path: p = 8, float32 arithmetic (float32, float16 and bfloat16 inputs), AVX2+FMA; one strip at a time,
-// everything after the strip's one read of x runs in L1 (Z is 2q rows of W floats).
+// The fast path: p = 8, float32 arithmetic (float32, float16 and bfloat16 inputs), AVX2+FMA; eight patches of a
+// strip at a time, everything after their one read of x in L1 (frm_strips_p8_avx2).
 //
-// Stage 1, eight columns at a time. D[k, 7-n] = -D[k, n] for odd k, so an odd row is 4 multiply-adds on
-// d_i = x_i - x_{7-i} (i < 4) instead of 8 on x (and d_i is exact for neighbouring pixels within a factor 2 of
-// each other). Even rows keep the 8 products: the matching sums x_i + x_{7-i} are twice the size of x and
-// their rounding, carried into the tiny high-frequency denominators, measurably raised the error on
-// image-like inputs. The rows of the next strips are prefetched meanwhile: a strip is p rows that each span
-// only a few cache lines, too short a stream for the hardware prefetcher to pick up before it ends, which
-// left the kernel waiting on DRAM for most lines once x was larger than the caches.
-// The 2q rows of R, every coefficient broadcast to a vector once per call: the kernels below read them as
-// memory operands of their multiply-adds (one fused load per product, no broadcast in the loops).
-template <int Q>
-struct FrmCoef8 {
-  __m256 c[2 * Q][8];
-};
+// Every coefficient of the 8-point DCT-II is +-M[m]: M[0] = sqrt(1/8) (row 0), M[m] = cos(m pi / 16) / 2 for
+// m = 1..7. Row k's coefficient at column n is cos(t pi / 16) / 2 with t = (2n + 1) k, folded by the symmetries
+// of cos onto [0, 8] and a sign, known at compile time. So the kernels hold the 8 magnitudes in registers and
+// pick multiply-add or negated multiply-add per term, instead of one broadcast coefficient per product and row.
+constexpr int frm_fold(int k, int n) {
+  const int t = (2 * n + 1) * k % 32;
+  return t > 16 ? 32 - t : t;
+}
+constexpr int frm_mag(int k, int n) { return frm_fold(k, n) > 8 ? 16 - frm_fold(k, n) : frm_fold(k, n); }
+constexpr bool frm_neg(int k, int n) { return frm_fold(k, n) > 8; }
 
 // DCT frequency of row r of R (rows 0..q-1 are D[0..q-1], rows q..2q-1 are D[7], D[6], ...).
 template <int Q>
@@ -52,99 +50,100 @@ constexpr int frm_freq(int r) {
   return r < Q ? r : 7 - (r - Q);
 }
 
+template <int K, int N, int END>
+__attribute__((target("avx2,fma"))) static inline __m256 frm_terms(const __m256* M, const __m256* v, __m256 acc) {
+  if constexpr (N == END) {
+    return acc;
+  } else {
+    const __m256 c = M[frm_mag(K, N)];
+    acc = frm_neg(K, N) ? _mm256_fnmadd_ps(c, v[N], acc) : _mm256_fmadd_ps(c, v[N], acc);
+    return frm_terms<K, N + 1, END>(M, v, acc);
+  }
+}
+
 // sum_n D[k, n] v[n] over 8 vectors, using the symmetry of the DCT rows: D[0, n] is one constant (7 adds and
 // one product); for odd k D[k, 7-n] = -D[k, n], so 4 products of dv[n] = v[n] - v[7-n] (precomputed by the
 // caller; exact for neighbouring values within a factor 2 of each other); other even k keep the 8 products:
 // the matching sums v[n] + v[7-n] are twice the size of v and their rounding, carried into the tiny
 // high-frequency denominators, measurably raised the error on image-like inputs. Beyond the saved
-// multiply-adds, the adds run on the FP add pipes, which the 8-product form leaves idle.
+// multiply-adds, the adds run on the FP add pipes, which the 8-product form leaves idle. The products run as
+// two chains of multiply-adds (first and second half of n) added at the end: one chain of 8 was latency-bound
+// (measured ~6% of the whole kernel at 448-pixel rows). The first term of each chain has a positive
+// coefficient where it is a plain product (t = k < 8 at n = 0); the second chain's sign is folded in.
+template <int K, int N>
+__attribute__((target("avx2,fma"))) static inline __m256 frm_first(const __m256* M, const __m256* v) {
+  const __m256 p = _mm256_mul_ps(M[frm_mag(K, N)], v[N]);
+  return frm_neg(K, N) ? _mm256_sub_ps(_mm256_setzero_ps(), p) : p;
+}
+
 template <int K>
-__attribute__((target("avx2,fma"))) static inline __m256 frm_dot8(const __m256* c, const __m256* v, const __m256* dv) {
+__attribute__((target("avx2,fma"))) static inline __m256 frm_dot8(const __m256* M, const __m256* v, const __m256* dv) {
+  static_assert(K >= 0 && K < 8 && !frm_neg(K, 0), "8-point DCT row");
   if constexpr (K == 0) {
     const __m256 s = _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(v[0], v[1]), _mm256_add_ps(v[2], v[3])),
                                    _mm256_add_ps(_mm256_add_ps(v[4], v[5]), _mm256_add_ps(v[6], v[7])));
-    return _mm256_mul_ps(c[0], s);
+    return _mm256_mul_ps(M[0], s);
   } else if constexpr (K % 2 == 1) {
-    __m256 acc = _mm256_mul_ps(c[0], dv[0]);
-    for (int i = 1; i < 4; ++i) acc = _mm256_fmadd_ps(c[i], dv[i], acc);
-    return acc;
+    return _mm256_add_ps(frm_terms<K, 1, 2>(M, dv, frm_first<K, 0>(M, dv)), frm_terms<K, 3, 4>(M, dv, frm_first<K, 2>(M, dv)));
   } else {
-    __m256 acc = _mm256_mul_ps(c[0], v[0]);
-    for (int i = 1; i < 8; ++i) acc = _mm256_fmadd_ps(c[i], v[i], acc);
-    return acc;
+    return _mm256_add_ps(frm_terms<K, 1, 4>(M, v, frm_first<K, 0>(M, v)), frm_terms<K, 5, 8>(M, v, frm_first<K, 4>(M, v)));
   }
 }
 
 template <int Q, int R0 = 0>
-__attribute__((target("avx2,fma"))) static inline void frm_stage1_rows(const FrmCoef8<Q>& R, const __m256* x,
+__attribute__((target("avx2,fma"))) static inline void frm_stage1_rows(const __m256* M, const __m256* x,
                                                                       const __m256* d, float* z, int64_t zs) {
   if constexpr (R0 < 2 * Q) {
-    _mm256_storeu_ps(z + R0 * zs, frm_dot8<frm_freq<Q>(R0)>(R.c[R0], x, d));
-    frm_stage1_rows<Q, R0 + 1>(R, x, d, z, zs);
+    _mm256_storeu_ps(z + R0 * zs, frm_dot8<frm_freq<Q>(R0)>(M, x, d));
+    frm_stage1_rows<Q, R0 + 1>(M, x, d, z, zs);
   }
 }
 
-// Stage 1, eight columns at a time: Z[r, w] = sum_i D[k_r, i] x[i, w].
+// Stage 1, one patch (eight columns): z[r * zs + n] = sum_i D[k_r, i] x[i, n], row i of the patch at x + i * rs.
 template <int Q>
-__attribute__((target("avx2,fma"))) static inline void frm_stage1_cols8(const float* const* src, int64_t w,
-                                                                       const FrmCoef8<Q>& R, float* Z, int64_t zs) {
-  __m256 x[8], d[4];
-  for (int i = 0; i < 8; ++i) x[i] = _mm256_loadu_ps(src[i] + w);
-  for (int i = 0; i < 4; ++i) d[i] = _mm256_sub_ps(x[i], x[7 - i]);
-  frm_stage1_rows<Q>(R, x, d, Z + w, zs);
+__attribute__((target("avx2,fma"))) static inline void frm_stage1_patch(const float* x, int64_t rs, const __m256* M,
+                                                                       float* z, int64_t zs) {
+  __m256 v[8], d[4];
+  for (int i = 0; i < 8; ++i) v[i] = _mm256_loadu_ps(x + i * rs);
+  for (int i = 0; i < 4; ++i) d[i] = _mm256_sub_ps(v[i], v[7 - i]);
+  frm_stage1_rows<Q>(M, v, d, z, zs);
 }
 
-// The rows of a later strip are prefetched meanwhile: a strip is p rows read side by side, each only a few
-// cache lines long, too short a stream for the hardware prefetcher to pick up before it ends.
-template <int Q>
-__attribute__((target("avx2,fma"))) static inline void frm_stage1_p8(const float* const* src, int64_t W,
-                                                                    const FrmCoef8<Q>& R, float* Z, int64_t zs,
-                                                                    const char* const* next) {
-  int64_t w = 0;
-  for (; w + 16 <= W; w += 16) {  // one prefetch per row per 64 bytes
-    if (next)
-      for (int i = 0; i < 8; ++i) _mm_prefetch(next[i] + w * 4, _MM_HINT_T0);
-    frm_stage1_cols8<Q>(src, w, R, Z, zs);
-    frm_stage1_cols8<Q>(src, w + 8, R, Z, zs);
-  }
-  if (w < W) frm_stage1_cols8<Q>(src, w, R, Z, zs);
-  if (next)  // the line holding each row's last element (rows need not start on a line boundary)
-    for (int i = 0; i < 8; ++i) _mm_prefetch(next[i] + (W - 1) * 4, _MM_HINT_T0);
-}
-
-// |Y[a, d] / (Y[7-a, 7-d] + eps)| summed over d, from the transposed low row a and high row q + a of Z.
-template <int Q, int D = 0>
-__attribute__((target("avx2,fma"))) static inline __m256 frm_ratios(const FrmCoef8<Q>& R, const __m256* lo,
-                                                                   const __m256* lod, const __m256* hi,
-                                                                   const __m256* hid, __m256 veps, __m256 sum) {
+// The stage-2 sums of one transposed Z row (lanes = 8 patches): y[d] = sum_n D[k_d, n] t[n] for the q
+// frequencies k_d this row pairs with (d for a low row, 7 - d for a high one).
+template <int Q, bool HIGH, int D = 0>
+__attribute__((target("avx2,fma"))) static inline void frm_row_sums(const __m256* M, const __m256* t,
+                                                                   const __m256* td, __m256* y) {
   if constexpr (D < Q) {
-    const __m256 yl = frm_dot8<D>(R.c[D], lo, lod);
-    const __m256 yh = frm_dot8<7 - D>(R.c[Q + D], hi, hid);
-    const __m256 r = _mm256_andnot_ps(_mm256_set1_ps(-0.0f), _mm256_div_ps(yl, _mm256_add_ps(yh, veps)));
-    return frm_ratios<Q, D + 1>(R, lo, lod, hi, hid, veps, _mm256_add_ps(sum, r));
-  } else {
-    return sum;
+    y[D] = frm_dot8<HIGH ? 7 - D : D>(M, t, td);
+    frm_row_sums<Q, HIGH, D + 1>(M, t, td, y);
   }
+}
+
+// One Z row of 8 patches, transposed so the patches are the vector lanes, then its q sums.
+template <int Q, bool HIGH>
+__attribute__((target("avx2,fma"))) static inline void frm_group_row(const float* z, const __m256* M, __m256* y) {
+  __m256 v[8], t[8], td[4];
+  for (int i = 0; i < 8; ++i) v[i] = _mm256_loadu_ps(z + 8 * i);
+  mmkernels::transpose8x8_ps(v, t);
+  for (int i = 0; i < 4; ++i) td[i] = _mm256_sub_ps(t[i], t[7 - i]);
+  frm_row_sums<Q, HIGH>(M, t, td, y);
 }
 
 // Stage 2, eight patches at a time: an 8x8 register transpose of a Z row turns the patches into vector lanes,
 // so every coefficient is a lane-wise multiply-add and so is the ratio. One low row a and its high partner
-// q + a at a time.
+// q + a at a time, each transposed and reduced to its q sums before the next (what stays live fits the 16
+// vector registers).
 template <int Q>
-__attribute__((target("avx2,fma"))) static inline __m256 frm_group_p8(const float* Z, int64_t zs, const FrmCoef8<Q>& R,
+__attribute__((target("avx2,fma"))) static inline __m256 frm_group_p8(const float* Z, int64_t zs, const __m256* M,
                                                                      __m256 veps) {
   __m256 sum = _mm256_setzero_ps();
   for (int a = 0; a < Q; ++a) {
-    __m256 lo[8], hi[8], v[8], lod[4], hid[4];  // lo[n], hi[n]: column n of the 8 patches' Z rows a and q + a
-    for (int i = 0; i < 8; ++i) v[i] = _mm256_loadu_ps(Z + a * zs + 8 * i);
-    mmkernels::transpose8x8_ps(v, lo);
-    for (int i = 0; i < 8; ++i) v[i] = _mm256_loadu_ps(Z + (Q + a) * zs + 8 * i);
-    mmkernels::transpose8x8_ps(v, hi);
-    for (int i = 0; i < 4; ++i) {
-      lod[i] = _mm256_sub_ps(lo[i], lo[7 - i]);
-      hid[i] = _mm256_sub_ps(hi[i], hi[7 - i]);
-    }
-    sum = frm_ratios<Q>(R, lo, lod, hi, hid, veps, sum);
+    __m256 yl[Q], yh[Q];
+    frm_group_row<Q, false>(Z + a * zs, M, yl);
+    frm_group_row<Q, true>(Z + (Q + a) * zs, M, yh);
+    for (int d = 0; d < Q; ++d)
+      sum = _mm256_add_ps(sum, _mm256_andnot_ps(_mm256_set1_ps(-0.0f), _mm256_div_ps(yl[d], _mm256_add_ps(yh[d], veps))));
   }
   return sum;
 }
@@ -154,62 +153,83 @@ __attribute__((target("avx2,fma"))) static inline __m256d frm_widen_add(__m256d 
                                           _mm256_cvtps_pd(_mm256_extractf128_ps(s, 1))));
 }
 
-// The |ratio| sum of one strip's npw patches. Z's rows are zs >= 8 * 8 * ceil(npw / 8) floats, zero past W, so a
-// last partial group reads zeros; its padding lanes (0 / (0 + eps), NaN when eps == 0) are masked out.
-template <int Q>
-__attribute__((target("avx2,fma"))) static inline double frm_stage2_p8(const float* Z, int64_t zs, int64_t npw,
-                                                                      const FrmCoef8<Q>& R, __m256 veps, __m256 tail) {
-  const int64_t full = npw / 8 * 8;
-  // float32 within a group of 8 patches x q*q terms, double across groups (the strip total)
-  __m256d acc = _mm256_setzero_pd();
-  for (int64_t pw = 0; pw < full; pw += 8) acc = frm_widen_add(acc, frm_group_p8<Q>(Z + pw * 8, zs, R, veps));
-  if (full < npw) acc = frm_widen_add(acc, _mm256_and_ps(frm_group_p8<Q>(Z + full * 8, zs, R, veps), tail));
-  alignas(32) double t[4];
-  _mm256_store_pd(t, acc);
-  return (t[0] + t[1]) + (t[2] + t[3]);
-}
+// One strip, eight patches (64 columns) at a time: stage 1 of the group into Zg (2q rows of 64 floats, 1 KB at
+// q = 2), then stage 2 on it while it is in L1, so the reads of x (and the prefetches below) are spread evenly
+// over the work. A strip is 8 rows read side by side, each only a few cache lines long: too short a stream for
+// the hardware prefetcher, which left the kernel waiting on DRAM for most lines once x outgrew the caches. So x
+// is prefetched about 16 KB ahead, one line per 64 bytes read; for contiguous x in memory order (the strips
+// follow each other), otherwise the same columns of the rows of the strips that far ahead. (Measured at
+// 448-pixel rows, 1 thread: the memory-order stream hid the arithmetic under the reads markedly better than
+// row-by-row prefetches of the strip ahead, 63% -> 73% of a plain sum's read rate at 32x3x448x448; 12-24 KB
+// within noise of each other.)
+constexpr int64_t kFrmAhead = 16384;  // bytes
 
 template <typename T, int Q>
-__attribute__((target("avx2,fma"))) void frm_strips_p8_avx2(const FrmArgs& g, const float* R, float eps, int64_t s0,
-                                                            int64_t s1, double* part) {
-  const int64_t W = g.W, zs = (W + 63) / 64 * 64;
+__attribute__((target("avx2,fma"))) void frm_strips_p8_avx2(const FrmArgs& g, float eps, int64_t s0, int64_t s1,
+                                                            double* part) {
+  const int64_t W = g.W, npw = g.npw;
   const bool direct = std::is_same<T, float>::value && g.sw == 1;
-  std::vector<float> rowbuf(direct ? 0 : 8 * W), zbuf(2 * Q * zs, 0.0f);
-  const float* src[8];
-  const char* next[8];
+  std::vector<float> rowbuf(direct ? 0 : 8 * W);
+  alignas(32) float Zg[2 * Q * 64] = {};  // a last partial group's padding columns stay zero
   const __m256 veps = _mm256_set1_ps(eps);
-  FrmCoef8<Q> coef;
-  for (int r = 0; r < 2 * Q; ++r)
-    for (int i = 0; i < 8; ++i) coef.c[r][i] = _mm256_set1_ps(R[r * 8 + i]);
+  __m256 M[8];
+  M[0] = _mm256_set1_ps(static_cast<float>(std::sqrt(0.125)));
+  for (int m = 1; m < 8; ++m) M[m] = _mm256_set1_ps(static_cast<float>(0.5 * std::cos(std::acos(-1.0) * m / 16)));
   alignas(32) int32_t keep[8];
-  for (int l = 0; l < 8; ++l) keep[l] = l < g.npw % 8 ? -1 : 0;
+  for (int l = 0; l < 8; ++l) keep[l] = l < npw % 8 ? -1 : 0;
   const __m256 tail = _mm256_castsi256_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(keep)));
-  // How far ahead to prefetch: at least one strip, about 16 KB (measured at 112- and 448-pixel rows, 1 thread:
-  // no prefetch 25-30% slower on inputs past the caches; 8-128 KB within noise of each other).
-  const int64_t ahead = std::max<int64_t>(1, 16384 / (8 * W * static_cast<int64_t>(sizeof(float))));
+  const int64_t strip_bytes = 8 * W * static_cast<int64_t>(sizeof(float));
+  const int64_t rsb = g.sh * static_cast<int64_t>(sizeof(float));  // bytes between the rows of a strip
+  const bool linear = direct && g.sh == W && g.sc == g.H * W && g.sb == g.C * g.sc;
+  const int64_t ahead = std::max<int64_t>(1, kFrmAhead / strip_bytes);  // strips, for the row-wise prefetch
   auto strip_base = [&](int64_t s) {
     const int64_t ph = s % g.nph, bc = s / g.nph, c = bc % g.C, b = bc / g.C;
     return static_cast<const T*>(g.x) + b * g.sb + c * g.sc + ph * 8 * g.sh;
   };
+  const char* lin0 = reinterpret_cast<const char*>(strip_base(s0));
+  const char* lin_end = lin0 + (s1 - s0) * strip_bytes;
   for (int64_t s = s0; s < s1; ++s) {
     const T* base = strip_base(s);
-    for (int64_t i = 0; i < 8; ++i) {
-      const T* row = base + i * g.sh;
-      if (direct) {
-        src[i] = reinterpret_cast<const float*>(row);
-      } else {
+    const float* src;
+    int64_t rs;
+    if (direct) {
+      src = reinterpret_cast<const float*>(base);
+      rs = g.sh;
+    } else {
+      for (int64_t i = 0; i < 8; ++i) {
+        const T* row = base + i * g.sh;
         float* dst = rowbuf.data() + i * W;
         for (int64_t w = 0; w < W; ++w) dst[w] = static_cast<float>(row[w * g.sw]);
-        src[i] = dst;
       }
+      src = rowbuf.data();
+      rs = W;
     }
-    const bool fetch = direct && s + ahead < s1;
-    if (fetch) {
-      const T* nb = strip_base(s + ahead);
-      for (int64_t i = 0; i < 8; ++i) next[i] = reinterpret_cast<const char*>(nb + i * g.sh);
+    const char* lin = linear ? lin0 + (s - s0) * strip_bytes + kFrmAhead : nullptr;
+    const char* next = direct && !linear && s + ahead < s1 ? reinterpret_cast<const char*>(strip_base(s + ahead)) : nullptr;
+    if (next)  // the line holding each row's last element (rows need not start on a line boundary)
+      for (int i = 0; i < 8; ++i) _mm_prefetch(next + i * rsb + (W - 1) * 4, _MM_HINT_T0);
+    __m256d acc = _mm256_setzero_pd();
+    for (int64_t pw = 0; pw < npw; pw += 8) {
+      const int64_t n = std::min<int64_t>(8, npw - pw), w0 = pw * 8;
+      if (lin) {  // the 64 columns of 8 rows read below are 2 KB: 32 lines
+        for (int k = 0; k < 4 * static_cast<int>(n); k += 2) {
+          const char* p = lin + w0 * 32 + k * 64;
+          if (p < lin_end) _mm_prefetch(p, _MM_HINT_T0);
+          if (p + 64 < lin_end) _mm_prefetch(p + 64, _MM_HINT_T0);
+        }
+      } else if (next) {
+        for (int64_t w = w0; w < w0 + 8 * n; w += 16)
+          for (int i = 0; i < 8; ++i) _mm_prefetch(next + i * rsb + w * 4, _MM_HINT_T0);
+      }
+      for (int64_t j = 0; j < n; ++j) frm_stage1_patch<Q>(src + w0 + 8 * j, rs, M, Zg + 8 * j, 64);
+      // float32 within a group of 8 patches x q*q terms, double across groups (the strip total); the padding
+      // lanes of a partial group (0 / (0 + eps), NaN when eps == 0) are masked out
+      const __m256 r = frm_group_p8<Q>(Zg, 64, M, veps);
+      acc = frm_widen_add(acc, n < 8 ? _mm256_and_ps(r, tail) : r);
     }
-    frm_stage1_p8<Q>(src, W, coef, zbuf.data(), zs, fetch ? next : nullptr);
-    part[s] = frm_stage2_p8<Q>(zbuf.data(), zs, g.npw, coef, veps, tail);
+    alignas(32) double t[4];
+    _mm256_store_pd(t, acc);
+    part[s] = (t[0] + t[1]) + (t[2] + t[3]);
   }
 }
 
@@ -305,17 +325,22 @@ void frm_run(const FrmArgs& g, double eps, int64_t strips, double* part) {
   const bool wide = cpu_has_avx2_fma();
   Fn fn = g.p == 8 ? (wide ? &frm_strips_avx2<T, A, 8> : &frm_strips_generic<T, A, 8>)
                    : (wide ? &frm_strips_avx2<T, A, 0> : &frm_strips_generic<T, A, 0>);
+  using Fast = void (*)(const FrmArgs&, float, int64_t, int64_t, double*);
+  Fast fast = nullptr;
   if constexpr (std::is_same<A, float>::value) {
-    if (wide && g.p == 8) {
-      static constexpr Fn fast[4] = {&frm_strips_p8_avx2<T, 1>, &frm_strips_p8_avx2<T, 2>, &frm_strips_p8_avx2<T, 3>,
-                                     &frm_strips_p8_avx2<T, 4>};
-      fn = fast[g.q - 1];  // 1 <= q <= p / 2
-    }
+    static constexpr Fast p8[4] = {&frm_strips_p8_avx2<T, 1>, &frm_strips_p8_avx2<T, 2>, &frm_strips_p8_avx2<T, 3>,
+                                   &frm_strips_p8_avx2<T, 4>};
+    if (wide && g.p == 8) fast = p8[g.q - 1];  // 1 <= q <= p / 2
   }
   // ~32K elements per task: small inputs stay on one thread (no fork/join cost).
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, g.p * g.W));
   const A* Rp = R.data();
-  at::parallel_for(0, strips, grain, [&](int64_t s0, int64_t s1) { fn(g, Rp, eps_a, s0, s1, part); });
+  at::parallel_for(0, strips, grain, [&](int64_t s0, int64_t s1) {
+    if (fast)
+      fast(g, static_cast<float>(eps_a), s0, s1, part);
+    else
+      fn(g, Rp, eps_a, s0, s1, part);
+  });
 }
 
 at::Tensor frm_cpu(const at::Tensor& x, int64_t patch_size, int64_t window, double eps, bool sum) {
