@@ -273,3 +273,51 @@ def test_cuda_group_grad_stats_matches_oracle():
     assert out.device.type == "cuda" and torch.equal(out, group_grad_stats(a, b))
     torch.testing.assert_close(out.cpu(), _oracle([[t.cpu() for t in g] for g in a], [[t.cpu() for t in g] for g in b]),
                                rtol=1e-11, atol=1e-9)
+
+
+# ------------------------------------------------------------------------------- the one-pass list checks
+def _python_checks_raise(fn) -> bool:
+    try:
+        fn()
+    except (TypeError, ValueError):
+        return True
+    return False
+
+
+@pytest.mark.skipif(not HAS_EXT, reason="the C++ list checks are part of the extension")
+def test_fast_list_checks_agree_with_the_python_checks():
+    """The multi-tensor ops skip their per-tensor Python checks when one C++ pass says they all pass; over
+    valid lists and every kind of fault the Python checks know, it may say no where they pass (it falls back to
+    them) but must never say yes where they raise."""
+    from mmkernels._common import fast_paired_groups, lists_pass
+    from mmkernels.ops.group_grad_combine import _check_lists as combine_checks
+    from mmkernels.ops.scale_grads import _check_tensors
+
+    buf = torch.zeros(64)
+    x, y = torch.randn(3, 4), torch.randn(3, 4)
+    cases = {
+        "valid": ([[x], [buf[:8]]], [[y], [buf[8:16]]]),
+        "aliased in grads": ([[x, x]], [[y, y.clone()]]),
+        "overlapping views": ([[buf[:8], buf[4:12]]], [[buf[16:24], buf[24:32]]]),
+        "others inside grads": ([[buf[:8]]], [[buf[4:12]]]),
+        "others is grads": ([[x]], [[x]]),
+        "expanded": ([[torch.zeros(4, 1).expand(4, 3)]], [[torch.zeros(4, 3)]]),
+        "strided apart": ([[buf[32::2]]], [[buf[33::2]]]),
+        "shape": ([[x]], [[torch.randn(4, 3)]]),
+        "dtype": ([[x]], [[y.double()]]),
+        "int": ([[x.int()]], [[y.int()]]),
+        "requires grad": ([[x.clone().requires_grad_()]], [[y]]),
+        "not a tensor": ([[x, 1.0]], [[y, 2.0]]),
+        "group sizes": ([[x], [buf[:8]]], [[y], []]),
+        "empty": ([], []),
+    }
+    for name, (g, o) in cases.items():
+        fast = fast_paired_groups(g, o, written=True, apart=True) is not None
+        slow_raises = _python_checks_raise(lambda: combine_checks("op", g, o))
+        assert not (fast and slow_raises), name
+        if name == "valid":
+            assert fast, "the fast path must be taken on valid lists (else it is dead code)"
+        flat = [t for grp in g for t in grp]
+        if _python_checks_raise(lambda: _check_tensors("op", flat)):
+            assert not lists_pass(flat, written=True), name
+    assert lists_pass([x, buf[:8]], written=True)

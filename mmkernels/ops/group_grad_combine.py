@@ -38,7 +38,8 @@ from typing import Optional
 import torch
 
 from mmkernels import _backend, _ext
-from mmkernels._common import LazyGroupLabels, acc_dtype, flatten_paired_groups, group_labels, skip_dispatch
+from mmkernels._common import (LazyGroupLabels, acc_dtype, fast_paired_groups, flatten_paired_groups, group_labels,
+                               skip_dispatch)
 
 __all__ = ["group_grad_combine_", "group_grad_combine_ref_"]
 
@@ -136,7 +137,9 @@ def _coefficient(name: str, arg: str, value, shape: tuple, device, what: str) ->
     return value
 
 
-def _prepare(name, grads, others, a, b, scale):
+def _check_lists(name, grads, others):
+    """The tensors' checks in Python: they name what is wrong (the fast path, one C++ pass, only says whether
+    all pass)."""
     from mmkernels.ops.scale_grads import _check_memory
 
     flat_g, flat_o, group, num_groups, device = flatten_paired_groups(
@@ -150,6 +153,18 @@ def _prepare(name, grads, others, a, b, scale):
         if g.requires_grad and torch.is_grad_enabled():
             raise ValueError(f"{name}: grads{where(i)} requires grad; this op updates gradients in place and has no "
                              "autograd formula: pass p.grad rather than p, or call it under torch.no_grad()")
+    if not torch.compiler.is_compiling():
+        _check_memory(name, flat_g, LazyGroupLabels("grads", group))
+        _check_others_apart(name, flat_g, flat_o, where)
+    return flat_g, flat_o, group, num_groups, device
+
+
+def _prepare(name, grads, others, a, b, scale):
+    fast = fast_paired_groups(grads, others, written=True, apart=True)
+    if fast is not None:
+        flat_g, (flat_o,), group, num_groups, device = fast
+    else:
+        flat_g, flat_o, group, num_groups, device = _check_lists(name, grads, others)
     a = _coefficient(name, "a", a, (num_groups,), device, "one coefficient per group")
     b = _coefficient(name, "b", b, (num_groups,), device, "one coefficient per group")
     if a.device != b.device:
@@ -157,9 +172,6 @@ def _prepare(name, grads, others, a, b, scale):
     if scale is not None:
         scale = _coefficient(name, "scale", scale, (len(flat_g),), device,
                              "one factor per tensor, in list order, or None")
-    if not torch.compiler.is_compiling():
-        _check_memory(name, flat_g, LazyGroupLabels("grads", group))
-        _check_others_apart(name, flat_g, flat_o, where)
     return flat_g, flat_o, a, b, scale, group
 
 

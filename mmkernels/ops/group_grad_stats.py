@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 
 from mmkernels import _backend, _ext
-from mmkernels._common import flatten_paired_groups, skip_dispatch
+from mmkernels._common import fast_paired_groups, flatten_paired_groups, skip_dispatch
 
 __all__ = ["group_grad_stats", "group_grad_stats_ref"]
 
@@ -110,8 +110,12 @@ def _(a, b, group, num_groups, device):
 # public API
 # ----------------------------------------------------------------------------------------------------------
 def _prepare(name, a, b, device):
-    flat_a, flat_b, group, num_groups, dev = flatten_paired_groups(
-        name, ("a", "b"), a, b, "pair each gradient with the same parameter's other gradient")
+    fast = fast_paired_groups(a, b)
+    if fast is not None:
+        flat_a, (flat_b,), group, num_groups, dev = fast
+    else:
+        flat_a, flat_b, group, num_groups, dev = flatten_paired_groups(
+            name, ("a", "b"), a, b, "pair each gradient with the same parameter's other gradient")
     if num_groups == 0:
         raise ValueError(f"{name}: a and b must hold at least one group")
     if device is not None:

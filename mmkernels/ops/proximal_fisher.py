@@ -38,7 +38,8 @@ from __future__ import annotations
 import torch
 
 from mmkernels import _backend, _ext
-from mmkernels._common import LazyGroupLabels, acc_dtype, check_coefficients, flatten_paired_groups, skip_dispatch
+from mmkernels._common import (LazyGroupLabels, acc_dtype, check_coefficients, fast_paired_groups, flatten_paired_groups,
+                               skip_dispatch)
 from mmkernels.ops.scale_grads import _check_memory
 
 __all__ = ["proximal_fisher_", "proximal_fisher_ref_"]
@@ -96,7 +97,9 @@ def _(grads, params, anchors, beta, weights, group):
 # ----------------------------------------------------------------------------------------------------------
 # public API
 # ----------------------------------------------------------------------------------------------------------
-def _prepare(name, grads, params, anchors, beta, weights):
+def _check_lists(name, grads, params, anchors):
+    """The tensors' checks in Python: they name what is wrong (the fast path, one C++ pass, only says whether
+    all pass)."""
     flat_g, flat_p, group, num_groups, device = flatten_paired_groups(
         name, ("grads", "params"), grads, params, "pair each gradient with its own parameter")
     _, flat_a, _, num_a, _ = flatten_paired_groups(
@@ -111,6 +114,15 @@ def _prepare(name, grads, params, anchors, beta, weights):
                                  "torch.no_grad()")
     if not torch.compiler.is_compiling():
         _check_memory(name, flat_g, labels)
+    return flat_g, flat_p, flat_a, group, num_groups, device
+
+
+def _prepare(name, grads, params, anchors, beta, weights):
+    fast = fast_paired_groups(grads, params, anchors, written=True)
+    if fast is not None:
+        flat_g, (flat_p, flat_a), group, num_groups, device = fast
+    else:
+        flat_g, flat_p, flat_a, group, num_groups, device = _check_lists(name, grads, params, anchors)
     dev = device if device is not None else torch.device("cpu")
     b = check_coefficients(name, "beta", beta, num_groups, dev, "group")
     if weights is None:

@@ -55,7 +55,7 @@ from typing import Optional, Sequence
 import torch
 
 from mmkernels import _backend, _ext
-from mmkernels._common import FLOAT_DTYPES, acc_dtype, skip_dispatch
+from mmkernels._common import FLOAT_DTYPES, acc_dtype, lists_pass, skip_dispatch
 
 __all__ = ["scale_grads_", "scale_grads_ref_", "philox_normal_ref"]
 
@@ -258,15 +258,11 @@ def _(tensors, coeff, seed):
 # ----------------------------------------------------------------------------------------------------------
 # public API
 # ----------------------------------------------------------------------------------------------------------
-def _prepare(name, tensors, coeff, noise, generator):
-    """Every check, then the one seed draw (the only mutation before the kernel, so it comes last)."""
-    if isinstance(tensors, torch.Tensor):
-        raise TypeError(f"{name}: tensors must be a list of tensors, got a single tensor; wrap it in a list: "
-                        f"{name}([g], coeff)")
-    try:
-        tensors = list(tensors)
-    except TypeError:
-        raise TypeError(f"{name}: tensors must be a list of tensors, got {type(tensors).__name__}") from None
+def _check_tensors(name: str, tensors: list) -> None:
+    """The tensors' checks in Python: they name what is wrong (the fast path, one C++ pass, only says whether
+    all pass)."""
+    if not tensors:
+        return
     for i, t in enumerate(tensors):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name}: tensors[{i}] is {type(t).__name__}, not a tensor (drop parameters whose .grad is None)")
@@ -281,13 +277,27 @@ def _prepare(name, tensors, coeff, noise, generator):
         if t.requires_grad and torch.is_grad_enabled():
             raise ValueError(f"{name}: tensors[{i}] requires grad; this op updates gradients in place and has no "
                              "autograd formula: pass p.grad rather than p, or call it under torch.no_grad()")
-    device = tensors[0].device if tensors else None
+    device = tensors[0].device
     for i, t in enumerate(tensors):
         if t.device != device:
             raise ValueError(f"{name}: tensors[{i}] is on {t.device} but tensors[0] is on {device}; "
                              "call once per device")
     if not torch.compiler.is_compiling():  # traced calls are checked by the registered op at run time
         _check_memory(name, tensors)
+
+
+def _prepare(name, tensors, coeff, noise, generator):
+    """Every check, then the one seed draw (the only mutation before the kernel, so it comes last)."""
+    if isinstance(tensors, torch.Tensor):
+        raise TypeError(f"{name}: tensors must be a list of tensors, got a single tensor; wrap it in a list: "
+                        f"{name}([g], coeff)")
+    try:
+        tensors = list(tensors)
+    except TypeError:
+        raise TypeError(f"{name}: tensors must be a list of tensors, got {type(tensors).__name__}") from None
+    if not lists_pass(tensors, written=True):  # the checks below name what is wrong; all pass when it says so
+        _check_tensors(name, tensors)
+    device = tensors[0].device if tensors else None
     if noise not in (None, "ge"):
         raise ValueError(f"{name}: noise must be None or 'ge', got {noise!r}")
     if isinstance(coeff, bool) or not isinstance(coeff, (int, float, torch.Tensor)):

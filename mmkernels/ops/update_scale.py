@@ -27,7 +27,8 @@ from typing import Sequence
 import torch
 
 from mmkernels import _backend, _ext
-from mmkernels._common import acc_dtype, check_coefficients, flatten_paired_groups, group_labels, skip_dispatch
+from mmkernels._common import (LazyGroupLabels, acc_dtype, check_coefficients, fast_paired_groups, flatten_paired_groups,
+                               skip_dispatch)
 from mmkernels.ops.scale_grads import _check_memory
 
 __all__ = ["update_scale_", "update_scale_ref_"]
@@ -83,16 +84,28 @@ def _(params, snapshots, coeffs, group):
 # ----------------------------------------------------------------------------------------------------------
 # public API
 # ----------------------------------------------------------------------------------------------------------
-def _prepare(name, params, snapshots, coeffs):
+def _check_lists(name, params, snapshots):
+    """The tensors' checks in Python: they name what is wrong (the fast path, one C++ pass, only says whether
+    all pass)."""
     flat_p, flat_s, group, num_groups, device = flatten_paired_groups(
         name, ("params", "snapshots"), params, snapshots, "snapshot each parameter with p.detach().clone()")
-    labels = group_labels("params", group)
-    for p, label in zip(flat_p, labels):
-        if p.requires_grad and torch.is_grad_enabled():
-            raise ValueError(f"{name}: {label} requires grad; call update_scale_ under torch.no_grad() "
-                             "(as the optimizer step runs)")
+    labels = LazyGroupLabels("params", group)
+    if torch.is_grad_enabled():
+        for i, p in enumerate(flat_p):
+            if p.requires_grad:
+                raise ValueError(f"{name}: {labels[i]} requires grad; call update_scale_ under torch.no_grad() "
+                                 "(as the optimizer step runs)")
     if not torch.compiler.is_compiling():
         _check_memory(name, flat_p, labels)
+    return flat_p, flat_s, group, num_groups, device
+
+
+def _prepare(name, params, snapshots, coeffs):
+    fast = fast_paired_groups(params, snapshots, written=True)
+    if fast is not None:
+        flat_p, (flat_s,), group, num_groups, device = fast
+    else:
+        flat_p, flat_s, group, num_groups, device = _check_lists(name, params, snapshots)
     dev = device if device is not None else torch.device("cpu")
     # a tensor keeps its dtype (the kernel reads it as is); a list becomes float64
     k = check_coefficients(name, "coeffs", coeffs, num_groups, dev, dtype=None, held="parameters")
