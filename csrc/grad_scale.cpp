@@ -4,13 +4,16 @@
 // autograd Function so that neither direction enters Python: at the balancers' sizes a call is host
 // overhead, not arithmetic. The product is the one PyTorch's `(grad * c).to(grad.dtype)` gives: float
 // (double where the gradient or the coefficient is double), rounded once; CPU gradients of a supported
-// layout go through one pass of csrc/row_scale.h, everything else through that ATen expression.
+// layout go through one pass of csrc/row_scale.h into a huge-page backed gradient (csrc/cpu_alloc.h: a fresh
+// 51 MB output otherwise costs more in page faults than in arithmetic), everything else through that ATen
+// expression.
 #include <ATen/ATen.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
 
 #include <vector>
 
+#include "cpu_alloc.h"
 #include "row_scale.h"
 
 namespace mmk {
@@ -65,7 +68,7 @@ at::Tensor scale_grad(const at::Tensor& grad, const at::Tensor& coeff) {
       (coeff.dim() == 1 && coeff.size(0) != grad.size(0)) || coeff.dim() > 1) {
     return scale_aten(grad, coeff);
   }
-  at::Tensor out = at::empty(grad.sizes(), grad.options());
+  at::Tensor out = cpu_alloc::empty(grad.sizes(), grad.options());
   if (gt == at::kDouble || ct == at::kDouble) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, gt, "grad_scale", [&] {
       scale_kernel<scalar_t, double>(grad, coeff, out);

@@ -1,13 +1,20 @@
 // CPU kernels of modality_drop (Python: mmkernels/ops/modality_drop.py, which holds the rule and its reference).
-// Forward: from the (B, M) uniforms u (drawn in Python by the one torch.rand the reference uses, so both take
-// identical decisions for a generator state), per sample i and modality m
+// Forward: from the (B, M) uniforms u (the one torch.rand((B, M), float32, generator) the reference draws, so
+// both take identical decisions for a generator state), per sample i and modality m
 //   keep[i, m] = available[i, m] and u[i, m] < 1 - q[m]          (float32, as the reference compares)
 //   where sample i kept none: its available modality of lowest q (first on ties) is kept,
 //   factor[i, m] = keep ? scale[m] : 0,   out_m[i] = factor != 0 ? x_m[i] * factor : 0
 // and the backward applies the same factor to the incoming gradients. One pass per modality over its
 // features (csrc/row_scale.h: float math, double for double features, rounded once; streaming stores above
-// the cache size), with the (B, M) decisions computed once in front of it.
+// the cache size) into huge-page backed outputs (csrc/cpu_alloc.h), with the (B, M) decisions computed once
+// in front of it.
+//
+// `modality_drop` is the eager CPU entry: the draw and a C++ autograd Function around the two kernels, so
+// neither direction enters Python (at OPM's B=64 a call is host overhead, not arithmetic). The caller checks
+// every argument first; the checks here run before the draw too, so a rejected call leaves the generator as
+// it was.
 #include <ATen/ATen.h>
+#include <torch/autograd.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -15,6 +22,7 @@
 #include <optional>
 #include <vector>
 
+#include "cpu_alloc.h"
 #include "row_scale.h"
 
 namespace mmk {
@@ -41,7 +49,7 @@ std::vector<at::Tensor> apply_factor(at::TensorList srcs, const float* f, int64_
   outs.reserve(srcs.size() + 1);
   for (int64_t m = 0; m < (int64_t)srcs.size(); ++m) {
     const at::Tensor x = srcs[m].contiguous();
-    at::Tensor out = at::empty(x.sizes(), x.options());
+    at::Tensor out = cpu_alloc::empty(x.sizes(), x.options());
     const int64_t rows = x.size(0), cols = rows ? x.numel() / rows : 0;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "modality_drop", [&] {
       using A = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
@@ -53,6 +61,24 @@ std::vector<at::Tensor> apply_factor(at::TensorList srcs, const float* f, int64_
   return outs;
 }
 
+// everything but the uniforms, for B rows
+void check_args(at::TensorList features, int64_t B, const at::Tensor& q, const std::optional<at::Tensor>& scale,
+                const std::optional<at::Tensor>& mask) {
+  const int64_t M = (int64_t)features.size();
+  TORCH_CHECK(q.numel() == M && q.dim() == 1 && q.scalar_type() == at::kFloat && q.device().is_cpu(),
+              "modality_drop: q must be a (", M, ",) float32 CPU tensor, got ", q.scalar_type(), " ", q.sizes());
+  const bool given = scale.has_value() && scale->defined();
+  TORCH_CHECK(!given || (scale->numel() == M && scale->dim() == 1 && scale->scalar_type() == at::kFloat &&
+                         scale->device().is_cpu()),
+              "modality_drop: scale must be a (", M, ",) float32 CPU tensor or None, got ", scale->sizes());
+  check_features(features, B, "features");
+  if (mask.has_value() && mask->defined()) {
+    const at::Tensor& mk = *mask;
+    TORCH_CHECK(mk.dim() == 2 && mk.size(0) == B && mk.size(1) == M && mk.device().is_cpu(),
+                "modality_drop: mask must be a (", B, ", ", M, ") CPU tensor, got ", mk.sizes());
+  }
+}
+
 std::vector<at::Tensor> modality_drop_fwd_cpu(at::TensorList features, const at::Tensor& u, const at::Tensor& q,
                                               const std::optional<at::Tensor>& scale,
                                               const std::optional<at::Tensor>& mask) {
@@ -61,20 +87,10 @@ std::vector<at::Tensor> modality_drop_fwd_cpu(at::TensorList features, const at:
   TORCH_CHECK(u.dim() == 2 && u.size(1) == M && u.scalar_type() == at::kFloat && u.device().is_cpu(),
               "modality_drop: u must be a (B, ", M, ") float32 CPU tensor, got ", u.scalar_type(), " ", u.sizes());
   const int64_t B = u.size(0);
-  TORCH_CHECK(q.numel() == M && q.dim() == 1 && q.scalar_type() == at::kFloat && q.device().is_cpu(),
-              "modality_drop: q must be a (", M, ",) float32 CPU tensor, got ", q.scalar_type(), " ", q.sizes());
+  check_args(features, B, q, scale, mask);
   const bool given = scale.has_value() && scale->defined();
-  TORCH_CHECK(!given || (scale->numel() == M && scale->dim() == 1 && scale->scalar_type() == at::kFloat &&
-                         scale->device().is_cpu()),
-              "modality_drop: scale must be a (", M, ",) float32 CPU tensor or None, got ", scale->sizes());
-  check_features(features, B, "features");
   at::Tensor avail;  // (B, M) bool, any strides
-  if (mask.has_value() && mask->defined()) {
-    const at::Tensor& mk = *mask;
-    TORCH_CHECK(mk.dim() == 2 && mk.size(0) == B && mk.size(1) == M && mk.device().is_cpu(),
-                "modality_drop: mask must be a (", B, ", ", M, ") CPU tensor, got ", mk.sizes());
-    avail = mk.scalar_type() == at::kBool ? mk : mk.ne(0);
-  }
+  if (mask.has_value() && mask->defined()) avail = mask->scalar_type() == at::kBool ? *mask : mask->ne(0);
   const at::Tensor uc = u.contiguous(), qc = q.contiguous();
   const float* uv = uc.const_data_ptr<float>();
   const float* qv = qc.const_data_ptr<float>();
@@ -127,6 +143,85 @@ std::vector<at::Tensor> modality_drop_bwd_cpu(at::TensorList grads, const at::Te
   return apply_factor(grads, fc.const_data_ptr<float>(), M);
 }
 
+// where(f != 0, g * f, 0) in the op's precision from differentiable ATen ops: the backward of a backward
+// (create_graph) and gradients the kernel does not take
+at::Tensor apply_factor_aten(const at::Tensor& g, const at::Tensor& f) {
+  std::vector<int64_t> shape(g.dim(), 1);
+  shape[0] = f.size(0);
+  const at::Tensor fb = f.reshape(shape);
+  const auto acc = g.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  return at::where(fb != 0, g.to(acc) * fb.to(acc), at::zeros({}, g.options().dtype(acc))).to(g.scalar_type());
+}
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+struct ModalityDropFunction : public torch::autograd::Function<ModalityDropFunction> {
+  static variable_list forward(AutogradContext* ctx, at::TensorList features, const at::Tensor& u,
+                               const at::Tensor& q, const std::optional<at::Tensor>& scale,
+                               const std::optional<at::Tensor>& mask) {
+    variable_list outs = modality_drop_fwd_cpu(features, u, q, scale, mask);
+    const at::Tensor& factor = outs.back();
+    ctx->save_for_backward({factor});
+    ctx->mark_non_differentiable({factor});
+    // an output that does not reach the loss gets a zero gradient without a pass over a zero tensor; its
+    // shape and dtype are kept for that (flattened: rank, sizes..., dtype per modality)
+    ctx->set_materialize_grads(false);
+    std::vector<int64_t> meta;
+    for (const at::Tensor& x : features) {
+      meta.push_back(x.dim());
+      meta.insert(meta.end(), x.sizes().begin(), x.sizes().end());
+      meta.push_back(static_cast<int64_t>(x.scalar_type()));
+    }
+    ctx->saved_data["meta"] = std::move(meta);
+    return outs;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const at::Tensor factor = ctx->get_saved_variables()[0];
+    const int64_t M = factor.size(1);
+    bool plain = true;  // every gradient defined and none needing a graph: one kernel call
+    for (int64_t m = 0; m < M; ++m) plain = plain && grads[m].defined() && !grads[m].requires_grad();
+    variable_list dx;
+    if (plain) {
+      dx = modality_drop_bwd_cpu(at::TensorList(grads.data(), M), factor);
+    } else {
+      const auto meta = ctx->saved_data["meta"].toIntVector();
+      size_t p = 0;
+      for (int64_t m = 0; m < M; ++m) {
+        const int64_t rank = meta[p];
+        const at::IntArrayRef sizes(meta.data() + p + 1, rank);
+        const auto dtype = static_cast<at::ScalarType>(meta[p + 1 + rank]);
+        p += rank + 2;
+        const at::Tensor& g = grads[m];
+        if (!g.defined()) {
+          dx.push_back(at::zeros(sizes, factor.options().dtype(dtype)));
+        } else if (g.requires_grad()) {
+          dx.push_back(apply_factor_aten(g, factor.select(1, m)));
+        } else {
+          dx.push_back(std::move(modality_drop_bwd_cpu({g}, factor.narrow(1, m, 1))[0]));
+        }
+      }
+    }
+    dx.resize(M + 4);  // no gradient for u, q, scale, mask
+    return dx;
+  }
+};
+
+// the eager entry: checks, the one draw of the (B, M) uniforms, then the Function
+std::vector<at::Tensor> modality_drop_cpu(at::TensorList features, const at::Tensor& q,
+                                          const std::optional<at::Tensor>& scale,
+                                          const std::optional<at::Tensor>& mask,
+                                          std::optional<at::Generator> generator) {
+  const int64_t M = (int64_t)features.size();
+  TORCH_CHECK(M >= 1, "modality_drop: features must hold at least one modality");
+  TORCH_CHECK(features[0].dim() >= 1, "modality_drop: features[0] must have a batch dimension (B, ...)");
+  const int64_t B = features[0].size(0);
+  check_args(features, B, q, scale, mask);
+  const at::Tensor u = at::rand({B, M}, std::move(generator), features[0].options().dtype(at::kFloat));
+  return ModalityDropFunction::apply(features, u, q, scale, mask);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(mmkernels_C, m) {
@@ -134,6 +229,8 @@ TORCH_LIBRARY_FRAGMENT(mmkernels_C, m) {
   m.def("modality_drop_fwd(Tensor[] features, Tensor u, Tensor q, Tensor? scale, Tensor? mask) -> Tensor[]");
   // grads[m] times factor[:, m] (exact zeros where it is 0)
   m.def("modality_drop_bwd(Tensor[] grads, Tensor factor) -> Tensor[]");
+  // eager CPU calls: the draw u = rand((B, M), generator) and modality_drop_fwd with its backward attached
+  m.def("modality_drop(Tensor[] features, Tensor q, Tensor? scale, Tensor? mask, Generator? generator) -> Tensor[]");
 }
 
 TORCH_LIBRARY_IMPL(mmkernels_C, CPU, m) {
@@ -146,5 +243,7 @@ TORCH_LIBRARY_IMPL(mmkernels_C, Autograd, m) {
   m.impl("modality_drop_fwd", torch::CppFunction::makeFallthrough());
   m.impl("modality_drop_bwd", torch::CppFunction::makeFallthrough());
 }
+
+TORCH_LIBRARY_IMPL(mmkernels_C, CompositeImplicitAutograd, m) { m.impl("modality_drop", &modality_drop_cpu); }
 
 }  // namespace mmk

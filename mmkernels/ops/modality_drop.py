@@ -43,8 +43,17 @@ table of pointers has to be copied to the device (a blocking host-to-device copy
 On the CPU, with the extension built and backend ``"auto"``, forward and backward are the C++ kernels
 ``mmkernels_C::modality_drop_fwd`` / ``_bwd`` (``csrc/modality_drop.cpp``): the decisions from the same
 uniforms with the same float32 comparisons, then one pass per modality (streaming stores for outputs larger
-than the last-level cache), bit-identical to the reference; eager calls reach them through one
-``autograd.Function``, so a call costs a handful of dispatches instead of the reference's dozen ops.
+than the last-level cache), bit-identical to the reference. Eager calls go through
+``mmkernels_C::modality_drop``: after the Python argument checks, the same one ``torch.rand`` draw and a C++
+autograd Function around the two kernels, so neither direction enters Python (at OPM's B=64 a call is host
+overhead, not arithmetic). ``torch.compile`` traces the registered custom op instead.
+
+The outputs and input gradients are new tensors; from 2 MiB on they are backed by transparent huge pages
+(``csrc/cpu_alloc.h``: 2 MiB-aligned, ``madvise(MADV_HUGEPAGE)``). Fresh memory is faulted in page by page on
+its first write, and with 4 KiB pages that costs more than the pass itself: at 2×8192×4096 fp32 the forward
+and backward took ~0.7-0.8 s with 4 KiB pages and ~0.15 s with huge pages on the development CPU. They are
+ordinary CPU tensors (resizable, in-place ops, ``torch.save``, ``.numpy()``, ``share_memory_()``);
+``MMKERNELS_NO_HUGEPAGES=1`` in the environment turns this off.
 """
 from __future__ import annotations
 
@@ -359,6 +368,19 @@ def _cpu_kernels():
     return _ext.cpu_kernels("modality_drop_fwd", "modality_drop_bwd") if _backend.get_backend() == "auto" else None
 
 
+_EAGER_OP: list = []  # [mmkernels_C::modality_drop, or None], looked up on first use
+
+
+def _cpu_eager_op():
+    """``mmkernels_C::modality_drop`` (the one draw of the uniforms and a C++ autograd Function around the CPU
+    kernels) when the extension has it, else None. Looked up once: each lookup asks the dispatcher."""
+    if not _EAGER_OP:
+        ok = (_ext.cpu_kernels("modality_drop_fwd", "modality_drop_bwd") is not None
+              and hasattr(_ext.ops(), "modality_drop"))
+        _EAGER_OP.append(_ext.ops().modality_drop.default if ok else None)
+    return _EAGER_OP[0]
+
+
 def _drop_forward(features: List[torch.Tensor], u: torch.Tensor, q: torch.Tensor, scale: Optional[torch.Tensor],
                   mask: Optional[torch.Tensor]) -> List[torch.Tensor]:
     """``scale`` None: the default ``1 / (1 − q)`` (the C++ kernel forms it with the same float32 ops)."""
@@ -540,6 +562,11 @@ def _modality_drop_checked(feats: list[torch.Tensor], q: torch.Tensor, scale: Op
     default ``1 / (1 − q)`` (both ``(M,)`` on the features' device), ``mask`` checked. The balancers call it
     with values their policies guarantee."""
     B, M, device = feats[0].shape[0], len(feats), feats[0].device
+    if (device.type == "cpu" and _backend.get_backend() == "auto" and skip_dispatch(feats[0])
+            and (op := _cpu_eager_op()) is not None):
+        # the draw and a C++ autograd Function around the kernels: neither direction enters Python
+        out = op(feats, q, scale, mask, generator)
+        return out[:M], out[M]
     # everything checked: only now does the generator advance
     u = torch.rand((B, M), dtype=torch.float32, device=device, generator=generator)
     if skip_dispatch(feats[0]) and not use_triton(u) and not (u.is_cpu and _cpu_kernels() is not None):
