@@ -7,10 +7,12 @@
 // 1-D, many bins (the plan's FFT regime), N a power of two: a complex FFT run on 2L rows at once, the lanes of
 //   every vector being rows (L real rows in the real parts, L in the imaginary parts), so no butterfly ever
 //   shuffles; the two real spectra are separated from the packed one with X_a[k] = (Z[k] + conj Z[N-k])/2,
-//   X_b[k] = (Z[k] - conj Z[N-k])/(2i). With AVX2 it is a radix-4 decimation in frequency (natural-order input:
-//   the gather writes whole cache lines in sequence; each pass loads and stores the data once per two stages)
-//   and the band sums read bin k at its bit-reversed position; the portable loops are a radix-2 decimation in
-//   time. Other N use ATen's rfft and the same band reduction.
+//   X_b[k] = (Z[k] - conj Z[N-k])/(2i). With AVX2 (float compute) it is a radix-4 decimation in frequency on
+//   natural-order input in an interleaved buffer (a point's real and imaginary lanes share one cache line),
+//   three complex multiplies per radix-4 butterfly, the last stage fused with the power spectrum (bins k and
+//   N-k come from paired blocks; nothing is stored but the powers of the K bins), and the next group's rows
+//   prefetched while this one computes; the portable loops (and double) are a radix-2 decimation in time.
+//   Other N use ATen's rfft and the same band reduction.
 // 2-D: separable projection per image, stage 1 onto the v-basis (2V x W) along W, stage 2 onto the u-basis
 //   (2U x H) along H. With AVX2 (fp32 compute) both stages are register-tiled GEMMs on the image read in
 //   place; the portable loops hold the image transposed in L1.
@@ -29,6 +31,9 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
+#include <map>
+#include <memory>
+#include <mutex>
 #include <tuple>
 #include <type_traits>
 #include <vector>
@@ -162,221 +167,85 @@ constexpr int L = 8;
 struct Fft1dArgs {
   const void* x;
   int64_t M, N, sm, sn, K, J, logn;
-  const void* tw;        // (N/2, 2) acc dtype: cos, sin of 2 pi k / N
+  const void* tw;        // (N, 2) acc dtype: cos, sin of 2 pi k / N
   const int32_t* rev;    // (N,) bit reversal
+  const int32_t* last_b;    // the AVX2 last stage's block pairs, by the 256-point block that completes them
+  const int32_t* last_off;  // (N / 256 + 1,) offsets into last_b
   const int64_t* bin_band;
   void* out;
   void* proj;
 };
 
-// Decimation in frequency: natural-order input (the gather stores whole cache lines in sequence), output
-// bin k at position rev[k]. Two radix-2 stages (spans 2h and h) in one pass over blocks of 4h points, so every
-// point is loaded and stored once per two stages (radix-2 passes are store-bound). With w = (cos, sin) of
-// 2 pi k / N every twiddle multiplies by conj(w); the first stage's twiddle for the upper half of the span is
-// conj(w) times -i, a swap.
-__attribute__((target("avx2,fma"))) MMK_INLINE void cmul_conj_avx2(__m256 wr, __m256 wi, __m256& xr, __m256& xi) {
-  const __m256 r = _mm256_fmadd_ps(wr, xr, _mm256_mul_ps(wi, xi));
-  xi = _mm256_fmsub_ps(wr, xi, _mm256_mul_ps(wi, xr));
-  xr = r;
-}
+constexpr int64_t kFftBlock = 256;  // points per L1 block of the AVX2 passes (16 KB)
 
-__attribute__((target("avx2,fma"))) static inline void radix4_dif_avx2(float* __restrict re, float* __restrict im,
-                                                                    const float* __restrict tw, int64_t lo,
-                                                                    int64_t hi, int64_t h, int64_t N) {
-  const int64_t s = N / (4 * h), q = h * L;
-  for (int64_t start = lo; start < hi; start += 4 * h) {
-    float* ar = re + start * L;
-    float* ai = im + start * L;
-    for (int64_t j = 0; j < h; ++j) {
-      const __m256 w1r = _mm256_set1_ps(tw[2 * (j * s)]), w1i = _mm256_set1_ps(tw[2 * (j * s) + 1]);
-      const __m256 w2r = _mm256_set1_ps(tw[2 * (2 * j * s)]), w2i = _mm256_set1_ps(tw[2 * (2 * j * s) + 1]);
-      float* pr = ar + j * L;
-      float* pi = ai + j * L;
-      const __m256 xar = _mm256_loadu_ps(pr), xai = _mm256_loadu_ps(pi);
-      const __m256 xbr = _mm256_loadu_ps(pr + q), xbi = _mm256_loadu_ps(pi + q);
-      const __m256 xcr = _mm256_loadu_ps(pr + 2 * q), xci = _mm256_loadu_ps(pi + 2 * q);
-      const __m256 xdr = _mm256_loadu_ps(pr + 3 * q), xdi = _mm256_loadu_ps(pi + 3 * q);
-      // span 2h: (a, c) and (b, d); the difference of (b, d) also takes the -i
-      const __m256 ar1 = _mm256_add_ps(xar, xcr), ai1 = _mm256_add_ps(xai, xci);
-      const __m256 br1 = _mm256_add_ps(xbr, xdr), bi1 = _mm256_add_ps(xbi, xdi);
-      __m256 cr1 = _mm256_sub_ps(xar, xcr), ci1 = _mm256_sub_ps(xai, xci);
-      __m256 dr1 = _mm256_sub_ps(xbi, xdi), di1 = _mm256_sub_ps(xdr, xbr);  // (b - d) * -i
-      cmul_conj_avx2(w1r, w1i, cr1, ci1);
-      cmul_conj_avx2(w1r, w1i, dr1, di1);
-      // span h: (a, b) and (c, d), twiddle w2
-      __m256 br2 = _mm256_sub_ps(ar1, br1), bi2 = _mm256_sub_ps(ai1, bi1);
-      __m256 dr2 = _mm256_sub_ps(cr1, dr1), di2 = _mm256_sub_ps(ci1, di1);
-      cmul_conj_avx2(w2r, w2i, br2, bi2);
-      cmul_conj_avx2(w2r, w2i, dr2, di2);
-      _mm256_storeu_ps(pr, _mm256_add_ps(ar1, br1));
-      _mm256_storeu_ps(pi, _mm256_add_ps(ai1, bi1));
-      _mm256_storeu_ps(pr + q, br2);
-      _mm256_storeu_ps(pi + q, bi2);
-      _mm256_storeu_ps(pr + 2 * q, _mm256_add_ps(cr1, dr1));
-      _mm256_storeu_ps(pi + 2 * q, _mm256_add_ps(ci1, di1));
-      _mm256_storeu_ps(pr + 3 * q, dr2);
-      _mm256_storeu_ps(pi + 3 * q, di2);
+// Writes the energies of rows row0.. of one transform from e[band * 2L + s] (s = row - row0).
+template <typename A>
+MMK_INLINE void finish_group(const Fft1dArgs& g, int64_t row0, const double* e, const double* sumsq) {
+  const int64_t J = g.J;
+  for (int s = 0; s < 2 * L; ++s) {
+    if (row0 + s >= g.M) break;
+    double es[64];
+    double* ej = J + 1 <= 64 ? es : nullptr;
+    std::vector<double> big;
+    if (!ej) {
+      big.resize(J + 1);
+      ej = big.data();
     }
+    for (int64_t j = 0; j < J; ++j) ej[j] = e[j * 2 * L + s];
+    finish_row<A>(ej, J, sumsq[s] * static_cast<double>(g.N), static_cast<A*>(g.out) + (row0 + s) * (J + 1));
   }
 }
 
-// Last radix-2 stage (span 1, twiddle 1) when log2(N) is odd.
-__attribute__((target("avx2,fma"))) static inline void radix2_last_avx2(float* __restrict re, float* __restrict im,
-                                                                     int64_t lo, int64_t hi) {
-  for (int64_t p = lo * L; p < hi * L; p += 2 * L) {
-    const __m256 xr = _mm256_loadu_ps(re + p), xi = _mm256_loadu_ps(im + p);
-    const __m256 yr = _mm256_loadu_ps(re + p + L), yi = _mm256_loadu_ps(im + p + L);
-    _mm256_storeu_ps(re + p, _mm256_add_ps(xr, yr));
-    _mm256_storeu_ps(im + p, _mm256_add_ps(xi, yi));
-    _mm256_storeu_ps(re + p + L, _mm256_sub_ps(xr, yr));
-    _mm256_storeu_ps(im + p + L, _mm256_sub_ps(xi, yi));
-  }
-}
-
-// The span-(2, 1) pass: every twiddle is 1.
-__attribute__((target("avx2,fma"))) static inline void radix4_dif_unit_avx2(float* __restrict re,
-                                                                         float* __restrict im, int64_t lo,
-                                                                         int64_t hi) {
-  for (int64_t p = lo * L; p < hi * L; p += 4 * L) {
-    const __m256 xar = _mm256_loadu_ps(re + p), xai = _mm256_loadu_ps(im + p);
-    const __m256 xbr = _mm256_loadu_ps(re + p + L), xbi = _mm256_loadu_ps(im + p + L);
-    const __m256 xcr = _mm256_loadu_ps(re + p + 2 * L), xci = _mm256_loadu_ps(im + p + 2 * L);
-    const __m256 xdr = _mm256_loadu_ps(re + p + 3 * L), xdi = _mm256_loadu_ps(im + p + 3 * L);
-    const __m256 ar1 = _mm256_add_ps(xar, xcr), ai1 = _mm256_add_ps(xai, xci);
-    const __m256 br1 = _mm256_add_ps(xbr, xdr), bi1 = _mm256_add_ps(xbi, xdi);
-    const __m256 cr1 = _mm256_sub_ps(xar, xcr), ci1 = _mm256_sub_ps(xai, xci);
-    const __m256 dr1 = _mm256_sub_ps(xbi, xdi), di1 = _mm256_sub_ps(xdr, xbr);
-    _mm256_storeu_ps(re + p, _mm256_add_ps(ar1, br1));
-    _mm256_storeu_ps(im + p, _mm256_add_ps(ai1, bi1));
-    _mm256_storeu_ps(re + p + L, _mm256_sub_ps(ar1, br1));
-    _mm256_storeu_ps(im + p + L, _mm256_sub_ps(ai1, bi1));
-    _mm256_storeu_ps(re + p + 2 * L, _mm256_add_ps(cr1, dr1));
-    _mm256_storeu_ps(im + p + 2 * L, _mm256_add_ps(ci1, di1));
-    _mm256_storeu_ps(re + p + 3 * L, _mm256_sub_ps(cr1, dr1));
-    _mm256_storeu_ps(im + p + 3 * L, _mm256_sub_ps(ci1, di1));
-  }
-}
-
-// All stages: radix-4 passes whose span crosses a 256-point block (16 KB of data) over the whole transform,
-// then the rest block by block in L1, a radix-2 stage last if log2(N) is odd.
-__attribute__((target("avx2,fma"))) void fft_passes_avx2(float* __restrict re, float* __restrict im,
-                                                       const float* __restrict tw, int64_t N, int64_t logn) {
-  const int64_t blk = std::min<int64_t>(N, 256);
-  int64_t h = N / 4;
-  for (; h >= 1 && 4 * h > blk; h /= 4) radix4_dif_avx2(re, im, tw, 0, N, h, N);
-  for (int64_t b0 = 0; b0 < N; b0 += blk) {
-    for (int64_t hh = h; hh > 1; hh /= 4) radix4_dif_avx2(re, im, tw, b0, b0 + blk, hh, N);
-    if (logn & 1)
-      radix2_last_avx2(re, im, b0, b0 + blk);
-    else
-      radix4_dif_unit_avx2(re, im, b0, b0 + blk);
-  }
-}
-
-// 8 contiguous float32 rows into the lanes of dst (natural order) through 8x8 register
-// transposes; the rows' sums of squares from the transposed columns (lanes = rows), fp32 over 32 values
-// per lane, then double.
-__attribute__((target("avx2,fma"))) void gather8_avx2(const float* x, int64_t sm, int64_t N, float* __restrict dst,
-                                                    double* sumsq) {
-  __m256d s_lo = _mm256_setzero_pd(), s_hi = _mm256_setzero_pd();
-  for (int64_t b0 = 0; b0 < N; b0 += 32) {
-    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-    const int64_t b1 = std::min<int64_t>(N, b0 + 32);
-    for (int64_t n0 = b0; n0 < b1; n0 += 8) {
-      __m256 v[8];
-      for (int r = 0; r < 8; ++r) v[r] = _mm256_loadu_ps(x + r * sm + n0);
-      __m256 col[8];  // column c of the 8x8 block = the 8 rows' values at n0 + c
-      mmkernels::transpose8x8_ps(v, col);
-      for (int c = 0; c < 8; c += 2) {
-        acc0 = _mm256_fmadd_ps(col[c], col[c], acc0);
-        acc1 = _mm256_fmadd_ps(col[c + 1], col[c + 1], acc1);
-        _mm256_storeu_ps(dst + (n0 + c) * L, col[c]);
-        _mm256_storeu_ps(dst + (n0 + c + 1) * L, col[c + 1]);
+// Projections (M, 2K) of the group's rows from the transformed buffer: bin k of the packed spectrum Z at
+// re[pos(k) * ps + l], im[pos(k) * ps + l + io]; row a's X_a[k] = (Z[k] + conj Z[N-k])/2, row b's
+// X_b[k] = (Z[k] - conj Z[N-k])/(2i), weighted sqrt(2) for bins that stand for their twins.
+template <typename A, typename Pos>
+MMK_INLINE void write_proj(const Fft1dArgs& g, int64_t row0, const A* z, int64_t ps, int64_t io, Pos pos) {
+  const int64_t N = g.N, K = g.K, F = 2 * K;
+  A* p = static_cast<A*>(g.proj);
+  for (int64_t k = 0; k < K; ++k) {
+    const int64_t kk = k == 0 ? 0 : N - k;
+    const double sw = (k == 0 || 2 * k == N) ? 1.0 : std::sqrt(2.0);
+    const A *zr = z + pos(k) * ps, *zi = zr + io, *vr = z + pos(kk) * ps, *vi = vr + io;
+    for (int l = 0; l < L; ++l) {
+      const double ar = 0.5 * (static_cast<double>(zr[l]) + vr[l]), ai = 0.5 * (static_cast<double>(zi[l]) - vi[l]);
+      const double br = 0.5 * (static_cast<double>(zi[l]) + vi[l]), bi = -0.5 * (static_cast<double>(zr[l]) - vr[l]);
+      if (row0 + l < g.M) {
+        p[(row0 + l) * F + k] = static_cast<A>(sw * ar);
+        p[(row0 + l) * F + K + k] = static_cast<A>(-sw * ai);
+      }
+      if (row0 + L + l < g.M) {
+        p[(row0 + L + l) * F + k] = static_cast<A>(sw * br);
+        p[(row0 + L + l) * F + K + k] = static_cast<A>(-sw * bi);
       }
     }
-    const __m256 a = _mm256_add_ps(acc0, acc1);
-    s_lo = _mm256_add_pd(s_lo, _mm256_cvtps_pd(_mm256_castps256_ps128(a)));
-    s_hi = _mm256_add_pd(s_hi, _mm256_cvtps_pd(_mm256_extractf128_ps(a, 1)));
   }
-  _mm256_storeu_pd(sumsq, s_lo);
-  _mm256_storeu_pd(sumsq + 4, s_hi);
 }
 
-// e[0..L) += pa, e[L..2L) += pb, in double.
-__attribute__((target("avx2,fma"))) static inline void add_band_avx2(double* e, __m256 pa, __m256 pb) {
-  _mm256_storeu_pd(e, _mm256_add_pd(_mm256_loadu_pd(e), _mm256_cvtps_pd(_mm256_castps256_ps128(pa))));
-  _mm256_storeu_pd(e + 4, _mm256_add_pd(_mm256_loadu_pd(e + 4), _mm256_cvtps_pd(_mm256_extractf128_ps(pa, 1))));
-  _mm256_storeu_pd(e + L, _mm256_add_pd(_mm256_loadu_pd(e + L), _mm256_cvtps_pd(_mm256_castps256_ps128(pb))));
-  _mm256_storeu_pd(e + L + 4,
-                   _mm256_add_pd(_mm256_loadu_pd(e + L + 4), _mm256_cvtps_pd(_mm256_extractf128_ps(pb, 1))));
-}
-
-// Band sums of the 2L rows of one transform, e[band * 2L + s], from the packed spectrum Z: row a's power
-// |X_a[k]|^2 = |Z[k] + conj Z[N-k]|^2 / 4 and row b's |Z[k] - conj Z[N-k]|^2 / 4, weighted 2 for bins that
-// stand for their conjugate twins; bin k is at position rev[k]. fp32 within runs of at most 32 bins of one band, then double.
-__attribute__((target("avx2,fma"))) void band_sums_avx2(const float* __restrict re, const float* __restrict im,
-                                                      int64_t N, int64_t K, const int64_t* __restrict bin_band,
-                                                      const int32_t* __restrict rev, double* __restrict e) {
-  __m256 pa = _mm256_setzero_ps(), pb = _mm256_setzero_ps();
-  int64_t cur = K ? bin_band[0] : 0, run = 0;
-  for (int64_t k = 0; k < K; ++k) {
-    if (bin_band[k] != cur || run == 32) {
-      add_band_avx2(e + cur * 2 * L, pa, pb);
-      pa = pb = _mm256_setzero_ps();
-      run = 0;
-      cur = bin_band[k];
-    }
-    const int64_t kk = k == 0 ? 0 : N - k;
-    const __m256 wk = _mm256_set1_ps((k == 0 || 2 * k == N) ? 0.25f : 0.5f);
-    const int64_t pk = rev[k] * L, pkk = rev[kk] * L;
-    const __m256 zr = _mm256_loadu_ps(re + pk), zi = _mm256_loadu_ps(im + pk);
-    const __m256 vr = _mm256_loadu_ps(re + pkk), vi = _mm256_loadu_ps(im + pkk);
-    const __m256 sr = _mm256_add_ps(zr, vr), di = _mm256_sub_ps(zi, vi);
-    const __m256 si = _mm256_add_ps(zi, vi), dr = _mm256_sub_ps(zr, vr);
-    pa = _mm256_fmadd_ps(wk, _mm256_fmadd_ps(sr, sr, _mm256_mul_ps(di, di)), pa);
-    pb = _mm256_fmadd_ps(wk, _mm256_fmadd_ps(si, si, _mm256_mul_ps(dr, dr)), pb);
-    ++run;
-  }
-  if (K) add_band_avx2(e + cur * 2 * L, pa, pb);
-}
-
-template <typename T, typename A, bool Wide>
+// Portable loops (and double precision): a radix-2 decimation in time on bit-reversed input, lanes = rows.
+template <typename T, typename A>
 MMK_INLINE void fft1d_body(const Fft1dArgs& g, int64_t grp0, int64_t grp1) {
-  const int64_t N = g.N, K = g.K, J = g.J, F = 2 * K;
+  const int64_t N = g.N, K = g.K, J = g.J;
   const A* tw = static_cast<const A*>(g.tw);
   std::vector<A> re(N * L), im(N * L), tmp(N);
   std::vector<double> e(2 * L * (J + 1));
-  constexpr bool dif = Wide && std::is_same<A, float>::value;
-  // Position of bin k in the transformed buffers.
-  auto pos = [&](int64_t k) { return dif ? static_cast<int64_t>(g.rev[k]) : k; };
   for (int64_t grp = grp0; grp < grp1; ++grp) {
     const int64_t row0 = grp * 2 * L;
     double sumsq[2 * L];
-    // Gather: lane l of the real parts is row row0+l, of the imaginary parts row row0+L+l; bit-reversed for
-    // the portable radix-2 DIT, natural order for the AVX2 DIF (which leaves bin k at position rev[k]).
-    const bool fast_gather = Wide && std::is_same<T, float>::value && g.sn == 1 && row0 + 2 * L <= g.M;
-    if (fast_gather) {
-      const float* xr = reinterpret_cast<const float*>(static_cast<const T*>(g.x) + row0 * g.sm);
-      gather8_avx2(xr, g.sm, N, reinterpret_cast<float*>(re.data()), sumsq);
-      gather8_avx2(xr + L * g.sm, g.sm, N, reinterpret_cast<float*>(im.data()), sumsq + L);
-    } else
+    // Lane l of the real parts is row row0+l, of the imaginary parts row row0+L+l, in bit-reversed order.
     for (int s = 0; s < 2 * L; ++s) {
       A* dst = s < L ? re.data() : im.data();
       const int lane = s % L;
       const int64_t row = row0 + s;
       if (row < g.M) {
         load_row<T, A>(static_cast<const T*>(g.x) + row * g.sm, N, g.sn, tmp.data(), &sumsq[s]);
-        for (int64_t n = 0; n < N; ++n) dst[(dif ? n : g.rev[n]) * L + lane] = tmp[n];
+        for (int64_t n = 0; n < N; ++n) dst[g.rev[n] * L + lane] = tmp[n];
       } else {
         sumsq[s] = 0.0;
         for (int64_t n = 0; n < N; ++n) dst[n * L + lane] = A(0);
       }
     }
     // Every butterfly is one vector op per component across the L lanes.
-    if (dif) {
-      fft_passes_avx2(reinterpret_cast<float*>(re.data()), reinterpret_cast<float*>(im.data()),
-                      reinterpret_cast<const float*>(tw), N, g.logn);
-    } else
     for (int64_t half = 1, step = N / 2; half < N; half *= 2, step /= 2) {
       for (int64_t start = 0; start < N; start += 2 * half) {
         for (int64_t j = 0; j < half; ++j) {
@@ -399,10 +268,6 @@ MMK_INLINE void fft1d_body(const Fft1dArgs& g, int64_t grp0, int64_t grp1) {
     }
     // e[band * 2L + s]: band sums of row row0 + s, lanes vectorised (the proj copy is a separate loop).
     std::fill(e.begin(), e.end(), 0.0);
-    if (dif) {
-      band_sums_avx2(reinterpret_cast<const float*>(re.data()), reinterpret_cast<const float*>(im.data()), N, K,
-                     g.bin_band, g.rev, e.data());
-    } else
     for (int64_t k = 0; k < K; ++k) {
       const int64_t kk = k == 0 ? 0 : N - k;
       const double wk = (k == 0 || 2 * k == N) ? 1.0 : 2.0;
@@ -418,46 +283,376 @@ MMK_INLINE void fft1d_body(const Fft1dArgs& g, int64_t grp0, int64_t grp1) {
       }
     }
     if (g.proj) {
-      A* p = static_cast<A*>(g.proj);
-      for (int64_t k = 0; k < K; ++k) {
-        const int64_t kk = k == 0 ? 0 : N - k;
-        const double sw = (k == 0 || 2 * k == N) ? 1.0 : std::sqrt(2.0);
-        const int64_t pk = pos(k) * L, pkk = pos(kk) * L;
-        const A *zr = re.data() + pk, *zi = im.data() + pk, *vr = re.data() + pkk, *vi = im.data() + pkk;
-        for (int l = 0; l < L; ++l) {
-          const double ar = 0.5 * (static_cast<double>(zr[l]) + vr[l]), ai = 0.5 * (static_cast<double>(zi[l]) - vi[l]);
-          const double br = 0.5 * (static_cast<double>(zi[l]) + vi[l]), bi = -0.5 * (static_cast<double>(zr[l]) - vr[l]);
-          if (row0 + l < g.M) {
-            p[(row0 + l) * F + k] = static_cast<A>(sw * ar);
-            p[(row0 + l) * F + K + k] = static_cast<A>(-sw * ai);
-          }
-          if (row0 + L + l < g.M) {
-            p[(row0 + L + l) * F + k] = static_cast<A>(sw * br);
-            p[(row0 + L + l) * F + K + k] = static_cast<A>(-sw * bi);
-          }
-        }
-      }
+      const int64_t io = im.data() - re.data();
+      write_proj<A>(g, row0, re.data(), L, io, [](int64_t k) { return k; });
     }
-    for (int s = 0; s < 2 * L; ++s) {
-      if (row0 + s >= g.M) break;
-      double es[64];
-      double* ej = J + 1 <= 64 ? es : nullptr;
-      std::vector<double> big;
-      if (!ej) {
-        big.resize(J + 1);
-        ej = big.data();
-      }
-      for (int64_t j = 0; j < J; ++j) ej[j] = e[j * 2 * L + s];
-      finish_row<A>(ej, J, sumsq[s] * static_cast<double>(N), static_cast<A*>(g.out) + (row0 + s) * (J + 1));
-    }
+    finish_group<A>(g, row0, e.data(), sumsq);
   }
 }
 
 template <typename T, typename A>
-void fft1d_generic(const Fft1dArgs& g, int64_t a, int64_t b) { fft1d_body<T, A, false>(g, a, b); }
+void fft1d_generic(const Fft1dArgs& g, int64_t a, int64_t b) { fft1d_body<T, A>(g, a, b); }
+
+// ----- AVX2, float compute -------------------------------------------------------------------------------
+// A radix-4 decimation in frequency on natural-order input; the buffer is interleaved: point p of the packed
+// transform is 2L floats at buf + 2L p, its real parts (rows row0..row0+7 in the lanes) then its imaginary
+// parts (rows row0+8..row0+15), so a butterfly's operand is one cache line. Bin k ends at position rev[k].
+// The run is store-bound (16 ymm registers hold one radix-4 butterfly, so each pass loads and stores every
+// point once per two stages); the last stage is fused with the power spectrum and stores nothing.
+constexpr int P = 2 * L;  // floats per point
+
+// Software prefetch of the next group's rows, one line per butterfly, the 16 rows in turn, so that they
+// stream in while this group computes (the hardware streamer stops at every 4 KB page, i.e. every row of
+// 1024 floats); into L2 (T1): the transform's own lines fill L1. At 65536x1024, 1 thread, it took about a
+// third off the time (prefetching every other butterfly, or with T0, did less).
+struct RowPrefetch {
+  const char* base = nullptr;
+  int64_t stride = 0;  // bytes between rows
+  int64_t lines = 0;   // 16 x lines per row; 0: nothing to prefetch
+};
+
+// Two radix-2 DIF stages (spans 2h and h) over the blocks of 4h points in [lo, hi), as one radix-4 step: with
+// a, b, c, d the points j, j+h, j+2h, j+3h of a block and w = W^j (W = e^{-2 pi i s/N}, s = N/(4h)) the
+// outputs at j, j+h, j+2h, j+3h are (a+c)+(b+d), ((a+c)-(b+d)) w^2, ((a-c)-i(b-d)) w, ((a-c)+i(b-d)) w^3:
+// the values, and places, of the two radix-2 stages for three complex multiplies instead of four.
+// tw holds (cos, sin) of 2 pi k / N, k < N; multiplying by w is multiplying by conj(cos, sin).
+__attribute__((target("avx2,fma"))) static void radix4_pass_avx2(float* __restrict buf, const float* __restrict tw,
+                                                                int64_t lo, int64_t hi, int64_t h, int64_t N,
+                                                                const RowPrefetch& pf, int64_t& it_ref) {
+  const int64_t s = N / (4 * h), q = h * P;
+  int64_t it = it_ref;
+  const char* const pbase = pf.base;
+  const int64_t pstride = pf.stride, plines = pf.lines;
+  for (int64_t start = lo; start < hi; start += 4 * h) {
+    const float *t1 = tw, *t2 = tw, *t3 = tw;
+    float* p = buf + start * P;
+    for (int64_t j = 0; j < h; ++j, p += P, t1 += 2 * s, t2 += 4 * s, t3 += 6 * s, ++it) {
+      if (it < plines) _mm_prefetch(pbase + (it % (2 * L)) * pstride + (it / (2 * L)) * 64, _MM_HINT_T1);
+      // Real parts, then imaginary parts, each output stored once known: few live registers, no spills.
+      const __m256 ar = _mm256_load_ps(p), cr = _mm256_load_ps(p + 2 * q);
+      const __m256 s1r = _mm256_add_ps(ar, cr), d1r = _mm256_sub_ps(ar, cr);
+      const __m256 br = _mm256_load_ps(p + q), dr = _mm256_load_ps(p + 3 * q);
+      const __m256 s2r = _mm256_add_ps(br, dr), d2r = _mm256_sub_ps(br, dr);
+      _mm256_store_ps(p, _mm256_add_ps(s1r, s2r));
+      const __m256 y2r = _mm256_sub_ps(s1r, s2r);
+      const __m256 ai = _mm256_load_ps(p + L), ci = _mm256_load_ps(p + 2 * q + L);
+      const __m256 s1i = _mm256_add_ps(ai, ci), d1i = _mm256_sub_ps(ai, ci);
+      const __m256 bi = _mm256_load_ps(p + q + L), di = _mm256_load_ps(p + 3 * q + L);
+      const __m256 s2i = _mm256_add_ps(bi, di), d2i = _mm256_sub_ps(bi, di);
+      _mm256_store_ps(p + L, _mm256_add_ps(s1i, s2i));
+      const __m256 y2i = _mm256_sub_ps(s1i, s2i);
+      {
+        const __m256 wr = _mm256_broadcast_ss(t2), wi = _mm256_broadcast_ss(t2 + 1);
+        _mm256_store_ps(p + q, _mm256_fmadd_ps(wr, y2r, _mm256_mul_ps(wi, y2i)));
+        _mm256_store_ps(p + q + L, _mm256_fmsub_ps(wr, y2i, _mm256_mul_ps(wi, y2r)));
+      }
+      {
+        const __m256 yr = _mm256_add_ps(d1r, d2i), yi = _mm256_sub_ps(d1i, d2r);  // (a-c) - i(b-d)
+        const __m256 wr = _mm256_broadcast_ss(t1), wi = _mm256_broadcast_ss(t1 + 1);
+        _mm256_store_ps(p + 2 * q, _mm256_fmadd_ps(wr, yr, _mm256_mul_ps(wi, yi)));
+        _mm256_store_ps(p + 2 * q + L, _mm256_fmsub_ps(wr, yi, _mm256_mul_ps(wi, yr)));
+      }
+      {
+        const __m256 yr = _mm256_sub_ps(d1r, d2i), yi = _mm256_add_ps(d1i, d2r);  // (a-c) + i(b-d)
+        const __m256 wr = _mm256_broadcast_ss(t3), wi = _mm256_broadcast_ss(t3 + 1);
+        _mm256_store_ps(p + 3 * q, _mm256_fmadd_ps(wr, yr, _mm256_mul_ps(wi, yi)));
+        _mm256_store_ps(p + 3 * q + L, _mm256_fmsub_ps(wr, yi, _mm256_mul_ps(wi, yr)));
+      }
+    }
+  }
+  it_ref = it;
+}
+
+// 16 contiguous float32 rows into the lanes of buf (natural order). Each 8-row x 4-sample block is one 4x4
+// in-lane transpose of vectors whose halves come from rows r and r+4 (a 128-bit load and an insert each, no
+// cross-lane permutes). The rows' sums of squares from the transposed columns (lanes = rows), fp32 over 32
+// values per lane, then double.
+__attribute__((target("avx2,fma"))) static void gather16_f32_avx2(const float* x, int64_t sm, int64_t N,
+                                                                 float* __restrict buf, double* sumsq) {
+  for (int half = 0; half < 2; ++half) {
+    const float* xh = x + half * L * sm;
+    float* dst = buf + half * L;
+    __m256d s_lo = _mm256_setzero_pd(), s_hi = _mm256_setzero_pd();
+    for (int64_t b0 = 0; b0 < N; b0 += 32) {
+      __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+      const int64_t b1 = std::min<int64_t>(N, b0 + 32);
+      for (int64_t n0 = b0; n0 < b1; n0 += 4) {
+        __m256 v[4];  // (row r, samples n0..n0+3 | row r+4, the same samples)
+        for (int r = 0; r < 4; ++r)
+          v[r] = _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_loadu_ps(xh + r * sm + n0)),
+                                      _mm_loadu_ps(xh + (r + 4) * sm + n0), 1);
+        const __m256 t0 = _mm256_unpacklo_ps(v[0], v[1]), t1 = _mm256_unpackhi_ps(v[0], v[1]);
+        const __m256 t2 = _mm256_unpacklo_ps(v[2], v[3]), t3 = _mm256_unpackhi_ps(v[2], v[3]);
+        const __m256 c0 = _mm256_shuffle_ps(t0, t2, 0x44), c1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+        const __m256 c2 = _mm256_shuffle_ps(t1, t3, 0x44), c3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+        acc0 = _mm256_fmadd_ps(c0, c0, acc0);
+        acc1 = _mm256_fmadd_ps(c1, c1, acc1);
+        acc0 = _mm256_fmadd_ps(c2, c2, acc0);
+        acc1 = _mm256_fmadd_ps(c3, c3, acc1);
+        _mm256_store_ps(dst + n0 * P, c0);  // c: the 8 rows at sample n0 + c
+        _mm256_store_ps(dst + (n0 + 1) * P, c1);
+        _mm256_store_ps(dst + (n0 + 2) * P, c2);
+        _mm256_store_ps(dst + (n0 + 3) * P, c3);
+      }
+      const __m256 a = _mm256_add_ps(acc0, acc1);
+      s_lo = _mm256_add_pd(s_lo, _mm256_cvtps_pd(_mm256_castps256_ps128(a)));
+      s_hi = _mm256_add_pd(s_hi, _mm256_cvtps_pd(_mm256_extractf128_ps(a, 1)));
+    }
+    _mm256_storeu_pd(sumsq + half * L, s_lo);
+    _mm256_storeu_pd(sumsq + half * L + 4, s_hi);
+  }
+}
+
+// The last stage -- the radix-4 step with unit twiddles (log2 N even) or one radix-2 stage (odd) -- fused
+// with the power spectrum. The last-stage block of R points at position rev[b] (b < Q = N/R) holds bins
+// b + Q t, t = 0..R-1 (DFT index t at slot rev_R(t)); bin N-k, which separates the two rows packed in bin k,
+// is in the partner block Q - b (itself for b = 0 and b = Q/2), so blocks are taken in pairs and only the
+// powers pw[2L k + lane] of bins k < K are written: |Z[k] + conj Z[N-k]|^2 / 4 for the rows of the real
+// parts, |Z[k] - conj Z[N-k]|^2 / 4 for the others, doubled for bins that stand for their twins. With keep
+// the outputs are also written back in place (the projections are read from them).
+template <int R>
+__attribute__((target("avx2,fma"))) MMK_INLINE void last_block_avx2(const float* p, __m256 zr[R], __m256 zi[R]) {
+  if constexpr (R == 4) {
+    const __m256 ar = _mm256_load_ps(p), ai = _mm256_load_ps(p + L);
+    const __m256 br = _mm256_load_ps(p + P), bi = _mm256_load_ps(p + P + L);
+    const __m256 cr = _mm256_load_ps(p + 2 * P), ci = _mm256_load_ps(p + 2 * P + L);
+    const __m256 dr = _mm256_load_ps(p + 3 * P), di = _mm256_load_ps(p + 3 * P + L);
+    const __m256 s1r = _mm256_add_ps(ar, cr), s1i = _mm256_add_ps(ai, ci);
+    const __m256 s2r = _mm256_add_ps(br, dr), s2i = _mm256_add_ps(bi, di);
+    const __m256 d1r = _mm256_sub_ps(ar, cr), d1i = _mm256_sub_ps(ai, ci);
+    const __m256 d2r = _mm256_sub_ps(br, dr), d2i = _mm256_sub_ps(bi, di);
+    zr[0] = _mm256_add_ps(s1r, s2r), zi[0] = _mm256_add_ps(s1i, s2i);
+    zr[1] = _mm256_add_ps(d1r, d2i), zi[1] = _mm256_sub_ps(d1i, d2r);
+    zr[2] = _mm256_sub_ps(s1r, s2r), zi[2] = _mm256_sub_ps(s1i, s2i);
+    zr[3] = _mm256_sub_ps(d1r, d2i), zi[3] = _mm256_add_ps(d1i, d2r);
+  } else {
+    const __m256 ar = _mm256_load_ps(p), ai = _mm256_load_ps(p + L);
+    const __m256 br = _mm256_load_ps(p + P), bi = _mm256_load_ps(p + P + L);
+    zr[0] = _mm256_add_ps(ar, br), zi[0] = _mm256_add_ps(ai, bi);
+    zr[1] = _mm256_sub_ps(ar, br), zi[1] = _mm256_sub_ps(ai, bi);
+  }
+}
+
+template <int R>
+constexpr int last_slot(int t) { return R == 4 ? ((t & 1) << 1) | (t >> 1) : t; }
+
+template <int R>
+__attribute__((target("avx2,fma"))) MMK_INLINE void last_store_avx2(float* p, const __m256 zr[R], const __m256 zi[R]) {
+  for (int t = 0; t < R; ++t) {
+    _mm256_store_ps(p + last_slot<R>(t) * P, zr[t]);
+    _mm256_store_ps(p + last_slot<R>(t) * P + L, zi[t]);
+  }
+}
+
+__attribute__((target("avx2,fma"))) MMK_INLINE void bin_power_avx2(float* pw, int64_t k, int64_t N, __m256 zr,
+                                                                  __m256 zi, __m256 vr, __m256 vi) {
+  const __m256 wk = _mm256_set1_ps((k == 0 || 2 * k == N) ? 0.25f : 0.5f);
+  const __m256 sr = _mm256_add_ps(zr, vr), di = _mm256_sub_ps(zi, vi);
+  const __m256 si = _mm256_add_ps(zi, vi), dr = _mm256_sub_ps(zr, vr);
+  _mm256_store_ps(pw + k * P, _mm256_mul_ps(wk, _mm256_fmadd_ps(sr, sr, _mm256_mul_ps(di, di))));
+  _mm256_store_ps(pw + k * P + L, _mm256_mul_ps(wk, _mm256_fmadd_ps(si, si, _mm256_mul_ps(dr, dr))));
+}
+
+template <int R>
+__attribute__((target("avx2,fma"))) static void last_stage_power_avx2(float* __restrict buf, int64_t N, int64_t K,
+                                                                     const int32_t* __restrict rev,
+                                                                     const int32_t* bs, int64_t nbs,
+                                                                     float* __restrict pw, bool keep) {
+  const int64_t Q = N / R;
+  for (int64_t i = 0; i < nbs; ++i) {
+    const int64_t b = bs[i];
+    if (b == 0 || 2 * b == Q) {  // the self-partnered blocks
+      float* pb = buf + static_cast<int64_t>(rev[b]) * P;
+      __m256 zr[R], zi[R];
+      last_block_avx2<R>(pb, zr, zi);
+      for (int t = 0; t < R; ++t) {
+        const int u = b == 0 ? (R - t) % R : R - 1 - t;
+        if (b + Q * t < K) bin_power_avx2(pw, b + Q * t, N, zr[t], zi[t], zr[u], zi[u]);
+      }
+      if (keep) last_store_avx2<R>(pb, zr, zi);
+      continue;
+    }
+    const int64_t c = Q - b;
+    if (!keep && b >= K && c >= K) continue;
+    float* pb = buf + static_cast<int64_t>(rev[b]) * P;
+    float* pc = buf + static_cast<int64_t>(rev[c]) * P;
+    __m256 zr[R], zi[R], vr[R], vi[R];
+    last_block_avx2<R>(pb, zr, zi);
+    last_block_avx2<R>(pc, vr, vi);
+    if (K <= Q && !keep) {  // bins below Q only: t = 0 and its partner t = R-1
+      if (b < K) bin_power_avx2(pw, b, N, zr[0], zi[0], vr[R - 1], vi[R - 1]);
+      if (c < K) bin_power_avx2(pw, c, N, vr[0], vi[0], zr[R - 1], zi[R - 1]);
+      continue;
+    }
+    for (int t = 0; t < R; ++t) {
+      if (b + Q * t < K) bin_power_avx2(pw, b + Q * t, N, zr[t], zi[t], vr[R - 1 - t], vi[R - 1 - t]);
+      if (c + Q * t < K) bin_power_avx2(pw, c + Q * t, N, vr[t], vi[t], zr[R - 1 - t], zi[R - 1 - t]);
+    }
+    if (keep) {
+      last_store_avx2<R>(pb, zr, zi);
+      last_store_avx2<R>(pc, vr, vi);
+    }
+  }
+}
+
+// d[0..8) += pa, d[8..16) += pb, in double.
+__attribute__((target("avx2,fma"))) MMK_INLINE void add_run16_avx2(double* d, __m256 pa, __m256 pb) {
+  _mm256_storeu_pd(d, _mm256_add_pd(_mm256_loadu_pd(d), _mm256_cvtps_pd(_mm256_castps256_ps128(pa))));
+  _mm256_storeu_pd(d + 4, _mm256_add_pd(_mm256_loadu_pd(d + 4), _mm256_cvtps_pd(_mm256_extractf128_ps(pa, 1))));
+  _mm256_storeu_pd(d + 8, _mm256_add_pd(_mm256_loadu_pd(d + 8), _mm256_cvtps_pd(_mm256_castps256_ps128(pb))));
+  _mm256_storeu_pd(d + 12, _mm256_add_pd(_mm256_loadu_pd(d + 12), _mm256_cvtps_pd(_mm256_extractf128_ps(pb, 1))));
+}
+
+// e[band * 2L + s] += the group's powers over each band's bins: fp32 within runs of at most 32 bins, then double.
+__attribute__((target("avx2,fma"))) static void band_sums_avx2(const float* __restrict pw, int64_t K,
+                                                              const int64_t* __restrict bin_band,
+                                                              double* __restrict e) {
+  __m256 pa = _mm256_setzero_ps(), pb = _mm256_setzero_ps();
+  int64_t cur = K ? bin_band[0] : 0, run = 0;
+  for (int64_t k = 0; k < K; ++k) {
+    if (bin_band[k] != cur || run == 32) {
+      add_run16_avx2(e + cur * P, pa, pb);
+      pa = pb = _mm256_setzero_ps();
+      run = 0;
+      cur = bin_band[k];
+    }
+    pa = _mm256_add_ps(pa, _mm256_load_ps(pw + k * P));
+    pb = _mm256_add_ps(pb, _mm256_load_ps(pw + k * P + L));
+    ++run;
+  }
+  if (K) add_run16_avx2(e + cur * P, pa, pb);
+}
+
+// All stages of one transform: radix-4 passes whose blocks exceed kFftBlock points (16 KB) over the whole
+// buffer, the others block by block in L1, each block followed by the last stage of the block pairs it
+// completes (last_b[last_off[i] .. last_off[i+1]) for block i), so that stage too reads L1.
+__attribute__((target("avx2,fma"))) static void fft_group_avx2(float* __restrict buf, const Fft1dArgs& g,
+                                                              float* __restrict pw, bool keep, const RowPrefetch& pf) {
+  const int64_t N = g.N;
+  const float* tw = static_cast<const float*>(g.tw);
+  const int64_t hmin = (g.logn & 1) ? 2 : 4;  // the last radix-4 pass before the last stage
+  const int64_t blk = std::min<int64_t>(N, kFftBlock);
+  auto last = [&](int64_t i0, int64_t i1) {
+    const int32_t* bs = g.last_b + g.last_off[i0];
+    const int64_t n = g.last_off[i1] - g.last_off[i0];
+    if (g.logn & 1)
+      last_stage_power_avx2<2>(buf, N, g.K, g.rev, bs, n, pw, keep);
+    else
+      last_stage_power_avx2<4>(buf, N, g.K, g.rev, bs, n, pw, keep);
+  };
+  int64_t h = N / 4, it = 0;
+  for (; h >= hmin && 4 * h > blk; h /= 4) radix4_pass_avx2(buf, tw, 0, N, h, N, pf, it);
+  if (h < hmin) {
+    last(0, N / blk);
+    return;
+  }
+  for (int64_t b0 = 0; b0 < N; b0 += blk) {
+    for (int64_t hh = h; hh >= hmin; hh /= 4) radix4_pass_avx2(buf, tw, b0, b0 + blk, hh, N, pf, it);
+    last(b0 / blk, b0 / blk + 1);
+  }
+}
+
+template <typename T>
+__attribute__((target("avx2,fma"))) void fft1d_f32_avx2(const Fft1dArgs& g, int64_t grp0, int64_t grp1) {
+  const int64_t N = g.N, K = g.K, J = g.J;
+  struct Free {
+    void operator()(float* p) const { std::free(p); }
+  };
+  // 64-byte aligned: a point of the transform is one cache line (sizes are multiples of 64 bytes).
+  std::unique_ptr<float, Free> buf_own(static_cast<float*>(std::aligned_alloc(64, N * P * sizeof(float))));
+  std::unique_ptr<float, Free> pw_own(
+      static_cast<float*>(std::aligned_alloc(64, std::max<int64_t>(K, 1) * P * sizeof(float))));
+  TORCH_CHECK(buf_own && pw_own, "band_energy_1d: out of memory for the transform's scratch");
+  float* buf = buf_own.get();
+  float* pw = pw_own.get();
+  std::vector<float> tmp(N);
+  std::vector<double> e(2 * L * (J + 1));
+  const int64_t row_bytes = N * static_cast<int64_t>(sizeof(T));
+  for (int64_t grp = grp0; grp < grp1; ++grp) {
+    const int64_t row0 = grp * 2 * L;
+    double sumsq[2 * L];
+    if (std::is_same<T, float>::value && g.sn == 1 && row0 + 2 * L <= g.M) {
+      gather16_f32_avx2(reinterpret_cast<const float*>(static_cast<const T*>(g.x) + row0 * g.sm), g.sm, N, buf, sumsq);
+    } else {
+      for (int s = 0; s < 2 * L; ++s) {  // lane slot s: row row0 + s
+        const int64_t row = row0 + s;
+        if (row < g.M) {
+          load_row<T, float>(static_cast<const T*>(g.x) + row * g.sm, N, g.sn, tmp.data(), &sumsq[s]);
+          for (int64_t n = 0; n < N; ++n) buf[n * P + s] = tmp[n];
+        } else {
+          sumsq[s] = 0.0;
+          for (int64_t n = 0; n < N; ++n) buf[n * P + s] = 0.0f;
+        }
+      }
+    }
+    RowPrefetch pf;
+    if (g.sn == 1 && row0 + 4 * L <= g.M) {
+      pf.base = reinterpret_cast<const char*>(static_cast<const T*>(g.x) + (row0 + 2 * L) * g.sm);
+      pf.stride = g.sm * static_cast<int64_t>(sizeof(T));
+      pf.lines = 2 * L * ((row_bytes + 63) / 64);
+    }
+    fft_group_avx2(buf, g, pw, g.proj != nullptr, pf);
+    std::fill(e.begin(), e.end(), 0.0);
+    band_sums_avx2(pw, K, g.bin_band, e.data());
+    if (g.proj) write_proj<float>(g, row0, buf, P, L, [&](int64_t k) { return static_cast<int64_t>(g.rev[k]); });
+    finish_group<float>(g, row0, e.data(), sumsq);
+  }
+}
+
 template <typename T, typename A>
 __attribute__((target("avx2,fma"))) void fft1d_avx2(const Fft1dArgs& g, int64_t a, int64_t b) {
-  fft1d_body<T, A, true>(g, a, b);
+  if constexpr (std::is_same<A, float>::value)
+    fft1d_f32_avx2<T>(g, a, b);
+  else
+    fft1d_body<T, A>(g, a, b);
+}
+
+// Twiddles (cos, sin of 2 pi k / N, k < N) and the bit reversal of length N, built once per (N, dtype): their
+// 2N sines and cosines cost about as much as the transform of a few dozen rows.
+template <typename A>
+struct FftTables {
+  int64_t logn = 0;
+  std::vector<A> tw;
+  std::vector<int32_t> rev, last_b, last_off;
+};
+
+template <typename A>
+std::shared_ptr<const FftTables<A>> fft_tables(int64_t N) {
+  static std::mutex mu;
+  static std::map<int64_t, std::shared_ptr<const FftTables<A>>> cache;
+  std::lock_guard<std::mutex> lock(mu);
+  auto hit = cache.find(N);
+  if (hit != cache.end()) return hit->second;
+  auto t = std::make_shared<FftTables<A>>();
+  while ((int64_t(1) << t->logn) < N) ++t->logn;
+  t->tw.resize(2 * N);
+  for (int64_t k = 0; k < N; ++k) {
+    const double ang = 2.0 * std::acos(-1.0) * static_cast<double>(k) / static_cast<double>(N);
+    t->tw[2 * k] = static_cast<A>(std::cos(ang));
+    t->tw[2 * k + 1] = static_cast<A>(std::sin(ang));
+  }
+  t->rev.resize(N);
+  for (int64_t n = 0; n < N; ++n) {
+    int64_t r = 0;
+    for (int64_t b = 0; b < t->logn; ++b) r |= ((n >> b) & 1) << (t->logn - 1 - b);
+    t->rev[n] = static_cast<int32_t>(r);
+  }
+  // The AVX2 last stage's pairs (b, Q - b), b <= Q/2, Q = N / R: the block at position rev[b] holds bins
+  // b + Q t; a pair is done after the later of its two 256-point blocks.
+  const int64_t R = (t->logn & 1) ? 2 : 4, Q = N / R, blk = std::min<int64_t>(N, kFftBlock), nb = N / blk;
+  std::vector<std::vector<int32_t>> by_block(nb);
+  for (int64_t b = 0; b <= Q / 2; ++b) {
+    const int64_t c = b == 0 ? 0 : Q - b;
+    by_block[std::max(t->rev[b], t->rev[c]) / blk].push_back(static_cast<int32_t>(b));
+  }
+  t->last_off.push_back(0);
+  for (const auto& v : by_block) {
+    t->last_b.insert(t->last_b.end(), v.begin(), v.end());
+    t->last_off.push_back(static_cast<int32_t>(t->last_b.size()));
+  }
+  if (cache.size() >= 16) cache.clear();  // a handful of row lengths in practice
+  cache.emplace(N, t);
+  return t;
 }
 
 // Band reduction of ATen's rfft (N not a power of two, many bins).
@@ -516,22 +711,9 @@ std::tuple<at::Tensor, at::Tensor> band_energy_1d_cpu(const at::Tensor& x, const
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, st, "band_energy_1d", [&] {
     using A = std::conditional_t<std::is_same<scalar_t, double>::value, double, float>;
     if (use_fft) {
-      int64_t logn = 0;
-      while ((int64_t(1) << logn) < N) ++logn;
-      std::vector<A> tw(N);
-      for (int64_t k = 0; k < N / 2; ++k) {
-        const double ang = 2.0 * std::acos(-1.0) * static_cast<double>(k) / static_cast<double>(N);
-        tw[2 * k] = static_cast<A>(std::cos(ang));
-        tw[2 * k + 1] = static_cast<A>(std::sin(ang));
-      }
-      std::vector<int32_t> rev(N);
-      for (int64_t n = 0; n < N; ++n) {
-        int64_t r = 0;
-        for (int64_t b = 0; b < logn; ++b) r |= ((n >> b) & 1) << (logn - 1 - b);
-        rev[n] = static_cast<int32_t>(r);
-      }
-      Fft1dArgs g{x.const_data_ptr(), M, N, x.stride(0), x.stride(1), K, J, logn, tw.data(), rev.data(), bb,
-                  out.data_ptr(), save_proj ? proj.data_ptr() : nullptr};
+      const auto t = fft_tables<A>(N);
+      Fft1dArgs g{x.const_data_ptr(), M, N, x.stride(0), x.stride(1), K, J, t->logn, t->tw.data(), t->rev.data(),
+                  t->last_b.data(), t->last_off.data(), bb, out.data_ptr(), save_proj ? proj.data_ptr() : nullptr};
       auto fn = wide ? &fft1d_avx2<scalar_t, A> : &fft1d_generic<scalar_t, A>;
       const int64_t groups = (M + 2 * L - 1) / (2 * L);
       at::parallel_for(0, groups, 1, [&](int64_t a, int64_t b) { fn(g, a, b); });
