@@ -67,30 +67,44 @@ __attribute__((target("avx2"))) static inline void mulhilo8(__m256i a, __m256i m
 __attribute__((target("avx2"))) void normals_tile_avx2(uint64_t seed, uint32_t tensor, uint64_t g0, float* z) {
   alignas(32) uint32_t X[kTile / 4], Y[kTile / 4], Z[kTile / 4], W[kTile / 4];
   const __m256i M0 = _mm256_set1_epi32((int)0xD2511F53u), M1 = _mm256_set1_epi32((int)0xCD9E8D57u);
-  for (int g = 0; g < kTile / 4; g += 8) {
-    alignas(32) uint32_t lo[8], hi[8];
-    for (int l = 0; l < 8; ++l) {
-      const uint64_t gg = g0 + (uint64_t)(g + l);
-      lo[l] = (uint32_t)gg;
-      hi[l] = (uint32_t)(gg >> 32);
+  // Each round of a block of 8 groups waits on the last (multiply, shift, blend, xor: about 9 cycles), so
+  // kBlocks independent blocks go through the rounds together to keep the vector units busy.
+  constexpr int kBlocks = 4;
+  for (int g = 0; g < kTile / 4; g += 8 * kBlocks) {
+    __m256i c0[kBlocks], c1[kBlocks], c2[kBlocks], c3[kBlocks];
+    for (int b = 0; b < kBlocks; ++b) {
+      alignas(32) uint32_t lo[8], hi[8];
+      for (int l = 0; l < 8; ++l) {
+        const uint64_t gg = g0 + (uint64_t)(g + 8 * b + l);
+        lo[l] = (uint32_t)gg;
+        hi[l] = (uint32_t)(gg >> 32);
+      }
+      c0[b] = _mm256_load_si256((const __m256i*)lo);
+      c1[b] = _mm256_load_si256((const __m256i*)hi);
+      c2[b] = _mm256_set1_epi32((int)tensor);
+      c3[b] = _mm256_set1_epi32(0x5ca1e5);
     }
-    __m256i c0 = _mm256_load_si256((const __m256i*)lo), c1 = _mm256_load_si256((const __m256i*)hi);
-    __m256i c2 = _mm256_set1_epi32((int)tensor), c3 = _mm256_set1_epi32(0x5ca1e5);
     uint32_t k0 = (uint32_t)seed, k1 = (uint32_t)(seed >> 32);
     for (int r = 0; r < 10; ++r) {
-      __m256i hi0, lo0, hi1, lo1;
-      mulhilo8(c0, M0, &hi0, &lo0);
-      mulhilo8(c2, M1, &hi1, &lo1);
-      const __m256i n0 = _mm256_xor_si256(_mm256_xor_si256(hi1, c1), _mm256_set1_epi32((int)k0));
-      const __m256i n2 = _mm256_xor_si256(_mm256_xor_si256(hi0, c3), _mm256_set1_epi32((int)k1));
-      c0 = n0, c1 = lo1, c2 = n2, c3 = lo0;
+      const __m256i vk0 = _mm256_set1_epi32((int)k0), vk1 = _mm256_set1_epi32((int)k1);
+      for (int b = 0; b < kBlocks; ++b) {
+        __m256i hi0, lo0, hi1, lo1;
+        mulhilo8(c0[b], M0, &hi0, &lo0);
+        mulhilo8(c2[b], M1, &hi1, &lo1);
+        c0[b] = _mm256_xor_si256(_mm256_xor_si256(hi1, c1[b]), vk0);
+        c2[b] = _mm256_xor_si256(_mm256_xor_si256(hi0, c3[b]), vk1);
+        c1[b] = lo1;
+        c3[b] = lo0;
+      }
       k0 += 0x9E3779B9u;
       k1 += 0xBB67AE85u;
     }
-    _mm256_store_si256((__m256i*)(X + g), c0);
-    _mm256_store_si256((__m256i*)(Y + g), c1);
-    _mm256_store_si256((__m256i*)(Z + g), c2);
-    _mm256_store_si256((__m256i*)(W + g), c3);
+    for (int b = 0; b < kBlocks; ++b) {
+      _mm256_store_si256((__m256i*)(X + g + 8 * b), c0[b]);
+      _mm256_store_si256((__m256i*)(Y + g + 8 * b), c1[b]);
+      _mm256_store_si256((__m256i*)(Z + g + 8 * b), c2[b]);
+      _mm256_store_si256((__m256i*)(W + g + 8 * b), c3[b]);
+    }
   }
   MMK_BOX_MULLER_LOOP
 }
