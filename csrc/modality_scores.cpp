@@ -3,12 +3,13 @@
 // A sample counts when its label is not -100 and its mask entry (if any) is non-zero; a sample that does not
 // count is never read, so NaN logits of a missing modality stay out of the sums.
 //
-// Per row (one sample of one modality), AVX2 path: one read from memory, in 1 KB chunks that each get a max
-// sweep and an exp-sum sweep from L1 against the running maximum (online softmax), with software prefetch
-// ahead; the row sums use a cheaper exp than the label's probability (both below 4e-7 relative, see
-// exp_sum8). Portable path (MMKERNELS_NO_AVX2=1, CPUs without AVX2/FMA, and fp64): a max pass, then an
-// exp-sum pass while the row is in cache. fp32 math for fp32/fp16/bf16 logits (fp16/bf16 rows are widened
-// into a per-thread buffer, as are rows with a class stride != 1), fp64 for fp64.
+// Per row (one sample of one modality), AVX2 path: one read from memory, in 4 KB chunks each summed in one
+// sweep against a shift that lags the running maximum (online softmax, see row_avx2), with software prefetch
+// ahead on long contiguous runs; rows of at most 8 logits take one masked vector. The exps, the label's
+// included, are mmkernels::exp_ps (simd.h; within 2e-7 relative of float64 near the maximum). Portable path
+// (MMKERNELS_NO_AVX2=1, CPUs without AVX2/FMA, and fp64): a max pass, then an exp-sum pass while the row is
+// in cache. fp32 math for fp32/fp16/bf16 logits (fp16/bf16 rows are widened into a per-thread buffer, as are
+// rows with a class stride != 1), fp64 for fp64.
 //
 // Rows are grouped in fixed blocks of one modality; each block sums its rows in double and the blocks are
 // added in order, so the result does not depend on the thread count.
@@ -30,6 +31,8 @@
 #include <sstream>
 #include <vector>
 
+#include "simd.h"
+
 namespace mmk {
 namespace {
 
@@ -43,8 +46,8 @@ bool scores_avx2() {
   return on;
 }
 
-// ---------------------------------------------------------------------------------------------- exp, x <= 0
-// exp(x) for x <= 0, -inf or NaN: x = n ln2 + r with |r| <= ln2/2 (ln2 split in two so that n ln2 is exact
+// ----------------------------------------------------------------------------------- exp, x <= 0 (portable)
+// exp(x) for x <= 0, -inf or NaN, in the portable loops: x = n ln2 + r with |r| <= ln2/2 (ln2 split in two so that n ln2 is exact
 // enough), e^r = 1 + r + r^2 P(r) with P of degree 4 (fitted for relative error; within 1 ulp of e^r in
 // fp32), 2^n written into the exponent bits. Adding 1.5*2^23 + 127 rounds x/ln2 to the integer n and leaves
 // n + 127 in the low bits, which a shift by 23 moves into the exponent field. Below -87.3 (where expf turns
@@ -75,33 +78,6 @@ inline float exp_neg(float x) {
 }
 
 inline double exp_neg(double x) { return std::exp(x); }
-
-// exp(d) for d <= 0 in the row sums (d = logit - running max), cheaper than exp_neg: the sum sweep is what
-// bounds the kernel once the row is read once.
-// d = (N/8) ln2 + r with |r| <= ln2/16, e^r = 1 + r + r^2/2 + r^3/6 (truncation below 1.5e-7 relative),
-// 2^(N/8) = 2^(N>>3) * 2^((N&7)/8) from an 8-entry table picked by vpermd. Adding 1.5*2^23 + 1016 rounds
-// d*8/ln2 to N and leaves N + 1016 = 8*((N>>3) + 127) + (N&7) in the low bits, so one shift by 20 puts
-// (N>>3) + 127 into the exponent field and N&7 just below it; each table entry is bits(2^(j/8)) less its
-// own exponent and less j<<20, so one integer add yields the bits of 2^(N/8). ln2/8 is one fp32 constant:
-// its rounding (3.7e-9) adds |d|*4.3e-8 relative error, which matters nowhere e^d does (e^-20 = 2e-9).
-// Measured against float64 over [-87.3, 0]: at most 3.8e-7 relative. d is clamped at -87.3 first (max
-// keeps a NaN d: it returns its second operand when one is NaN): -inf and anything below give 1.2e-38
-// instead of 0, which a sum holding the max's own e^0 = 1 cannot tell apart; a row whose max is -inf
-// (nothing but -inf) is handled by the caller.
-constexpr float k8Log2e = 11.541560173034668f, kLn2By8 = 0.08664339780807495f, kRound8 = 12583928.0f;
-
-__attribute__((target("avx2,fma"))) inline __m256 exp_sum8(__m256 d) {
-  const __m256i table = _mm256_setr_epi32(0, -289342, -509968, -655657, -719629, -694486, -572163, -343865);
-  d = _mm256_max_ps(_mm256_set1_ps(kExpLo), d);
-  const __m256 t = _mm256_fmadd_ps(d, _mm256_set1_ps(k8Log2e), _mm256_set1_ps(kRound8));
-  const __m256 r = _mm256_fnmadd_ps(_mm256_sub_ps(t, _mm256_set1_ps(kRound8)), _mm256_set1_ps(kLn2By8), d);
-  __m256 p = _mm256_fmadd_ps(r, _mm256_set1_ps(1.0f / 6.0f), _mm256_set1_ps(0.5f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
-  const __m256i ti = _mm256_castps_si256(t);
-  const __m256i e = _mm256_add_epi32(_mm256_permutevar8x32_epi32(table, ti), _mm256_slli_epi32(ti, 20));
-  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
-}
 
 // ---------------------------------------------------------------------------------------------- one row
 struct RowResult {
@@ -146,17 +122,23 @@ __attribute__((target("avx2,fma"))) inline float hsum8(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-// One read of the row from memory: it is walked in chunks of kChunk logits (1 KB, in L1 once loaded), each
-// chunk taking a max sweep and then an exp-sum sweep from L1 against the running maximum (online softmax:
-// when a chunk raises the maximum, the row's sum so far is rescaled by exp(old - new), a handful of times
-// per row). Software prefetch kPrefetch bytes ahead keeps the memory reads of the next chunks in flight
-// while a chunk's exp sweep computes; without it the hardware prefetcher alone leaves them mostly serial
-// (measured at 2x4096x8192: about 25% slower without it, and larger chunks or other distances did not beat
-// 1 KB / 4 KB). Chunk sums are added in double. The argmax is the first index attaining the maximum in the
-// first chunk that reached it (later chunks replace it only when strictly larger), found by one scan of
-// that chunk at the end.
-constexpr int64_t kChunk = 256;
+// One read of the row from memory, in chunks of kChunk logits (4 KB), each summed in ONE sweep: e^(x − s)
+// against the maximum s of the chunks before it (online softmax), with the chunk's own maximum taken alongside
+// (the first chunk gets a max sweep first, which leaves it in L1). When a chunk raises the maximum, the row's
+// sum (this chunk's included) is rescaled to the new s for the chunks after it; only a chunk whose maximum
+// exceeds s by more than kLazy (its fp32 lane sums could have overflowed: 64 terms per lane, each up to e^64 =
+// 6e27 are safe) is summed again from L1 against its own maximum. Against a max sweep and then an exp sweep
+// per chunk (the previous form, 1 KB chunks) the exps of a chunk no longer wait for the chunk's maximum, i.e.
+// for all its loads. Software prefetch kPrefetch bytes ahead, one line per 64 bytes summed, keeps the reads
+// of the next pages in flight (the hardware prefetcher alone stops at every 4 KB page: about 30% slower at
+// 2x4096x8192, 1 thread); it runs where the modality's contiguous rows exceed kPrefetchBytes (from L2/L3 the
+// prefetches cost more than they save). Chunk sums are added in double. The argmax is the first index
+// attaining the maximum in the first chunk that reached it (later chunks replace it only when strictly
+// larger), found by one scan of that chunk at the end.
+constexpr int64_t kChunk = 1024;
 constexpr int64_t kPrefetch = 4096;
+constexpr int64_t kPrefetchBytes = 1 << 20;
+constexpr float kLazy = 64.0f;
 
 // Over x[0, n), n a multiple of 8, plus the tail vector tv (lanes past the row's end are -inf) when `tail`.
 __attribute__((target("avx2,fma"))) inline __m256 chunk_max(const float* x, int64_t n, __m256 tv, bool tail) {
@@ -174,53 +156,103 @@ __attribute__((target("avx2,fma"))) inline __m256 chunk_max(const float* x, int6
   return _mm256_max_ps(_mm256_max_ps(m0, m1), _mm256_max_ps(m2, m3));
 }
 
-__attribute__((target("avx2,fma"))) inline float chunk_expsum(const float* x, int64_t n, __m256 tv, bool tail,
-                                                             float shift) {
-  const __m256 vs = _mm256_set1_ps(shift);
-  __m256 s0 = _mm256_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
+// Σ e^(x − s) over the chunk and, with MAX, the chunk's maximum (*cmax). Two sum chains and one max chain:
+// more would not fit the sixteen registers next to exp_ps's constants, and a spilled accumulator puts a
+// store-to-load forwarding on the loop's dependency chain.
+template <bool PF, bool MAX = true>
+__attribute__((target("avx2,fma"))) inline float chunk_sum(const float* x, int64_t n, __m256 tv, bool tail,
+                                                          float shift, float* cmax) {
+  const __m256 vb = _mm256_set1_ps(shift);
+  const __m256 ninf = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+  __m256 s0 = _mm256_setzero_ps(), s1 = s0, m0 = ninf;
   int64_t k = 0;
-  for (; k + 32 <= n; k += 32) {
-    s0 = _mm256_add_ps(s0, exp_sum8(_mm256_sub_ps(_mm256_loadu_ps(x + k), vs)));
-    s1 = _mm256_add_ps(s1, exp_sum8(_mm256_sub_ps(_mm256_loadu_ps(x + k + 8), vs)));
-    s2 = _mm256_add_ps(s2, exp_sum8(_mm256_sub_ps(_mm256_loadu_ps(x + k + 16), vs)));
-    s3 = _mm256_add_ps(s3, exp_sum8(_mm256_sub_ps(_mm256_loadu_ps(x + k + 24), vs)));
+  for (; k + 16 <= n; k += 16) {
+    if (PF) _mm_prefetch(reinterpret_cast<const char*>(x + k) + kPrefetch, _MM_HINT_T0);
+    const __m256 v0 = _mm256_loadu_ps(x + k), v1 = _mm256_loadu_ps(x + k + 8);
+    if (MAX) m0 = _mm256_max_ps(m0, _mm256_max_ps(v0, v1));
+    s0 = _mm256_add_ps(s0, mmkernels::exp_ps(v0, vb));
+    s1 = _mm256_add_ps(s1, mmkernels::exp_ps(v1, vb));
   }
-  for (; k < n; k += 8) s0 = _mm256_add_ps(s0, exp_sum8(_mm256_sub_ps(_mm256_loadu_ps(x + k), vs)));
-  if (tail) s1 = _mm256_add_ps(s1, exp_sum8(_mm256_sub_ps(tv, vs)));  // -inf lanes: 1.2e-38
-  return hsum8(_mm256_add_ps(_mm256_add_ps(s0, s1), _mm256_add_ps(s2, s3)));
+  if (k < n) {  // n is a multiple of 8
+    const __m256 v0 = _mm256_loadu_ps(x + k);
+    if (MAX) m0 = _mm256_max_ps(m0, v0);
+    s0 = _mm256_add_ps(s0, mmkernels::exp_ps(v0, vb));
+  }
+  if (tail) {  // -inf lanes: 1.2e-38 each, which no sum holding its maximum's e^0 = 1 can tell from 0
+    if (MAX) m0 = _mm256_max_ps(m0, tv);
+    s1 = _mm256_add_ps(s1, mmkernels::exp_ps(tv, vb));
+  }
+  if (MAX) *cmax = hmax8(m0);
+  return hsum8(_mm256_add_ps(s0, s1));
 }
 
-// pf_end: where the bytes worth prefetching end (the modality's last row; nullptr: none, for rows widened
-// or gathered into a buffer)
-__attribute__((target("avx2,fma"))) RowResult row_avx2(const float* x, int64_t K, int64_t y, const char* pf_end) {
+// The label's probability e^(x_y − s) / sum, by the exp of the sum's terms. Exactly 0 where x_y − s is below
+// exp_ps's range (-inf included), as log_softmax gives; NaN when the sum is (a NaN elsewhere in the row).
+__attribute__((target("avx2,fma"))) inline double label_p(float xy, float shift, double sum) {
+  if (xy - shift < kExpLo) return 0.0 / sum;
+  return static_cast<double>(_mm_cvtss_f32(_mm256_castps256_ps128(
+             mmkernels::exp_ps(_mm256_set1_ps(xy), _mm256_set1_ps(shift))))) / sum;
+}
+
+// Rows of at most 8 logits (CREMA-D's 6 classes): one masked vector, its maximum, one exp, no chunk loop.
+__attribute__((target("avx2,fma"))) inline RowResult row_short_avx2(const float* x, int64_t K, int64_t y) {
   constexpr float ninf = -std::numeric_limits<float>::infinity();
-  float mx = ninf;
+  const __m256i tm = tail_mask(K);
+  const __m256 v = _mm256_blendv_ps(_mm256_set1_ps(ninf), _mm256_maskload_ps(x, tm), _mm256_castsi256_ps(tm));
+  const float mx = hmax8(v);
+  const int bits = _mm256_movemask_ps(_mm256_cmp_ps(v, _mm256_set1_ps(mx), _CMP_EQ_OQ));
+  const bool hit = bits != 0 && __builtin_ctz(bits) == y;  // NaN rows: possibly no index (p is NaN then)
+  // a row of -inf only: 0/0 = NaN, as log_softmax gives
+  if (mx == ninf) return {std::numeric_limits<double>::quiet_NaN(), hit};
+  const double sum = hsum8(mmkernels::exp_ps(v, _mm256_set1_ps(mx)));
+  return {label_p(x[y], mx, sum), hit};
+}
+
+// pf: prefetch ahead (the modality's rows are one contiguous run of more than kPrefetchBytes)
+template <bool PF>
+__attribute__((target("avx2,fma"))) RowResult row_avx2(const float* x, int64_t K, int64_t y) {
+  if (K <= 8) return row_short_avx2(x, K, y);
+  constexpr float ninf = -std::numeric_limits<float>::infinity();
+  float mx = ninf, shift = 0.0f;
   double sum = 0;
   int64_t arg_chunk = 0;
   const __m256 ninf8 = _mm256_set1_ps(ninf);
-  const bool prefetch = K >= kChunk;  // short rows: the hardware prefetcher keeps up
   __m256 tv = ninf8;  // the row's last partial vector, -inf past its end
   for (int64_t c0 = 0; c0 < K; c0 += kChunk) {
     const int64_t n = std::min<int64_t>(kChunk, K - c0);
     const int64_t full = n & ~int64_t(7);
     const bool tail = full < n;
     const float* xc = x + c0;
-    if (prefetch) {
-      const char* p = reinterpret_cast<const char*>(xc) + kPrefetch;
-      for (int64_t b = 0; b < 4 * n && p + b < pf_end; b += 64) _mm_prefetch(p + b, _MM_HINT_T0);
-    }
     if (tail) {
       const __m256i tm = tail_mask(n - full);
       tv = _mm256_blendv_ps(ninf8, _mm256_maskload_ps(xc + full, tm), _mm256_castsi256_ps(tm));
     }
-    const float cm = hmax8(chunk_max(xc, full, tv, tail));
-    if (cm > mx) {  // false for NaN: a NaN row's sum is NaN through the exp sweep
-      // from -inf: what was summed (clamped -inf, 1.2e-38 each) counts 0; NaN * 0 stays NaN
-      sum *= mx == ninf ? 0.0 : std::exp(static_cast<double>(mx) - cm);
+    float cm;
+    if (mx == ninf) {  // the first chunk, or every logit so far -inf: the shift is this chunk's maximum
+      cm = hmax8(chunk_max(xc, full, tv, tail));
+      if (cm > mx) {  // false for NaN: a NaN row's sum is NaN through the exps
+        sum *= 0.0;   // what was summed (-inf only, 1.2e-38 each) counts 0; NaN * 0 stays NaN
+        mx = shift = cm;
+        arg_chunk = c0;
+      }
+      sum += chunk_sum<PF, false>(xc, full, tv, tail, shift, &cm);  // from L1, prefetching the next page
+      continue;
+    }
+    double cs = chunk_sum<PF>(xc, full, tv, tail, shift, &cm);
+    if (cm > mx) {  // the shift moves up to the new maximum for the chunks after this one
       mx = cm;
       arg_chunk = c0;
+      const double rescale = std::exp(static_cast<double>(shift) - cm);
+      if (cm > shift + kLazy) {  // rare: this chunk's terms may have overflowed: sum it again from L1
+        sum *= rescale;
+        cs = chunk_sum<false, false>(xc, full, tv, tail, cm, &cm);
+      } else {
+        sum = (sum + cs) * rescale;
+        cs = 0.0;
+      }
+      shift = cm;
     }
-    sum += chunk_expsum(xc, full, tv, tail, mx == ninf ? 0.0f : mx);  // all -inf so far: shift by 0, not NaN
+    sum += cs;
   }
   // first index of the maximum, in the chunk that first reached it (NaN rows: possibly none; p is NaN then)
   int64_t arg = -1;
@@ -239,7 +271,7 @@ __attribute__((target("avx2,fma"))) RowResult row_avx2(const float* x, int64_t K
   }
   // a row of -inf only: 0/0 = NaN, as log_softmax gives (its clamped exps sum to K * 1.2e-38, not 0)
   if (mx == ninf) return {std::numeric_limits<double>::quiet_NaN(), arg == y};
-  return {static_cast<double>(exp_neg(x[y] - mx)) / sum, arg == y};
+  return {label_p(x[y], shift, sum), arg == y};
 }
 
 __attribute__((target("avx,f16c"))) void widen_half_f16c(const c10::Half* x, int64_t K, float* out) {
@@ -286,8 +318,8 @@ void score_blocks(const std::vector<Rows>& rows, int64_t B, int64_t K, const int
       const int64_t m = blk / blocks_per_m, b0 = (blk % blocks_per_m) * kRowsPerBlock;
       const int64_t b1 = std::min(B, b0 + kRowsPerBlock);
       const T* base = static_cast<const T*>(rows[m].data);
-      // software prefetch runs on within this modality's rows when they are one contiguous run
-      const char* pf_end = rows[m].sk == 1 && rows[m].sb == K ? reinterpret_cast<const char*>(base + B * K) : nullptr;
+      // software prefetch runs on within this modality's rows when they are one long contiguous run
+      const bool prefetch = rows[m].sk == 1 && rows[m].sb == K && B * K * int64_t(sizeof(T)) > kPrefetchBytes;
       double s = 0, c = 0;
       for (int64_t b = b0; b < b1; ++b) {
         if (!keep[m * B + b]) continue;
@@ -296,8 +328,9 @@ void score_blocks(const std::vector<Rows>& rows, int64_t B, int64_t K, const int
         const A* r = row_ptr<T, A>(x, K, rows[m].sk, buf.data(), avx2);
         RowResult res;
         if constexpr (std::is_same_v<A, float>) {
-          res = avx2 ? row_avx2(r, K, y[b], static_cast<const void*>(r) == x ? pf_end : nullptr)
-                     : row_scalar<float>(r, K, y[b]);
+          if (!avx2) res = row_scalar<float>(r, K, y[b]);
+          else if (prefetch && static_cast<const void*>(r) == x) res = row_avx2<true>(r, K, y[b]);
+          else res = row_avx2<false>(r, K, y[b]);
         } else {
           res = row_scalar<double>(r, K, y[b]);
         }

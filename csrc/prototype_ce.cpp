@@ -10,7 +10,7 @@
 // Forward, per row: z = −d (or −d²), lse = max + log Σ e^{z − max}, ce = lse − z_y,
 //   ent = lse − Σ_k s_k z_k (= −Σ s log s).
 // Backward: G_k = g_ce (s_k − [k = y]) − g_ent s_k (log s_k + ent), W_k = 2 G_k (squared) or G_k / d_k
-//   (Euclidean; 0 where d <= 1e-6, i.e. d² <= 1e-12, the reference's rule; s_k by an AVX2 exp), ∂L/∂h_i = Σ_k W_ik (c_k − μ) − (Σ_k W_ik)(h_i − μ)
+//   (Euclidean; 0 where d <= 1e-6, i.e. d² <= 1e-12, the reference's rule; s_k by mmkernels::exp_ps), ∂L/∂h_i = Σ_k W_ik (c_k − μ) − (Σ_k W_ik)(h_i − μ)
 //   with μ the mean prototype, so the rounding scales with the prototypes' spread, not their offset. The
 //   product Σ_k W_ik (c_k − μ) runs over 16-feature column chunks of (c − μ) (C × 64 bytes: L1-resident
 //   for C up to a few hundred) with six rows' accumulators in registers.
@@ -35,6 +35,8 @@
 #include <set>
 #include <sstream>
 #include <vector>
+
+#include "simd.h"
 
 namespace mmk {
 namespace {
@@ -343,29 +345,6 @@ double weight_row_portable(const float* z, int64_t k0, int64_t C, const RowTerms
   return ws;
 }
 
-// e^x, fp32, x <= 88: x = n ln2 + r (|r| <= ln2/2, ln2 split in a high part with trailing zero bits so
-// that n·ln2_hi is exact), e^r by its Taylor polynomial to r⁶ (truncation below 1.2e-7 relative), 2^n built
-// in the exponent bits. Below -87.3 (2^n would be subnormal) the result is 0, within 1.2e-38 of e^x. NaN in,
-// NaN out (the max/min keep their second operand when it is NaN).
-__attribute__((target("avx2,fma"))) inline __m256 exp_avx2(__m256 x) {
-  const __m256 lo = _mm256_set1_ps(-87.33654f);
-  const __m256 xc = _mm256_min_ps(_mm256_set1_ps(88.0f), _mm256_max_ps(lo, x));
-  const __m256 n = _mm256_round_ps(_mm256_mul_ps(xc, _mm256_set1_ps(1.44269504088896341f)),
-                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), xc);
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-  __m256 q = _mm256_set1_ps(1.0f / 720.0f);
-  q = _mm256_fmadd_ps(q, r, _mm256_set1_ps(1.0f / 120.0f));
-  q = _mm256_fmadd_ps(q, r, _mm256_set1_ps(1.0f / 24.0f));
-  q = _mm256_fmadd_ps(q, r, _mm256_set1_ps(1.0f / 6.0f));
-  q = _mm256_fmadd_ps(q, r, _mm256_set1_ps(0.5f));
-  q = _mm256_fmadd_ps(q, r, _mm256_set1_ps(1.0f));
-  q = _mm256_fmadd_ps(q, r, _mm256_set1_ps(1.0f));
-  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  const __m256 v = _mm256_mul_ps(q, _mm256_castsi256_ps(e));
-  return _mm256_andnot_ps(_mm256_cmp_ps(x, lo, _CMP_LT_OQ), v);
-}
-
 // weight_row_portable's terms, eight prototypes at a time (the tail in the portable loop); the row sum in
 // double, like the portable loop.
 __attribute__((target("avx2,fma"))) double weight_row_avx2(const float* z, int64_t C, const RowTerms& rt,
@@ -382,7 +361,7 @@ __attribute__((target("avx2,fma"))) double weight_row_avx2(const float* z, int64
   for (; k + 8 <= C; k += 8) {
     const __m256 zv = _mm256_loadu_ps(z + k);
     const __m256 log_s = _mm256_sub_ps(zv, lse);
-    const __m256 s = exp_avx2(log_s);
+    const __m256 s = mmkernels::exp_ps(log_s, zero);  // below e^-87.3: 1.2e-38 instead of 0
     const __m256 hot = _mm256_and_ps(
         _mm256_castsi256_ps(_mm256_cmpeq_epi32(_mm256_add_epi32(lane, _mm256_set1_epi32(static_cast<int32_t>(k))), yv)),
         one);

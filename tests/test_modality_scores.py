@@ -298,24 +298,29 @@ def test_kernel_thread_count_does_not_change_results(cpp):
     assert_close(one[0], want_s.float(), 1e-5, 1e-5 * 700, "scores")
 
 
-@pytest.mark.parametrize("K", [256, 257, 775])
+@pytest.mark.parametrize("K", [257, 1024, 1025, 2100])
 def test_kernel_long_rows_chunked_online_softmax(cpp, K):
-    # rows longer than the kernel's 256-logit chunk: the max rising in a later chunk (rescaled sum), a tie
-    # across chunks (first index wins), a first chunk of -inf only, NaN in a later chunk, a -inf label logit,
-    # and two threads splitting the rows, all against the float64 formula
-    M, B = 2, 130
+    # rows around and beyond the kernel's 1024-logit chunk: the max rising in a later chunk (the sum rescaled),
+    # rising by more than the kernel's 64 (that chunk summed again), a tie across chunks (first index wins), a
+    # first chunk of -inf only, NaN in a later chunk, a -inf label logit, two threads splitting the rows, and at
+    # K = 2100 (a 1 MB modality) the prefetching loop, all against the float64 formula
+    M, B, chunk = 2, 130, 1024
     x = 3 * torch.randn(M, B, K)
     y = torch.randint(0, K, (B,))
-    x[0, 0, K - 1] = 40.0  # the max in the row's last chunk (and its tail lanes for K = 257, 775)
+    x[0, 0, K - 1] = 40.0  # the max in the row's last chunk (and its tail lanes for K = 257, 1025, 2100)
     y[0] = K - 1
     x[0, 1, 3] = x[0, 1, K - 2] = 20.0  # tie between the first and a later chunk: argmax 3
     y[1] = 3
     x[0, 2, K - 2] = 20.0  # y[2] = K - 2 below
     x[0, 2, 3] = 20.0  # the same tie with the label on the later copy: not a hit
     y[2] = K - 2
-    x[1, 0, :256] = -float("inf")  # nothing but -inf until the second chunk (or the whole row for K = 256)
+    x[1, 0, :chunk] = -float("inf")  # nothing but -inf until the second chunk (or the whole row for K <= 1024)
     x[1, 1, K - 1] = float("nan")  # counted for modality 1 only: scores[1] is NaN below
     x[0, 3, y[3]] = -float("inf")  # p = 0
+    x[0, 4, chunk:] += 150.0  # later chunks 150 above the first: beyond the kernel's 64, summed again
+    y[4] = K - 5
+    x[0, 5, chunk:] += 2.0  # a small rise: the first chunk's sum still counts, rescaled
+    y[5] = 0
     mask = torch.ones(B, M, dtype=torch.bool)
     mask[1, 1] = False  # keeps the NaN out for the first check
     want_s, want_c = oracle(x, y, mask)
@@ -330,7 +335,7 @@ def test_kernel_long_rows_chunked_online_softmax(cpp, K):
     _assert_same_nan(got[0][0], want_s, 1e-5, 1e-5 * B, "scores")
     assert_close(got[0][1], want_c.float(), 0, 0, "correct")
     for a, b in zip(got[0], got[1]):  # bit-identical (NaN where the -inf row is the whole row, K = 256)
-        assert torch.allclose(a, b, rtol=0, atol=0, equal_nan=True), (a, b)
+        assert torch.allclose(a, b, rtol=0, atol=0, equal_nan=True), (a, b)  # NaN: the -inf row, K <= 1024
     mask[1, 1] = True
     assert torch.isnan(modality_scores(x, y, mask)[0][1])
 
