@@ -11,9 +11,11 @@ second pass and no (B, K) probability tensor), tracking the running argmax (firs
 own (score, correct) pair and a second, tiny reduction sums them, so results are deterministic (no atomics).
 
 On CPU tensors (backend ``auto``) the C++ kernel of the extension (csrc/modality_scores.cpp) runs instead:
-the same online softmax over 1 KB chunks of a row (a max sweep, then an exp-sum sweep from L1), so each
-logit is read from memory once, with an AVX2 exp for the sums (below 4e-7 relative error against float64)
-and software prefetch ahead; rows summed in double in fixed blocks (thread-count independent). It also does the eager label check, so an eager CPU call costs
+an online softmax over 4 KB chunks of a row, each summed in one sweep against the maximum of the chunks
+before it (the chunk's own maximum taken alongside; a chunk that raises it rescales the row's sum), so each
+logit is read from memory once, with an AVX2 exp (within 4e-7 relative of float64) and software prefetch
+ahead on long contiguous rows; rows of at most 8 classes take one masked vector. Rows are summed in double
+in fixed blocks (thread-count independent). It also does the eager label check, so an eager CPU call costs
 the argument checks and one dispatch. Without the extension (or with backend ``reference``) the PyTorch
 reference runs.
 
