@@ -24,11 +24,11 @@ Design choices
   last-level cache (a plain store reads each destination line first).
 * That gradient is a new tensor, and from 2 MiB on it is backed by transparent huge pages (``csrc/cpu_alloc.h``:
   2 MiB-aligned, ``madvise(MADV_HUGEPAGE)``). The first write to fresh memory faults it in page by page, and
-  with 4 KiB pages that costs more than the multiply: at 64×64×56×56 fp32 (51 MB) the whole backward took
-  ~42 ms with 4 KiB pages and ~10 ms with huge pages on the development CPU. It is an ordinary CPU tensor
-  (resizable, in-place ops, accumulation into ``.grad``, ``torch.save``, ``.numpy()``, ``share_memory_()``);
-  ``MMKERNELS_NO_HUGEPAGES=1`` in the environment turns this off (PyTorch's allocator then does the same
-  under ``THP_MEM_ALLOC_ENABLE=1``).
+  with 4 KiB pages that costs more than the multiply: at 64×64×56×56 fp32 (51 MB) forward and backward took
+  ~40 ms with 4 KiB pages and ~10 ms with huge pages on the development CPU (1 thread). It is an ordinary
+  CPU tensor (resizable, in-place ops, accumulation into ``.grad``, ``torch.save``, ``.numpy()``,
+  ``share_memory_()``); ``MMKERNELS_NO_HUGEPAGES=1`` in the environment turns this off. PyTorch's own CPU
+  allocator does the same for every tensor under ``THP_MEM_ALLOC_ENABLE=1``.
 * ``coeff`` gets no gradient. A Python number must be finite (``ValueError`` otherwise); a tensor's values
   are not checked, since the backward reads them only later (after an in-place fill).
 

@@ -51,9 +51,10 @@ overhead, not arithmetic). ``torch.compile`` traces the registered custom op ins
 The outputs and input gradients are new tensors; from 2 MiB on they are backed by transparent huge pages
 (``csrc/cpu_alloc.h``: 2 MiB-aligned, ``madvise(MADV_HUGEPAGE)``). Fresh memory is faulted in page by page on
 its first write, and with 4 KiB pages that costs more than the pass itself: at 2×8192×4096 fp32 the forward
-and backward took ~0.7-0.8 s with 4 KiB pages and ~0.15 s with huge pages on the development CPU. They are
-ordinary CPU tensors (resizable, in-place ops, ``torch.save``, ``.numpy()``, ``share_memory_()``);
-``MMKERNELS_NO_HUGEPAGES=1`` in the environment turns this off.
+and backward took ~0.41 s with 4 KiB pages and ~0.10 s with huge pages on the development CPU (1 thread).
+They are ordinary CPU tensors (resizable, in-place ops, ``torch.save``, ``.numpy()``, ``share_memory_()``);
+``MMKERNELS_NO_HUGEPAGES=1`` in the environment turns this off. PyTorch's own CPU allocator does the same
+for every tensor under ``THP_MEM_ALLOC_ENABLE=1``.
 """
 from __future__ import annotations
 
@@ -471,14 +472,20 @@ def _check_features(fn: str, features) -> tuple[list[torch.Tensor], int, torch.d
     if len(features) == 0:
         raise ValueError(f"{fn}: features must hold at least one modality, got an empty list")
     feats = list(features)
-    for m, x in enumerate(feats):
-        check_float_tensor(fn, f"features[{m}]", x)
-        if x.dim() < 1:
-            raise ValueError(f"{fn}: features[{m}] must have a batch dimension (B, ...), got a 0-d tensor")
-        if x.layout != torch.strided:
-            raise TypeError(f"{fn}: features[{m}] is {x.layout}; pass a dense tensor")
+    for x in feats:
+        # one cheap test per tensor on the common call (per-modality messages cost µs at OPM's sizes);
+        # the first failing tensor is named below
+        if not (isinstance(x, torch.Tensor) and x.dtype in FLOAT_DTYPES and x.dim() >= 1
+                and x.layout == torch.strided):
+            for m, y in enumerate(feats):
+                check_float_tensor(fn, f"features[{m}]", y)
+                if y.dim() < 1:
+                    raise ValueError(f"{fn}: features[{m}] must have a batch dimension (B, ...), got a 0-d tensor")
+                if y.layout != torch.strided:
+                    raise TypeError(f"{fn}: features[{m}] is {y.layout}; pass a dense tensor")
     B, device = feats[0].shape[0], feats[0].device
-    for m, x in enumerate(feats):
+    for m in range(1, len(feats)):
+        x = feats[m]
         if x.shape[0] != B:
             raise ValueError(f"{fn}: features[{m}] has batch size {x.shape[0]} but features[0] has {B}; every "
                              "modality needs one row per sample")
@@ -531,24 +538,26 @@ def modality_drop(features: Sequence[torch.Tensor], q, *, scale=None, mask: Opti
     if scale is not None:
         scale = _check_vector(fn, "scale", scale, M, device)
     check_mask(fn, mask, B, M, device)
+    on_host = feats[0].is_cpu and not torch.compiler.is_compiling()
     if generator is not None:
         if not isinstance(generator, torch.Generator):
             raise TypeError(f"{fn}: generator must be a torch.Generator or None, got {type(generator).__name__}")
         if generator.device.type != device.type:
             raise ValueError(f"{fn}: generator is on {generator.device} but the features are on {device}; create "
                              f"it with torch.Generator(device={str(device)!r})")
-    if device.type == "cpu" and not torch.compiler.is_compiling():
+    if on_host:
         # value checks: one host read of M numbers, free on the CPU; on CUDA the kernel clamps q instead (no sync)
         qv = q.tolist()
-        if not all(0 <= v <= 1 for v in qv):  # NaN fails both comparisons
-            raise ValueError(f"{fn}: q must hold probabilities in [0, 1], got {qv}")
+        for v in qv:
+            if not 0 <= v <= 1:  # NaN fails both comparisons
+                raise ValueError(f"{fn}: q must hold probabilities in [0, 1], got {qv}")
         if scale is not None and not all(math.isfinite(v) and v > 0 for v in scale.tolist()):
             raise ValueError(f"{fn}: scale must be finite and > 0, got {scale.tolist()}")
         if mask is not None and mask.dtype != torch.bool and not bool(torch.isfinite(mask).all()):
             raise ValueError(f"{fn}: a float mask must be finite (0 = missing), got non-finite entries")
-    q = _as(q.detach(), torch.float32)
+    q = _as(q.detach() if q.requires_grad else q, torch.float32)
     # CPU values were checked above; elsewhere they are clamped on the device
-    q_eff = q if device.type == "cpu" and not torch.compiler.is_compiling() else _sanitize(q)
+    q_eff = q if on_host else _sanitize(q)
     if scale is not None:
         scale = _as(scale.detach(), torch.float32)
     if mask is not None and mask.requires_grad:
@@ -561,12 +570,12 @@ def _modality_drop_checked(feats: list[torch.Tensor], q: torch.Tensor, scale: Op
     """:func:`modality_drop` after its checks: ``q`` float32 in [0, 1], ``scale`` float32 or None for the
     default ``1 / (1 − q)`` (both ``(M,)`` on the features' device), ``mask`` checked. The balancers call it
     with values their policies guarantee."""
-    B, M, device = feats[0].shape[0], len(feats), feats[0].device
-    if (device.type == "cpu" and _backend.get_backend() == "auto" and skip_dispatch(feats[0])
+    if (feats[0].is_cpu and _backend.get_backend() == "auto" and skip_dispatch(feats[0])
             and (op := _cpu_eager_op()) is not None):
         # the draw and a C++ autograd Function around the kernels: neither direction enters Python
         out = op(feats, q, scale, mask, generator)
-        return out[:M], out[M]
+        return out[:-1], out[-1]
+    B, M, device = feats[0].shape[0], len(feats), feats[0].device
     # everything checked: only now does the generator advance
     u = torch.rand((B, M), dtype=torch.float32, device=device, generator=generator)
     if skip_dispatch(feats[0]) and not use_triton(u) and not (u.is_cpu and _cpu_kernels() is not None):
