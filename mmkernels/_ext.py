@@ -87,6 +87,19 @@ def cpu_kernels(*names: str):
     return _CPU_KERNELS[names]
 
 
+_CPU_EAGER_OPS: dict = {}  # name -> its OpOverload, or None (fixed per process)
+
+
+def cpu_eager_op(name: str, *kernels: str):
+    """``mmkernels_C::<name>.default``, a C++ autograd function whose forward and backward are the CPU kernels
+    ``kernels``, when the extension has it and all of them; else None. Looked up once per name, as
+    :func:`cpu_kernels`: the ops' eager CPU paths ask per call."""
+    if name not in _CPU_EAGER_OPS:
+        ok = cpu_kernels(*kernels) is not None and hasattr(ops(), name)
+        _CPU_EAGER_OPS[name] = getattr(ops(), name).default if ok else None
+    return _CPU_EAGER_OPS[name]
+
+
 def warn_missing_once() -> None:
     global _warned
     if load() is None and not _warned:

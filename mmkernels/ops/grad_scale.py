@@ -82,16 +82,9 @@ class _GradScale(torch.autograd.Function):
         return (grad * c).to(grad.dtype), None
 
 
-_CPU_OP: list = []  # [the extension's eager CPU op, or None], looked up on first use
-
-
 def _cpu_op():
-    """``mmkernels_C::grad_scale`` (the C++ autograd Function) when the extension has it, else None. Looked
-    up once: each lookup asks the dispatcher."""
-    if not _CPU_OP:
-        ok = _ext.has_kernel("grad_scale_bwd", "cpu")
-        _CPU_OP.append(_ext.ops().grad_scale.default if ok else None)
-    return _CPU_OP[0]
+    """``mmkernels_C::grad_scale`` (the C++ autograd Function) when the extension has it, else None."""
+    return _ext.cpu_eager_op("grad_scale", "grad_scale_bwd")
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -108,7 +101,7 @@ def grad_scale(x: torch.Tensor, coeff) -> torch.Tensor:
     """
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"grad_scale: x must be a torch.Tensor, got {type(x).__name__}")
-    if type(coeff) is not torch.Tensor and not isinstance(coeff, torch.Tensor):
+    if not isinstance(coeff, torch.Tensor):
         if not isinstance(coeff, (int, float)) or isinstance(coeff, bool):
             raise TypeError(f"grad_scale: coeff must be a tensor or a float, got {type(coeff).__name__}")
         check_number("grad_scale", "coeff", coeff)

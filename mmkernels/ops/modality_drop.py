@@ -369,17 +369,10 @@ def _cpu_kernels():
     return _ext.cpu_kernels("modality_drop_fwd", "modality_drop_bwd") if _backend.get_backend() == "auto" else None
 
 
-_EAGER_OP: list = []  # [mmkernels_C::modality_drop, or None], looked up on first use
-
-
 def _cpu_eager_op():
     """``mmkernels_C::modality_drop`` (the one draw of the uniforms and a C++ autograd Function around the CPU
-    kernels) when the extension has it, else None. Looked up once: each lookup asks the dispatcher."""
-    if not _EAGER_OP:
-        ok = (_ext.cpu_kernels("modality_drop_fwd", "modality_drop_bwd") is not None
-              and hasattr(_ext.ops(), "modality_drop"))
-        _EAGER_OP.append(_ext.ops().modality_drop.default if ok else None)
-    return _EAGER_OP[0]
+    kernels) when the extension has it, else None."""
+    return _ext.cpu_eager_op("modality_drop", "modality_drop_fwd", "modality_drop_bwd")
 
 
 def _drop_forward(features: List[torch.Tensor], u: torch.Tensor, q: torch.Tensor, scale: Optional[torch.Tensor],
