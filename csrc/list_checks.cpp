@@ -17,8 +17,10 @@ namespace {
 
 // flags: 1 - the first list's tensors are written in place: contiguous and pairwise disjoint;
 //        2 - the second list's tensors share no memory with the first's (they are read after its writes);
-//        4 - none of the first list's tensors requires grad (the caller passes it when grad mode is on).
-constexpr int64_t kWritten = 1, kApart = 2, kNoGrad = 4;
+//        4 - none of the first list's tensors requires grad (the caller passes it when grad mode is on);
+//        8 - every tensor of every list is contiguous (the caller then hands the lists to its kernel as they
+//            are, without a .contiguous() per tensor: about 0.3 us each in Python).
+constexpr int64_t kWritten = 1, kApart = 2, kNoGrad = 4, kContiguous = 8;
 
 bool float_dtype(at::ScalarType s) {
   return s == at::kFloat || s == at::kDouble || s == at::kHalf || s == at::kBFloat16;
@@ -40,13 +42,14 @@ bool lists_ok(at::TensorList a, at::TensorList b, at::TensorList c, int64_t flag
   };
   for (const at::Tensor& t : a) {
     if (!plain(t) || ((flags & kNoGrad) && t.requires_grad())) return false;
-    if ((flags & kWritten) && !t.is_contiguous()) return false;
+    if ((flags & (kWritten | kContiguous)) && !t.is_contiguous()) return false;
   }
   for (at::TensorList other : {b, c}) {
     if (other.empty()) continue;
     if (other.size() != a.size()) return false;
     for (size_t i = 0; i < a.size(); ++i)
-      if (!plain(other[i]) || other[i].scalar_type() != a[i].scalar_type() || other[i].sizes() != a[i].sizes())
+      if (!plain(other[i]) || other[i].scalar_type() != a[i].scalar_type() || other[i].sizes() != a[i].sizes() ||
+          ((flags & kContiguous) && !other[i].is_contiguous()))
         return false;
   }
   if (!(flags & (kWritten | kApart))) return true;

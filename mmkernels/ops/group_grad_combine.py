@@ -38,8 +38,8 @@ from typing import Optional
 import torch
 
 from mmkernels import _backend, _ext
-from mmkernels._common import (LazyGroupLabels, acc_dtype, fast_paired_groups, flatten_paired_groups, group_labels,
-                               skip_dispatch)
+from mmkernels._common import (LazyGroupLabels, acc_dtype, contiguous_list, copy_back, fast_paired_groups,
+                               flatten_paired_groups, group_labels, skip_dispatch)
 
 __all__ = ["group_grad_combine_", "group_grad_combine_ref_"]
 
@@ -69,18 +69,17 @@ _ext.register_fake("group_grad_combine_", lambda grads, others, a, b, scale, gro
 
 
 def _impl(grads: list[torch.Tensor], others: list[torch.Tensor], a: torch.Tensor, b: torch.Tensor,
-          scale: Optional[torch.Tensor], group: list[int]) -> None:
+          scale: Optional[torch.Tensor], group: list[int], contiguous: bool = False) -> None:
+    """``contiguous``: the fast list check passed (every tensor is contiguous)."""
     if not grads:
         return
     if (_backend.get_backend() == "reference" or _ext.load() is None
             or not _ext.has_kernel("group_grad_combine_", grads[0].device)):
         _combine_ref(grads, others, a, b, scale, group)
         return
-    work = [g if g.is_contiguous() else g.contiguous() for g in grads]
-    _ext.ops().group_grad_combine_(work, [h.contiguous() for h in others], a, b, scale, group)
-    for g, w in zip(grads, work):
-        if w is not g:
-            g.copy_(w)
+    work = contiguous_list(grads, contiguous)
+    _ext.ops().group_grad_combine_(work, contiguous_list(others, contiguous), a, b, scale, group)
+    copy_back(grads, work)
 
 
 @torch.library.custom_op("mmkernels::group_grad_combine_", mutates_args={"grads"})
@@ -172,7 +171,7 @@ def _prepare(name, grads, others, a, b, scale):
     if scale is not None:
         scale = _coefficient(name, "scale", scale, (len(flat_g),), device,
                              "one factor per tensor, in list order, or None")
-    return flat_g, flat_o, a, b, scale, group
+    return flat_g, flat_o, a, b, scale, group, fast is not None
 
 
 def group_grad_combine_(grads, others, a: torch.Tensor, b: torch.Tensor, scale: Optional[torch.Tensor] = None) -> None:
@@ -185,9 +184,9 @@ def group_grad_combine_(grads, others, a: torch.Tensor, b: torch.Tensor, scale: 
         a, b: ``(G,)`` floating tensors on the tensors' device.
         scale: ``(N,)`` floating tensor (one factor per tensor, in list order) or None (1).
     """
-    flat_g, flat_o, a, b, scale, group = _prepare("group_grad_combine_", grads, others, a, b, scale)
+    flat_g, flat_o, a, b, scale, group, contiguous = _prepare("group_grad_combine_", grads, others, a, b, scale)
     if not flat_g or skip_dispatch(flat_g[0]):
-        _impl(flat_g, flat_o, a, b, scale, group)
+        _impl(flat_g, flat_o, a, b, scale, group, contiguous)
         return
     _group_grad_combine_op(flat_g, flat_o, a, b, scale, group)
 
@@ -195,5 +194,5 @@ def group_grad_combine_(grads, others, a: torch.Tensor, b: torch.Tensor, scale: 
 def group_grad_combine_ref_(grads, others, a: torch.Tensor, b: torch.Tensor, scale: Optional[torch.Tensor] = None
                             ) -> None:
     """Pure-PyTorch :func:`group_grad_combine_` (per tensor; the same rounding)."""
-    flat_g, flat_o, a, b, scale, group = _prepare("group_grad_combine_ref_", grads, others, a, b, scale)
+    flat_g, flat_o, a, b, scale, group, _ = _prepare("group_grad_combine_ref_", grads, others, a, b, scale)
     _combine_ref(flat_g, flat_o, a, b, scale, group)

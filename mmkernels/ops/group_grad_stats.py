@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 
 from mmkernels import _backend, _ext
-from mmkernels._common import fast_paired_groups, flatten_paired_groups, skip_dispatch
+from mmkernels._common import contiguous_list, fast_paired_groups, flatten_paired_groups, skip_dispatch
 
 __all__ = ["group_grad_stats", "group_grad_stats_ref"]
 
@@ -63,11 +63,13 @@ _ext.register_fake("group_grad_stats", lambda a, b, group, num_groups: a[0].new_
 
 
 def _impl(a: list[torch.Tensor], b: list[torch.Tensor], group: list[int], num_groups: int,
-          device: torch.device) -> torch.Tensor:
+          device: torch.device, contiguous: bool = False) -> torch.Tensor:
+    """``contiguous``: the fast list check passed (every tensor is contiguous)."""
     if (not a or _backend.get_backend() == "reference" or _ext.load() is None
             or not _ext.has_kernel("group_grad_stats", device)):
         return _stats_ref(a, b, group, num_groups, device)
-    return _ext.ops().group_grad_stats([x.contiguous() for x in a], [y.contiguous() for y in b], group, num_groups)
+    return _ext.ops().group_grad_stats(contiguous_list(a, contiguous), contiguous_list(b, contiguous), group,
+                                       num_groups)
 
 
 @torch.library.custom_op("mmkernels::group_grad_stats", mutates_args=())
@@ -86,11 +88,11 @@ _ext.register_fake("group_grad_tensor_stats", lambda a, b, group, num_groups: (
 
 
 def _tensor_impl(a: list[torch.Tensor], b: list[torch.Tensor], group: list[int], num_groups: int,
-                 device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+                 device: torch.device, contiguous: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     if (not a or _backend.get_backend() == "reference" or _ext.load() is None
             or not _ext.has_kernel("group_grad_tensor_stats", device)):
         return _tensor_stats_ref(a, b, group, num_groups, device)
-    return _ext.ops().group_grad_tensor_stats([x.contiguous() for x in a], [y.contiguous() for y in b], group,
+    return _ext.ops().group_grad_tensor_stats(contiguous_list(a, contiguous), contiguous_list(b, contiguous), group,
                                               num_groups)
 
 
@@ -123,7 +125,7 @@ def _prepare(name, a, b, device):
         if dev is not None and device != dev:
             raise ValueError(f"{name}: device={device} but the tensors are on {dev}")
     device = dev if dev is not None else (device if device is not None else torch.device("cpu"))
-    return flat_a, flat_b, group, num_groups, device
+    return flat_a, flat_b, group, num_groups, device, fast is not None
 
 
 def _check_flag(name, per_tensor):
@@ -144,20 +146,20 @@ def group_grad_stats(a, b, device=None, per_tensor: bool = False):
         ``((G, 3), (N, 3))``, the rows of the second in list order (``a[0][0], a[0][1], ..., a[1][0], ...``).
     """
     _check_flag("group_grad_stats", per_tensor)
-    flat_a, flat_b, group, num_groups, device = _prepare("group_grad_stats", a, b, device)
+    flat_a, flat_b, group, num_groups, device, contiguous = _prepare("group_grad_stats", a, b, device)
     if per_tensor:
         if not flat_a or skip_dispatch(flat_a[0]):
-            return _tensor_impl(flat_a, flat_b, group, num_groups, device)
+            return _tensor_impl(flat_a, flat_b, group, num_groups, device, contiguous)
         return _group_grad_tensor_stats_op(flat_a, flat_b, group, num_groups, device)
     if not flat_a or skip_dispatch(flat_a[0]):
-        return _impl(flat_a, flat_b, group, num_groups, device)
+        return _impl(flat_a, flat_b, group, num_groups, device, contiguous)
     return _group_grad_stats_op(flat_a, flat_b, group, num_groups, device)
 
 
 def group_grad_stats_ref(a, b, device=None, per_tensor: bool = False):
     """Pure-PyTorch :func:`group_grad_stats` (per tensor, float64)."""
     _check_flag("group_grad_stats_ref", per_tensor)
-    flat_a, flat_b, group, num_groups, device = _prepare("group_grad_stats_ref", a, b, device)
+    flat_a, flat_b, group, num_groups, device, _ = _prepare("group_grad_stats_ref", a, b, device)
     if per_tensor:
         return _tensor_stats_ref(flat_a, flat_b, group, num_groups, device)
     return _stats_ref(flat_a, flat_b, group, num_groups, device)

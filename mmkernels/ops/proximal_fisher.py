@@ -38,8 +38,8 @@ from __future__ import annotations
 import torch
 
 from mmkernels import _backend, _ext
-from mmkernels._common import (LazyGroupLabels, acc_dtype, check_coefficients, fast_paired_groups, flatten_paired_groups,
-                               skip_dispatch)
+from mmkernels._common import (LazyGroupLabels, acc_dtype, check_coefficients, contiguous_list, copy_back,
+                               fast_paired_groups, flatten_paired_groups, skip_dispatch)
 from mmkernels.ops.scale_grads import _check_memory
 
 __all__ = ["proximal_fisher_", "proximal_fisher_ref_"]
@@ -69,16 +69,15 @@ _ext.register_fake("proximal_fisher_", lambda grads, params, anchors, beta, weig
 
 
 def _impl(grads: list[torch.Tensor], params: list[torch.Tensor], anchors: list[torch.Tensor], beta: torch.Tensor,
-          weights: torch.Tensor, group: list[int]) -> torch.Tensor:
+          weights: torch.Tensor, group: list[int], contiguous: bool = False) -> torch.Tensor:
+    """``contiguous``: the fast list check passed (every tensor is contiguous)."""
     if (not grads or _backend.get_backend() == "reference" or _ext.load() is None
             or not _ext.has_kernel("proximal_fisher_", grads[0].device)):
         return _apply_ref(grads, params, anchors, beta, weights, group)
-    work = [g if g.is_contiguous() else g.contiguous() for g in grads]
-    out = _ext.ops().proximal_fisher_(work, [p.contiguous() for p in params], [a.contiguous() for a in anchors],
+    work = contiguous_list(grads, contiguous)
+    out = _ext.ops().proximal_fisher_(work, contiguous_list(params, contiguous), contiguous_list(anchors, contiguous),
                                       beta, weights, group)
-    for g, w in zip(grads, work):
-        if w is not g:
-            g.copy_(w)
+    copy_back(grads, work)
     return out
 
 
@@ -140,7 +139,7 @@ def _prepare(name, grads, params, anchors, beta, weights):
             raise ValueError(f"{name}: weights has groups of sizes {sizes}; grads has "
                              f"{[sum(1 for k in group if k == g) for g in range(num_groups)]}")
         w = check_coefficients(name, "weights", flat_w, len(flat_g), dev, "tensor")
-    return flat_g, flat_p, flat_a, b, w, group
+    return flat_g, flat_p, flat_a, b, w, group, fast is not None
 
 
 def proximal_fisher_(grads, params, anchors, beta, weights=None) -> torch.Tensor:
@@ -159,13 +158,14 @@ def proximal_fisher_(grads, params, anchors, beta, weights=None) -> torch.Tensor
     Returns:
         float64 tensor ``(G,)`` on the tensors' device.
     """
-    flat_g, flat_p, flat_a, b, w, group = _prepare("proximal_fisher_", grads, params, anchors, beta, weights)
+    flat_g, flat_p, flat_a, b, w, group, contiguous = _prepare("proximal_fisher_", grads, params, anchors, beta,
+                                                                weights)
     if skip_dispatch(b):
-        return _impl(flat_g, flat_p, flat_a, b, w, group)
+        return _impl(flat_g, flat_p, flat_a, b, w, group, contiguous)
     return _proximal_fisher_op(flat_g, flat_p, flat_a, b, w, group)
 
 
 def proximal_fisher_ref_(grads, params, anchors, beta, weights=None) -> torch.Tensor:
     """Pure-PyTorch :func:`proximal_fisher_` (per tensor, same rounding)."""
-    flat_g, flat_p, flat_a, b, w, group = _prepare("proximal_fisher_ref_", grads, params, anchors, beta, weights)
+    flat_g, flat_p, flat_a, b, w, group, _ = _prepare("proximal_fisher_ref_", grads, params, anchors, beta, weights)
     return _apply_ref(flat_g, flat_p, flat_a, b, w, group)

@@ -55,7 +55,7 @@ from typing import Optional, Sequence
 import torch
 
 from mmkernels import _backend, _ext
-from mmkernels._common import FLOAT_DTYPES, acc_dtype, lists_pass, skip_dispatch
+from mmkernels._common import FLOAT_DTYPES, acc_dtype, contiguous_list, copy_back, lists_pass, skip_dispatch
 
 __all__ = ["scale_grads_", "scale_grads_ref_", "philox_normal_ref"]
 
@@ -231,16 +231,16 @@ def _check_memory(name: str, tensors: Sequence[torch.Tensor], labels: Optional[S
             end, owner = stop, i
 
 
-def _scale_grads_impl(tensors: list[torch.Tensor], coeff: torch.Tensor, seed: Optional[torch.Tensor]) -> torch.Tensor:
+def _scale_grads_impl(tensors: list[torch.Tensor], coeff: torch.Tensor, seed: Optional[torch.Tensor],
+                      contiguous: bool = False) -> torch.Tensor:
+    """``contiguous``: every tensor is known to be contiguous (the fast list check passed)."""
     if len(tensors) == 0:
         return torch.zeros(0, dtype=torch.bool, device=coeff.device)
     if not _use_extension(tensors[0].device):
         return _apply_ref(tensors, coeff, seed)
-    work = [t if t.is_contiguous() else t.contiguous() for t in tensors]
+    work = contiguous_list(tensors, contiguous)
     flags = _ext.ops().scale_grads_(work, coeff, seed)
-    for t, w in zip(tensors, work):
-        if w is not t:
-            t.copy_(w)
+    copy_back(tensors, work)
     return flags
 
 
@@ -287,7 +287,8 @@ def _check_tensors(name: str, tensors: list) -> None:
 
 
 def _prepare(name, tensors, coeff, noise, generator):
-    """Every check, then the one seed draw (the only mutation before the kernel, so it comes last)."""
+    """Every check, then the one seed draw (the only mutation before the kernel, so it comes last). Returns
+    ``(tensors, coeff, seed, fast)``; ``fast``: the one-pass list check passed (every tensor contiguous)."""
     if isinstance(tensors, torch.Tensor):
         raise TypeError(f"{name}: tensors must be a list of tensors, got a single tensor; wrap it in a list: "
                         f"{name}([g], coeff)")
@@ -295,7 +296,8 @@ def _prepare(name, tensors, coeff, noise, generator):
         tensors = list(tensors)
     except TypeError:
         raise TypeError(f"{name}: tensors must be a list of tensors, got {type(tensors).__name__}") from None
-    if not lists_pass(tensors, written=True):  # the checks below name what is wrong; all pass when it says so
+    fast = lists_pass(tensors, written=True)
+    if not fast:  # the checks below name what is wrong; all pass when it says so
         _check_tensors(name, tensors)
     device = tensors[0].device if tensors else None
     if noise not in (None, "ge"):
@@ -333,7 +335,7 @@ def _prepare(name, tensors, coeff, noise, generator):
         # One 64-bit draw from the caller's generator, on the tensors' device: no host sync, advances the
         # generator, and equal generator states give equal seeds (hence bit-identical noise on every rank).
         seed = torch.randint(-(2**63), 2**63 - 1, (1,), dtype=torch.int64, device=dev, generator=generator)
-    return tensors, coeff, seed
+    return tensors, coeff, seed, fast
 
 
 def scale_grads_(tensors, coeff, noise: Optional[str] = None, generator: Optional[torch.Generator] = None) -> torch.Tensor:
@@ -355,13 +357,13 @@ def scale_grads_(tensors, coeff, noise: Optional[str] = None, generator: Optiona
     Raises:
         TypeError / ValueError before anything is changed (tensors, generator): see the module docstring.
     """
-    tensors, coeff, seed = _prepare("scale_grads_", tensors, coeff, noise, generator)
+    tensors, coeff, seed, fast = _prepare("scale_grads_", tensors, coeff, noise, generator)
     if skip_dispatch(coeff):
-        return _scale_grads_impl(tensors, coeff, seed)
+        return _scale_grads_impl(tensors, coeff, seed, contiguous=fast)
     return _scale_grads_op(tensors, coeff, seed)
 
 
 def scale_grads_ref_(tensors, coeff, noise: Optional[str] = None, generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """Pure-PyTorch :func:`scale_grads_` (per tensor, same seed draw, same noise bits); the oracle's structure."""
-    tensors, coeff, seed = _prepare("scale_grads_ref_", tensors, coeff, noise, generator)
+    tensors, coeff, seed, _ = _prepare("scale_grads_ref_", tensors, coeff, noise, generator)
     return _apply_ref(tensors, coeff, seed)

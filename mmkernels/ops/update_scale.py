@@ -27,8 +27,8 @@ from typing import Sequence
 import torch
 
 from mmkernels import _backend, _ext
-from mmkernels._common import (LazyGroupLabels, acc_dtype, check_coefficients, fast_paired_groups, flatten_paired_groups,
-                               skip_dispatch)
+from mmkernels._common import (LazyGroupLabels, acc_dtype, check_coefficients, contiguous_list, copy_back,
+                               fast_paired_groups, flatten_paired_groups, skip_dispatch)
 from mmkernels.ops.scale_grads import _check_memory
 
 __all__ = ["update_scale_", "update_scale_ref_"]
@@ -54,15 +54,14 @@ def _apply_ref(params: Sequence[torch.Tensor], snapshots: Sequence[torch.Tensor]
 # registration
 # ----------------------------------------------------------------------------------------------------------
 def _impl(params: list[torch.Tensor], snapshots: list[torch.Tensor], coeffs: torch.Tensor,
-          group: list[int]) -> torch.Tensor:
+          group: list[int], contiguous: bool = False) -> torch.Tensor:
+    """``contiguous``: the fast list check passed (every tensor is contiguous)."""
     if (not params or _backend.get_backend() == "reference" or _ext.load() is None
             or not _ext.has_kernel("update_scale_", params[0].device)):
         return _apply_ref(params, snapshots, coeffs, group)
-    work = [p if p.is_contiguous() else p.contiguous() for p in params]
-    flags = _ext.ops().update_scale_(work, [s.contiguous() for s in snapshots], coeffs, group)
-    for p, w in zip(params, work):
-        if w is not p:
-            p.copy_(w)
+    work = contiguous_list(params, contiguous)
+    flags = _ext.ops().update_scale_(work, contiguous_list(snapshots, contiguous), coeffs, group)
+    copy_back(params, work)
     return flags
 
 
@@ -109,7 +108,7 @@ def _prepare(name, params, snapshots, coeffs):
     dev = device if device is not None else torch.device("cpu")
     # a tensor keeps its dtype (the kernel reads it as is); a list becomes float64
     k = check_coefficients(name, "coeffs", coeffs, num_groups, dev, dtype=None, held="parameters")
-    return flat_p, flat_s, k, group
+    return flat_p, flat_s, k, group, fast is not None
 
 
 def update_scale_(params, snapshots, coeffs) -> torch.Tensor:
@@ -124,13 +123,13 @@ def update_scale_(params, snapshots, coeffs) -> torch.Tensor:
         ``torch.bool`` tensor ``(G,)``: ``True`` where the group's coefficient was NaN/Inf and the group was
         left unchanged.
     """
-    flat_p, flat_s, k, group = _prepare("update_scale_", params, snapshots, coeffs)
+    flat_p, flat_s, k, group, contiguous = _prepare("update_scale_", params, snapshots, coeffs)
     if skip_dispatch(k):
-        return _impl(flat_p, flat_s, k, group)
+        return _impl(flat_p, flat_s, k, group, contiguous)
     return _update_scale_op(flat_p, flat_s, k, group)
 
 
 def update_scale_ref_(params, snapshots, coeffs) -> torch.Tensor:
     """Pure-PyTorch :func:`update_scale_` (per tensor, same rounding)."""
-    flat_p, flat_s, k, group = _prepare("update_scale_ref_", params, snapshots, coeffs)
+    flat_p, flat_s, k, group, _ = _prepare("update_scale_ref_", params, snapshots, coeffs)
     return _apply_ref(flat_p, flat_s, k, group)
