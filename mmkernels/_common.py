@@ -348,6 +348,54 @@ def lists_pass(first: Sequence, second: Sequence = (), third: Sequence = (), *, 
         return False
 
 
+def check_memory(name: str, tensors: Sequence[torch.Tensor], labels: Optional[Sequence[str]] = None) -> None:
+    """In-place writes need each element once: reject a tensor whose elements share memory (an expanded
+    tensor) and two tensors that share memory (one gradient listed twice, overlapping views). Two tensors
+    whose address ranges interleave (x[::2] and x[1::2]) are rejected too: the check compares ranges.
+    ``labels[i]`` names tensor i in the message (default ``tensors[i]``). Shared by the multi-tensor ops."""
+    label = (lambda i: labels[i]) if labels is not None else (lambda i: f"tensors[{i}]")
+    spans = []
+    for i, t in enumerate(tensors):
+        if t.numel() == 0:
+            continue
+        if t.is_contiguous():
+            reach = t.numel() - 1
+        else:
+            # sufficient for no overlap: every stride exceeds the reach of all smaller-stride dimensions
+            reach = 0
+            for stride, size in sorted((st, sz) for sz, st in zip(t.shape, t.stride()) if sz > 1):
+                if stride <= reach:
+                    raise ValueError(
+                        f"{name}: {label(i)} has overlapping memory (shape {tuple(t.shape)}, strides {t.stride()}, "
+                        "e.g. an expanded tensor): one stored value stands for several elements, so it cannot be "
+                        f"updated in place element by element; pass {label(i)}.clone()")
+                reach += stride * (size - 1)
+        if t.device.type != "meta":
+            start = t.data_ptr()
+            spans.append((start, start + (reach + 1) * t.element_size(), i))
+    spans.sort()
+    end, owner = -1, -1
+    for start, stop, i in spans:
+        if start < end:
+            a, b = sorted((owner, i))
+            raise ValueError(f"{name}: {label(a)} and {label(b)} share memory, so elements would be updated "
+                             "twice (the second time from already-updated values); pass each tensor once")
+        if stop > end:
+            end, owner = stop, i
+
+
+def check_written(name: str, tensors: Sequence[torch.Tensor], labels, fix: str) -> None:
+    """The Python checks of a list that a multi-tensor op updates in place: under grad mode no tensor requires
+    grad (the op has no autograd formula; ``fix`` ends the message: what to pass instead), and
+    :func:`check_memory` (left to the registered op at run time under ``torch.compile``)."""
+    if torch.is_grad_enabled():
+        for i, t in enumerate(tensors):
+            if t.requires_grad:
+                raise ValueError(f"{name}: {labels[i]} requires grad; {fix}")
+    if not torch.compiler.is_compiling():
+        check_memory(name, tensors, labels)
+
+
 def contiguous_list(tensors: list, known: bool = False) -> list:
     """``tensors`` with each non-contiguous one replaced by a contiguous copy (the multi-tensor kernels read
     dense memory); the list itself when ``known`` (:func:`lists_pass` said yes: all are contiguous, and the

@@ -38,8 +38,8 @@ from typing import Optional
 import torch
 
 from mmkernels import _backend, _ext
-from mmkernels._common import (LazyGroupLabels, acc_dtype, contiguous_list, copy_back, fast_paired_groups,
-                               flatten_paired_groups, group_labels, skip_dispatch)
+from mmkernels._common import (LazyGroupLabels, acc_dtype, check_written, contiguous_list, copy_back,
+                               fast_paired_groups, flatten_paired_groups, group_labels, skip_dispatch)
 
 __all__ = ["group_grad_combine_", "group_grad_combine_ref_"]
 
@@ -139,8 +139,6 @@ def _coefficient(name: str, arg: str, value, shape: tuple, device, what: str) ->
 def _check_lists(name, grads, others):
     """The tensors' checks in Python: they name what is wrong (the fast path, one C++ pass, only says whether
     all pass)."""
-    from mmkernels.ops.scale_grads import _check_memory
-
     flat_g, flat_o, group, num_groups, device = flatten_paired_groups(
         name, ("grads", "others"), grads, others, "pair each gradient with the same parameter's other gradient")
     if num_groups == 0:
@@ -148,12 +146,9 @@ def _check_lists(name, grads, others):
     def where(i: int) -> str:  # "[g][j]" of tensor i, after "grads" or "others"; built only for a message
         return group_labels("", group)[i]
 
-    for i, g in enumerate(flat_g):
-        if g.requires_grad and torch.is_grad_enabled():
-            raise ValueError(f"{name}: grads{where(i)} requires grad; this op updates gradients in place and has no "
-                             "autograd formula: pass p.grad rather than p, or call it under torch.no_grad()")
+    check_written(name, flat_g, LazyGroupLabels("grads", group), "this op updates gradients in place and has no "
+                  "autograd formula: pass p.grad rather than p, or call it under torch.no_grad()")
     if not torch.compiler.is_compiling():
-        _check_memory(name, flat_g, LazyGroupLabels("grads", group))
         _check_others_apart(name, flat_g, flat_o, where)
     return flat_g, flat_o, group, num_groups, device
 

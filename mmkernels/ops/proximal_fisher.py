@@ -38,9 +38,8 @@ from __future__ import annotations
 import torch
 
 from mmkernels import _backend, _ext
-from mmkernels._common import (LazyGroupLabels, acc_dtype, check_coefficients, contiguous_list, copy_back,
-                               fast_paired_groups, flatten_paired_groups, skip_dispatch)
-from mmkernels.ops.scale_grads import _check_memory
+from mmkernels._common import (LazyGroupLabels, acc_dtype, check_coefficients, check_memory, check_written,
+                               contiguous_list, copy_back, fast_paired_groups, flatten_paired_groups, skip_dispatch)
 
 __all__ = ["proximal_fisher_", "proximal_fisher_ref_"]
 
@@ -84,7 +83,7 @@ def _impl(grads: list[torch.Tensor], params: list[torch.Tensor], anchors: list[t
 @torch.library.custom_op("mmkernels::proximal_fisher_", mutates_args={"grads"})
 def _proximal_fisher_op(grads: list[torch.Tensor], params: list[torch.Tensor], anchors: list[torch.Tensor],
                         beta: torch.Tensor, weights: torch.Tensor, group: list[int]) -> torch.Tensor:
-    _check_memory("proximal_fisher_", grads)  # under torch.compile the public function could not check it
+    check_memory("proximal_fisher_", grads)  # under torch.compile the public function could not check it
     return _impl(grads, params, anchors, beta, weights, group)
 
 
@@ -105,14 +104,7 @@ def _check_lists(name, grads, params, anchors):
         name, ("grads", "anchors"), grads, anchors, "snapshot each parameter with p.detach().clone()")
     if num_groups == 0:
         raise ValueError(f"{name}: grads must hold at least one group")
-    labels = LazyGroupLabels("grads", group)
-    if torch.is_grad_enabled():
-        for i, g in enumerate(flat_g):
-            if g.requires_grad:
-                raise ValueError(f"{name}: {labels[i]} requires grad; pass p.grad (not p) or call it under "
-                                 "torch.no_grad()")
-    if not torch.compiler.is_compiling():
-        _check_memory(name, flat_g, labels)
+    check_written(name, flat_g, LazyGroupLabels("grads", group), "pass p.grad (not p) or call it under torch.no_grad()")
     return flat_g, flat_p, flat_a, group, num_groups, device
 
 

@@ -55,7 +55,8 @@ from typing import Optional, Sequence
 import torch
 
 from mmkernels import _backend, _ext
-from mmkernels._common import FLOAT_DTYPES, acc_dtype, contiguous_list, copy_back, lists_pass, skip_dispatch
+from mmkernels._common import (FLOAT_DTYPES, acc_dtype, check_memory, contiguous_list, copy_back, lists_pass,
+                               skip_dispatch)
 
 __all__ = ["scale_grads_", "scale_grads_ref_", "philox_normal_ref"]
 
@@ -195,42 +196,6 @@ def _use_extension(device: torch.device) -> bool:
     return _ext.has_kernel("scale_grads_", device)
 
 
-def _check_memory(name: str, tensors: Sequence[torch.Tensor], labels: Optional[Sequence[str]] = None) -> None:
-    """In-place writes need each element once: reject a tensor whose elements share memory (an expanded
-    tensor) and two tensors that share memory (one gradient listed twice, overlapping views). Two tensors
-    whose address ranges interleave (x[::2] and x[1::2]) are rejected too: the check compares ranges.
-    ``labels[i]`` names tensor i in the message (default ``tensors[i]``). Shared by the multi-tensor ops."""
-    label = (lambda i: labels[i]) if labels is not None else (lambda i: f"tensors[{i}]")
-    spans = []
-    for i, t in enumerate(tensors):
-        if t.numel() == 0:
-            continue
-        if t.is_contiguous():
-            reach = t.numel() - 1
-        else:
-            # sufficient for no overlap: every stride exceeds the reach of all smaller-stride dimensions
-            reach = 0
-            for stride, size in sorted((st, sz) for sz, st in zip(t.shape, t.stride()) if sz > 1):
-                if stride <= reach:
-                    raise ValueError(
-                        f"{name}: {label(i)} has overlapping memory (shape {tuple(t.shape)}, strides {t.stride()}, "
-                        "e.g. an expanded tensor): one stored value stands for several elements, so it cannot be "
-                        f"updated in place element by element; pass {label(i)}.clone()")
-                reach += stride * (size - 1)
-        if t.device.type != "meta":
-            start = t.data_ptr()
-            spans.append((start, start + (reach + 1) * t.element_size(), i))
-    spans.sort()
-    end, owner = -1, -1
-    for start, stop, i in spans:
-        if start < end:
-            a, b = sorted((owner, i))
-            raise ValueError(f"{name}: {label(a)} and {label(b)} share memory, so elements would be updated "
-                             "twice (the second time from already-updated values); pass each tensor once")
-        if stop > end:
-            end, owner = stop, i
-
-
 def _scale_grads_impl(tensors: list[torch.Tensor], coeff: torch.Tensor, seed: Optional[torch.Tensor],
                       contiguous: bool = False) -> torch.Tensor:
     """``contiguous``: every tensor is known to be contiguous (the fast list check passed)."""
@@ -246,7 +211,7 @@ def _scale_grads_impl(tensors: list[torch.Tensor], coeff: torch.Tensor, seed: Op
 
 @torch.library.custom_op("mmkernels::scale_grads_", mutates_args={"tensors"})
 def _scale_grads_op(tensors: list[torch.Tensor], coeff: torch.Tensor, seed: Optional[torch.Tensor]) -> torch.Tensor:
-    _check_memory("scale_grads_", tensors)  # under torch.compile the public function could not check it
+    check_memory("scale_grads_", tensors)  # under torch.compile the public function could not check it
     return _scale_grads_impl(tensors, coeff, seed)
 
 
@@ -283,7 +248,7 @@ def _check_tensors(name: str, tensors: list) -> None:
             raise ValueError(f"{name}: tensors[{i}] is on {t.device} but tensors[0] is on {device}; "
                              "call once per device")
     if not torch.compiler.is_compiling():  # traced calls are checked by the registered op at run time
-        _check_memory(name, tensors)
+        check_memory(name, tensors)
 
 
 def _prepare(name, tensors, coeff, noise, generator):

@@ -27,9 +27,8 @@ from typing import Sequence
 import torch
 
 from mmkernels import _backend, _ext
-from mmkernels._common import (LazyGroupLabels, acc_dtype, check_coefficients, contiguous_list, copy_back,
-                               fast_paired_groups, flatten_paired_groups, skip_dispatch)
-from mmkernels.ops.scale_grads import _check_memory
+from mmkernels._common import (LazyGroupLabels, acc_dtype, check_coefficients, check_memory, check_written,
+                               contiguous_list, copy_back, fast_paired_groups, flatten_paired_groups, skip_dispatch)
 
 __all__ = ["update_scale_", "update_scale_ref_"]
 
@@ -71,7 +70,7 @@ _ext.register_fake("update_scale_", lambda params, snapshots, coeffs, group: coe
 @torch.library.custom_op("mmkernels::update_scale_", mutates_args={"params"})
 def _update_scale_op(params: list[torch.Tensor], snapshots: list[torch.Tensor], coeffs: torch.Tensor,
                      group: list[int]) -> torch.Tensor:
-    _check_memory("update_scale_", params)
+    check_memory("update_scale_", params)
     return _impl(params, snapshots, coeffs, group)
 
 
@@ -88,14 +87,8 @@ def _check_lists(name, params, snapshots):
     all pass)."""
     flat_p, flat_s, group, num_groups, device = flatten_paired_groups(
         name, ("params", "snapshots"), params, snapshots, "snapshot each parameter with p.detach().clone()")
-    labels = LazyGroupLabels("params", group)
-    if torch.is_grad_enabled():
-        for i, p in enumerate(flat_p):
-            if p.requires_grad:
-                raise ValueError(f"{name}: {labels[i]} requires grad; call update_scale_ under torch.no_grad() "
-                                 "(as the optimizer step runs)")
-    if not torch.compiler.is_compiling():
-        _check_memory(name, flat_p, labels)
+    check_written(name, flat_p, LazyGroupLabels("params", group),
+                  "call update_scale_ under torch.no_grad() (as the optimizer step runs)")
     return flat_p, flat_s, group, num_groups, device
 
 
