@@ -8,7 +8,7 @@
 // −d²) as a (B, C) fp32 output that the backward reads back: recomputing it cost a third of the backward.
 //
 // Forward, per row: z = −d (or −d²), lse = max + log Σ e^{z − max}, ce = lse − z_y,
-//   ent = lse − Σ_k s_k z_k (= −Σ s log s).
+//   ent = lse − Σ_k s_k z_k (= −Σ s log s); eight prototypes at a time, e^{z − max} by mmkernels::exp_ps.
 // Backward: G_k = g_ce (s_k − [k = y]) − g_ent s_k (log s_k + ent), W_k = 2 G_k (squared) or G_k / d_k
 //   (Euclidean; 0 where d <= 1e-6, i.e. d² <= 1e-12, the reference's rule; s_k by mmkernels::exp_ps), ∂L/∂h_i = Σ_k W_ik (c_k − μ) − (Σ_k W_ik)(h_i − μ)
 //   with μ the mean prototype, so the rounding scales with the prototypes' spread, not their offset. The
@@ -19,11 +19,14 @@
 // likewise. Math in fp32, the row reductions (Σ e^{z}, Σ s z) in double. Rows not counted (label -100) get
 // ce = ent = 0 and a gradient of exactly 0. Labels outside [0, C) and not -100: with check = true a
 // ValueError (the Python check's message), else ce = NaN for that sample (the CUDA kernel's signal).
+// Eager CPU calls reach both kernels through PrototypeCEFunction (mmkernels_C::prototype_ce), a C++ autograd
+// Function that also does the reduction, so neither direction enters Python; it has no double backward.
 // The AVX2/FMA loops are picked at run time, with a portable version of the same loops (MMKERNELS_NO_AVX2=1
 // forces it). Work is split over threads in fixed tiles (rows, then feature chunks), each output summed by
 // one thread in a fixed order: results do not depend on the thread count.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <torch/autograd.h>
 #include <torch/library.h>
 
 #include <immintrin.h>
@@ -189,6 +192,65 @@ float* scratch(int slot, int64_t n) {
 inline float neg_dist(float d2, bool squared) { return squared ? -d2 : -std::sqrt(d2); }
 
 // ---------------------------------------------------------------------------------------------- forward
+// One row of the softmax: z = −d (or −d²) written over d², its maximum, Σ_k e^{z_k − max} and
+// Σ_k e^{z_k − max} z_k (in double).
+struct RowSums {
+  float max;
+  double sum, zs;
+};
+
+RowSums softmax_row_portable(float* z, int64_t C, bool squared) {
+  float mx = -std::numeric_limits<float>::infinity();
+  for (int64_t k = 0; k < C; ++k) {
+    z[k] = neg_dist(z[k], squared);
+    mx = std::max(mx, z[k]);
+  }
+  // a NaN feature makes every z NaN; max() skipped them: NaN flows through the sums below anyway
+  double sum = 0.0, zs = 0.0;
+  for (int64_t k = 0; k < C; ++k) {
+    const double e = std::exp(z[k] - mx);
+    sum += e;
+    zs += e * z[k];
+  }
+  return {mx, sum, zs};
+}
+
+// The same, eight prototypes at a time: sqrt and max exact (the z are the portable loop's), e^{z − max} by
+// mmkernels::exp_ps (4e-7 relative; the scalar exp was a third of the forward at 64 × 309 × 512's 20K terms),
+// each product e·z and both sums in double. Lanes past C: z = −inf for the max, e = 0 in the sums.
+__attribute__((target("avx2,fma"))) RowSums softmax_row_avx2(float* z, int64_t C, bool squared) {
+  const __m256 neg_inf = _mm256_set1_ps(-std::numeric_limits<float>::infinity()), zero = _mm256_setzero_ps();
+  __m256 mxv = neg_inf;
+  for (int64_t k = 0; k < C; k += 8) {
+    const __m256i m = tail_mask(std::min<int64_t>(8, C - k));
+    const __m256 d2 = _mm256_maskload_ps(z + k, m);
+    const __m256 zv = _mm256_sub_ps(zero, squared ? d2 : _mm256_sqrt_ps(d2));
+    _mm256_maskstore_ps(z + k, m, zv);
+    // max(z, mx) returns mx where z is NaN: NaN rows are skipped here, as std::max does, and reach the sums
+    mxv = _mm256_max_ps(_mm256_blendv_ps(neg_inf, zv, _mm256_castsi256_ps(m)), mxv);
+  }
+  __m128 h = _mm_max_ps(_mm256_castps256_ps128(mxv), _mm256_extractf128_ps(mxv, 1));
+  h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+  h = _mm_max_ss(h, _mm_shuffle_ps(h, h, 1));
+  const float mx = _mm_cvtss_f32(h);
+  const __m256 mxb = _mm256_set1_ps(mx);
+  __m256d sum0 = _mm256_setzero_pd(), sum1 = sum0, zs0 = sum0, zs1 = sum0;
+  for (int64_t k = 0; k < C; k += 8) {
+    const __m256i m = tail_mask(std::min<int64_t>(8, C - k));
+    const __m256 zv = _mm256_maskload_ps(z + k, m);
+    const __m256 e = _mm256_and_ps(mmkernels::exp_ps(zv, mxb), _mm256_castsi256_ps(m));
+    const __m256d e0 = _mm256_cvtps_pd(_mm256_castps256_ps128(e)), e1 = _mm256_cvtps_pd(_mm256_extractf128_ps(e, 1));
+    sum0 = _mm256_add_pd(sum0, e0);
+    sum1 = _mm256_add_pd(sum1, e1);
+    zs0 = _mm256_fmadd_pd(e0, _mm256_cvtps_pd(_mm256_castps256_ps128(zv)), zs0);
+    zs1 = _mm256_fmadd_pd(e1, _mm256_cvtps_pd(_mm256_extractf128_ps(zv, 1)), zs1);
+  }
+  alignas(32) double a[4], b[4];
+  _mm256_store_pd(a, _mm256_add_pd(sum0, sum1));
+  _mm256_store_pd(b, _mm256_add_pd(zs0, zs1));
+  return {mx, (a[0] + a[1]) + (a[2] + a[3]), (b[0] + b[1]) + (b[2] + b[3])};
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> prototype_ce_fwd_cpu(const at::Tensor& features,
                                                                     const at::Tensor& prototypes,
                                                                     const at::Tensor& labels, bool squared,
@@ -230,18 +292,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> prototype_ce_fwd_cpu(
     sq_dist_rows(p.hp + i0 * D, p.cp, C, D, i1 - i0, z_p + i0 * C, avx2);
     for (int64_t i = i0; i < i1; ++i) {
       float* zi = z_p + i * C;
-      float mx = -std::numeric_limits<float>::infinity();
-      for (int64_t k = 0; k < C; ++k) {
-        zi[k] = neg_dist(zi[k], squared);
-        mx = std::max(mx, zi[k]);
-      }
-      // a NaN feature makes every z NaN; max() skipped them: NaN flows through the sums below anyway
-      double sum = 0.0, zs = 0.0;
-      for (int64_t k = 0; k < C; ++k) {
-        const double e = std::exp(zi[k] - mx);
-        sum += e;
-        zs += e * zi[k];
-      }
+      const RowSums rs = avx2 ? softmax_row_avx2(zi, C, squared) : softmax_row_portable(zi, C, squared);
+      const double mx = rs.max, sum = rs.sum, zs = rs.zs;
       const double l = mx + std::log(sum);
       const int64_t y = lab[i * sy];
       lse_p[i] = static_cast<float>(l);
@@ -324,6 +376,58 @@ void grad_tile_portable(const float* wtp, const float* ccp, int64_t C, int64_t D
   }
 }
 
+// μ (the mean prototype: Σ_k c_k in k order, then / C) and the packed centred prototypes ccp[q][k]. Both read
+// c row by row (it is 632 KB at 309 × 512, past L2: a column-chunk-major read of it cost four times as much);
+// the packing goes eight rows at a time, so each row block's chunk writes are contiguous.
+constexpr int64_t kPackRows = 8;
+
+void pack_prototypes_portable(const float* c, int64_t C, int64_t D, float* mu, float* ccp) {
+  for (int64_t k = 0; k < C; ++k)
+    for (int64_t d = 0; d < D; ++d) mu[d] += c[k * D + d];
+  for (int64_t d = 0; d < D; ++d) mu[d] /= static_cast<float>(C);
+  const int64_t chunks = (D + kChunk - 1) / kChunk;
+  for (int64_t k0 = 0; k0 < C; k0 += kPackRows) {
+    for (int64_t q = 0; q < chunks; ++q) {
+      const int64_t d0 = q * kChunk, left = std::min<int64_t>(kChunk, D - d0);
+      for (int64_t k = k0; k < std::min(C, k0 + kPackRows); ++k) {
+        float* dst = ccp + (q * C + k) * kChunk;
+        for (int64_t j = 0; j < left; ++j) dst[j] = c[k * D + d0 + j] - mu[d0 + j];
+        for (int64_t j = left; j < kChunk; ++j) dst[j] = 0.0f;
+      }
+    }
+  }
+}
+
+// The same values (the same k-order sums, the same division), eight features at a time.
+__attribute__((target("avx2,fma"))) void pack_prototypes_avx2(const float* c, int64_t C, int64_t D, float* mu,
+                                                              float* ccp) {
+  const int64_t full = D & ~int64_t(7);
+  const __m256i tail = tail_mask(D - full);  // lanes past D load as 0: their packed values are 0 (the padding)
+  for (int64_t k = 0; k < C; ++k) {
+    const float* ck = c + k * D;
+    for (int64_t d = 0; d < full; d += 8) _mm256_storeu_ps(mu + d, _mm256_add_ps(_mm256_loadu_ps(mu + d), _mm256_loadu_ps(ck + d)));
+    if (full < D) _mm256_maskstore_ps(mu + full, tail, _mm256_add_ps(_mm256_maskload_ps(mu + full, tail), _mm256_maskload_ps(ck + full, tail)));
+  }
+  const __m256 count = _mm256_set1_ps(static_cast<float>(C));
+  for (int64_t d = 0; d < full; d += 8) _mm256_storeu_ps(mu + d, _mm256_div_ps(_mm256_loadu_ps(mu + d), count));
+  if (full < D) _mm256_maskstore_ps(mu + full, tail, _mm256_div_ps(_mm256_maskload_ps(mu + full, tail), count));
+  const int64_t chunks = (D + kChunk - 1) / kChunk;
+  for (int64_t k0 = 0; k0 < C; k0 += kPackRows) {
+    const int64_t k1 = std::min(C, k0 + kPackRows);
+    for (int64_t q = 0; q < chunks; ++q) {
+      const int64_t d0 = q * kChunk, left = std::min<int64_t>(kChunk, D - d0);
+      const __m256i m0 = tail_mask(std::min<int64_t>(8, left)), m1 = tail_mask(std::max<int64_t>(0, left - 8));
+      const __m256 mu0 = _mm256_maskload_ps(mu + d0, m0), mu1 = _mm256_maskload_ps(mu + d0 + 8, m1);
+      for (int64_t k = k0; k < k1; ++k) {
+        float* dst = ccp + (q * C + k) * kChunk;
+        const float* src = c + k * D + d0;
+        _mm256_storeu_ps(dst, _mm256_sub_ps(_mm256_maskload_ps(src, m0), mu0));
+        _mm256_storeu_ps(dst + 8, _mm256_sub_ps(_mm256_maskload_ps(src + 8, m1), mu1));
+      }
+    }
+  }
+}
+
 // One row's softmax terms in the backward: g_ce, g_ent, lse, ent and the label.
 struct RowTerms {
   float g_ce, g_ent, lse, ent;
@@ -385,27 +489,30 @@ __attribute__((target("avx2,fma"))) double weight_row_avx2(const float* z, int64
   return (part[0] + part[1]) + (part[2] + part[3]) + weight_row_portable(z, k, C, rt, squared, w);
 }
 
-at::Tensor prototype_ce_bwd_cpu(const at::Tensor& grad_ce, const at::Tensor& grad_ent, const at::Tensor& features,
-                                const at::Tensor& prototypes, const at::Tensor& labels, const at::Tensor& lse,
-                                const at::Tensor& ent, const at::Tensor& z, bool squared) {
-  const Problem p = problem(features, prototypes, labels);
+// A per-sample gradient g[i * stride] (stride 0: one value for every sample, a reduced loss's gradient).
+struct RowGrad {
+  const float* p;
+  int64_t stride;
+};
+
+// dh (B, D) in dtype `out` for the per-sample gradients of ce and ent
+at::Tensor pce_backward(const Problem& p, RowGrad g_ce, RowGrad g_ent, const at::Tensor& labels, const at::Tensor& lse,
+                        const at::Tensor& ent, const at::Tensor& z, bool squared, at::ScalarType out) {
   const int64_t B = p.B, C = p.C, D = p.D;
   TORCH_CHECK(z.scalar_type() == at::kFloat && z.dim() == 2 && z.size(0) == B && z.size(1) == C &&
                   z.is_contiguous(),
               "prototype_ce: z must be the forward's contiguous float32 (B, C) output");
   const float* z_p = z.const_data_ptr<float>();
-  TORCH_CHECK(grad_ce.dim() == 1 && grad_ce.size(0) == B && grad_ent.dim() == 1 && grad_ent.size(0) == B &&
-                  lse.dim() == 1 && lse.size(0) == B && ent.dim() == 1 && ent.size(0) == B,
-              "prototype_ce: the gradients, lse and ent must be (B,)");
-  at::Tensor dh = at::empty({B, D}, features.options().dtype(at::kFloat));
-  if (B == 0 || D == 0) return features.scalar_type() == at::kFloat ? dh : dh.to(features.scalar_type());
-  const at::Tensor gce = grad_ce.to(at::kFloat), gent = grad_ent.to(at::kFloat);
+  TORCH_CHECK(lse.dim() == 1 && lse.size(0) == B && ent.dim() == 1 && ent.size(0) == B,
+              "prototype_ce: lse and ent must be (B,)");
+  at::Tensor dh = at::empty({B, D}, p.h.options().dtype(at::kFloat));
+  if (B == 0 || D == 0) return out == at::kFloat ? dh : dh.to(out);
   const at::Tensor lse_f = lse.to(at::kFloat), ent_f = ent.to(at::kFloat);
-  const float* gce_p = gce.const_data_ptr<float>();
-  const float* gent_p = gent.const_data_ptr<float>();
+  const float* gce_p = g_ce.p;
+  const float* gent_p = g_ent.p;
   const float* lse_p = lse_f.const_data_ptr<float>();
   const float* ent_p = ent_f.const_data_ptr<float>();
-  const int64_t s_gce = gce.stride(0), s_gent = gent.stride(0), s_lse = lse_f.stride(0), s_ent = ent_f.stride(0);
+  const int64_t s_gce = g_ce.stride, s_gent = g_ent.stride, s_lse = lse_f.stride(0), s_ent = ent_f.stride(0);
   const int64_t* lab = labels.const_data_ptr<int64_t>();
   const int64_t sy = labels.stride(0);
   const int64_t chunks = (D + kChunk - 1) / kChunk, tiles = (B + kGradRows - 1) / kGradRows;
@@ -414,19 +521,10 @@ at::Tensor prototype_ce_bwd_cpu(const at::Tensor& grad_ce, const at::Tensor& gra
   // packed centred prototypes
   std::vector<float> mu(D, 0.0f);
   float* ccp = scratch(0, chunks * C * kChunk);  // written below, padding included
-  {
-    for (int64_t k = 0; k < C; ++k)
-      for (int64_t d = 0; d < D; ++d) mu[d] += p.cp[k * D + d];
-    for (int64_t d = 0; d < D; ++d) mu[d] /= static_cast<float>(C);
-    for (int64_t k = 0; k < C; ++k) {
-      const float* ck = p.cp + k * D;
-      for (int64_t q = 0; q < chunks; ++q) {
-        float* dst = ccp + (q * C + k) * kChunk;
-        const int64_t d0 = q * kChunk, left = std::min<int64_t>(kChunk, D - d0);
-        for (int64_t j = 0; j < left; ++j) dst[j] = ck[d0 + j] - mu[d0 + j];
-        for (int64_t j = left; j < kChunk; ++j) dst[j] = 0.0f;
-      }
-    }
+  if (pce_avx2()) {
+    pack_prototypes_avx2(p.cp, C, D, mu.data(), ccp);
+  } else {
+    pack_prototypes_portable(p.cp, C, D, mu.data(), ccp);
   }
 
   // W and Σ_k W per row, tile by tile, from the forward's z (nothing recomputed)
@@ -471,7 +569,105 @@ at::Tensor prototype_ce_bwd_cpu(const at::Tensor& grad_ce, const at::Tensor& gra
   // an ignored sample's gradient is exactly 0, even where its (missing modality's) features are not finite
   for (int64_t i = 0; i < B; ++i)
     if (lab[i * sy] == kIgnore) std::fill(dh_p + i * D, dh_p + (i + 1) * D, 0.0f);
-  return features.scalar_type() == at::kFloat ? dh : dh.to(features.scalar_type());
+  return out == at::kFloat ? dh : dh.to(out);
+}
+
+at::Tensor prototype_ce_bwd_cpu(const at::Tensor& grad_ce, const at::Tensor& grad_ent, const at::Tensor& features,
+                                const at::Tensor& prototypes, const at::Tensor& labels, const at::Tensor& lse,
+                                const at::Tensor& ent, const at::Tensor& z, bool squared) {
+  const Problem p = problem(features, prototypes, labels);
+  TORCH_CHECK(grad_ce.dim() == 1 && grad_ce.size(0) == p.B && grad_ent.dim() == 1 && grad_ent.size(0) == p.B,
+              "prototype_ce: the gradients must be (B,)");
+  const at::Tensor gce = grad_ce.to(at::kFloat), gent = grad_ent.to(at::kFloat);
+  return pce_backward(p, {gce.const_data_ptr<float>(), gce.stride(0)}, {gent.const_data_ptr<float>(), gent.stride(0)},
+                      labels, lse, ent, z, squared, features.scalar_type());
+}
+
+// ------------------------------------------------------------------------------------ eager autograd
+// The eager CPU call as a C++ autograd Function (as grad_scale's and modality_drop's): neither direction
+// enters Python, and the reduction is part of it. At 64 × 6 × 512 both kernels take ~90 µs, and the Python
+// autograd.Function, its backward glue and the reduction's recorded ops cost about as much again.
+enum Reduction : int64_t { kNone = 0, kMean = 1, kSum = 2 };
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+// ce and ent summed over the samples (ignored ones are 0) in double, divided by `div`, as 0-d float32
+at::Tensor reduced(const at::Tensor& t, double div) {
+  const float* v = t.const_data_ptr<float>();
+  double sum = 0.0;
+  for (int64_t i = 0; i < t.size(0); ++i) sum += v[i];
+  return at::scalar_tensor(sum / div, t.options());
+}
+
+struct PrototypeCEFunction : public torch::autograd::Function<PrototypeCEFunction> {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& features, const at::Tensor& prototypes,
+                               const at::Tensor& labels, bool squared, int64_t reduction, bool check) {
+    auto [ce, ent, lse, z] = prototype_ce_fwd_cpu(features, prototypes, labels, squared, check);
+    ctx->save_for_backward({features, prototypes, labels, lse, ent, z});
+    ctx->saved_data["squared"] = squared;
+    ctx->saved_data["reduction"] = reduction;
+    // an output the loss does not use has no gradient: it is read as 0, no zero tensor is made
+    ctx->set_materialize_grads(false);
+    if (reduction == kNone) return {ce, ent};
+    double div = 1.0;
+    if (reduction == kMean) {  // the samples that count (0/0 -> 0: then every ce is 0)
+      const int64_t* lab = labels.const_data_ptr<int64_t>();
+      int64_t n = 0;
+      for (int64_t i = 0; i < labels.size(0); ++i) n += lab[i * labels.stride(0)] != kIgnore;
+      div = static_cast<double>(std::max<int64_t>(n, 1));
+    }
+    ctx->saved_data["div"] = div;
+    return {reduced(ce, div), reduced(ent, div)};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    // the kernels' backward is not itself differentiable: an error, not a second derivative of 0
+    TORCH_CHECK(!at::GradMode::is_enabled(),
+                "prototype_ce: no double backward (create_graph=True) through the eager CPU kernels, their backward is "
+                "not differentiable; take this loss's gradient with create_graph=False");
+    const variable_list saved = ctx->get_saved_variables();
+    const at::Tensor &features = saved[0], &labels = saved[2];
+    const Problem p = problem(features, saved[1], labels);
+    const int64_t reduction = ctx->saved_data["reduction"].toInt();
+    // the per-sample gradients: a reduced loss's one value (stride 0), 0 for an output the loss does not use
+    float value[2] = {0.0f, 0.0f};
+    at::Tensor per_row[2];
+    RowGrad g[2];
+    for (int j = 0; j < 2; ++j) {
+      g[j] = {value + j, 0};
+      if (!grads[j].defined()) continue;
+      if (reduction == kNone) {
+        TORCH_CHECK(grads[j].dim() == 1 && grads[j].size(0) == p.B, "prototype_ce: the gradients must be (B,)");
+        per_row[j] = grads[j].to(at::kFloat);
+        g[j] = {per_row[j].const_data_ptr<float>(), per_row[j].stride(0)};
+      } else {
+        value[j] = static_cast<float>(grads[j].item<double>() / ctx->saved_data["div"].toDouble());
+      }
+    }
+    at::Tensor dh = pce_backward(p, g[0], g[1], labels, saved[3], saved[4], saved[5],
+                                 ctx->saved_data["squared"].toBool(), features.scalar_type());
+    return {dh, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+// the eager entry (arguments checked by the caller; the labels' range here when `check`)
+std::tuple<at::Tensor, at::Tensor> prototype_ce_cpu(const at::Tensor& features, const at::Tensor& prototypes,
+                                                    const at::Tensor& labels, bool squared, c10::string_view reduction,
+                                                    bool check) {
+  int64_t r;
+  if (reduction == "mean") {
+    r = kMean;
+  } else if (reduction == "sum") {
+    r = kSum;
+  } else {
+    TORCH_CHECK_VALUE(reduction == "none", "prototype_ce: reduction must be 'none', 'mean' or 'sum', got '",
+                      reduction, "'");
+    r = kNone;
+  }
+  // prototypes get no gradient (PMR computes them without one)
+  variable_list out = PrototypeCEFunction::apply(features, prototypes.detach(), labels, squared, r, check);
+  return {out[0], out[1]};
 }
 
 }  // namespace
@@ -485,6 +681,10 @@ TORCH_LIBRARY_FRAGMENT(mmkernels_C, m) {
   // dfeatures (B, D), contiguous, in the features' dtype; z: the forward's fourth output
   m.def("prototype_ce_bwd(Tensor grad_ce, Tensor grad_ent, Tensor features, Tensor prototypes, Tensor labels, "
         "Tensor lse, Tensor ent, Tensor z, bool squared) -> Tensor");
+  // eager CPU calls: (ce, ent) with the reduction ("none": (B,) each; "mean", "sum": 0-d) and the backward of
+  // prototype_ce_bwd attached (features only; no double backward)
+  m.def("prototype_ce(Tensor features, Tensor prototypes, Tensor labels, bool squared, str reduction, bool check) "
+        "-> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(mmkernels_C, CPU, m) {
@@ -498,5 +698,7 @@ TORCH_LIBRARY_IMPL(mmkernels_C, Autograd, m) {
   m.impl("prototype_ce_fwd", torch::CppFunction::makeFallthrough());
   m.impl("prototype_ce_bwd", torch::CppFunction::makeFallthrough());
 }
+
+TORCH_LIBRARY_IMPL(mmkernels_C, CompositeImplicitAutograd, m) { m.impl("prototype_ce", &prototype_ce_cpu); }
 
 }  // namespace mmk

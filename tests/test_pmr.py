@@ -201,11 +201,64 @@ def test_cpu_kernel_bad_labels(cpp):
     before = (h.detach().clone(), c.clone(), bad.clone())
     message = r"prototype_ce: labels must lie in \[0, 3\) or equal -100 \(ignored\); got \[-3, 5\]"
     for backend in ("auto", "reference"):
-        with mmkernels.use_backend(backend), pytest.raises(ValueError, match=message):
-            prototype_ce(h, c, bad)
+        for reduction in ("mean", "none"):
+            with mmkernels.use_backend(backend), pytest.raises(ValueError, match=message):
+                prototype_ce(h, c, bad, reduction=reduction)
     assert h.grad is None and all(torch.equal(a, b) for a, b in zip(before, (h.detach(), c, bad)))
     ce, ent, *_ = torch.ops.mmkernels.prototype_ce(h, c, bad, False)
     assert torch.isnan(ce[[1, 2, 4]]).all() and torch.isfinite(ce[[0, 3]]).all() and torch.isfinite(ent).all()
+
+
+@pytest.mark.parametrize("squared", [False, True])
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+@pytest.mark.parametrize("use", ["ce", "ent", "both"])
+def test_cpu_eager_autograd_vs_float64(cpp, squared, reduction, use):
+    """The eager CPU call is one C++ autograd Function (forward, reduction and backward in C++): its gradient
+    against autograd of the float64 formula for a loss of ce only, entropy only (the other output gets no
+    gradient) or both, with ignored samples; each reduction."""
+    B, C, D = 13, 7, 29
+    h64, c64, y = data(B, C, D, offset=2.0, seed=21, scale=0.3)
+    y[[2, 9]] = IGNORE_INDEX
+    keep = y != IGNORE_INDEX
+    g = torch.Generator().manual_seed(22)
+    w_ce, w_ent = torch.randn(B, generator=g, dtype=torch.float64), torch.randn(B, generator=g, dtype=torch.float64)
+    h = h64.float().requires_grad_()
+    ce, ent = prototype_ce(h, c64.float(), y, squared=squared, reduction=reduction)
+    assert "PrototypeCEFunction" in ce.grad_fn.name() and ce.grad_fn is ent.grad_fn
+    hr = h64.float().double().requires_grad_()
+    oce, oent, _ = oracle_terms(hr, c64.float().double(), y, squared)
+    if reduction == "none":
+        assert ce.shape == ent.shape == (B,)
+        loss = {"ce": (w_ce.float() * ce).sum(), "ent": (w_ent.float() * ent).sum()}
+        ref = {"ce": (w_ce[keep] * oce).sum(), "ent": (w_ent[keep] * oent).sum()}
+        torch.testing.assert_close(ce[keep].double(), oce, rtol=1e-5, atol=1e-5)
+    else:
+        assert ce.shape == ent.shape == ()
+        red = torch.mean if reduction == "mean" else torch.sum
+        loss = {"ce": 1.3 * ce, "ent": -0.6 * ent}
+        ref = {"ce": 1.3 * red(oce), "ent": -0.6 * red(oent)}
+        torch.testing.assert_close(ce.double(), red(oce), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(ent.double(), red(oent), rtol=1e-5, atol=1e-5)
+    parts = ("ce", "ent") if use == "both" else (use,)
+    sum(loss[k] for k in parts).backward()
+    sum(ref[k] for k in parts).backward()
+    torch.testing.assert_close(h.grad.double(), hr.grad, rtol=1e-4, atol=1e-6)
+    assert torch.all(h.grad[~keep] == 0)
+
+
+def test_cpu_eager_no_double_backward(cpp):
+    """create_graph through the C++ kernels' backward raises (it is not differentiable: a silent zero second
+    derivative would be wrong); a plain backward of the same graph still works."""
+    h64, c64, y = data(6, 4, 5, seed=23)
+    h = h64.float().requires_grad_()
+    ce, ent = prototype_ce(h, c64.float(), y)
+    with pytest.raises(RuntimeError, match=r"prototype_ce: no double backward \(create_graph=True\)"):
+        torch.autograd.grad(ce + ent, h, create_graph=True)
+    (gh,) = torch.autograd.grad(ce + ent, h)
+    hr = h64.float().double().requires_grad_()
+    oce, oent, _ = oracle_terms(hr, c64.float().double(), y, False)
+    (oce.mean() + oent.mean()).backward()
+    torch.testing.assert_close(gh.double(), hr.grad, rtol=1e-4, atol=1e-6)
 
 
 _PORTABLE = """
