@@ -1,11 +1,16 @@
 // CPU kernels of prototype_ce (Python: mmkernels/ops/prototype_ce.py): PMR's prototypical cross-entropy and
 // prototype entropy of features h (B, D) against prototypes c (C, D), forward and backward.
 //
-// Distances are taken in the difference form d²_ik = Σ_d (h_id − c_kd)², the exact form (no cancellation
-// whatever the features' common offset; the product form ‖h‖² − 2h·c + ‖c‖² loses it, see the Python module).
-// It costs a subtract per multiply-add, but the tiles keep four feature rows and three prototypes in
-// registers (12 accumulators; each loaded vector feeds three or four pairs). The forward returns z = −d (or
-// −d²) as a (B, C) fp32 output that the backward reads back: recomputing it cost a third of the backward.
+// Distances: the difference form d²_ik = Σ_d (h_id − c_kd)² is the exact one (no cancellation whatever the
+// features' common offset; the product form ‖h‖² − 2h·c + ‖c‖² loses it, see the Python module), but it costs
+// a subtract per multiply-add, and on the development CPU (AMD EPYC, 1 thread) that made the tile twice as
+// slow as a product: the forward was half of a fwd+bwd call at 64 × 309 × 512. The AVX2 forward therefore
+// takes the product form of the centred operands a = h − μ, b = c − μ (μ the mean prototype), whose rounding
+// is about ε (‖a‖² + ‖b‖²), and keeps it only where d² >= (‖a‖² + ‖b‖²) / 4, i.e. within 4x of the difference
+// form's ε d²; the other pairs (a sample near a prototype: its own class, typically one pair per row) are
+// summed again exactly. The portable loops take the difference form for every pair. Both tiles keep four
+// feature rows and three prototypes in registers (12 accumulators). The forward returns z = −d (or −d²) as a
+// (B, C) fp32 output that the backward reads back: recomputing it cost a third of the backward.
 //
 // Forward, per row: z = −d (or −d²), lse = max + log Σ e^{z − max}, ce = lse − z_y,
 //   ent = lse − Σ_k s_k z_k (= −Σ s log s); eight prototypes at a time, e^{z − max} by mmkernels::exp_ps.
@@ -70,9 +75,9 @@ __attribute__((target("avx2,fma"))) inline float hsum8(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-// d2[r * ldd + p] = ‖h_r − c_p‖² for R rows (h, stride D) and P prototypes (c, stride D); lanes past D are
-// zero in both operands (masked loads), so they add nothing.
-template <int R, int P>
+// d2[r * ldd + p] = ‖h_r − c_p‖² (Dot: the product h_r · c_p) for R rows (h, stride D) and P prototypes (c,
+// stride D); lanes past D are zero in both operands (masked loads), so they add nothing.
+template <int R, int P, bool Dot = false>
 __attribute__((target("avx2,fma"))) void dist_tile_avx2(const float* h, const float* c, int64_t D, float* d2,
                                                         int64_t ldd) {
   __m256 acc[R][P];
@@ -85,8 +90,12 @@ __attribute__((target("avx2,fma"))) void dist_tile_avx2(const float* h, const fl
     for (int r = 0; r < R; ++r) {
       const __m256 hv = _mm256_loadu_ps(h + r * D + d);
       for (int p = 0; p < P; ++p) {
-        const __m256 diff = _mm256_sub_ps(hv, cv[p]);
-        acc[r][p] = _mm256_fmadd_ps(diff, diff, acc[r][p]);
+        if constexpr (Dot) {
+          acc[r][p] = _mm256_fmadd_ps(hv, cv[p], acc[r][p]);
+        } else {
+          const __m256 diff = _mm256_sub_ps(hv, cv[p]);
+          acc[r][p] = _mm256_fmadd_ps(diff, diff, acc[r][p]);
+        }
       }
     }
   }
@@ -97,8 +106,12 @@ __attribute__((target("avx2,fma"))) void dist_tile_avx2(const float* h, const fl
     for (int r = 0; r < R; ++r) {
       const __m256 hv = _mm256_maskload_ps(h + r * D + full, m);
       for (int p = 0; p < P; ++p) {
-        const __m256 diff = _mm256_sub_ps(hv, cv[p]);
-        acc[r][p] = _mm256_fmadd_ps(diff, diff, acc[r][p]);
+        if constexpr (Dot) {
+          acc[r][p] = _mm256_fmadd_ps(hv, cv[p], acc[r][p]);
+        } else {
+          const __m256 diff = _mm256_sub_ps(hv, cv[p]);
+          acc[r][p] = _mm256_fmadd_ps(diff, diff, acc[r][p]);
+        }
       }
     }
   }
@@ -118,30 +131,109 @@ void dist_pair_portable(const float* h, const float* c, int64_t D, float* out) {
 }
 
 // P prototypes (c) against n rows (h), written to columns [0, P) of d2 (row stride C)
-template <int P>
+template <int P, bool Dot>
 void dist_protos_avx2(const float* h, const float* c, int64_t n, int64_t C, int64_t D, float* d2) {
   int64_t i = 0;
-  for (; i + kRowTile <= n; i += kRowTile) dist_tile_avx2<kRowTile, P>(h + i * D, c, D, d2 + i * C, C);
+  for (; i + kRowTile <= n; i += kRowTile) dist_tile_avx2<kRowTile, P, Dot>(h + i * D, c, D, d2 + i * C, C);
   switch (n - i) {
-    case 3: dist_tile_avx2<3, P>(h + i * D, c, D, d2 + i * C, C); break;
-    case 2: dist_tile_avx2<2, P>(h + i * D, c, D, d2 + i * C, C); break;
-    case 1: dist_tile_avx2<1, P>(h + i * D, c, D, d2 + i * C, C); break;
+    case 3: dist_tile_avx2<3, P, Dot>(h + i * D, c, D, d2 + i * C, C); break;
+    case 2: dist_tile_avx2<2, P, Dot>(h + i * D, c, D, d2 + i * C, C); break;
+    case 1: dist_tile_avx2<1, P, Dot>(h + i * D, c, D, d2 + i * C, C); break;
     default: break;
   }
 }
 
-// d2 (n, C) for n contiguous fp32 feature rows h (n, D) and prototypes c (C, D)
-void sq_dist_rows(const float* h, const float* c, int64_t C, int64_t D, int64_t n, float* d2, bool avx2) {
+// d2 (n, C) of all pairs of n rows h (n, D) and prototypes c (C, D), by the tiles above: prototype tiles
+// outside, so a tile of prototypes stays in L1 while the rows stream from L2
+template <bool Dot>
+void tiles_avx2(const float* h, const float* c, int64_t C, int64_t D, int64_t n, float* d2) {
+  int64_t k = 0;
+  for (; k + kProtoTile <= C; k += kProtoTile) dist_protos_avx2<kProtoTile, Dot>(h, c + k * D, n, C, D, d2 + k);
+  if (C - k == 2) dist_protos_avx2<2, Dot>(h, c + k * D, n, C, D, d2 + k);
+  if (C - k == 1) dist_protos_avx2<1, Dot>(h, c + k * D, n, C, D, d2 + k);
+}
+
+// The AVX2 forward's operands: rows and prototypes less μ (the mean prototype), and their squared norms.
+struct Centred {
+  const float* h;   // (B, D): h_i − μ
+  const float* c;   // (C, D): c_k − μ
+  const float* nh;  // (B,): ‖h_i − μ‖²
+  const float* nc;  // (C,): ‖c_k − μ‖²
+};
+
+// A pair's centred product form ‖a‖² + ‖b‖² − 2 a·b (a = h − μ, b = c − μ) is kept where d² >= (‖a‖² + ‖b‖²) / 4:
+// its rounding, about ε (‖a‖² + ‖b‖²), is then within 4x of the difference form's ε d². Nearer pairs (a sample
+// and its own class' prototype, any pair with cancellation) are summed again in the difference form.
+constexpr float kProductGuard = 4.0f;
+
+// d2 (n, C) for n contiguous fp32 feature rows h (n, D) and prototypes c (C, D); with `centred` (the AVX2
+// path: its rows i0.. for these n rows) by the guarded product form, else every pair in the difference form
+void sq_dist_rows(const float* h, const float* c, int64_t C, int64_t D, int64_t n, float* d2, bool avx2,
+                  const Centred* centred) {
   if (!avx2) {
     for (int64_t i = 0; i < n; ++i)
       for (int64_t k = 0; k < C; ++k) dist_pair_portable(h + i * D, c + k * D, D, d2 + i * C + k);
     return;
   }
-  // prototype tiles outside: a tile of prototypes stays in L1 while the rows stream from L2
-  int64_t k = 0;
-  for (; k + kProtoTile <= C; k += kProtoTile) dist_protos_avx2<kProtoTile>(h, c + k * D, n, C, D, d2 + k);
-  if (C - k == 2) dist_protos_avx2<2>(h, c + k * D, n, C, D, d2 + k);
-  if (C - k == 1) dist_protos_avx2<1>(h, c + k * D, n, C, D, d2 + k);
+  if (centred == nullptr) {
+    tiles_avx2<false>(h, c, C, D, n, d2);
+    return;
+  }
+  // one multiply-add per term instead of a subtract and a multiply-add: half the forward's arithmetic
+  tiles_avx2<true>(centred->h, centred->c, C, D, n, d2);
+  for (int64_t i = 0; i < n; ++i) {
+    float* di = d2 + i * C;
+    const float nh = centred->nh[i];
+    for (int64_t k = 0; k < C; ++k) {
+      const float scale = nh + centred->nc[k], t = scale - 2.0f * di[k];
+      // written so that NaN (a NaN feature) takes the exact branch too
+      if (kProductGuard * t >= scale) {
+        di[k] = t;
+      } else {
+        dist_tile_avx2<1, 1>(h + i * D, c + k * D, D, di + k, 1);
+      }
+    }
+  }
+}
+
+// μ = Σ_k c_k / C (summed in k order, lane by lane: the portable loop's values)
+__attribute__((target("avx2,fma"))) void mean_prototype_avx2(const float* c, int64_t C, int64_t D, float* mu) {
+  const int64_t full = D & ~int64_t(7);
+  const __m256i tail = tail_mask(D - full);
+  for (int64_t d = 0; d < D; ++d) mu[d] = 0.0f;
+  for (int64_t k = 0; k < C; ++k) {
+    const float* ck = c + k * D;
+    for (int64_t d = 0; d < full; d += 8)
+      _mm256_storeu_ps(mu + d, _mm256_add_ps(_mm256_loadu_ps(mu + d), _mm256_loadu_ps(ck + d)));
+    if (full < D)
+      _mm256_maskstore_ps(mu + full, tail, _mm256_add_ps(_mm256_maskload_ps(mu + full, tail), _mm256_maskload_ps(ck + full, tail)));
+  }
+  const __m256 count = _mm256_set1_ps(static_cast<float>(C));
+  for (int64_t d = 0; d < full; d += 8) _mm256_storeu_ps(mu + d, _mm256_div_ps(_mm256_loadu_ps(mu + d), count));
+  if (full < D) _mm256_maskstore_ps(mu + full, tail, _mm256_div_ps(_mm256_maskload_ps(mu + full, tail), count));
+}
+
+// out[r] = x_r − μ for n rows (stride D) and norms[r] = ‖x_r − μ‖² (the tiles' lane order)
+__attribute__((target("avx2,fma"))) void centre_rows_avx2(const float* x, int64_t n, int64_t D, const float* mu,
+                                                          float* out, float* norms) {
+  const int64_t full = D & ~int64_t(7);
+  const __m256i tail = tail_mask(D - full);
+  for (int64_t r = 0; r < n; ++r) {
+    const float* xr = x + r * D;
+    float* o = out + r * D;
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t d = 0; d < full; d += 8) {
+      const __m256 v = _mm256_sub_ps(_mm256_loadu_ps(xr + d), _mm256_loadu_ps(mu + d));
+      _mm256_storeu_ps(o + d, v);
+      acc = _mm256_fmadd_ps(v, v, acc);
+    }
+    if (full < D) {
+      const __m256 v = _mm256_sub_ps(_mm256_maskload_ps(xr + full, tail), _mm256_maskload_ps(mu + full, tail));
+      _mm256_maskstore_ps(o + full, tail, v);
+      acc = _mm256_fmadd_ps(v, v, acc);
+    }
+    norms[r] = hsum8(acc);
+  }
 }
 
 // ------------------------------------------------------------------------------------------ shared setup
@@ -180,10 +272,10 @@ int64_t grain(int64_t tile_rows, const Problem& p) {
   return std::max<int64_t>(1, kParallelWork / std::max<int64_t>(1, tile_rows * p.C * p.D));
 }
 
-// Scratch of the calling thread, kept between calls: a fresh allocation of a few hundred KB is a fresh mmap
+// Scratch of the calling thread, kept between calls (slots 0, 1: the backward's; 2, 3: the forward's): a fresh allocation of a few hundred KB is a fresh mmap
 // each call, whose page faults cost more than the packing written into it (measured: ~300 µs at C·D = 158K).
 float* scratch(int slot, int64_t n) {
-  static thread_local std::vector<float> bufs[2];
+  static thread_local std::vector<float> bufs[4];
   std::vector<float>& b = bufs[slot];
   if (static_cast<int64_t>(b.size()) < n) b.resize(n);
   return b.data();
@@ -286,10 +378,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> prototype_ce_fwd_cpu(
   float* ent_p = ent.data_ptr<float>();
   float* lse_p = lse.data_ptr<float>();
   const bool avx2 = pce_avx2();
+  Centred centred{};
+  if (avx2) {  // the guarded product form's operands, once for all threads
+    float* cbuf = scratch(2, C * D + C + D);
+    float* hbuf = scratch(3, B * D + B);
+    float* mu = cbuf + C * D + C;
+    mean_prototype_avx2(p.cp, C, D, mu);
+    centre_rows_avx2(p.cp, C, D, mu, cbuf, cbuf + C * D);
+    centre_rows_avx2(p.hp, B, D, mu, hbuf, hbuf + B * D);
+    centred = {hbuf, cbuf, hbuf + B * D, cbuf + C * D};
+  }
   const int64_t tiles = (B + kRowTile - 1) / kRowTile;
   at::parallel_for(0, tiles, grain(kRowTile, p), [&](int64_t t0, int64_t t1) {
     const int64_t i0 = t0 * kRowTile, i1 = std::min(B, t1 * kRowTile);
-    sq_dist_rows(p.hp + i0 * D, p.cp, C, D, i1 - i0, z_p + i0 * C, avx2);
+    Centred rows{};
+    if (avx2) rows = {centred.h + i0 * D, centred.c, centred.nh + i0, centred.nc};
+    sq_dist_rows(p.hp + i0 * D, p.cp, C, D, i1 - i0, z_p + i0 * C, avx2, avx2 ? &rows : nullptr);
     for (int64_t i = i0; i < i1; ++i) {
       float* zi = z_p + i * C;
       const RowSums rs = avx2 ? softmax_row_avx2(zi, C, squared) : softmax_row_portable(zi, C, squared);
@@ -401,16 +505,8 @@ void pack_prototypes_portable(const float* c, int64_t C, int64_t D, float* mu, f
 // The same values (the same k-order sums, the same division), eight features at a time.
 __attribute__((target("avx2,fma"))) void pack_prototypes_avx2(const float* c, int64_t C, int64_t D, float* mu,
                                                               float* ccp) {
-  const int64_t full = D & ~int64_t(7);
-  const __m256i tail = tail_mask(D - full);  // lanes past D load as 0: their packed values are 0 (the padding)
-  for (int64_t k = 0; k < C; ++k) {
-    const float* ck = c + k * D;
-    for (int64_t d = 0; d < full; d += 8) _mm256_storeu_ps(mu + d, _mm256_add_ps(_mm256_loadu_ps(mu + d), _mm256_loadu_ps(ck + d)));
-    if (full < D) _mm256_maskstore_ps(mu + full, tail, _mm256_add_ps(_mm256_maskload_ps(mu + full, tail), _mm256_maskload_ps(ck + full, tail)));
-  }
-  const __m256 count = _mm256_set1_ps(static_cast<float>(C));
-  for (int64_t d = 0; d < full; d += 8) _mm256_storeu_ps(mu + d, _mm256_div_ps(_mm256_loadu_ps(mu + d), count));
-  if (full < D) _mm256_maskstore_ps(mu + full, tail, _mm256_div_ps(_mm256_maskload_ps(mu + full, tail), count));
+  mean_prototype_avx2(c, C, D, mu);
+  // lanes past D load as 0: their packed values are 0 (the product's padding)
   const int64_t chunks = (D + kChunk - 1) / kChunk;
   for (int64_t k0 = 0; k0 < C; k0 += kPackRows) {
     const int64_t k1 = std::min(C, k0 + kPackRows);

@@ -261,6 +261,31 @@ def test_cpu_eager_no_double_backward(cpp):
     torch.testing.assert_close(gh.double(), hr.grad, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("squared", [False, True])
+def test_cpu_kernel_product_guard(cpp, squared):
+    """The AVX2 forward's distances: the centred product form where it is as good as the difference form, the
+    difference form for near pairs. Prototypes spread by 10 around an offset of 1000, every sample within 1e-3
+    per coordinate of its own prototype (two exactly on it): the centred product form alone loses those pairs
+    (shown first), the kernel's z matches float64 for every pair."""
+    B, C, D = 23, 10, 67
+    g = torch.Generator().manual_seed(24)
+    c = (1000.0 + 10.0 * torch.randn(C, D, generator=g, dtype=torch.float64)).float()
+    y = torch.randint(0, C, (B,), generator=g)
+    h = (c[y].double() + 1e-3 * torch.randn(B, D, generator=g, dtype=torch.float64)).float()
+    h[[3, 17]] = c[y[[3, 17]]]
+    d2 = ((h.double()[:, None] - c.double()[None]) ** 2).sum(-1)
+    near = torch.nn.functional.one_hot(y, C).bool()
+    mu = c.mean(0)
+    a, b = h - mu, c - mu
+    product = (a * a).sum(1, keepdim=True) + (b * b).sum(1)[None] - 2 * a @ b.t()
+    assert ((product.double() - d2).abs() / d2.clamp_min(1e-30))[near].max() > 0.1  # the trap is there
+    _, _, _, z = torch.ops.mmkernels_C.prototype_ce_fwd(h, c, y, squared, False)
+    expected = -(d2 if squared else d2.sqrt())
+    torch.testing.assert_close(z.double()[~near], expected[~near], rtol=1e-5, atol=0)
+    torch.testing.assert_close(z.double()[near], expected[near], rtol=1e-5, atol=1e-12)
+    assert torch.all(z[[3, 17], y[[3, 17]]] == 0)
+
+
 _PORTABLE = """
 import torch
 from mmkernels.ops.prototype_ce import _cpu_kernels, prototype_ce
