@@ -8,9 +8,11 @@
 // takes the product form of the centred operands a = h − μ, b = c − μ (μ the mean prototype), whose rounding
 // is about ε (‖a‖² + ‖b‖²), and keeps it only where d² >= (‖a‖² + ‖b‖²) / 4, i.e. within 4x of the difference
 // form's ε d²; the other pairs (a sample near a prototype: its own class, typically one pair per row) are
-// summed again exactly. The portable loops take the difference form for every pair. Both tiles keep four
-// feature rows and three prototypes in registers (12 accumulators). The forward returns z = −d (or −d²) as a
-// (B, C) fp32 output that the backward reads back: recomputing it cost a third of the backward.
+// summed again exactly. Below 24 prototypes, and in the portable loops, every pair takes the difference form.
+// Both tiles keep four feature rows and three prototypes in registers (12 accumulators). The forward returns
+// z = −d (or −d²) as a (B, C) fp32 output that the backward reads back (recomputing it cost a third of the
+// backward), and leaves its packed centred prototypes in its thread's scratch for the backward of the same
+// call (checked by a generation number; otherwise the backward packs them again).
 //
 // Forward, per row: z = −d (or −d²), lse = max + log Σ e^{z − max}, ce = lse − z_y,
 //   ent = lse − Σ_k s_k z_k (= −Σ s log s); eight prototypes at a time, e^{z − max} by mmkernels::exp_ps.
@@ -37,6 +39,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdlib>
 #include <limits>
@@ -75,9 +78,9 @@ __attribute__((target("avx2,fma"))) inline float hsum8(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-// d2[r * ldd + p] = ‖h_r − c_p‖² (Dot: the product h_r · c_p) for R rows (h, stride D) and P prototypes (c,
-// stride D); lanes past D are zero in both operands (masked loads), so they add nothing.
-template <int R, int P, bool Dot = false>
+// d2[r * ldd + p] = ‖h_r − c_p‖² for R rows (h, stride D) and P prototypes (c, stride D); lanes past D are
+// zero in both operands (masked loads), so they add nothing.
+template <int R, int P>
 __attribute__((target("avx2,fma"))) void dist_tile_avx2(const float* h, const float* c, int64_t D, float* d2,
                                                         int64_t ldd) {
   __m256 acc[R][P];
@@ -90,12 +93,8 @@ __attribute__((target("avx2,fma"))) void dist_tile_avx2(const float* h, const fl
     for (int r = 0; r < R; ++r) {
       const __m256 hv = _mm256_loadu_ps(h + r * D + d);
       for (int p = 0; p < P; ++p) {
-        if constexpr (Dot) {
-          acc[r][p] = _mm256_fmadd_ps(hv, cv[p], acc[r][p]);
-        } else {
-          const __m256 diff = _mm256_sub_ps(hv, cv[p]);
-          acc[r][p] = _mm256_fmadd_ps(diff, diff, acc[r][p]);
-        }
+        const __m256 diff = _mm256_sub_ps(hv, cv[p]);
+        acc[r][p] = _mm256_fmadd_ps(diff, diff, acc[r][p]);
       }
     }
   }
@@ -106,12 +105,8 @@ __attribute__((target("avx2,fma"))) void dist_tile_avx2(const float* h, const fl
     for (int r = 0; r < R; ++r) {
       const __m256 hv = _mm256_maskload_ps(h + r * D + full, m);
       for (int p = 0; p < P; ++p) {
-        if constexpr (Dot) {
-          acc[r][p] = _mm256_fmadd_ps(hv, cv[p], acc[r][p]);
-        } else {
-          const __m256 diff = _mm256_sub_ps(hv, cv[p]);
-          acc[r][p] = _mm256_fmadd_ps(diff, diff, acc[r][p]);
-        }
+        const __m256 diff = _mm256_sub_ps(hv, cv[p]);
+        acc[r][p] = _mm256_fmadd_ps(diff, diff, acc[r][p]);
       }
     }
   }
@@ -130,71 +125,24 @@ void dist_pair_portable(const float* h, const float* c, int64_t D, float* out) {
   *out = (a + e) + (b + f);
 }
 
-// P prototypes (c) against n rows (h), written to columns [0, P) of d2 (row stride C)
-template <int P, bool Dot>
+// P prototypes (c) against n rows (h) in the difference form, written to columns [0, P) of d2 (row stride C)
+template <int P>
 void dist_protos_avx2(const float* h, const float* c, int64_t n, int64_t C, int64_t D, float* d2) {
   int64_t i = 0;
-  for (; i + kRowTile <= n; i += kRowTile) dist_tile_avx2<kRowTile, P, Dot>(h + i * D, c, D, d2 + i * C, C);
+  for (; i + kRowTile <= n; i += kRowTile) dist_tile_avx2<kRowTile, P>(h + i * D, c, D, d2 + i * C, C);
   switch (n - i) {
-    case 3: dist_tile_avx2<3, P, Dot>(h + i * D, c, D, d2 + i * C, C); break;
-    case 2: dist_tile_avx2<2, P, Dot>(h + i * D, c, D, d2 + i * C, C); break;
-    case 1: dist_tile_avx2<1, P, Dot>(h + i * D, c, D, d2 + i * C, C); break;
+    case 3: dist_tile_avx2<3, P>(h + i * D, c, D, d2 + i * C, C); break;
+    case 2: dist_tile_avx2<2, P>(h + i * D, c, D, d2 + i * C, C); break;
+    case 1: dist_tile_avx2<1, P>(h + i * D, c, D, d2 + i * C, C); break;
     default: break;
   }
 }
 
-// d2 (n, C) of all pairs of n rows h (n, D) and prototypes c (C, D), by the tiles above: prototype tiles
-// outside, so a tile of prototypes stays in L1 while the rows stream from L2
-template <bool Dot>
-void tiles_avx2(const float* h, const float* c, int64_t C, int64_t D, int64_t n, float* d2) {
-  int64_t k = 0;
-  for (; k + kProtoTile <= C; k += kProtoTile) dist_protos_avx2<kProtoTile, Dot>(h, c + k * D, n, C, D, d2 + k);
-  if (C - k == 2) dist_protos_avx2<2, Dot>(h, c + k * D, n, C, D, d2 + k);
-  if (C - k == 1) dist_protos_avx2<1, Dot>(h, c + k * D, n, C, D, d2 + k);
-}
-
-// The AVX2 forward's operands: rows and prototypes less μ (the mean prototype), and their squared norms.
-struct Centred {
-  const float* h;   // (B, D): h_i − μ
-  const float* c;   // (C, D): c_k − μ
-  const float* nh;  // (B,): ‖h_i − μ‖²
-  const float* nc;  // (C,): ‖c_k − μ‖²
-};
-
-// A pair's centred product form ‖a‖² + ‖b‖² − 2 a·b (a = h − μ, b = c − μ) is kept where d² >= (‖a‖² + ‖b‖²) / 4:
-// its rounding, about ε (‖a‖² + ‖b‖²), is then within 4x of the difference form's ε d². Nearer pairs (a sample
-// and its own class' prototype, any pair with cancellation) are summed again in the difference form.
-constexpr float kProductGuard = 4.0f;
-
-// d2 (n, C) for n contiguous fp32 feature rows h (n, D) and prototypes c (C, D); with `centred` (the AVX2
-// path: its rows i0.. for these n rows) by the guarded product form, else every pair in the difference form
-void sq_dist_rows(const float* h, const float* c, int64_t C, int64_t D, int64_t n, float* d2, bool avx2,
-                  const Centred* centred) {
-  if (!avx2) {
-    for (int64_t i = 0; i < n; ++i)
-      for (int64_t k = 0; k < C; ++k) dist_pair_portable(h + i * D, c + k * D, D, d2 + i * C + k);
-    return;
-  }
-  if (centred == nullptr) {
-    tiles_avx2<false>(h, c, C, D, n, d2);
-    return;
-  }
-  // one multiply-add per term instead of a subtract and a multiply-add: half the forward's arithmetic
-  tiles_avx2<true>(centred->h, centred->c, C, D, n, d2);
-  for (int64_t i = 0; i < n; ++i) {
-    float* di = d2 + i * C;
-    const float nh = centred->nh[i];
-    for (int64_t k = 0; k < C; ++k) {
-      const float scale = nh + centred->nc[k], t = scale - 2.0f * di[k];
-      // written so that NaN (a NaN feature) takes the exact branch too
-      if (kProductGuard * t >= scale) {
-        di[k] = t;
-      } else {
-        dist_tile_avx2<1, 1>(h + i * D, c + k * D, D, di + k, 1);
-      }
-    }
-  }
-}
+// The packed centred prototypes, shared by the forward's product tiles and the backward's gradient tiles:
+//   ccp[q][k][0..16) = c_k − μ over features [16q, 16q + 16), zero past D
+// (μ the mean prototype), so a tile's prototypes sit next to each other for every column chunk.
+constexpr int64_t kChunk = 16;
+constexpr int64_t kPackRows = 8;  // prototypes packed at a time
 
 // μ = Σ_k c_k / C (summed in k order, lane by lane: the portable loop's values)
 __attribute__((target("avx2,fma"))) void mean_prototype_avx2(const float* c, int64_t C, int64_t D, float* mu) {
@@ -206,14 +154,44 @@ __attribute__((target("avx2,fma"))) void mean_prototype_avx2(const float* c, int
     for (int64_t d = 0; d < full; d += 8)
       _mm256_storeu_ps(mu + d, _mm256_add_ps(_mm256_loadu_ps(mu + d), _mm256_loadu_ps(ck + d)));
     if (full < D)
-      _mm256_maskstore_ps(mu + full, tail, _mm256_add_ps(_mm256_maskload_ps(mu + full, tail), _mm256_maskload_ps(ck + full, tail)));
+      _mm256_maskstore_ps(mu + full, tail,
+                          _mm256_add_ps(_mm256_maskload_ps(mu + full, tail), _mm256_maskload_ps(ck + full, tail)));
   }
   const __m256 count = _mm256_set1_ps(static_cast<float>(C));
   for (int64_t d = 0; d < full; d += 8) _mm256_storeu_ps(mu + d, _mm256_div_ps(_mm256_loadu_ps(mu + d), count));
   if (full < D) _mm256_maskstore_ps(mu + full, tail, _mm256_div_ps(_mm256_maskload_ps(mu + full, tail), count));
 }
 
-// out[r] = x_r − μ for n rows (stride D) and norms[r] = ‖x_r − μ‖² (the tiles' lane order)
+// ccp from c and μ; with `norms`, norms[k] = ‖c_k − μ‖² too. c is read row by row (632 KB at 309 × 512, past
+// L2: a column-chunk-major read of it cost four times as much), kPackRows rows at a time, so each row
+// block's chunk writes are contiguous. Lanes past D load as 0: their packed values are 0.
+__attribute__((target("avx2,fma"))) void pack_centred_avx2(const float* c, int64_t C, int64_t D, const float* mu,
+                                                           float* ccp, float* norms) {
+  const int64_t chunks = (D + kChunk - 1) / kChunk;
+  for (int64_t k0 = 0; k0 < C; k0 += kPackRows) {
+    const int64_t k1 = std::min(C, k0 + kPackRows);
+    __m256 nrm[kPackRows];
+    for (int64_t j = 0; j < kPackRows; ++j) nrm[j] = _mm256_setzero_ps();
+    for (int64_t q = 0; q < chunks; ++q) {
+      const int64_t d0 = q * kChunk, left = std::min<int64_t>(kChunk, D - d0);
+      const __m256i m0 = tail_mask(std::min<int64_t>(8, left)), m1 = tail_mask(std::max<int64_t>(0, left - 8));
+      const __m256 mu0 = _mm256_maskload_ps(mu + d0, m0), mu1 = _mm256_maskload_ps(mu + d0 + 8, m1);
+      for (int64_t k = k0; k < k1; ++k) {
+        float* dst = ccp + (q * C + k) * kChunk;
+        const float* src = c + k * D + d0;
+        const __m256 v0 = _mm256_sub_ps(_mm256_maskload_ps(src, m0), mu0);
+        const __m256 v1 = _mm256_sub_ps(_mm256_maskload_ps(src + 8, m1), mu1);
+        _mm256_storeu_ps(dst, v0);
+        _mm256_storeu_ps(dst + 8, v1);
+        nrm[k - k0] = _mm256_fmadd_ps(v1, v1, _mm256_fmadd_ps(v0, v0, nrm[k - k0]));
+      }
+    }
+    if (norms != nullptr)
+      for (int64_t k = k0; k < k1; ++k) norms[k] = hsum8(nrm[k - k0]);
+  }
+}
+
+// out[r] = x_r − μ for n rows (stride D) and norms[r] = ‖x_r − μ‖²
 __attribute__((target("avx2,fma"))) void centre_rows_avx2(const float* x, int64_t n, int64_t D, const float* mu,
                                                           float* out, float* norms) {
   const int64_t full = D & ~int64_t(7);
@@ -233,6 +211,105 @@ __attribute__((target("avx2,fma"))) void centre_rows_avx2(const float* x, int64_
       acc = _mm256_fmadd_ps(v, v, acc);
     }
     norms[r] = hsum8(acc);
+  }
+}
+
+// dot[r * ldd + p] = a_r · b_p for R centred rows a (stride D) and P packed prototypes (ccp + k·kChunk for
+// the first): one multiply-add per term, the tile of dist_tile_avx2 otherwise
+template <int R, int P>
+__attribute__((target("avx2,fma"))) void dot_tile_avx2(const float* a, const float* ccp, int64_t C, int64_t D,
+                                                       float* dot, int64_t ldd) {
+  __m256 acc[R][P];
+  for (int r = 0; r < R; ++r)
+    for (int p = 0; p < P; ++p) acc[r][p] = _mm256_setzero_ps();
+  const int64_t full = D & ~int64_t(7);
+  for (int64_t d = 0; d < full; d += 8) {
+    const float* b = ccp + (d / kChunk) * C * kChunk + d % kChunk;
+    __m256 cv[P];
+    for (int p = 0; p < P; ++p) cv[p] = _mm256_loadu_ps(b + p * kChunk);
+    for (int r = 0; r < R; ++r) {
+      const __m256 hv = _mm256_loadu_ps(a + r * D + d);
+      for (int p = 0; p < P; ++p) acc[r][p] = _mm256_fmadd_ps(hv, cv[p], acc[r][p]);
+    }
+  }
+  if (full < D) {
+    const __m256i m = tail_mask(D - full);
+    const float* b = ccp + (full / kChunk) * C * kChunk + full % kChunk;
+    __m256 cv[P];
+    for (int p = 0; p < P; ++p) cv[p] = _mm256_loadu_ps(b + p * kChunk);  // zero past D
+    for (int r = 0; r < R; ++r) {
+      const __m256 hv = _mm256_maskload_ps(a + r * D + full, m);
+      for (int p = 0; p < P; ++p) acc[r][p] = _mm256_fmadd_ps(hv, cv[p], acc[r][p]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int p = 0; p < P; ++p) dot[r * ldd + p] = hsum8(acc[r][p]);
+}
+
+// P prototypes against n rows, written to columns [0, P) of dot (row stride C)
+template <int P>
+void dot_protos_avx2(const float* a, const float* ccp, int64_t n, int64_t C, int64_t D, float* dot) {
+  int64_t i = 0;
+  for (; i + kRowTile <= n; i += kRowTile) dot_tile_avx2<kRowTile, P>(a + i * D, ccp, C, D, dot + i * C, C);
+  switch (n - i) {
+    case 3: dot_tile_avx2<3, P>(a + i * D, ccp, C, D, dot + i * C, C); break;
+    case 2: dot_tile_avx2<2, P>(a + i * D, ccp, C, D, dot + i * C, C); break;
+    case 1: dot_tile_avx2<1, P>(a + i * D, ccp, C, D, dot + i * C, C); break;
+    default: break;
+  }
+}
+
+// The AVX2 forward's operands: rows and prototypes less μ, and their squared norms.
+struct Centred {
+  const float* h;    // (B, D): h_i − μ
+  const float* ccp;  // the packed c_k − μ
+  const float* nh;   // (B,): ‖h_i − μ‖²
+  const float* nc;   // (C,): ‖c_k − μ‖²
+};
+
+// A pair's centred product form ‖a‖² + ‖b‖² − 2 a·b (a = h − μ, b = c − μ) is kept where d² >= (‖a‖² + ‖b‖²) / 4:
+// its rounding, about ε (‖a‖² + ‖b‖²), is then within 4x of the difference form's ε d². Nearer pairs (a sample
+// and its own class' prototype, any pair with cancellation) are summed again in the difference form.
+constexpr float kProductGuard = 4.0f;
+
+// Below this many prototypes the centring and packing cost more than the product form saves (measured at
+// 64 × C × 512: 0.8x the difference form's time at C = 309, 0.9x at 32, 1.1x at 16, 1.3x at 6).
+constexpr int64_t kProductMinC = 24;
+
+// d2 (n, C) for n contiguous fp32 feature rows h (n, D) and prototypes c (C, D); with `centred` (the AVX2
+// path from kProductMinC prototypes: its rows i0.. for these n rows) by the guarded product form, else every
+// pair in the difference form
+void sq_dist_rows(const float* h, const float* c, int64_t C, int64_t D, int64_t n, float* d2, bool avx2,
+                  const Centred* centred) {
+  // prototype tiles outside: a tile of prototypes stays in L1 while the rows stream from L2
+  int64_t k = 0;
+  if (centred == nullptr && avx2) {
+    for (; k + kProtoTile <= C; k += kProtoTile) dist_protos_avx2<kProtoTile>(h, c + k * D, n, C, D, d2 + k);
+    if (C - k == 2) dist_protos_avx2<2>(h, c + k * D, n, C, D, d2 + k);
+    if (C - k == 1) dist_protos_avx2<1>(h, c + k * D, n, C, D, d2 + k);
+    return;
+  }
+  if (centred == nullptr) {
+    for (int64_t i = 0; i < n; ++i)
+      for (k = 0; k < C; ++k) dist_pair_portable(h + i * D, c + k * D, D, d2 + i * C + k);
+    return;
+  }
+  for (; k + kProtoTile <= C; k += kProtoTile)
+    dot_protos_avx2<kProtoTile>(centred->h, centred->ccp + k * kChunk, n, C, D, d2 + k);
+  if (C - k == 2) dot_protos_avx2<2>(centred->h, centred->ccp + k * kChunk, n, C, D, d2 + k);
+  if (C - k == 1) dot_protos_avx2<1>(centred->h, centred->ccp + k * kChunk, n, C, D, d2 + k);
+  for (int64_t i = 0; i < n; ++i) {
+    float* di = d2 + i * C;
+    const float nh = centred->nh[i];
+    for (k = 0; k < C; ++k) {
+      const float scale = nh + centred->nc[k], t = scale - 2.0f * di[k];
+      // written so that NaN (a NaN feature) takes the exact branch too
+      if (kProductGuard * t >= scale) {
+        di[k] = t;
+      } else {
+        dist_tile_avx2<1, 1>(h + i * D, c + k * D, D, di + k, 1);
+      }
+    }
   }
 }
 
@@ -279,6 +356,17 @@ float* scratch(int slot, int64_t n) {
   std::vector<float>& b = bufs[slot];
   if (static_cast<int64_t>(b.size()) < n) b.resize(n);
   return b.data();
+}
+
+// The AVX2 forward packs the centred prototypes and μ into slot 2 of its thread, which the backward needs
+// too (packing them again was a tenth of a fwd+bwd call at 64 × 309 × 512). Every forward takes a new
+// generation number; a backward on the same thread whose forward's number the slot still holds reuses the
+// packing, any other (a later forward in between, another thread, the registered op) packs its own.
+std::atomic<int64_t> pack_generation{0};
+thread_local int64_t pack_held = -1;
+
+int64_t pack_floats(int64_t C, int64_t D) {  // ccp, then μ (D), then ‖c_k − μ‖² (C)
+  return (D + kChunk - 1) / kChunk * C * kChunk + D + C;
 }
 
 inline float neg_dist(float d2, bool squared) { return squared ? -d2 : -std::sqrt(d2); }
@@ -343,10 +431,12 @@ __attribute__((target("avx2,fma"))) RowSums softmax_row_avx2(float* z, int64_t C
   return {mx, (a[0] + a[1]) + (a[2] + a[3]), (b[0] + b[1]) + (b[2] + b[3])};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> prototype_ce_fwd_cpu(const at::Tensor& features,
-                                                                    const at::Tensor& prototypes,
-                                                                    const at::Tensor& labels, bool squared,
-                                                                    bool check) {
+// `generation`: where to put the number of the packing this call leaves for its backward (-1: none)
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pce_forward(const at::Tensor& features,
+                                                                       const at::Tensor& prototypes,
+                                                                       const at::Tensor& labels, bool squared,
+                                                                       bool check, int64_t* generation) {
+  if (generation != nullptr) *generation = -1;
   const Problem p = problem(features, prototypes, labels);
   const int64_t B = p.B, C = p.C, D = p.D;
   const int64_t* lab = labels.const_data_ptr<int64_t>();
@@ -379,21 +469,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> prototype_ce_fwd_cpu(
   float* lse_p = lse.data_ptr<float>();
   const bool avx2 = pce_avx2();
   Centred centred{};
-  if (avx2) {  // the guarded product form's operands, once for all threads
-    float* cbuf = scratch(2, C * D + C + D);
+  const bool product = avx2 && C >= kProductMinC;
+  if (product) {  // the guarded product form's operands, once for all threads
+    float* ccp = scratch(2, pack_floats(C, D));
+    float* mu = ccp + (D + kChunk - 1) / kChunk * C * kChunk;
     float* hbuf = scratch(3, B * D + B);
-    float* mu = cbuf + C * D + C;
     mean_prototype_avx2(p.cp, C, D, mu);
-    centre_rows_avx2(p.cp, C, D, mu, cbuf, cbuf + C * D);
+    pack_centred_avx2(p.cp, C, D, mu, ccp, mu + D);
     centre_rows_avx2(p.hp, B, D, mu, hbuf, hbuf + B * D);
-    centred = {hbuf, cbuf, hbuf + B * D, cbuf + C * D};
+    centred = {hbuf, ccp, hbuf + B * D, mu + D};
+    pack_held = ++pack_generation;
+    if (generation != nullptr) *generation = pack_held;
   }
   const int64_t tiles = (B + kRowTile - 1) / kRowTile;
   at::parallel_for(0, tiles, grain(kRowTile, p), [&](int64_t t0, int64_t t1) {
     const int64_t i0 = t0 * kRowTile, i1 = std::min(B, t1 * kRowTile);
     Centred rows{};
-    if (avx2) rows = {centred.h + i0 * D, centred.c, centred.nh + i0, centred.nc};
-    sq_dist_rows(p.hp + i0 * D, p.cp, C, D, i1 - i0, z_p + i0 * C, avx2, avx2 ? &rows : nullptr);
+    if (product) rows = {centred.h + i0 * D, centred.ccp, centred.nh + i0, centred.nc};
+    sq_dist_rows(p.hp + i0 * D, p.cp, C, D, i1 - i0, z_p + i0 * C, avx2, product ? &rows : nullptr);
     for (int64_t i = i0; i < i1; ++i) {
       float* zi = z_p + i * C;
       const RowSums rs = avx2 ? softmax_row_avx2(zi, C, squared) : softmax_row_portable(zi, C, squared);
@@ -413,13 +506,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> prototype_ce_fwd_cpu(
   return {ce, ent, lse, z};
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> prototype_ce_fwd_cpu(const at::Tensor& features,
+                                                                                const at::Tensor& prototypes,
+                                                                                const at::Tensor& labels,
+                                                                                bool squared, bool check) {
+  return pce_forward(features, prototypes, labels, squared, check, nullptr);
+}
+
 // --------------------------------------------------------------------------------------------- backward
 // Layouts that keep the product's inner loop on contiguous memory (a stride of D floats between prototypes
 // would map a column chunk of every prototype onto the same few L1 sets):
 //   ccp[q][k][0..16)  centred prototypes c_k − μ, features [16q, 16q + 16), zero past D;
 //   wtp[t][k][0..R)   W of the R rows of row tile t (zero for rows past B).
-constexpr int64_t kChunk = 16;
-
 // dh rows of a six-row tile, features [16q, 16q + 16): Σ_k W_ik (c_k − μ) − (Σ_k W_ik)(h_i − μ). The twelve
 // accumulators are named variables: held in an array, GCC 12 writes them back to the stack every iteration.
 #define MMK_PCE_ROW(r)                                      \
@@ -480,11 +578,7 @@ void grad_tile_portable(const float* wtp, const float* ccp, int64_t C, int64_t D
   }
 }
 
-// μ (the mean prototype: Σ_k c_k in k order, then / C) and the packed centred prototypes ccp[q][k]. Both read
-// c row by row (it is 632 KB at 309 × 512, past L2: a column-chunk-major read of it cost four times as much);
-// the packing goes eight rows at a time, so each row block's chunk writes are contiguous.
-constexpr int64_t kPackRows = 8;
-
+// μ (Σ_k c_k in k order, then / C) and the packed centred prototypes, as the AVX2 loops compute them
 void pack_prototypes_portable(const float* c, int64_t C, int64_t D, float* mu, float* ccp) {
   for (int64_t k = 0; k < C; ++k)
     for (int64_t d = 0; d < D; ++d) mu[d] += c[k * D + d];
@@ -497,28 +591,6 @@ void pack_prototypes_portable(const float* c, int64_t C, int64_t D, float* mu, f
         float* dst = ccp + (q * C + k) * kChunk;
         for (int64_t j = 0; j < left; ++j) dst[j] = c[k * D + d0 + j] - mu[d0 + j];
         for (int64_t j = left; j < kChunk; ++j) dst[j] = 0.0f;
-      }
-    }
-  }
-}
-
-// The same values (the same k-order sums, the same division), eight features at a time.
-__attribute__((target("avx2,fma"))) void pack_prototypes_avx2(const float* c, int64_t C, int64_t D, float* mu,
-                                                              float* ccp) {
-  mean_prototype_avx2(c, C, D, mu);
-  // lanes past D load as 0: their packed values are 0 (the product's padding)
-  const int64_t chunks = (D + kChunk - 1) / kChunk;
-  for (int64_t k0 = 0; k0 < C; k0 += kPackRows) {
-    const int64_t k1 = std::min(C, k0 + kPackRows);
-    for (int64_t q = 0; q < chunks; ++q) {
-      const int64_t d0 = q * kChunk, left = std::min<int64_t>(kChunk, D - d0);
-      const __m256i m0 = tail_mask(std::min<int64_t>(8, left)), m1 = tail_mask(std::max<int64_t>(0, left - 8));
-      const __m256 mu0 = _mm256_maskload_ps(mu + d0, m0), mu1 = _mm256_maskload_ps(mu + d0 + 8, m1);
-      for (int64_t k = k0; k < k1; ++k) {
-        float* dst = ccp + (q * C + k) * kChunk;
-        const float* src = c + k * D + d0;
-        _mm256_storeu_ps(dst, _mm256_sub_ps(_mm256_maskload_ps(src, m0), mu0));
-        _mm256_storeu_ps(dst + 8, _mm256_sub_ps(_mm256_maskload_ps(src + 8, m1), mu1));
       }
     }
   }
@@ -592,8 +664,10 @@ struct RowGrad {
 };
 
 // dh (B, D) in dtype `out` for the per-sample gradients of ce and ent
+// `generation`: the forward's packing number (-1: none)
 at::Tensor pce_backward(const Problem& p, RowGrad g_ce, RowGrad g_ent, const at::Tensor& labels, const at::Tensor& lse,
-                        const at::Tensor& ent, const at::Tensor& z, bool squared, at::ScalarType out) {
+                        const at::Tensor& ent, const at::Tensor& z, bool squared, at::ScalarType out,
+                        int64_t generation) {
   const int64_t B = p.B, C = p.C, D = p.D;
   TORCH_CHECK(z.scalar_type() == at::kFloat && z.dim() == 2 && z.size(0) == B && z.size(1) == C &&
                   z.is_contiguous(),
@@ -615,12 +689,23 @@ at::Tensor pce_backward(const Problem& p, RowGrad g_ce, RowGrad g_ent, const at:
 
   // μ (the mean prototype; any point near the prototypes does, the gradient does not depend on it) and the
   // packed centred prototypes
-  std::vector<float> mu(D, 0.0f);
-  float* ccp = scratch(0, chunks * C * kChunk);  // written below, padding included
-  if (pce_avx2()) {
-    pack_prototypes_avx2(p.cp, C, D, mu.data(), ccp);
+  const float* ccp;
+  const float* mu;
+  std::vector<float> mu_own;
+  if (generation >= 0 && generation == pack_held) {  // the forward's, still in this thread's slot 2
+    ccp = scratch(2, pack_floats(C, D));
+    mu = ccp + chunks * C * kChunk;
   } else {
-    pack_prototypes_portable(p.cp, C, D, mu.data(), ccp);
+    mu_own.assign(D, 0.0f);
+    float* own = scratch(0, chunks * C * kChunk);  // written below, padding included
+    if (pce_avx2()) {
+      mean_prototype_avx2(p.cp, C, D, mu_own.data());
+      pack_centred_avx2(p.cp, C, D, mu_own.data(), own, nullptr);
+    } else {
+      pack_prototypes_portable(p.cp, C, D, mu_own.data(), own);
+    }
+    ccp = own;
+    mu = mu_own.data();
   }
 
   // W and Σ_k W per row, tile by tile, from the forward's z (nothing recomputed)
@@ -654,9 +739,9 @@ at::Tensor pce_backward(const Problem& p, RowGrad g_ce, RowGrad g_ent, const at:
         const int64_t i0 = t * kGradRows, rows = std::min(B, i0 + kGradRows) - i0;
         const float* w = wtp + t * C * kGradRows;
         if (avx2) {
-          grad_tile_avx2(w, cq, C, D, q, p.hp + i0 * D, mu.data(), wsum.data() + i0, rows, dh_p + i0 * D);
+          grad_tile_avx2(w, cq, C, D, q, p.hp + i0 * D, mu, wsum.data() + i0, rows, dh_p + i0 * D);
         } else {
-          grad_tile_portable<kGradRows>(w, cq, C, D, q, p.hp + i0 * D, mu.data(), wsum.data() + i0, rows,
+          grad_tile_portable<kGradRows>(w, cq, C, D, q, p.hp + i0 * D, mu, wsum.data() + i0, rows,
                                         dh_p + i0 * D);
         }
       }
@@ -676,7 +761,7 @@ at::Tensor prototype_ce_bwd_cpu(const at::Tensor& grad_ce, const at::Tensor& gra
               "prototype_ce: the gradients must be (B,)");
   const at::Tensor gce = grad_ce.to(at::kFloat), gent = grad_ent.to(at::kFloat);
   return pce_backward(p, {gce.const_data_ptr<float>(), gce.stride(0)}, {gent.const_data_ptr<float>(), gent.stride(0)},
-                      labels, lse, ent, z, squared, features.scalar_type());
+                      labels, lse, ent, z, squared, features.scalar_type(), -1);
 }
 
 // ------------------------------------------------------------------------------------ eager autograd
@@ -699,7 +784,9 @@ at::Tensor reduced(const at::Tensor& t, double div) {
 struct PrototypeCEFunction : public torch::autograd::Function<PrototypeCEFunction> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& features, const at::Tensor& prototypes,
                                const at::Tensor& labels, bool squared, int64_t reduction, bool check) {
-    auto [ce, ent, lse, z] = prototype_ce_fwd_cpu(features, prototypes, labels, squared, check);
+    int64_t generation = -1;
+    auto [ce, ent, lse, z] = pce_forward(features, prototypes, labels, squared, check, &generation);
+    ctx->saved_data["generation"] = generation;
     ctx->save_for_backward({features, prototypes, labels, lse, ent, z});
     ctx->saved_data["squared"] = squared;
     ctx->saved_data["reduction"] = reduction;
@@ -742,7 +829,8 @@ struct PrototypeCEFunction : public torch::autograd::Function<PrototypeCEFunctio
       }
     }
     at::Tensor dh = pce_backward(p, g[0], g[1], labels, saved[3], saved[4], saved[5],
-                                 ctx->saved_data["squared"].toBool(), features.scalar_type());
+                                 ctx->saved_data["squared"].toBool(), features.scalar_type(),
+                                 ctx->saved_data["generation"].toInt());
     return {dh, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };

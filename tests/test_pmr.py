@@ -135,10 +135,10 @@ _CPP_TOL = {torch.float32: (1e-5, 1e-4), torch.bfloat16: (1e-5, 2e-2), torch.flo
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("squared", [False, True])
-@pytest.mark.parametrize("shape", [(23, 11, 37), (7, 1, 16)])
+@pytest.mark.parametrize("shape", [(23, 11, 37), (7, 1, 16), (23, 29, 37)])
 def test_cpu_kernel_vs_float64(cpp, shape, squared, dtype):
-    """The C++ kernels where every tile is partial (B % 4, B % 6, C % 3, D % 8, D % 16 non-zero; one prototype),
-    each reduction, ignored samples, per-sample weights on both terms (every G_k path), a common offset, fp64
+    """The C++ kernels where every tile is partial (B % 4, B % 6, C % 3, D % 8, D % 16 non-zero; one prototype;
+    29 prototypes: the forward's guarded product form), each reduction, ignored samples, per-sample weights on both terms (every G_k path), a common offset, fp64
     prototypes with low-precision features; against autograd of the float64 formula on the same (rounded)
     features."""
     B, C, D = shape
@@ -246,6 +246,26 @@ def test_cpu_eager_autograd_vs_float64(cpp, squared, reduction, use):
     assert torch.all(h.grad[~keep] == 0)
 
 
+def test_cpu_eager_interleaved_calls(cpp):
+    """Two modalities' calls, both forwards before the backwards, as PMR's loss runs them: the second forward
+    replaces the packed prototypes the first left for its backward, which must then pack its own. Each
+    gradient against float64, and the registered op (what torch.compile runs) on the same inputs."""
+    h1, c1, y1 = data(11, 30, 24, offset=1.0, seed=25, scale=0.3)  # C >= 24: both take the product form
+    h2, c2, y2 = data(9, 27, 40, offset=-2.0, seed=26, scale=0.3)
+    a, b = h1.float().requires_grad_(), h2.float().requires_grad_()
+    ce_a, ent_a = prototype_ce(a, c1.float(), y1)
+    ce_b, ent_b = prototype_ce(b, c2.float(), y2)
+    (ga,) = torch.autograd.grad(ce_a + 0.5 * ent_a, a)
+    (gb,) = torch.autograd.grad(ce_b + 0.5 * ent_b, b)
+    ce_r, ent_r, *_ = torch.ops.mmkernels.prototype_ce(a, c1.float(), y1, False)
+    (gr,) = torch.autograd.grad(ce_r.mean() + 0.5 * ent_r.mean(), a)
+    for x, g, c, y in ((h1, ga, c1, y1), (h2, gb, c2, y2), (h1, gr, c1, y1)):
+        xr = x.float().double().requires_grad_()
+        oce, oent, _ = oracle_terms(xr, c.float().double(), y, False)
+        (oce.mean() + 0.5 * oent.mean()).backward()
+        torch.testing.assert_close(g.double(), xr.grad, rtol=1e-4, atol=1e-6)
+
+
 def test_cpu_eager_no_double_backward(cpp):
     """create_graph through the C++ kernels' backward raises (it is not differentiable: a silent zero second
     derivative would be wrong); a plain backward of the same graph still works."""
@@ -267,7 +287,7 @@ def test_cpu_kernel_product_guard(cpp, squared):
     difference form for near pairs. Prototypes spread by 10 around an offset of 1000, every sample within 1e-3
     per coordinate of its own prototype (two exactly on it): the centred product form alone loses those pairs
     (shown first), the kernel's z matches float64 for every pair."""
-    B, C, D = 23, 10, 67
+    B, C, D = 23, 31, 67  # C from 24: the product form's range
     g = torch.Generator().manual_seed(24)
     c = (1000.0 + 10.0 * torch.randn(C, D, generator=g, dtype=torch.float64)).float()
     y = torch.randint(0, C, (B,), generator=g)
