@@ -1,14 +1,21 @@
 // CPU kernels of prototype_ce (Python: mmkernels/ops/prototype_ce.py): PMR's prototypical cross-entropy and
 // prototype entropy of features h (B, D) against prototypes c (C, D), forward and backward.
 //
-// Distances are taken in the difference form d²_ik = Σ_d (h_id − c_kd)², the exact form (no cancellation
-// whatever the features' common offset; the product form ‖h‖² − 2h·c + ‖c‖² loses it, see the Python module).
-// It costs a subtract per multiply-add, but the tiles keep four feature rows and three prototypes in
-// registers (12 accumulators; each loaded vector feeds three or four pairs). The forward returns z = −d (or
-// −d²) as a (B, C) fp32 output that the backward reads back: recomputing it cost a third of the backward.
+// Distances: the difference form d²_ik = Σ_d (h_id − c_kd)² is the exact one (no cancellation whatever the
+// features' common offset; the product form ‖h‖² − 2h·c + ‖c‖² loses it, see the Python module), but it costs
+// a subtract per multiply-add, and on the development CPU (AMD EPYC, 1 thread) that made the tile twice as
+// slow as a product: the forward was half of a fwd+bwd call at 64 × 309 × 512. The AVX2 forward therefore
+// takes the product form of the centred operands a = h − μ, b = c − μ (μ the mean prototype), whose rounding
+// is about ε (‖a‖² + ‖b‖²), and keeps it only where d² >= (‖a‖² + ‖b‖²) / 4, i.e. within 4x of the difference
+// form's ε d²; the other pairs (a sample near a prototype: its own class, typically one pair per row) are
+// summed again exactly. Below 24 prototypes, and in the portable loops, every pair takes the difference form.
+// Both tiles keep four feature rows and three prototypes in registers (12 accumulators). The forward returns
+// z = −d (or −d²) as a (B, C) fp32 output that the backward reads back (recomputing it cost a third of the
+// backward), and leaves its packed centred prototypes in its thread's scratch for the backward of the same
+// call (checked by a generation number; otherwise the backward packs them again).
 //
 // Forward, per row: z = −d (or −d²), lse = max + log Σ e^{z − max}, ce = lse − z_y,
-//   ent = lse − Σ_k s_k z_k (= −Σ s log s).
+//   ent = lse − Σ_k s_k z_k (= −Σ s log s); eight prototypes at a time, e^{z − max} by mmkernels::exp_ps.
 // Backward: G_k = g_ce (s_k − [k = y]) − g_ent s_k (log s_k + ent), W_k = 2 G_k (squared) or G_k / d_k
 //   (Euclidean; 0 where d <= 1e-6, i.e. d² <= 1e-12, the reference's rule; s_k by mmkernels::exp_ps), ∂L/∂h_i = Σ_k W_ik (c_k − μ) − (Σ_k W_ik)(h_i − μ)
 //   with μ the mean prototype, so the rounding scales with the prototypes' spread, not their offset. The
@@ -19,16 +26,20 @@
 // likewise. Math in fp32, the row reductions (Σ e^{z}, Σ s z) in double. Rows not counted (label -100) get
 // ce = ent = 0 and a gradient of exactly 0. Labels outside [0, C) and not -100: with check = true a
 // ValueError (the Python check's message), else ce = NaN for that sample (the CUDA kernel's signal).
+// Eager CPU calls reach both kernels through PrototypeCEFunction (mmkernels_C::prototype_ce), a C++ autograd
+// Function that also does the reduction, so neither direction enters Python; it has no double backward.
 // The AVX2/FMA loops are picked at run time, with a portable version of the same loops (MMKERNELS_NO_AVX2=1
 // forces it). Work is split over threads in fixed tiles (rows, then feature chunks), each output summed by
 // one thread in a fixed order: results do not depend on the thread count.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <torch/autograd.h>
 #include <torch/library.h>
 
 #include <immintrin.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdlib>
 #include <limits>
@@ -114,7 +125,7 @@ void dist_pair_portable(const float* h, const float* c, int64_t D, float* out) {
   *out = (a + e) + (b + f);
 }
 
-// P prototypes (c) against n rows (h), written to columns [0, P) of d2 (row stride C)
+// P prototypes (c) against n rows (h) in the difference form, written to columns [0, P) of d2 (row stride C)
 template <int P>
 void dist_protos_avx2(const float* h, const float* c, int64_t n, int64_t C, int64_t D, float* d2) {
   int64_t i = 0;
@@ -127,18 +138,179 @@ void dist_protos_avx2(const float* h, const float* c, int64_t n, int64_t C, int6
   }
 }
 
-// d2 (n, C) for n contiguous fp32 feature rows h (n, D) and prototypes c (C, D)
-void sq_dist_rows(const float* h, const float* c, int64_t C, int64_t D, int64_t n, float* d2, bool avx2) {
-  if (!avx2) {
-    for (int64_t i = 0; i < n; ++i)
-      for (int64_t k = 0; k < C; ++k) dist_pair_portable(h + i * D, c + k * D, D, d2 + i * C + k);
-    return;
+// The packed centred prototypes, shared by the forward's product tiles and the backward's gradient tiles:
+//   ccp[q][k][0..16) = c_k − μ over features [16q, 16q + 16), zero past D
+// (μ the mean prototype), so a tile's prototypes sit next to each other for every column chunk.
+constexpr int64_t kChunk = 16;
+constexpr int64_t kPackRows = 8;  // prototypes packed at a time
+
+// μ = Σ_k c_k / C (summed in k order, lane by lane: the portable loop's values)
+__attribute__((target("avx2,fma"))) void mean_prototype_avx2(const float* c, int64_t C, int64_t D, float* mu) {
+  const int64_t full = D & ~int64_t(7);
+  const __m256i tail = tail_mask(D - full);
+  for (int64_t d = 0; d < D; ++d) mu[d] = 0.0f;
+  for (int64_t k = 0; k < C; ++k) {
+    const float* ck = c + k * D;
+    for (int64_t d = 0; d < full; d += 8)
+      _mm256_storeu_ps(mu + d, _mm256_add_ps(_mm256_loadu_ps(mu + d), _mm256_loadu_ps(ck + d)));
+    if (full < D)
+      _mm256_maskstore_ps(mu + full, tail,
+                          _mm256_add_ps(_mm256_maskload_ps(mu + full, tail), _mm256_maskload_ps(ck + full, tail)));
   }
+  const __m256 count = _mm256_set1_ps(static_cast<float>(C));
+  for (int64_t d = 0; d < full; d += 8) _mm256_storeu_ps(mu + d, _mm256_div_ps(_mm256_loadu_ps(mu + d), count));
+  if (full < D) _mm256_maskstore_ps(mu + full, tail, _mm256_div_ps(_mm256_maskload_ps(mu + full, tail), count));
+}
+
+// ccp from c and μ; with `norms`, norms[k] = ‖c_k − μ‖² too. c is read row by row (632 KB at 309 × 512, past
+// L2: a column-chunk-major read of it cost four times as much), kPackRows rows at a time, so each row
+// block's chunk writes are contiguous. Lanes past D load as 0: their packed values are 0.
+__attribute__((target("avx2,fma"))) void pack_centred_avx2(const float* c, int64_t C, int64_t D, const float* mu,
+                                                           float* ccp, float* norms) {
+  const int64_t chunks = (D + kChunk - 1) / kChunk;
+  for (int64_t k0 = 0; k0 < C; k0 += kPackRows) {
+    const int64_t k1 = std::min(C, k0 + kPackRows);
+    __m256 nrm[kPackRows];
+    for (int64_t j = 0; j < kPackRows; ++j) nrm[j] = _mm256_setzero_ps();
+    for (int64_t q = 0; q < chunks; ++q) {
+      const int64_t d0 = q * kChunk, left = std::min<int64_t>(kChunk, D - d0);
+      const __m256i m0 = tail_mask(std::min<int64_t>(8, left)), m1 = tail_mask(std::max<int64_t>(0, left - 8));
+      const __m256 mu0 = _mm256_maskload_ps(mu + d0, m0), mu1 = _mm256_maskload_ps(mu + d0 + 8, m1);
+      for (int64_t k = k0; k < k1; ++k) {
+        float* dst = ccp + (q * C + k) * kChunk;
+        const float* src = c + k * D + d0;
+        const __m256 v0 = _mm256_sub_ps(_mm256_maskload_ps(src, m0), mu0);
+        const __m256 v1 = _mm256_sub_ps(_mm256_maskload_ps(src + 8, m1), mu1);
+        _mm256_storeu_ps(dst, v0);
+        _mm256_storeu_ps(dst + 8, v1);
+        nrm[k - k0] = _mm256_fmadd_ps(v1, v1, _mm256_fmadd_ps(v0, v0, nrm[k - k0]));
+      }
+    }
+    if (norms != nullptr)
+      for (int64_t k = k0; k < k1; ++k) norms[k] = hsum8(nrm[k - k0]);
+  }
+}
+
+// out[r] = x_r − μ for n rows (stride D) and norms[r] = ‖x_r − μ‖²
+__attribute__((target("avx2,fma"))) void centre_rows_avx2(const float* x, int64_t n, int64_t D, const float* mu,
+                                                          float* out, float* norms) {
+  const int64_t full = D & ~int64_t(7);
+  const __m256i tail = tail_mask(D - full);
+  for (int64_t r = 0; r < n; ++r) {
+    const float* xr = x + r * D;
+    float* o = out + r * D;
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t d = 0; d < full; d += 8) {
+      const __m256 v = _mm256_sub_ps(_mm256_loadu_ps(xr + d), _mm256_loadu_ps(mu + d));
+      _mm256_storeu_ps(o + d, v);
+      acc = _mm256_fmadd_ps(v, v, acc);
+    }
+    if (full < D) {
+      const __m256 v = _mm256_sub_ps(_mm256_maskload_ps(xr + full, tail), _mm256_maskload_ps(mu + full, tail));
+      _mm256_maskstore_ps(o + full, tail, v);
+      acc = _mm256_fmadd_ps(v, v, acc);
+    }
+    norms[r] = hsum8(acc);
+  }
+}
+
+// dot[r * ldd + p] = a_r · b_p for R centred rows a (stride D) and P packed prototypes (ccp + k·kChunk for
+// the first): one multiply-add per term, the tile of dist_tile_avx2 otherwise
+template <int R, int P>
+__attribute__((target("avx2,fma"))) void dot_tile_avx2(const float* a, const float* ccp, int64_t C, int64_t D,
+                                                       float* dot, int64_t ldd) {
+  __m256 acc[R][P];
+  for (int r = 0; r < R; ++r)
+    for (int p = 0; p < P; ++p) acc[r][p] = _mm256_setzero_ps();
+  const int64_t full = D & ~int64_t(7);
+  for (int64_t d = 0; d < full; d += 8) {
+    const float* b = ccp + (d / kChunk) * C * kChunk + d % kChunk;
+    __m256 cv[P];
+    for (int p = 0; p < P; ++p) cv[p] = _mm256_loadu_ps(b + p * kChunk);
+    for (int r = 0; r < R; ++r) {
+      const __m256 hv = _mm256_loadu_ps(a + r * D + d);
+      for (int p = 0; p < P; ++p) acc[r][p] = _mm256_fmadd_ps(hv, cv[p], acc[r][p]);
+    }
+  }
+  if (full < D) {
+    const __m256i m = tail_mask(D - full);
+    const float* b = ccp + (full / kChunk) * C * kChunk + full % kChunk;
+    __m256 cv[P];
+    for (int p = 0; p < P; ++p) cv[p] = _mm256_loadu_ps(b + p * kChunk);  // zero past D
+    for (int r = 0; r < R; ++r) {
+      const __m256 hv = _mm256_maskload_ps(a + r * D + full, m);
+      for (int p = 0; p < P; ++p) acc[r][p] = _mm256_fmadd_ps(hv, cv[p], acc[r][p]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int p = 0; p < P; ++p) dot[r * ldd + p] = hsum8(acc[r][p]);
+}
+
+// P prototypes against n rows, written to columns [0, P) of dot (row stride C)
+template <int P>
+void dot_protos_avx2(const float* a, const float* ccp, int64_t n, int64_t C, int64_t D, float* dot) {
+  int64_t i = 0;
+  for (; i + kRowTile <= n; i += kRowTile) dot_tile_avx2<kRowTile, P>(a + i * D, ccp, C, D, dot + i * C, C);
+  switch (n - i) {
+    case 3: dot_tile_avx2<3, P>(a + i * D, ccp, C, D, dot + i * C, C); break;
+    case 2: dot_tile_avx2<2, P>(a + i * D, ccp, C, D, dot + i * C, C); break;
+    case 1: dot_tile_avx2<1, P>(a + i * D, ccp, C, D, dot + i * C, C); break;
+    default: break;
+  }
+}
+
+// The AVX2 forward's operands: rows and prototypes less μ, and their squared norms.
+struct Centred {
+  const float* h;    // (B, D): h_i − μ
+  const float* ccp;  // the packed c_k − μ
+  const float* nh;   // (B,): ‖h_i − μ‖²
+  const float* nc;   // (C,): ‖c_k − μ‖²
+};
+
+// A pair's centred product form ‖a‖² + ‖b‖² − 2 a·b (a = h − μ, b = c − μ) is kept where d² >= (‖a‖² + ‖b‖²) / 4:
+// its rounding, about ε (‖a‖² + ‖b‖²), is then within 4x of the difference form's ε d². Nearer pairs (a sample
+// and its own class' prototype, any pair with cancellation) are summed again in the difference form.
+constexpr float kProductGuard = 4.0f;
+
+// Below this many prototypes the centring and packing cost more than the product form saves (measured at
+// 64 × C × 512: 0.8x the difference form's time at C = 309, 0.9x at 32, 1.1x at 16, 1.3x at 6).
+constexpr int64_t kProductMinC = 24;
+
+// d2 (n, C) for n contiguous fp32 feature rows h (n, D) and prototypes c (C, D); with `centred` (the AVX2
+// path from kProductMinC prototypes: its rows i0.. for these n rows) by the guarded product form, else every
+// pair in the difference form
+void sq_dist_rows(const float* h, const float* c, int64_t C, int64_t D, int64_t n, float* d2, bool avx2,
+                  const Centred* centred) {
   // prototype tiles outside: a tile of prototypes stays in L1 while the rows stream from L2
   int64_t k = 0;
-  for (; k + kProtoTile <= C; k += kProtoTile) dist_protos_avx2<kProtoTile>(h, c + k * D, n, C, D, d2 + k);
-  if (C - k == 2) dist_protos_avx2<2>(h, c + k * D, n, C, D, d2 + k);
-  if (C - k == 1) dist_protos_avx2<1>(h, c + k * D, n, C, D, d2 + k);
+  if (centred == nullptr && avx2) {
+    for (; k + kProtoTile <= C; k += kProtoTile) dist_protos_avx2<kProtoTile>(h, c + k * D, n, C, D, d2 + k);
+    if (C - k == 2) dist_protos_avx2<2>(h, c + k * D, n, C, D, d2 + k);
+    if (C - k == 1) dist_protos_avx2<1>(h, c + k * D, n, C, D, d2 + k);
+    return;
+  }
+  if (centred == nullptr) {
+    for (int64_t i = 0; i < n; ++i)
+      for (k = 0; k < C; ++k) dist_pair_portable(h + i * D, c + k * D, D, d2 + i * C + k);
+    return;
+  }
+  for (; k + kProtoTile <= C; k += kProtoTile)
+    dot_protos_avx2<kProtoTile>(centred->h, centred->ccp + k * kChunk, n, C, D, d2 + k);
+  if (C - k == 2) dot_protos_avx2<2>(centred->h, centred->ccp + k * kChunk, n, C, D, d2 + k);
+  if (C - k == 1) dot_protos_avx2<1>(centred->h, centred->ccp + k * kChunk, n, C, D, d2 + k);
+  for (int64_t i = 0; i < n; ++i) {
+    float* di = d2 + i * C;
+    const float nh = centred->nh[i];
+    for (k = 0; k < C; ++k) {
+      const float scale = nh + centred->nc[k], t = scale - 2.0f * di[k];
+      // written so that NaN (a NaN feature) takes the exact branch too
+      if (kProductGuard * t >= scale) {
+        di[k] = t;
+      } else {
+        dist_tile_avx2<1, 1>(h + i * D, c + k * D, D, di + k, 1);
+      }
+    }
+  }
 }
 
 // ------------------------------------------------------------------------------------------ shared setup
@@ -177,22 +349,94 @@ int64_t grain(int64_t tile_rows, const Problem& p) {
   return std::max<int64_t>(1, kParallelWork / std::max<int64_t>(1, tile_rows * p.C * p.D));
 }
 
-// Scratch of the calling thread, kept between calls: a fresh allocation of a few hundred KB is a fresh mmap
+// Scratch of the calling thread, kept between calls (slots 0, 1: the backward's; 2, 3: the forward's): a fresh allocation of a few hundred KB is a fresh mmap
 // each call, whose page faults cost more than the packing written into it (measured: ~300 µs at C·D = 158K).
 float* scratch(int slot, int64_t n) {
-  static thread_local std::vector<float> bufs[2];
+  static thread_local std::vector<float> bufs[4];
   std::vector<float>& b = bufs[slot];
   if (static_cast<int64_t>(b.size()) < n) b.resize(n);
   return b.data();
 }
 
+// The AVX2 forward packs the centred prototypes and μ into slot 2 of its thread, which the backward needs
+// too (packing them again was a tenth of a fwd+bwd call at 64 × 309 × 512). Every forward takes a new
+// generation number; a backward on the same thread whose forward's number the slot still holds reuses the
+// packing, any other (a later forward in between, another thread, the registered op) packs its own.
+std::atomic<int64_t> pack_generation{0};
+thread_local int64_t pack_held = -1;
+
+int64_t pack_floats(int64_t C, int64_t D) {  // ccp, then μ (D), then ‖c_k − μ‖² (C)
+  return (D + kChunk - 1) / kChunk * C * kChunk + D + C;
+}
+
 inline float neg_dist(float d2, bool squared) { return squared ? -d2 : -std::sqrt(d2); }
 
 // ---------------------------------------------------------------------------------------------- forward
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> prototype_ce_fwd_cpu(const at::Tensor& features,
-                                                                    const at::Tensor& prototypes,
-                                                                    const at::Tensor& labels, bool squared,
-                                                                    bool check) {
+// One row of the softmax: z = −d (or −d²) written over d², its maximum, Σ_k e^{z_k − max} and
+// Σ_k e^{z_k − max} z_k (in double).
+struct RowSums {
+  float max;
+  double sum, zs;
+};
+
+RowSums softmax_row_portable(float* z, int64_t C, bool squared) {
+  float mx = -std::numeric_limits<float>::infinity();
+  for (int64_t k = 0; k < C; ++k) {
+    z[k] = neg_dist(z[k], squared);
+    mx = std::max(mx, z[k]);
+  }
+  // a NaN feature makes every z NaN; max() skipped them: NaN flows through the sums below anyway
+  double sum = 0.0, zs = 0.0;
+  for (int64_t k = 0; k < C; ++k) {
+    const double e = std::exp(z[k] - mx);
+    sum += e;
+    zs += e * z[k];
+  }
+  return {mx, sum, zs};
+}
+
+// The same, eight prototypes at a time: sqrt and max exact (the z are the portable loop's), e^{z − max} by
+// mmkernels::exp_ps (4e-7 relative; the scalar exp was a third of the forward at 64 × 309 × 512's 20K terms),
+// each product e·z and both sums in double. Lanes past C: z = −inf for the max, e = 0 in the sums.
+__attribute__((target("avx2,fma"))) RowSums softmax_row_avx2(float* z, int64_t C, bool squared) {
+  const __m256 neg_inf = _mm256_set1_ps(-std::numeric_limits<float>::infinity()), zero = _mm256_setzero_ps();
+  __m256 mxv = neg_inf;
+  for (int64_t k = 0; k < C; k += 8) {
+    const __m256i m = tail_mask(std::min<int64_t>(8, C - k));
+    const __m256 d2 = _mm256_maskload_ps(z + k, m);
+    const __m256 zv = _mm256_sub_ps(zero, squared ? d2 : _mm256_sqrt_ps(d2));
+    _mm256_maskstore_ps(z + k, m, zv);
+    // max(z, mx) returns mx where z is NaN: NaN rows are skipped here, as std::max does, and reach the sums
+    mxv = _mm256_max_ps(_mm256_blendv_ps(neg_inf, zv, _mm256_castsi256_ps(m)), mxv);
+  }
+  __m128 h = _mm_max_ps(_mm256_castps256_ps128(mxv), _mm256_extractf128_ps(mxv, 1));
+  h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+  h = _mm_max_ss(h, _mm_shuffle_ps(h, h, 1));
+  const float mx = _mm_cvtss_f32(h);
+  const __m256 mxb = _mm256_set1_ps(mx);
+  __m256d sum0 = _mm256_setzero_pd(), sum1 = sum0, zs0 = sum0, zs1 = sum0;
+  for (int64_t k = 0; k < C; k += 8) {
+    const __m256i m = tail_mask(std::min<int64_t>(8, C - k));
+    const __m256 zv = _mm256_maskload_ps(z + k, m);
+    const __m256 e = _mm256_and_ps(mmkernels::exp_ps(zv, mxb), _mm256_castsi256_ps(m));
+    const __m256d e0 = _mm256_cvtps_pd(_mm256_castps256_ps128(e)), e1 = _mm256_cvtps_pd(_mm256_extractf128_ps(e, 1));
+    sum0 = _mm256_add_pd(sum0, e0);
+    sum1 = _mm256_add_pd(sum1, e1);
+    zs0 = _mm256_fmadd_pd(e0, _mm256_cvtps_pd(_mm256_castps256_ps128(zv)), zs0);
+    zs1 = _mm256_fmadd_pd(e1, _mm256_cvtps_pd(_mm256_extractf128_ps(zv, 1)), zs1);
+  }
+  alignas(32) double a[4], b[4];
+  _mm256_store_pd(a, _mm256_add_pd(sum0, sum1));
+  _mm256_store_pd(b, _mm256_add_pd(zs0, zs1));
+  return {mx, (a[0] + a[1]) + (a[2] + a[3]), (b[0] + b[1]) + (b[2] + b[3])};
+}
+
+// `generation`: where to put the number of the packing this call leaves for its backward (-1: none)
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pce_forward(const at::Tensor& features,
+                                                                       const at::Tensor& prototypes,
+                                                                       const at::Tensor& labels, bool squared,
+                                                                       bool check, int64_t* generation) {
+  if (generation != nullptr) *generation = -1;
   const Problem p = problem(features, prototypes, labels);
   const int64_t B = p.B, C = p.C, D = p.D;
   const int64_t* lab = labels.const_data_ptr<int64_t>();
@@ -224,24 +468,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> prototype_ce_fwd_cpu(
   float* ent_p = ent.data_ptr<float>();
   float* lse_p = lse.data_ptr<float>();
   const bool avx2 = pce_avx2();
+  Centred centred{};
+  const bool product = avx2 && C >= kProductMinC;
+  if (product) {  // the guarded product form's operands, once for all threads
+    float* ccp = scratch(2, pack_floats(C, D));
+    float* mu = ccp + (D + kChunk - 1) / kChunk * C * kChunk;
+    float* hbuf = scratch(3, B * D + B);
+    mean_prototype_avx2(p.cp, C, D, mu);
+    pack_centred_avx2(p.cp, C, D, mu, ccp, mu + D);
+    centre_rows_avx2(p.hp, B, D, mu, hbuf, hbuf + B * D);
+    centred = {hbuf, ccp, hbuf + B * D, mu + D};
+    pack_held = ++pack_generation;
+    if (generation != nullptr) *generation = pack_held;
+  }
   const int64_t tiles = (B + kRowTile - 1) / kRowTile;
   at::parallel_for(0, tiles, grain(kRowTile, p), [&](int64_t t0, int64_t t1) {
     const int64_t i0 = t0 * kRowTile, i1 = std::min(B, t1 * kRowTile);
-    sq_dist_rows(p.hp + i0 * D, p.cp, C, D, i1 - i0, z_p + i0 * C, avx2);
+    Centred rows{};
+    if (product) rows = {centred.h + i0 * D, centred.ccp, centred.nh + i0, centred.nc};
+    sq_dist_rows(p.hp + i0 * D, p.cp, C, D, i1 - i0, z_p + i0 * C, avx2, product ? &rows : nullptr);
     for (int64_t i = i0; i < i1; ++i) {
       float* zi = z_p + i * C;
-      float mx = -std::numeric_limits<float>::infinity();
-      for (int64_t k = 0; k < C; ++k) {
-        zi[k] = neg_dist(zi[k], squared);
-        mx = std::max(mx, zi[k]);
-      }
-      // a NaN feature makes every z NaN; max() skipped them: NaN flows through the sums below anyway
-      double sum = 0.0, zs = 0.0;
-      for (int64_t k = 0; k < C; ++k) {
-        const double e = std::exp(zi[k] - mx);
-        sum += e;
-        zs += e * zi[k];
-      }
+      const RowSums rs = avx2 ? softmax_row_avx2(zi, C, squared) : softmax_row_portable(zi, C, squared);
+      const double mx = rs.max, sum = rs.sum, zs = rs.zs;
       const double l = mx + std::log(sum);
       const int64_t y = lab[i * sy];
       lse_p[i] = static_cast<float>(l);
@@ -257,13 +506,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> prototype_ce_fwd_cpu(
   return {ce, ent, lse, z};
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> prototype_ce_fwd_cpu(const at::Tensor& features,
+                                                                                const at::Tensor& prototypes,
+                                                                                const at::Tensor& labels,
+                                                                                bool squared, bool check) {
+  return pce_forward(features, prototypes, labels, squared, check, nullptr);
+}
+
 // --------------------------------------------------------------------------------------------- backward
 // Layouts that keep the product's inner loop on contiguous memory (a stride of D floats between prototypes
 // would map a column chunk of every prototype onto the same few L1 sets):
 //   ccp[q][k][0..16)  centred prototypes c_k − μ, features [16q, 16q + 16), zero past D;
 //   wtp[t][k][0..R)   W of the R rows of row tile t (zero for rows past B).
-constexpr int64_t kChunk = 16;
-
 // dh rows of a six-row tile, features [16q, 16q + 16): Σ_k W_ik (c_k − μ) − (Σ_k W_ik)(h_i − μ). The twelve
 // accumulators are named variables: held in an array, GCC 12 writes them back to the stack every iteration.
 #define MMK_PCE_ROW(r)                                      \
@@ -321,6 +575,24 @@ void grad_tile_portable(const float* wtp, const float* ccp, int64_t C, int64_t D
       for (int64_t j = 0; j < kChunk; ++j) acc[j] += w * ccp[k * kChunk + j];
     }
     for (int64_t j = 0; j < left; ++j) dh[r * D + d0 + j] = acc[j] - wsum[r] * (h[r * D + d0 + j] - mu[d0 + j]);
+  }
+}
+
+// μ (Σ_k c_k in k order, then / C) and the packed centred prototypes, as the AVX2 loops compute them
+void pack_prototypes_portable(const float* c, int64_t C, int64_t D, float* mu, float* ccp) {
+  for (int64_t k = 0; k < C; ++k)
+    for (int64_t d = 0; d < D; ++d) mu[d] += c[k * D + d];
+  for (int64_t d = 0; d < D; ++d) mu[d] /= static_cast<float>(C);
+  const int64_t chunks = (D + kChunk - 1) / kChunk;
+  for (int64_t k0 = 0; k0 < C; k0 += kPackRows) {
+    for (int64_t q = 0; q < chunks; ++q) {
+      const int64_t d0 = q * kChunk, left = std::min<int64_t>(kChunk, D - d0);
+      for (int64_t k = k0; k < std::min(C, k0 + kPackRows); ++k) {
+        float* dst = ccp + (q * C + k) * kChunk;
+        for (int64_t j = 0; j < left; ++j) dst[j] = c[k * D + d0 + j] - mu[d0 + j];
+        for (int64_t j = left; j < kChunk; ++j) dst[j] = 0.0f;
+      }
+    }
   }
 }
 
@@ -385,48 +657,55 @@ __attribute__((target("avx2,fma"))) double weight_row_avx2(const float* z, int64
   return (part[0] + part[1]) + (part[2] + part[3]) + weight_row_portable(z, k, C, rt, squared, w);
 }
 
-at::Tensor prototype_ce_bwd_cpu(const at::Tensor& grad_ce, const at::Tensor& grad_ent, const at::Tensor& features,
-                                const at::Tensor& prototypes, const at::Tensor& labels, const at::Tensor& lse,
-                                const at::Tensor& ent, const at::Tensor& z, bool squared) {
-  const Problem p = problem(features, prototypes, labels);
+// A per-sample gradient g[i * stride] (stride 0: one value for every sample, a reduced loss's gradient).
+struct RowGrad {
+  const float* p;
+  int64_t stride;
+};
+
+// dh (B, D) in dtype `out` for the per-sample gradients of ce and ent
+// `generation`: the forward's packing number (-1: none)
+at::Tensor pce_backward(const Problem& p, RowGrad g_ce, RowGrad g_ent, const at::Tensor& labels, const at::Tensor& lse,
+                        const at::Tensor& ent, const at::Tensor& z, bool squared, at::ScalarType out,
+                        int64_t generation) {
   const int64_t B = p.B, C = p.C, D = p.D;
   TORCH_CHECK(z.scalar_type() == at::kFloat && z.dim() == 2 && z.size(0) == B && z.size(1) == C &&
                   z.is_contiguous(),
               "prototype_ce: z must be the forward's contiguous float32 (B, C) output");
   const float* z_p = z.const_data_ptr<float>();
-  TORCH_CHECK(grad_ce.dim() == 1 && grad_ce.size(0) == B && grad_ent.dim() == 1 && grad_ent.size(0) == B &&
-                  lse.dim() == 1 && lse.size(0) == B && ent.dim() == 1 && ent.size(0) == B,
-              "prototype_ce: the gradients, lse and ent must be (B,)");
-  at::Tensor dh = at::empty({B, D}, features.options().dtype(at::kFloat));
-  if (B == 0 || D == 0) return features.scalar_type() == at::kFloat ? dh : dh.to(features.scalar_type());
-  const at::Tensor gce = grad_ce.to(at::kFloat), gent = grad_ent.to(at::kFloat);
+  TORCH_CHECK(lse.dim() == 1 && lse.size(0) == B && ent.dim() == 1 && ent.size(0) == B,
+              "prototype_ce: lse and ent must be (B,)");
+  at::Tensor dh = at::empty({B, D}, p.h.options().dtype(at::kFloat));
+  if (B == 0 || D == 0) return out == at::kFloat ? dh : dh.to(out);
   const at::Tensor lse_f = lse.to(at::kFloat), ent_f = ent.to(at::kFloat);
-  const float* gce_p = gce.const_data_ptr<float>();
-  const float* gent_p = gent.const_data_ptr<float>();
+  const float* gce_p = g_ce.p;
+  const float* gent_p = g_ent.p;
   const float* lse_p = lse_f.const_data_ptr<float>();
   const float* ent_p = ent_f.const_data_ptr<float>();
-  const int64_t s_gce = gce.stride(0), s_gent = gent.stride(0), s_lse = lse_f.stride(0), s_ent = ent_f.stride(0);
+  const int64_t s_gce = g_ce.stride, s_gent = g_ent.stride, s_lse = lse_f.stride(0), s_ent = ent_f.stride(0);
   const int64_t* lab = labels.const_data_ptr<int64_t>();
   const int64_t sy = labels.stride(0);
   const int64_t chunks = (D + kChunk - 1) / kChunk, tiles = (B + kGradRows - 1) / kGradRows;
 
   // μ (the mean prototype; any point near the prototypes does, the gradient does not depend on it) and the
   // packed centred prototypes
-  std::vector<float> mu(D, 0.0f);
-  float* ccp = scratch(0, chunks * C * kChunk);  // written below, padding included
-  {
-    for (int64_t k = 0; k < C; ++k)
-      for (int64_t d = 0; d < D; ++d) mu[d] += p.cp[k * D + d];
-    for (int64_t d = 0; d < D; ++d) mu[d] /= static_cast<float>(C);
-    for (int64_t k = 0; k < C; ++k) {
-      const float* ck = p.cp + k * D;
-      for (int64_t q = 0; q < chunks; ++q) {
-        float* dst = ccp + (q * C + k) * kChunk;
-        const int64_t d0 = q * kChunk, left = std::min<int64_t>(kChunk, D - d0);
-        for (int64_t j = 0; j < left; ++j) dst[j] = ck[d0 + j] - mu[d0 + j];
-        for (int64_t j = left; j < kChunk; ++j) dst[j] = 0.0f;
-      }
+  const float* ccp;
+  const float* mu;
+  std::vector<float> mu_own;
+  if (generation >= 0 && generation == pack_held) {  // the forward's, still in this thread's slot 2
+    ccp = scratch(2, pack_floats(C, D));
+    mu = ccp + chunks * C * kChunk;
+  } else {
+    mu_own.assign(D, 0.0f);
+    float* own = scratch(0, chunks * C * kChunk);  // written below, padding included
+    if (pce_avx2()) {
+      mean_prototype_avx2(p.cp, C, D, mu_own.data());
+      pack_centred_avx2(p.cp, C, D, mu_own.data(), own, nullptr);
+    } else {
+      pack_prototypes_portable(p.cp, C, D, mu_own.data(), own);
     }
+    ccp = own;
+    mu = mu_own.data();
   }
 
   // W and Σ_k W per row, tile by tile, from the forward's z (nothing recomputed)
@@ -460,9 +739,9 @@ at::Tensor prototype_ce_bwd_cpu(const at::Tensor& grad_ce, const at::Tensor& gra
         const int64_t i0 = t * kGradRows, rows = std::min(B, i0 + kGradRows) - i0;
         const float* w = wtp + t * C * kGradRows;
         if (avx2) {
-          grad_tile_avx2(w, cq, C, D, q, p.hp + i0 * D, mu.data(), wsum.data() + i0, rows, dh_p + i0 * D);
+          grad_tile_avx2(w, cq, C, D, q, p.hp + i0 * D, mu, wsum.data() + i0, rows, dh_p + i0 * D);
         } else {
-          grad_tile_portable<kGradRows>(w, cq, C, D, q, p.hp + i0 * D, mu.data(), wsum.data() + i0, rows,
+          grad_tile_portable<kGradRows>(w, cq, C, D, q, p.hp + i0 * D, mu, wsum.data() + i0, rows,
                                         dh_p + i0 * D);
         }
       }
@@ -471,7 +750,108 @@ at::Tensor prototype_ce_bwd_cpu(const at::Tensor& grad_ce, const at::Tensor& gra
   // an ignored sample's gradient is exactly 0, even where its (missing modality's) features are not finite
   for (int64_t i = 0; i < B; ++i)
     if (lab[i * sy] == kIgnore) std::fill(dh_p + i * D, dh_p + (i + 1) * D, 0.0f);
-  return features.scalar_type() == at::kFloat ? dh : dh.to(features.scalar_type());
+  return out == at::kFloat ? dh : dh.to(out);
+}
+
+at::Tensor prototype_ce_bwd_cpu(const at::Tensor& grad_ce, const at::Tensor& grad_ent, const at::Tensor& features,
+                                const at::Tensor& prototypes, const at::Tensor& labels, const at::Tensor& lse,
+                                const at::Tensor& ent, const at::Tensor& z, bool squared) {
+  const Problem p = problem(features, prototypes, labels);
+  TORCH_CHECK(grad_ce.dim() == 1 && grad_ce.size(0) == p.B && grad_ent.dim() == 1 && grad_ent.size(0) == p.B,
+              "prototype_ce: the gradients must be (B,)");
+  const at::Tensor gce = grad_ce.to(at::kFloat), gent = grad_ent.to(at::kFloat);
+  return pce_backward(p, {gce.const_data_ptr<float>(), gce.stride(0)}, {gent.const_data_ptr<float>(), gent.stride(0)},
+                      labels, lse, ent, z, squared, features.scalar_type(), -1);
+}
+
+// ------------------------------------------------------------------------------------ eager autograd
+// The eager CPU call as a C++ autograd Function (as grad_scale's and modality_drop's): neither direction
+// enters Python, and the reduction is part of it. At 64 × 6 × 512 both kernels take ~90 µs, and the Python
+// autograd.Function, its backward glue and the reduction's recorded ops cost about as much again.
+enum Reduction : int64_t { kNone = 0, kMean = 1, kSum = 2 };
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+// ce and ent summed over the samples (ignored ones are 0) in double, divided by `div`, as 0-d float32
+at::Tensor reduced(const at::Tensor& t, double div) {
+  const float* v = t.const_data_ptr<float>();
+  double sum = 0.0;
+  for (int64_t i = 0; i < t.size(0); ++i) sum += v[i];
+  return at::scalar_tensor(sum / div, t.options());
+}
+
+struct PrototypeCEFunction : public torch::autograd::Function<PrototypeCEFunction> {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& features, const at::Tensor& prototypes,
+                               const at::Tensor& labels, bool squared, int64_t reduction, bool check) {
+    int64_t generation = -1;
+    auto [ce, ent, lse, z] = pce_forward(features, prototypes, labels, squared, check, &generation);
+    ctx->saved_data["generation"] = generation;
+    ctx->save_for_backward({features, prototypes, labels, lse, ent, z});
+    ctx->saved_data["squared"] = squared;
+    ctx->saved_data["reduction"] = reduction;
+    // an output the loss does not use has no gradient: it is read as 0, no zero tensor is made
+    ctx->set_materialize_grads(false);
+    if (reduction == kNone) return {ce, ent};
+    double div = 1.0;
+    if (reduction == kMean) {  // the samples that count (0/0 -> 0: then every ce is 0)
+      const int64_t* lab = labels.const_data_ptr<int64_t>();
+      int64_t n = 0;
+      for (int64_t i = 0; i < labels.size(0); ++i) n += lab[i * labels.stride(0)] != kIgnore;
+      div = static_cast<double>(std::max<int64_t>(n, 1));
+    }
+    ctx->saved_data["div"] = div;
+    return {reduced(ce, div), reduced(ent, div)};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    // the kernels' backward is not itself differentiable: an error, not a second derivative of 0
+    TORCH_CHECK(!at::GradMode::is_enabled(),
+                "prototype_ce: no double backward (create_graph=True) through the eager CPU kernels, their backward is "
+                "not differentiable; take this loss's gradient with create_graph=False");
+    const variable_list saved = ctx->get_saved_variables();
+    const at::Tensor &features = saved[0], &labels = saved[2];
+    const Problem p = problem(features, saved[1], labels);
+    const int64_t reduction = ctx->saved_data["reduction"].toInt();
+    // the per-sample gradients: a reduced loss's one value (stride 0), 0 for an output the loss does not use
+    float value[2] = {0.0f, 0.0f};
+    at::Tensor per_row[2];
+    RowGrad g[2];
+    for (int j = 0; j < 2; ++j) {
+      g[j] = {value + j, 0};
+      if (!grads[j].defined()) continue;
+      if (reduction == kNone) {
+        TORCH_CHECK(grads[j].dim() == 1 && grads[j].size(0) == p.B, "prototype_ce: the gradients must be (B,)");
+        per_row[j] = grads[j].to(at::kFloat);
+        g[j] = {per_row[j].const_data_ptr<float>(), per_row[j].stride(0)};
+      } else {
+        value[j] = static_cast<float>(grads[j].item<double>() / ctx->saved_data["div"].toDouble());
+      }
+    }
+    at::Tensor dh = pce_backward(p, g[0], g[1], labels, saved[3], saved[4], saved[5],
+                                 ctx->saved_data["squared"].toBool(), features.scalar_type(),
+                                 ctx->saved_data["generation"].toInt());
+    return {dh, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+// the eager entry (arguments checked by the caller; the labels' range here when `check`)
+std::tuple<at::Tensor, at::Tensor> prototype_ce_cpu(const at::Tensor& features, const at::Tensor& prototypes,
+                                                    const at::Tensor& labels, bool squared, c10::string_view reduction,
+                                                    bool check) {
+  int64_t r;
+  if (reduction == "mean") {
+    r = kMean;
+  } else if (reduction == "sum") {
+    r = kSum;
+  } else {
+    TORCH_CHECK_VALUE(reduction == "none", "prototype_ce: reduction must be 'none', 'mean' or 'sum', got '",
+                      reduction, "'");
+    r = kNone;
+  }
+  // prototypes get no gradient (PMR computes them without one)
+  variable_list out = PrototypeCEFunction::apply(features, prototypes.detach(), labels, squared, r, check);
+  return {out[0], out[1]};
 }
 
 }  // namespace
@@ -485,6 +865,10 @@ TORCH_LIBRARY_FRAGMENT(mmkernels_C, m) {
   // dfeatures (B, D), contiguous, in the features' dtype; z: the forward's fourth output
   m.def("prototype_ce_bwd(Tensor grad_ce, Tensor grad_ent, Tensor features, Tensor prototypes, Tensor labels, "
         "Tensor lse, Tensor ent, Tensor z, bool squared) -> Tensor");
+  // eager CPU calls: (ce, ent) with the reduction ("none": (B,) each; "mean", "sum": 0-d) and the backward of
+  // prototype_ce_bwd attached (features only; no double backward)
+  m.def("prototype_ce(Tensor features, Tensor prototypes, Tensor labels, bool squared, str reduction, bool check) "
+        "-> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(mmkernels_C, CPU, m) {
@@ -498,5 +882,7 @@ TORCH_LIBRARY_IMPL(mmkernels_C, Autograd, m) {
   m.impl("prototype_ce_fwd", torch::CppFunction::makeFallthrough());
   m.impl("prototype_ce_bwd", torch::CppFunction::makeFallthrough());
 }
+
+TORCH_LIBRARY_IMPL(mmkernels_C, CompositeImplicitAutograd, m) { m.impl("prototype_ce", &prototype_ce_cpu); }
 
 }  // namespace mmk

@@ -135,10 +135,10 @@ _CPP_TOL = {torch.float32: (1e-5, 1e-4), torch.bfloat16: (1e-5, 2e-2), torch.flo
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("squared", [False, True])
-@pytest.mark.parametrize("shape", [(23, 11, 37), (7, 1, 16)])
+@pytest.mark.parametrize("shape", [(23, 11, 37), (7, 1, 16), (23, 29, 37)])
 def test_cpu_kernel_vs_float64(cpp, shape, squared, dtype):
-    """The C++ kernels where every tile is partial (B % 4, B % 6, C % 3, D % 8, D % 16 non-zero; one prototype),
-    each reduction, ignored samples, per-sample weights on both terms (every G_k path), a common offset, fp64
+    """The C++ kernels where every tile is partial (B % 4, B % 6, C % 3, D % 8, D % 16 non-zero; one prototype;
+    29 prototypes: the forward's guarded product form), each reduction, ignored samples, per-sample weights on both terms (every G_k path), a common offset, fp64
     prototypes with low-precision features; against autograd of the float64 formula on the same (rounded)
     features."""
     B, C, D = shape
@@ -201,11 +201,109 @@ def test_cpu_kernel_bad_labels(cpp):
     before = (h.detach().clone(), c.clone(), bad.clone())
     message = r"prototype_ce: labels must lie in \[0, 3\) or equal -100 \(ignored\); got \[-3, 5\]"
     for backend in ("auto", "reference"):
-        with mmkernels.use_backend(backend), pytest.raises(ValueError, match=message):
-            prototype_ce(h, c, bad)
+        for reduction in ("mean", "none"):
+            with mmkernels.use_backend(backend), pytest.raises(ValueError, match=message):
+                prototype_ce(h, c, bad, reduction=reduction)
     assert h.grad is None and all(torch.equal(a, b) for a, b in zip(before, (h.detach(), c, bad)))
     ce, ent, *_ = torch.ops.mmkernels.prototype_ce(h, c, bad, False)
     assert torch.isnan(ce[[1, 2, 4]]).all() and torch.isfinite(ce[[0, 3]]).all() and torch.isfinite(ent).all()
+
+
+@pytest.mark.parametrize("squared", [False, True])
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+@pytest.mark.parametrize("use", ["ce", "ent", "both"])
+def test_cpu_eager_autograd_vs_float64(cpp, squared, reduction, use):
+    """The eager CPU call is one C++ autograd Function (forward, reduction and backward in C++): its gradient
+    against autograd of the float64 formula for a loss of ce only, entropy only (the other output gets no
+    gradient) or both, with ignored samples; each reduction."""
+    B, C, D = 13, 7, 29
+    h64, c64, y = data(B, C, D, offset=2.0, seed=21, scale=0.3)
+    y[[2, 9]] = IGNORE_INDEX
+    keep = y != IGNORE_INDEX
+    g = torch.Generator().manual_seed(22)
+    w_ce, w_ent = torch.randn(B, generator=g, dtype=torch.float64), torch.randn(B, generator=g, dtype=torch.float64)
+    h = h64.float().requires_grad_()
+    ce, ent = prototype_ce(h, c64.float(), y, squared=squared, reduction=reduction)
+    assert "PrototypeCEFunction" in ce.grad_fn.name() and ce.grad_fn is ent.grad_fn
+    hr = h64.float().double().requires_grad_()
+    oce, oent, _ = oracle_terms(hr, c64.float().double(), y, squared)
+    if reduction == "none":
+        assert ce.shape == ent.shape == (B,)
+        loss = {"ce": (w_ce.float() * ce).sum(), "ent": (w_ent.float() * ent).sum()}
+        ref = {"ce": (w_ce[keep] * oce).sum(), "ent": (w_ent[keep] * oent).sum()}
+        torch.testing.assert_close(ce[keep].double(), oce, rtol=1e-5, atol=1e-5)
+    else:
+        assert ce.shape == ent.shape == ()
+        red = torch.mean if reduction == "mean" else torch.sum
+        loss = {"ce": 1.3 * ce, "ent": -0.6 * ent}
+        ref = {"ce": 1.3 * red(oce), "ent": -0.6 * red(oent)}
+        torch.testing.assert_close(ce.double(), red(oce), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(ent.double(), red(oent), rtol=1e-5, atol=1e-5)
+    parts = ("ce", "ent") if use == "both" else (use,)
+    sum(loss[k] for k in parts).backward()
+    sum(ref[k] for k in parts).backward()
+    torch.testing.assert_close(h.grad.double(), hr.grad, rtol=1e-4, atol=1e-6)
+    assert torch.all(h.grad[~keep] == 0)
+
+
+def test_cpu_eager_interleaved_calls(cpp):
+    """Two modalities' calls, both forwards before the backwards, as PMR's loss runs them: the second forward
+    replaces the packed prototypes the first left for its backward, which must then pack its own. Each
+    gradient against float64, and the registered op (what torch.compile runs) on the same inputs."""
+    h1, c1, y1 = data(11, 30, 24, offset=1.0, seed=25, scale=0.3)  # C >= 24: both take the product form
+    h2, c2, y2 = data(9, 27, 40, offset=-2.0, seed=26, scale=0.3)
+    a, b = h1.float().requires_grad_(), h2.float().requires_grad_()
+    ce_a, ent_a = prototype_ce(a, c1.float(), y1)
+    ce_b, ent_b = prototype_ce(b, c2.float(), y2)
+    (ga,) = torch.autograd.grad(ce_a + 0.5 * ent_a, a)
+    (gb,) = torch.autograd.grad(ce_b + 0.5 * ent_b, b)
+    ce_r, ent_r, *_ = torch.ops.mmkernels.prototype_ce(a, c1.float(), y1, False)
+    (gr,) = torch.autograd.grad(ce_r.mean() + 0.5 * ent_r.mean(), a)
+    for x, g, c, y in ((h1, ga, c1, y1), (h2, gb, c2, y2), (h1, gr, c1, y1)):
+        xr = x.float().double().requires_grad_()
+        oce, oent, _ = oracle_terms(xr, c.float().double(), y, False)
+        (oce.mean() + 0.5 * oent.mean()).backward()
+        torch.testing.assert_close(g.double(), xr.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_cpu_eager_no_double_backward(cpp):
+    """create_graph through the C++ kernels' backward raises (it is not differentiable: a silent zero second
+    derivative would be wrong); a plain backward of the same graph still works."""
+    h64, c64, y = data(6, 4, 5, seed=23)
+    h = h64.float().requires_grad_()
+    ce, ent = prototype_ce(h, c64.float(), y)
+    with pytest.raises(RuntimeError, match=r"prototype_ce: no double backward \(create_graph=True\)"):
+        torch.autograd.grad(ce + ent, h, create_graph=True)
+    (gh,) = torch.autograd.grad(ce + ent, h)
+    hr = h64.float().double().requires_grad_()
+    oce, oent, _ = oracle_terms(hr, c64.float().double(), y, False)
+    (oce.mean() + oent.mean()).backward()
+    torch.testing.assert_close(gh.double(), hr.grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("squared", [False, True])
+def test_cpu_kernel_product_guard(cpp, squared):
+    """The AVX2 forward's distances: the centred product form where it is as good as the difference form, the
+    difference form for near pairs. Prototypes spread by 10 around an offset of 1000, every sample within 1e-3
+    per coordinate of its own prototype (two exactly on it): the centred product form alone loses those pairs
+    (shown first), the kernel's z matches float64 for every pair."""
+    B, C, D = 23, 31, 67  # C from 24: the product form's range
+    g = torch.Generator().manual_seed(24)
+    c = (1000.0 + 10.0 * torch.randn(C, D, generator=g, dtype=torch.float64)).float()
+    y = torch.randint(0, C, (B,), generator=g)
+    h = (c[y].double() + 1e-3 * torch.randn(B, D, generator=g, dtype=torch.float64)).float()
+    h[[3, 17]] = c[y[[3, 17]]]
+    d2 = ((h.double()[:, None] - c.double()[None]) ** 2).sum(-1)
+    near = torch.nn.functional.one_hot(y, C).bool()
+    mu = c.mean(0)
+    a, b = h - mu, c - mu
+    product = (a * a).sum(1, keepdim=True) + (b * b).sum(1)[None] - 2 * a @ b.t()
+    assert ((product.double() - d2).abs() / d2.clamp_min(1e-30))[near].max() > 0.1  # the trap is there
+    _, _, _, z = torch.ops.mmkernels_C.prototype_ce_fwd(h, c, y, squared, False)
+    expected = -(d2 if squared else d2.sqrt())
+    torch.testing.assert_close(z.double()[~near], expected[~near], rtol=1e-5, atol=0)
+    torch.testing.assert_close(z.double()[near], expected[near], rtol=1e-5, atol=1e-12)
+    assert torch.all(z[[3, 17], y[[3, 17]]] == 0)
 
 
 _PORTABLE = """

@@ -59,12 +59,22 @@ Decisions where the spec is silent
 * Empty batch: zeros (``reduction="mean"`` gives 0).
 
 On CPU tensors (backend ``auto``) the forward and backward are the C++ kernels of the extension
-(csrc/prototype_ce.cpp): distances in the exact difference form ``Σ_d (h_d − c_d)²`` in register tiles of
-4 samples × 3 prototypes, the softmax terms per row, and a backward that reads the forward's ``(B, C)``
-``z`` back (kept for it: 79 KB at 64 × 309, cheaper than recomputing ``B·C·D`` differences), takes the
-softmax terms eight prototypes at a time (AVX2 exp) and forms ``W (c − μ) − (Σ W)(h − μ)`` over 16-feature column chunks. The eager
-label check runs inside the forward (the same ``ValueError``). Without the extension (or with backend
-``reference``) the PyTorch reference runs.
+(csrc/prototype_ce.cpp): distances in register tiles of 4 samples × 3 prototypes, from 24 prototypes by the
+centred product form ``‖h − μ‖² + ‖c − μ‖² − 2 (h − μ)·(c − μ)`` (one multiply-add per term instead of a subtract
+and a multiply-add: half the forward's time at 64 × 309 × 512) where ``d² >= (‖h − μ‖² + ‖c − μ‖²) / 4``, so its
+rounding stays within 4x of the difference form's, and by the exact difference form ``Σ_d (h_d − c_d)²`` for
+the nearer pairs (a sample and its own prototype; every pair below 24 prototypes and in the portable, non-AVX2
+loops), the softmax terms per row eight prototypes at a time (AVX2 exp, sums in double),
+and a backward that reads the forward's ``(B, C)`` ``z`` back (kept for it: 79 KB at 64 × 309, cheaper than
+recomputing ``B·C·D`` differences), takes the softmax terms eight prototypes at a time and forms
+``W (c − μ) − (Σ W)(h − μ)`` over 16-feature column chunks. The eager label check runs inside the forward
+(the same ``ValueError``). An eager call is one C++ autograd Function (``mmkernels_C::prototype_ce``): the
+forward kernel, the reduction (``"mean"``/``"sum"`` summed in double) and the backward kernel, so neither
+direction enters Python (the Python ``autograd.Function`` and its glue cost about as much as both kernels
+at 64 × 6 × 512); an output the loss does not use gets no zero gradient tensor, and its backward is not
+differentiable: ``create_graph=True`` through it raises a ``RuntimeError`` (the reference has no double
+backward either where it uses ``torch.cdist``). ``torch.compile`` and tensor subclasses run the registered
+op. Without the extension (or with backend ``reference``) the PyTorch reference runs.
 
 ``prototype_update`` (no autograd): masked class means and their EMA, the released ``calculate_prototype``
 semantics ``c ← (1 − momentum)·mean + momentum·c`` per class; ignored, masked-out and (on CUDA) out-of-range
@@ -394,6 +404,14 @@ def _cpu_kernels():
     return _ext.cpu_kernels("prototype_ce_fwd", "prototype_ce_bwd") if _backend.get_backend() == "auto" else None
 
 
+def _cpu_eager_op():
+    """``mmkernels_C::prototype_ce`` (a C++ autograd Function around the CPU kernels, the reduction included)
+    when the extension has it and the backend is ``auto``, else None."""
+    if _backend.get_backend() != "auto":
+        return None
+    return _ext.cpu_eager_op("prototype_ce", "prototype_ce_fwd", "prototype_ce_bwd")
+
+
 def _kernel_path(h: torch.Tensor) -> bool:
     return h.dtype != torch.float64 and use_triton(h)
 
@@ -503,19 +521,33 @@ def prototype_ce(features: torch.Tensor, prototypes: torch.Tensor, labels: torch
     """
     fn = "prototype_ce"
     check_float_tensor(fn, "features", features, ndim=2)
+    op = _eager_cpu_op(features)
     # an eager CPU call of the C++ kernel: it checks the labels' range while it reads them
-    in_kernel = skip_dispatch(features) and not use_triton(features) and _cpp_kernels(features) is not None
+    in_kernel = op is not None or (skip_dispatch(features) and not use_triton(features)
+                                   and _cpp_kernels(features) is not None)
     _check_inputs(fn, features, prototypes, labels, eager_range=not in_kernel)
     if not isinstance(squared, bool):
         raise TypeError(f"{fn}: squared must be a bool, got {type(squared).__name__} {squared!r}")
     if reduction not in _REDUCTIONS:
         raise ValueError(f"{fn}: reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    if op is not None:
+        return op(features, prototypes, labels, squared, reduction, True)
     return _prototype_ce(features, prototypes, labels, squared, reduction, check=in_kernel)
+
+
+def _eager_cpu_op(features):
+    """The C++ autograd op (:func:`_cpu_eager_op`) for an eager call on CPU features below float64, else None."""
+    if features.is_cpu and features.dtype != torch.float64 and skip_dispatch(features):
+        return _cpu_eager_op()
+    return None
 
 
 def _prototype_ce(features, prototypes, labels, squared: bool, reduction: str, check: bool = False):
     """:func:`prototype_ce` after its checks (the balancer calls it on arguments it has checked itself);
     ``check``: the C++ forward range-checks the labels."""
+    if (op := _eager_cpu_op(features)) is not None:
+        # eager CPU: a C++ autograd Function, neither direction enters Python (no double backward)
+        return op(features, prototypes, labels, squared, reduction, check)
     prototypes = prototypes.detach()
     if skip_dispatch(features) and not _kernel_path(features) and _cpp_kernels(features) is None:
         # eager reference calls differentiate the reference itself (autograd's C++ backward of a few ops)
