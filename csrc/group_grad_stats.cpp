@@ -52,6 +52,8 @@ __attribute__((target("avx2,fma"))) int64_t dot_norms_avx2(const float* a, const
   for (int k = 0; k < 4; ++k) ab[k] = aa[k] = bb[k] = _mm256_setzero_pd();
   const int64_t m = n - n % lanes::kLanes;
   for (int64_t i = 0; i < m; i += lanes::kLanes) {
+    lanes::prefetch_ahead(a + i);
+    lanes::prefetch_ahead(b + i);
     __m256d x[4], y[4];
     lanes::widen16(a + i, x);
     lanes::widen16(b + i, y);

@@ -67,6 +67,7 @@ __attribute__((target("avx2,fma"))) int64_t sum_squares_avx2(const float* g, int
   for (int k = 0; k < 4; ++k) acc[k] = _mm256_setzero_pd();
   const int64_t m = n - n % lanes::kLanes;
   for (int64_t i = 0; i < m; i += lanes::kLanes) {
+    lanes::prefetch_ahead(g + i);
     __m256d x[4];
     lanes::widen16(g + i, x);
     for (int k = 0; k < 4; ++k) acc[k] = _mm256_fmadd_pd(x[k], x[k], acc[k]);
