@@ -12,7 +12,6 @@
 
 #include <immintrin.h>
 
-#include "simd.h"
 
 #include <algorithm>
 #include <cmath>
@@ -94,12 +93,15 @@ template <int Q, int R0 = 0>
 __attribute__((target("avx2,fma"))) static inline void frm_stage1_rows(const __m256* M, const __m256* x,
                                                                       const __m256* d, float* z, int64_t zs) {
   if constexpr (R0 < 2 * Q) {
-    _mm256_storeu_ps(z + R0 * zs, frm_dot8<frm_freq<Q>(R0)>(M, x, d));
+    const __m256 y = frm_dot8<frm_freq<Q>(R0)>(M, x, d);  // columns 0-3 and 4-7 go 32 floats apart (frm_group_row)
+    _mm_storeu_ps(z + R0 * zs, _mm256_castps256_ps128(y));
+    _mm_storeu_ps(z + R0 * zs + 32, _mm256_extractf128_ps(y, 1));
     frm_stage1_rows<Q, R0 + 1>(M, x, d, z, zs);
   }
 }
 
-// Stage 1, one patch (eight columns): z[r * zs + n] = sum_i D[k_r, i] x[i, n], row i of the patch at x + i * rs.
+// Stage 1, one patch (eight columns): sum_i D[k_r, i] x[i, n] for each row r, row i of the patch at x + i * rs;
+// row r's columns 0-3 stored at z + r * zs, its columns 4-7 at z + r * zs + 32.
 template <int Q>
 __attribute__((target("avx2,fma"))) static inline void frm_stage1_patch(const float* x, int64_t rs, const __m256* M,
                                                                        float* z, int64_t zs) {
@@ -120,17 +122,32 @@ __attribute__((target("avx2,fma"))) static inline void frm_row_sums(const __m256
   }
 }
 
-// One Z row of 8 patches, transposed so the patches are the vector lanes, then its q sums.
+// A 4x4 transpose within each 128-bit half: o[n] = (a[0][n], a[1][n], a[2][n], a[3][n]) per half.
+__attribute__((target("avx2,fma"))) static inline void frm_transpose4x4_halves(const __m256* a, __m256* o) {
+  const __m256 t0 = _mm256_unpacklo_ps(a[0], a[1]), t1 = _mm256_unpackhi_ps(a[0], a[1]);
+  const __m256 t2 = _mm256_unpacklo_ps(a[2], a[3]), t3 = _mm256_unpackhi_ps(a[2], a[3]);
+  o[0] = _mm256_shuffle_ps(t0, t2, 0x44);
+  o[1] = _mm256_shuffle_ps(t0, t2, 0xEE);
+  o[2] = _mm256_shuffle_ps(t1, t3, 0x44);
+  o[3] = _mm256_shuffle_ps(t1, t3, 0xEE);
+}
+
+// One Z row of 8 patches, transposed so the patches are the vector lanes, then its q sums. Stage 1 stored the
+// row as eight 8-float vectors: vector j < 4 holds columns 0-3 of patch j then of patch j + 4, vector 4 + j
+// their columns 4-7. So two 4x4 transposes within the 128-bit halves give column n of patches 0-3 | 4-7 with
+// no cross-half permute: an 8x8 transpose's vperm2f128 is 8 micro-ops on Zen 1 CPUs like the development one
+// (measured ~3x the cost of a shuffle), and dropping them made the kernel ~5% faster in L2.
 template <int Q, bool HIGH>
 __attribute__((target("avx2,fma"))) static inline void frm_group_row(const float* z, const __m256* M, __m256* y) {
   __m256 v[8], t[8], td[4];
-  for (int i = 0; i < 8; ++i) v[i] = _mm256_loadu_ps(z + 8 * i);
-  mmkernels::transpose8x8_ps(v, t);
+  for (int i = 0; i < 8; ++i) v[i] = _mm256_load_ps(z + 8 * i);
+  frm_transpose4x4_halves(v, t);
+  frm_transpose4x4_halves(v + 4, t + 4);
   for (int i = 0; i < 4; ++i) td[i] = _mm256_sub_ps(t[i], t[7 - i]);
   frm_row_sums<Q, HIGH>(M, t, td, y);
 }
 
-// Stage 2, eight patches at a time: an 8x8 register transpose of a Z row turns the patches into vector lanes,
+// Stage 2, eight patches at a time: a register transpose of a Z row turns the patches into vector lanes,
 // so every coefficient is a lane-wise multiply-add and so is the ratio. One low row a and its high partner
 // q + a at a time, each transposed and reduced to its q sums before the next (what stays live fits the 16
 // vector registers).
@@ -157,11 +174,13 @@ __attribute__((target("avx2,fma"))) static inline __m256d frm_widen_add(__m256d 
 // q = 2), then stage 2 on it while it is in L1, so the reads of x (and the prefetches below) are spread evenly
 // over the work. A strip is 8 rows read side by side, each only a few cache lines long: too short a stream for
 // the hardware prefetcher, which left the kernel waiting on DRAM for most lines once x outgrew the caches. So x
-// is prefetched about 16 KB ahead, one line per 64 bytes read; for contiguous x in memory order (the strips
-// follow each other), otherwise the same columns of the rows of the strips that far ahead. (Measured at
-// 448-pixel rows, 1 thread: the memory-order stream hid the arithmetic under the reads markedly better than
-// row-by-row prefetches of the strip ahead, 63% -> 73% of a plain sum's read rate at 32x3x448x448; 12-24 KB
-// within noise of each other.)
+// is prefetched about 16 KB ahead, one line per 64 bytes read: for contiguous x with rows of <= 292 floats in memory
+// order (the strips follow each other), otherwise the same columns of the rows of the strip(s) that far ahead.
+// The memory-order stream is 16 KB ahead of the group's own 2 KB, but a group reads all 8 rows: at 448-pixel
+// rows (a 14 KB strip) its last row was prefetched only ~4 KB before use, and there the row-wise prefetch of the
+// next strip was 17% faster (308 MB, 1 thread, paired in one process, SMT sibling busy), while at 112-pixel
+// rows the row-wise one was ~25% slower than the stream. (Other distances, 2-10 groups ahead row-wise and
+// 2-64 KB in memory order, were within noise or worse.)
 constexpr int64_t kFrmAhead = 16384;  // bytes
 
 template <typename T, int Q>
@@ -180,7 +199,8 @@ __attribute__((target("avx2,fma"))) void frm_strips_p8_avx2(const FrmArgs& g, fl
   const __m256 tail = _mm256_castsi256_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(keep)));
   const int64_t strip_bytes = 8 * W * static_cast<int64_t>(sizeof(float));
   const int64_t rsb = g.sh * static_cast<int64_t>(sizeof(float));  // bytes between the rows of a strip
-  const bool linear = direct && g.sh == W && g.sc == g.H * W && g.sb == g.C * g.sc;
+  // the memory-order stream only while it reaches a strip's last row >= 8 KB before its use (rows <= 292 floats)
+  const bool linear = direct && g.sh == W && g.sc == g.H * W && g.sb == g.C * g.sc && 7 * rsb <= kFrmAhead / 2;
   const int64_t ahead = std::max<int64_t>(1, kFrmAhead / strip_bytes);  // strips, for the row-wise prefetch
   auto strip_base = [&](int64_t s) {
     const int64_t ph = s % g.nph, bc = s / g.nph, c = bc % g.C, b = bc / g.C;
@@ -221,7 +241,7 @@ __attribute__((target("avx2,fma"))) void frm_strips_p8_avx2(const FrmArgs& g, fl
         for (int64_t w = w0; w < w0 + 8 * n; w += 16)
           for (int i = 0; i < 8; ++i) _mm_prefetch(next + i * rsb + w * 4, _MM_HINT_T0);
       }
-      for (int64_t j = 0; j < n; ++j) frm_stage1_patch<Q>(src + w0 + 8 * j, rs, M, Zg + 8 * j, 64);
+      for (int64_t j = 0; j < n; ++j) frm_stage1_patch<Q>(src + w0 + 8 * j, rs, M, Zg + 8 * (j % 4) + 4 * (j / 4), 64);
       // float32 within a group of 8 patches x q*q terms, double across groups (the strip total); the padding
       // lanes of a partial group (0 / (0 + eps), NaN when eps == 0) are masked out
       const __m256 r = frm_group_p8<Q>(Zg, 64, M, veps);

@@ -245,12 +245,13 @@ def cpu_kernel(monkeypatch):
 
 @pytest.mark.parametrize("shape,p,q", [((2, 3, 16, 112), 8, 2), ((1, 2, 8, 72), 8, 1), ((1, 2, 8, 72), 8, 3),
                                        ((2, 1, 8, 136), 8, 4), ((3, 2, 10, 15), 5, 2), ((2, 1, 16, 128), 8, 2),
-                                       ((3, 1, 8, 8), 8, 2), ((1, 1, 48, 24), 8, 4)])
+                                       ((3, 1, 8, 8), 8, 2), ((1, 1, 48, 24), 8, 4), ((1, 2, 24, 328), 8, 2)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_cpu_kernel_vector_groups_and_tails(cpu_kernel, shape, p, q, dtype):
     # p = 8 fp32 takes eight patches per vector group: rows of 14, 9 and 17 patches end in a partial group,
     # 16 patches in two full ones, 1 and 3 patches in a partial group only; 12 strips of 112 columns reach
-    # past the prefetch distance (the AVX2 path prefetches the strips ahead), 6 strips of 24 columns do not.
+    # past the prefetch distance (the AVX2 path prefetches the strips ahead), 6 strips of 24 columns do not;
+    # contiguous rows of 328 columns (over 1 KB) take the row-wise prefetch of the next strip, 41 patches.
     x = well_conditioned(shape, p, q, dtype)
     want, _ = oracle(x, p, q)
     assert_close(mmkernels.frm(x, patch_size=p, window=q), want, rtol=RTOL[dtype], atol=0, what=f"{shape} q={q}")

@@ -16,8 +16,10 @@ neither implementation ever forms a full transform:
   each patch's column transform; fp32 arithmetic (fp64 for fp64 input), per-strip sums in float64 combined
   in a fixed order (results do not depend on the thread count). For ``patch_size=8`` on AVX2 CPUs both
   transforms use the symmetry of the DCT rows (fewer products), the column transform takes eight patches
-  per vector, eight patches at a time while they are in L1, and ``x`` is prefetched about 16 KB ahead in its
-  memory order (inputs larger than the caches are read ahead of use).
+  per vector, eight patches at a time while they are in L1 (each patch row stored split in 128-bit halves, so
+  the transposes that make the patches the vector lanes need no cross-half permutes), and ``x`` is prefetched
+  about 16 KB ahead (inputs larger than the caches are read ahead of use): in memory order for contiguous
+  input with rows of at most 292 elements, otherwise the same columns of the 8 rows of the strip(s) that far ahead.
 - the Triton kernel reads ``x`` once through its own strides (no host-side copy), accumulates in fp32
   (fp64 for fp64 input, computed in fp64 in the kernel), and writes one partial sum per program; a tiny
   deterministic second reduction (``partial.sum``) gives the ``B`` numbers. No float atomics, so results
