@@ -349,8 +349,8 @@ int64_t grain(int64_t tile_rows, const Problem& p) {
   return std::max<int64_t>(1, kParallelWork / std::max<int64_t>(1, tile_rows * p.C * p.D));
 }
 
-// Scratch of the calling thread, kept between calls (slots 0, 1: the backward's; 2, 3: the forward's): a fresh allocation of a few hundred KB is a fresh mmap
-// each call, whose page faults cost more than the packing written into it (measured: ~300 µs at C·D = 158K).
+// Scratch of the calling thread, kept between calls (slots 0, 1: the backward's; 2, 3: the forward's): a fresh
+// allocation of a few hundred KB is a fresh mmap each call, whose page faults cost more than the packing written into it (measured: ~300 µs at C·D = 158K).
 float* scratch(int slot, int64_t n) {
   static thread_local std::vector<float> bufs[4];
   std::vector<float>& b = bufs[slot];

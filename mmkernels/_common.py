@@ -326,9 +326,9 @@ _LISTS_WRITTEN, _LISTS_APART, _LISTS_NO_GRAD, _LISTS_CONTIGUOUS = 1, 2, 4, 8
 def lists_pass(first: Sequence, second: Sequence = (), third: Sequence = (), *, written: bool = False,
                apart: bool = False) -> bool:
     """Whether a multi-tensor op's tensor checks all pass, from one C++ pass over the lists: every tensor dense,
-    contiguous, floating and on the first one's device; ``second[i]`` and ``third[i]`` (when given) of ``first[i]``'s shape and
-    dtype; with ``written`` (``first`` is updated in place) ``first``'s tensors contiguous, pairwise disjoint and,
-    under grad mode, not requiring grad; with ``apart`` no ``second`` tensor sharing memory with a ``first`` one.
+    contiguous, floating and on the first one's device; ``second[i]`` and ``third[i]`` (when given) of
+    ``first[i]``'s shape and dtype; with ``written`` (``first`` is updated in place) ``first``'s tensors pairwise
+    disjoint and, under grad mode, not requiring grad; with ``apart`` no ``second`` tensor sharing memory with a ``first`` one.
     False also without the extension and under ``torch.compile``. Callers run their Python checks when it says
     False: they raise the precise message (this pass is at least as strict, never looser). It exists because the
     Python checks cost about 10 µs a tensor, more than the kernel itself on a GPU at the balancers' shapes."""

@@ -138,8 +138,8 @@ _CPP_TOL = {torch.float32: (1e-5, 1e-4), torch.bfloat16: (1e-5, 2e-2), torch.flo
 @pytest.mark.parametrize("shape", [(23, 11, 37), (7, 1, 16), (23, 29, 37)])
 def test_cpu_kernel_vs_float64(cpp, shape, squared, dtype):
     """The C++ kernels where every tile is partial (B % 4, B % 6, C % 3, D % 8, D % 16 non-zero; one prototype;
-    29 prototypes: the forward's guarded product form), each reduction, ignored samples, per-sample weights on both terms (every G_k path), a common offset, fp64
-    prototypes with low-precision features; against autograd of the float64 formula on the same (rounded)
+    29 prototypes: the forward's guarded product form), each reduction, ignored samples, per-sample weights on
+    both terms (every G_k path), a common offset, fp64 prototypes with low-precision features; against autograd of the float64 formula on the same (rounded)
     features."""
     B, C, D = shape
     h64, c64, y = data(B, C, D, offset=3.0, seed=10, scale=0.25)

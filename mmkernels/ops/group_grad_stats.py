@@ -92,8 +92,8 @@ def _tensor_impl(a: list[torch.Tensor], b: list[torch.Tensor], group: list[int],
     if (not a or _backend.get_backend() == "reference" or _ext.load() is None
             or not _ext.has_kernel("group_grad_tensor_stats", device)):
         return _tensor_stats_ref(a, b, group, num_groups, device)
-    return _ext.ops().group_grad_tensor_stats(contiguous_list(a, contiguous), contiguous_list(b, contiguous), group,
-                                              num_groups)
+    return _ext.ops().group_grad_tensor_stats(contiguous_list(a, contiguous), contiguous_list(b, contiguous),
+                                              group, num_groups)
 
 
 @torch.library.custom_op("mmkernels::group_grad_tensor_stats", mutates_args=())

@@ -404,14 +404,6 @@ def _cpu_kernels():
     return _ext.cpu_kernels("prototype_ce_fwd", "prototype_ce_bwd") if _backend.get_backend() == "auto" else None
 
 
-def _cpu_eager_op():
-    """``mmkernels_C::prototype_ce`` (a C++ autograd Function around the CPU kernels, the reduction included)
-    when the extension has it and the backend is ``auto``, else None."""
-    if _backend.get_backend() != "auto":
-        return None
-    return _ext.cpu_eager_op("prototype_ce", "prototype_ce_fwd", "prototype_ce_bwd")
-
-
 def _kernel_path(h: torch.Tensor) -> bool:
     return h.dtype != torch.float64 and use_triton(h)
 
@@ -530,15 +522,15 @@ def prototype_ce(features: torch.Tensor, prototypes: torch.Tensor, labels: torch
         raise TypeError(f"{fn}: squared must be a bool, got {type(squared).__name__} {squared!r}")
     if reduction not in _REDUCTIONS:
         raise ValueError(f"{fn}: reduction must be one of {_REDUCTIONS}, got {reduction!r}")
-    if op is not None:
-        return op(features, prototypes, labels, squared, reduction, True)
     return _prototype_ce(features, prototypes, labels, squared, reduction, check=in_kernel)
 
 
 def _eager_cpu_op(features):
-    """The C++ autograd op (:func:`_cpu_eager_op`) for an eager call on CPU features below float64, else None."""
-    if features.is_cpu and features.dtype != torch.float64 and skip_dispatch(features):
-        return _cpu_eager_op()
+    """``mmkernels_C::prototype_ce`` (a C++ autograd Function around the CPU kernels, the reduction included)
+    for an eager call on CPU features below float64 with backend ``auto``, when the extension has it; else None."""
+    if (features.is_cpu and features.dtype != torch.float64 and skip_dispatch(features)
+            and _backend.get_backend() == "auto"):
+        return _ext.cpu_eager_op("prototype_ce", "prototype_ce_fwd", "prototype_ce_bwd")
     return None
 
 
