@@ -173,15 +173,15 @@ __attribute__((target("avx2,fma"))) static inline __m256d frm_widen_add(__m256d 
 // One strip, eight patches (64 columns) at a time: stage 1 of the group into Zg (2q rows of 64 floats, 1 KB at
 // q = 2), then stage 2 on it while it is in L1, so the reads of x (and the prefetches below) are spread evenly
 // over the work. A strip is 8 rows read side by side, each only a few cache lines long: too short a stream for
-// the hardware prefetcher, which left the kernel waiting on DRAM for most lines once x outgrew the caches. So x
-// is prefetched about 16 KB ahead, one line per 64 bytes read: for contiguous x with rows of <= 292 floats in memory
-// order (the strips follow each other), otherwise the same columns of the rows of the strip(s) that far ahead.
-// The memory-order stream is 16 KB ahead of the group's own 2 KB, but a group reads all 8 rows: at 448-pixel
-// rows (a 14 KB strip) its last row was prefetched only ~4 KB before use, and there the row-wise prefetch of the
-// next strip was 17% faster (308 MB, 1 thread, paired in one process, SMT sibling busy), while at 112-pixel
-// rows the row-wise one was ~25% slower than the stream. (Other distances, 2-10 groups ahead row-wise and
-// 2-64 KB in memory order, were within noise or worse.)
-constexpr int64_t kFrmAhead = 16384;  // bytes
+// the hardware prefetcher, which left the kernel waiting on DRAM for most lines once x outgrew the caches. In
+// cache the kernel runs at about the machine's read bandwidth, so from DRAM it only gets there if the loads
+// overlap the arithmetic. Contiguous x (the strips follow each other) is prefetched in memory order kFrmAhead
+// bytes ahead into L2, one line per 64 bytes read (into L1, lines that far ahead evict the current group's: a
+// strip of 448-pixel rows is 14 KB). Measured at 1 thread on a Zen 4 EPYC, DRAM-sized inputs (294-616 MB, rows
+// of 112-1024 pixels), % of the x.sum() read bandwidth: into L1 at 16 KB (the previous setting) 37-58%; into L2
+// at 12 KB 65-82%, 16 KB 65-81%, 24 KB 73-84%; inputs that fit in the caches ran as before. Other layouts
+// (rows farther apart than their width) get the same columns of the rows of the strip(s) that far ahead, into L1.
+constexpr int64_t kFrmAhead = 24576;  // bytes
 
 template <typename T, int Q>
 __attribute__((target("avx2,fma"))) void frm_strips_p8_avx2(const FrmArgs& g, float eps, int64_t s0, int64_t s1,
@@ -199,8 +199,7 @@ __attribute__((target("avx2,fma"))) void frm_strips_p8_avx2(const FrmArgs& g, fl
   const __m256 tail = _mm256_castsi256_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(keep)));
   const int64_t strip_bytes = 8 * W * static_cast<int64_t>(sizeof(float));
   const int64_t rsb = g.sh * static_cast<int64_t>(sizeof(float));  // bytes between the rows of a strip
-  // the memory-order stream only while it reaches a strip's last row >= 8 KB before its use (rows <= 292 floats)
-  const bool linear = direct && g.sh == W && g.sc == g.H * W && g.sb == g.C * g.sc && 7 * rsb <= kFrmAhead / 2;
+  const bool linear = direct && g.sh == W && g.sc == g.H * W && g.sb == g.C * g.sc;
   const int64_t ahead = std::max<int64_t>(1, kFrmAhead / strip_bytes);  // strips, for the row-wise prefetch
   auto strip_base = [&](int64_t s) {
     const int64_t ph = s % g.nph, bc = s / g.nph, c = bc % g.C, b = bc / g.C;
@@ -234,8 +233,8 @@ __attribute__((target("avx2,fma"))) void frm_strips_p8_avx2(const FrmArgs& g, fl
       if (lin) {  // the 64 columns of 8 rows read below are 2 KB: 32 lines
         for (int k = 0; k < 4 * static_cast<int>(n); k += 2) {
           const char* p = lin + w0 * 32 + k * 64;
-          if (p < lin_end) _mm_prefetch(p, _MM_HINT_T0);
-          if (p + 64 < lin_end) _mm_prefetch(p + 64, _MM_HINT_T0);
+          if (p < lin_end) _mm_prefetch(p, _MM_HINT_T1);
+          if (p + 64 < lin_end) _mm_prefetch(p + 64, _MM_HINT_T1);
         }
       } else if (next) {
         for (int64_t w = w0; w < w0 + 8 * n; w += 16)
