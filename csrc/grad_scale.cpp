@@ -105,6 +105,8 @@ TORCH_LIBRARY_FRAGMENT(mmkernels_C, m) {
   m.def("grad_scale(Tensor(a) x, Tensor coeff) -> Tensor(a)");
   // the backward's product alone: grad * coeff rounded once to grad's dtype
   m.def("grad_scale_bwd(Tensor grad, Tensor coeff) -> Tensor");
+  // the cached blocks of the fresh-output allocator (csrc/cpu_alloc.h) back to the system; returns the bytes
+  m.def("empty_cpu_cache() -> int", &cpu_alloc::empty_cache);
 }
 
 TORCH_LIBRARY_IMPL(mmkernels_C, CompositeImplicitAutograd, m) { m.impl("grad_scale", &grad_scale); }

@@ -45,6 +45,7 @@ _LAZY = {
     "modality_drop_ref": "mmkernels.ops.modality_drop",
     "proximal_fisher_": "mmkernels.ops.proximal_fisher",
     "proximal_fisher_ref_": "mmkernels.ops.proximal_fisher",
+    "empty_cpu_cache": "mmkernels._ext",
     "policies": "mmkernels.policies",
     "balance": "mmkernels.balance",
 }

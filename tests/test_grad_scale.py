@@ -1,3 +1,5 @@
+import os
+
 import pytest
 import torch
 
@@ -234,6 +236,56 @@ def test_cpu_kernel_streaming_rows_and_fallbacks():
 
     with mmkernels.use_backend("reference"):
         assert "GradScaleFunction" not in grad_scale(x, k).grad_fn.name()
+
+
+def test_cpu_output_blocks_are_reused_and_released():
+    """Large fresh CPU outputs come from a cache of freed blocks (csrc/cpu_alloc.h): a freed block is handed
+    out again for the same size, never while a tensor still holds it, and empty_cpu_cache() releases it."""
+    _need_cpu_kernel()
+    import sys
+
+    import mmkernels
+
+    if not sys.platform.startswith("linux") or "MMKERNELS_NO_HUGEPAGES" in os.environ:
+        pytest.skip("the huge-page block cache is Linux-only")
+    if os.environ.get("MMKERNELS_CPU_CACHE_MB", "1") == "0":
+        pytest.skip("the block cache is turned off in this environment")
+    mmkernels.empty_cpu_cache()
+    x = torch.randn(3, 1_000_003, requires_grad=True)  # 12 MB: six 2 MiB pages after rounding up
+    c = torch.tensor(0.5)
+    ups = [torch.randn(3, 1_000_003) for _ in range(3)]
+    (first,) = torch.autograd.grad(grad_scale(x, c), x, ups[0])
+    (second,) = torch.autograd.grad(grad_scale(x, c), x, ups[1])  # first still alive: another block
+    assert first.data_ptr() != second.data_ptr()
+    assert torch.equal(first, _formula(ups[0], c)) and torch.equal(second, _formula(ups[1], c))
+    kept = first.data_ptr()
+    del first
+    (third,) = torch.autograd.grad(grad_scale(x, c), x, ups[2])
+    assert third.data_ptr() == kept and torch.equal(third, _formula(ups[2], c))  # every value rewritten
+    del second, third
+    assert mmkernels.empty_cpu_cache() == 2 * 6 * (2 << 20)
+    assert mmkernels.empty_cpu_cache() == 0
+
+
+def test_cpu_output_cache_can_be_turned_off():
+    _need_cpu_kernel()
+    import subprocess
+    import sys
+
+    script = """
+import torch, mmkernels
+x = torch.randn(4, 1 << 20, requires_grad=True)
+for _ in range(2):
+    (g,) = torch.autograd.grad(mmkernels.grad_scale(x, torch.tensor(2.0)), x, torch.ones(4, 1 << 20))
+    assert torch.equal(g, torch.full_like(g, 2.0))
+    del g
+assert mmkernels.empty_cpu_cache() == 0
+print("cache off ok")
+"""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, MMKERNELS_CPU_CACHE_MB="0", MMKERNELS_JIT="0")
+    out = subprocess.run([sys.executable, "-c", script], cwd=root, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "cache off ok" in out.stdout, out.stderr[-3000:]
 
 
 def test_portable_loops_of_this_area_match():
