@@ -54,7 +54,8 @@ its first write, and with 4 KiB pages that costs more than the pass itself: at 2
 and backward took ~0.41 s with 4 KiB pages and ~0.10 s with huge pages on the development CPU (1 thread).
 They are ordinary CPU tensors (resizable, in-place ops, ``torch.save``, ``.numpy()``, ``share_memory_()``);
 ``MMKERNELS_NO_HUGEPAGES=1`` in the environment turns this off. PyTorch's own CPU allocator does the same
-for every tensor under ``THP_MEM_ALLOC_ENABLE=1``.
+for every tensor under ``THP_MEM_ALLOC_ENABLE=1``. Freed blocks are kept for the same size again, as for
+``grad_scale`` (``MMKERNELS_CPU_CACHE_MB``, ``mmkernels.empty_cpu_cache()``).
 """
 from __future__ import annotations
 
