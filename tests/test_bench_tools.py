@@ -734,3 +734,20 @@ def test_targets_table_has_the_read_bandwidth_goal_at_256_mb(tmp_path):
     _write(tmp_path / "toy_cpu.json", CPU_ENV, [big, small])
     lines = [line for line in report.targets(str(tmp_path)).splitlines() if "read bandwidth" in line]
     assert lines == ["| 2-core CPU | toy | big float32 (300 MB moved) | ≥ 70 % of read bandwidth | 62.91 | **no** | – |"]
+
+
+def test_cpu_results_name_the_cpu_model():
+    """CPU results carry the model name with family and model (one VM name covers several generations)."""
+    from mmkernels.bench.harness import cpu_model
+
+    name = cpu_model()
+    assert name
+    try:
+        lines = open("/proc/cpuinfo").read().splitlines()
+    except OSError:
+        return
+    want = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), None)
+    if want:
+        assert name.startswith(want)
+    if any(ln.startswith("cpu family") for ln in lines):
+        assert "family" in name and "model" in name

@@ -233,10 +233,30 @@ def environment(device: str) -> dict:
         except Exception:  # noqa: BLE001 - best effort metadata
             env["driver"] = None
     else:
-        env["device_name"] = platform.processor() or platform.machine()
+        env["device_name"] = cpu_model()
+        env["cpu_capability"] = torch.backends.cpu.get_cpu_capability()  # the vector ISA ATen's kernels use
         env["cpu_threads"] = torch.get_num_threads()
         env["cpu_count"] = os.cpu_count()
     return env
+
+
+def cpu_model() -> str:
+    """The CPU's model name with its family and model numbers, from /proc/cpuinfo (a VM's model name can be as
+    vague as "AMD EPYC", and CPUs of one name differ by generation); the machine type elsewhere."""
+    fields: dict = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if not line.strip():
+                    break  # the first processor's block is enough
+                key, _, value = line.partition(":")
+                fields.setdefault(key.strip(), value.strip())
+    except OSError:
+        pass
+    name = fields.get("model name") or platform.processor() or platform.machine()
+    if "cpu family" in fields and "model" in fields:
+        name += f" (family {fields['cpu family']}, model {fields['model']})"
+    return name
 
 
 def peak_gbps(device: str) -> float | None:

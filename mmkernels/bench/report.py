@@ -227,6 +227,8 @@ def _env_line(name: str, env: dict) -> str:
     parts = [f"{env.get('device_name')} ({env.get('device')})", f"torch {env.get('torch')}", f"triton {env.get('triton')}"]
     if env.get("cuda"):
         parts.append(f"CUDA {env.get('cuda')}, driver {env.get('driver')}")
+    if env.get("cpu_capability"):
+        parts.append(f"ATen kernels {env['cpu_capability']}")
     if env.get("cpu_threads"):
         parts.append(f"{env['cpu_threads']} threads")
     if env.get("read_gbps"):
