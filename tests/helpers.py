@@ -73,15 +73,21 @@ def select_backend(name: str, device, kernel: str, what: str):
         yield name
 
 
-def run_portable_kernels(script: str) -> None:
-    """Run ``script`` in a fresh interpreter with the extension's non-AVX2 loops forced (the choice is made once
-    per process) and the cached build only; it must print "portable ok"."""
+def run_script(script: str, env: dict, expect: str) -> None:
+    """Run ``script`` in a fresh interpreter from the repository root with ``env`` added to the environment
+    (settings the extension reads once per process) and the cached build only; it must print ``expect``."""
     import os
     import subprocess
     import sys
 
-    env = dict(os.environ, MMKERNELS_NO_AVX2="1", MMKERNELS_JIT="0")
+    full = dict(os.environ, MMKERNELS_JIT="0", **env)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    out = subprocess.run([sys.executable, "-c", script], cwd=root, env=env, capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-c", script], cwd=root, env=full, capture_output=True, text=True,
                          timeout=120)
-    assert out.returncode == 0 and "portable ok" in out.stdout, out.stderr[-3000:]
+    assert out.returncode == 0 and expect in out.stdout, out.stderr[-3000:]
+
+
+def run_portable_kernels(script: str) -> None:
+    """Run ``script`` with the extension's non-AVX2 loops forced (the choice is made once per process); it must
+    print "portable ok"."""
+    run_script(script, {"MMKERNELS_NO_AVX2": "1"}, "portable ok")

@@ -269,10 +269,9 @@ def test_cpu_output_blocks_are_reused_and_released():
 
 def test_cpu_output_cache_can_be_turned_off():
     _need_cpu_kernel()
-    import subprocess
-    import sys
+    from tests.helpers import run_script
 
-    script = """
+    run_script("""
 import torch, mmkernels
 x = torch.randn(4, 1 << 20, requires_grad=True)
 for _ in range(2):
@@ -281,11 +280,7 @@ for _ in range(2):
     del g
 assert mmkernels.empty_cpu_cache() == 0
 print("cache off ok")
-"""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, MMKERNELS_CPU_CACHE_MB="0", MMKERNELS_JIT="0")
-    out = subprocess.run([sys.executable, "-c", script], cwd=root, env=env, capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0 and "cache off ok" in out.stdout, out.stderr[-3000:]
+""", {"MMKERNELS_CPU_CACHE_MB": "0"}, "cache off ok")
 
 
 def test_portable_loops_of_this_area_match():
