@@ -26,6 +26,7 @@
 
 #include <immintrin.h>
 
+#include "cpu_isa.h"
 #include "simd.h"
 
 #include <algorithm>
@@ -42,13 +43,6 @@ namespace mmk {
 namespace {
 
 #define MMK_INLINE static inline __attribute__((always_inline))
-
-bool cpu_has_avx2_fma() {
-  // MMKERNELS_NO_AVX2=1 forces the portable loops (tests compare both).
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                         std::getenv("MMKERNELS_NO_AVX2") == nullptr;
-  return ok;
-}
 
 // Last band = S * sum(x^2) - sum of the others, clamped at 0 (rounding on a (nearly) empty band; NaN passes).
 template <typename A>
@@ -699,7 +693,7 @@ std::tuple<at::Tensor, at::Tensor> band_energy_1d_cpu(const at::Tensor& x, const
   auto proj = save_proj ? at::empty({M, 2 * K}, opts) : at::empty({0}, opts);
   if (M == 0) return {out, proj};
   const int64_t* bb = bin_band.const_data_ptr<int64_t>();
-  const bool wide = cpu_has_avx2_fma();
+  const bool wide = isa::avx2_fma();
   const bool pow2 = N >= 2 * L && (N & (N - 1)) == 0;
   if (use_fft && !pow2) {
     AT_DISPATCH_FLOATING_TYPES(acc, "band_energy_1d_rfft", [&] {
@@ -965,7 +959,7 @@ std::tuple<at::Tensor, at::Tensor> band_energy_2d_cpu(const at::Tensor& x, const
                  save_proj ? proj.data_ptr() : nullptr};
     auto fn = &proj2d_generic<scalar_t, A>;
     if constexpr (std::is_same<A, float>::value) {
-      if (cpu_has_avx2_fma()) fn = &proj2d_tiled_avx2<scalar_t>;
+      if (isa::avx2_fma()) fn = &proj2d_tiled_avx2<scalar_t>;
     }
     const int64_t work = std::max<int64_t>(1, H * W * (2 * V + 1));
     const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 18) / work);

@@ -25,6 +25,7 @@
 #include <c10/core/Allocator.h>
 #include <c10/core/CPUAllocator.h>
 
+#include <cerrno>
 #include <cstdlib>
 #include <deque>
 #include <mutex>
@@ -92,13 +93,29 @@ class BlockCache {
   }
 
  private:
-  BlockCache() {
+  BlockCache() : cap_(cap_from_env()) {}
+
+  // MMKERNELS_CPU_CACHE_MB: a whole number of megabytes. Anything else (a sign, a unit, a fraction, a value past
+  // 2^40) warns once and keeps the default, rather than being read as 0 (cache off) or wrapping to no cap.
+  static size_t cap_from_env() {
+    constexpr unsigned long long kDefaultMb = 1024;
     const char* mb = std::getenv("MMKERNELS_CPU_CACHE_MB");
-    cap_ = size_t(mb ? std::strtoull(mb, nullptr, 10) : 1024) << 20;
+    if (mb == nullptr) return size_t(kDefaultMb) << 20;
+    char* end = nullptr;
+    errno = 0;
+    const unsigned long long v = (*mb >= '0' && *mb <= '9') ? std::strtoull(mb, &end, 10) : 0;
+    if (end == nullptr || *end != '\0' || errno == ERANGE || v > (1ull << 40)) {
+      TORCH_WARN_ONCE("MMKERNELS_CPU_CACHE_MB='", mb, "' is not a whole number of megabytes; the CPU output ",
+                      "block cache keeps its default cap of ", kDefaultMb, " MB. Set it to a number such as 512, ",
+                      "or to 0 to keep no blocks.");
+      return size_t(kDefaultMb) << 20;
+    }
+    return size_t(v) << 20;
   }
   std::mutex mu_;
   std::deque<std::pair<void*, size_t>> blocks_;
-  size_t bytes_ = 0, cap_ = 0;
+  size_t bytes_ = 0;
+  const size_t cap_;
 };
 
 // The DataPtr's context: the block and its size, so that the deleter can hand it to the cache.

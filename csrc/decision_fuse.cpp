@@ -24,22 +24,17 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstdlib>
 #include <limits>
 #include <type_traits>
 #include <vector>
+
+#include "cpu_isa.h"
 
 namespace mmk {
 namespace {
 
 constexpr int64_t kTile = 512;            // classes per tile: num/den tiles stay in L1
 constexpr int64_t kParallelWork = 32768;  // (modality, class) entries per thread below which threads cost more
-
-bool fuse_avx2() {
-  static const bool on = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                         std::getenv("MMKERNELS_NO_AVX2") == nullptr;
-  return on;
-}
 
 template <typename T>
 using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
@@ -509,7 +504,7 @@ at::Tensor decision_fuse_fwd_cpu(const at::Tensor& logits, const at::Tensor& wei
     if (B == 0 || K == 0) return;
     const FwdArgs p{logits.const_data_ptr(), logits.stride(0), logits.stride(1), logits.stride(2), z.data_ptr(),
                     M, B, K, s.wp.data(), s.w.data(), mask.has_value() ? s.a.data() : nullptr};
-    const bool avx2 = fuse_avx2();
+    const bool avx2 = isa::avx2_fma();
     const bool fast = avx2 && std::is_same_v<scalar_t, float> && logits.stride(2) == 1;
     const bool by_pattern = fast && M <= kMaxPatternM && (!mask.has_value() || mask->scalar_type() == at::kBool);
     Patterns t;
@@ -545,7 +540,7 @@ at::Tensor decision_fuse_bwd_cpu(const at::Tensor& grad, const at::Tensor& weigh
     const BwdArgs p{grad.const_data_ptr(), grad.stride(0), grad.stride(1), dx.data_ptr(), M, B, K,
                     s.wp.data(), s.w.data(), mask.has_value() ? s.a.data() : nullptr,
                     grad_coeff.has_value() ? s.c.data() : nullptr};
-    const bool avx2 = fuse_avx2();
+    const bool avx2 = isa::avx2_fma();
     const bool fast = avx2 && std::is_same_v<scalar_t, float> && grad.stride(1) == 1;
     const bool by_pattern = fast && M <= kMaxPatternM && (!mask.has_value() || mask->scalar_type() == at::kBool);
     Patterns t;

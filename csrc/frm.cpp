@@ -20,6 +20,8 @@
 #include <type_traits>
 #include <vector>
 
+#include "cpu_isa.h"
+
 namespace mmk {
 namespace {
 
@@ -323,12 +325,6 @@ __attribute__((target("avx2,fma"))) void frm_strips_avx2(const FrmArgs& g, const
   frm_strips_body<T, A, PP>(g, R, eps, s0, s1, part);
 }
 
-bool cpu_has_avx2_fma() {  // MMKERNELS_NO_AVX2=1 forces the portable loops (tested on AVX2 machines too)
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                         std::getenv("MMKERNELS_NO_AVX2") == nullptr;
-  return ok;
-}
-
 template <typename T, typename A>
 void frm_run(const FrmArgs& g, double eps, int64_t strips, double* part) {
   // Rows D[0..q-1] then D[p-1], ..., D[p-q] of the orthonormal DCT-II, built in double, rounded once.
@@ -341,7 +337,7 @@ void frm_run(const FrmArgs& g, double eps, int64_t strips, double* part) {
   }
   const A eps_a = static_cast<A>(eps);
   using Fn = void (*)(const FrmArgs&, const A*, A, int64_t, int64_t, double*);
-  const bool wide = cpu_has_avx2_fma();
+  const bool wide = isa::avx2_fma();
   Fn fn = g.p == 8 ? (wide ? &frm_strips_avx2<T, A, 8> : &frm_strips_generic<T, A, 8>)
                    : (wide ? &frm_strips_avx2<T, A, 0> : &frm_strips_generic<T, A, 0>);
   using Fast = void (*)(const FrmArgs&, float, int64_t, int64_t, double*);

@@ -14,6 +14,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "cpu_isa.h"
 #include "group_grad_combine.h"
 #include "group_grad_lanes.h"
 #include "multi_tensor_apply.h"
@@ -57,7 +58,7 @@ template <typename T>
 void combine_range(T* g, const T* h, int64_t n, double p, double q) {
   int64_t done = 0;
   if constexpr (std::is_same_v<T, float>) {
-    if (lanes::use_avx2()) done = combine_avx2(g, h, n, static_cast<float>(p), static_cast<float>(q));
+    if (isa::avx2_fma()) done = combine_avx2(g, h, n, static_cast<float>(p), static_cast<float>(q));
   }
   combine_portable(g, h, done, n, p, q);
 }

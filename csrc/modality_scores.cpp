@@ -24,13 +24,13 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <set>
 #include <sstream>
 #include <vector>
 
+#include "cpu_isa.h"
 #include "simd.h"
 
 namespace mmk {
@@ -39,12 +39,6 @@ namespace {
 constexpr int64_t kIgnore = -100;
 constexpr int64_t kRowsPerBlock = 64;     // rows summed together in double (fixed: thread-count independent)
 constexpr int64_t kParallelWork = 32768;  // logits per thread below which threads cost more than they save
-
-bool scores_avx2() {
-  static const bool on = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                         __builtin_cpu_supports("f16c") && std::getenv("MMKERNELS_NO_AVX2") == nullptr;
-  return on;
-}
 
 // ----------------------------------------------------------------------------------- exp, x <= 0 (portable)
 // exp(x) for x <= 0, -inf or NaN, in the portable loops: x = n ln2 + r with |r| <= ln2/2 (ln2 split in two so that n ln2 is exact
@@ -310,7 +304,7 @@ void score_blocks(const std::vector<Rows>& rows, int64_t B, int64_t K, const int
   using A = std::conditional_t<std::is_same_v<T, double>, double, float>;
   const int64_t M = static_cast<int64_t>(rows.size());
   const int64_t blocks_per_m = (B + kRowsPerBlock - 1) / kRowsPerBlock;
-  const bool avx2 = scores_avx2();
+  const bool avx2 = isa::avx2_fma();
   const int64_t grain = std::max<int64_t>(1, kParallelWork / std::max<int64_t>(1, kRowsPerBlock * K));
   at::parallel_for(0, M * blocks_per_m, grain, [&](int64_t begin, int64_t end) {
     std::vector<A> buf;

@@ -6,6 +6,21 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include <string>
+
+#include "cpu_isa.h"
+
+namespace {
+
+// The vector loops the CPU kernels of this process run (csrc/cpu_isa.h), for benchmark records and tests.
+std::string cpu_vector_isa() {
+  if (mmk::isa::avx512()) return "avx512";
+  if (mmk::isa::avx2()) return "avx2";
+  return "portable";
+}
+
+}  // namespace
+
 extern "C" PyObject* PyInit__C(void) {
   static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "mmkernels compiled kernels (torch.ops.mmkernels_C)",
                                -1, nullptr};
@@ -23,4 +38,6 @@ TORCH_LIBRARY(mmkernels_C, m) {
   m.def("update_scale_(Tensor(a!)[] params, Tensor[] snapshots, Tensor coeffs, int[] group) -> Tensor");
   // (num_groups, 3) float64: per group, <a, b>, |a|^2, |b|^2 summed over the tensors of that group.
   m.def("group_grad_stats(Tensor[] a, Tensor[] b, int[] group, int num_groups) -> Tensor");
+  // "avx512", "avx2" or "portable": the widest vector loops the CPU kernels use in this process.
+  m.def("cpu_vector_isa() -> str", &cpu_vector_isa);
 }

@@ -41,12 +41,12 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
-#include <cstdlib>
 #include <limits>
 #include <set>
 #include <sstream>
 #include <vector>
 
+#include "cpu_isa.h"
 #include "simd.h"
 
 namespace mmk {
@@ -58,12 +58,6 @@ constexpr int64_t kRowTile = 4;               // feature rows per distance tile
 constexpr int64_t kProtoTile = 3;             // prototypes per distance tile
 constexpr int64_t kGradRows = 6;              // feature rows per gradient tile
 constexpr int64_t kParallelWork = 1 << 18;    // multiply-adds per thread below which threads cost more
-
-bool pce_avx2() {
-  static const bool on = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                         std::getenv("MMKERNELS_NO_AVX2") == nullptr;
-  return on;
-}
 
 // ------------------------------------------------------------------------------------- squared distances
 __attribute__((target("avx2"))) inline __m256i tail_mask(int64_t n) {  // lanes [0, n) set, 0 <= n <= 8
@@ -467,7 +461,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pce_forward(const at:
   float* z_p = z.data_ptr<float>();
   float* ent_p = ent.data_ptr<float>();
   float* lse_p = lse.data_ptr<float>();
-  const bool avx2 = pce_avx2();
+  const bool avx2 = isa::avx2_fma();
   Centred centred{};
   const bool product = avx2 && C >= kProductMinC;
   if (product) {  // the guarded product form's operands, once for all threads
@@ -698,7 +692,7 @@ at::Tensor pce_backward(const Problem& p, RowGrad g_ce, RowGrad g_ent, const at:
   } else {
     mu_own.assign(D, 0.0f);
     float* own = scratch(0, chunks * C * kChunk);  // written below, padding included
-    if (pce_avx2()) {
+    if (isa::avx2_fma()) {
       mean_prototype_avx2(p.cp, C, D, mu_own.data());
       pack_centred_avx2(p.cp, C, D, mu_own.data(), own, nullptr);
     } else {
@@ -712,7 +706,7 @@ at::Tensor pce_backward(const Problem& p, RowGrad g_ce, RowGrad g_ent, const at:
   float* wtp = scratch(1, tiles * C * kGradRows);
   std::fill(wtp, wtp + tiles * C * kGradRows, 0.0f);  // ignored rows and rows past B: W = 0
   std::vector<float> wsum(tiles * kGradRows, 0.0f);
-  const bool avx2 = pce_avx2();
+  const bool avx2 = isa::avx2_fma();
   at::parallel_for(0, tiles, std::max<int64_t>(1, kParallelWork / std::max<int64_t>(1, kGradRows * C * 32)),
                    [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {

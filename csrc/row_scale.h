@@ -19,21 +19,14 @@
 #include <cstring>
 #include <type_traits>
 
+#include "cpu_isa.h"
+
 #if defined(__x86_64__)
 #include <immintrin.h>
 #endif
 
 namespace mmk {
 namespace rowscale {
-
-inline bool avx2() {
-#if defined(__x86_64__)
-  static const bool on = __builtin_cpu_supports("avx2") && std::getenv("MMKERNELS_NO_AVX2") == nullptr;
-  return on;
-#else
-  return false;
-#endif
-}
 
 // Output bytes from which the stores bypass the cache: the last-level cache size (32 MiB when unknown).
 inline int64_t streaming_bytes() {
@@ -97,7 +90,7 @@ template <typename T, typename A>
 inline void scale_span(const T* x, T* out, int64_t n, A f, bool select, bool stream) {
 #if defined(__x86_64__)
   if constexpr (std::is_same_v<T, float> && std::is_same_v<A, float>) {
-    if (avx2()) return scale_span_f32_avx2(x, out, n, f, select, stream);
+    if (isa::avx2()) return scale_span_f32_avx2(x, out, n, f, select, stream);
   }
 #endif
   scale_span_scalar(x, out, n, f, select);

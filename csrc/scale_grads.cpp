@@ -15,11 +15,11 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <type_traits>
 
+#include "cpu_isa.h"
 #include "multi_tensor_apply.h"
 #include "noise.h"
 #include "scale_grads.h"
@@ -109,11 +109,67 @@ __attribute__((target("avx2"))) void normals_tile_avx2(uint64_t seed, uint32_t t
   MMK_BOX_MULLER_LOOP
 }
 
-// MMKERNELS_NO_AVX2=1 forces the portable paths (the tests check both give the same bits)
-bool use_avx2();
+// AVX-512 version: 16 groups per vector. The high and low halves of the even- and odd-lane products are
+// interleaved back by one two-source permute each (instead of a shift and a blend), and each round's pair of
+// XORs is one three-input vpternlogd; the Box-Muller loop is the same source again, compiled 16 wide without
+// contraction. About 1.6-1.8x the AVX2 tile's throughput on a Zen 4 core (0.94-1.17 against 1.47-2.12 ns per
+// normal, the two measured side by side; the VM's clock varied between runs), bit-identical to it.
+MMK_TARGET_AVX512 static inline void mulhilo16(__m512i a, __m512i m, __m512i* hi, __m512i* lo) {
+  const __m512i pe = _mm512_mul_epu32(a, m);                         // 64-bit products of lanes 0,2,..,14
+  const __m512i po = _mm512_mul_epu32(_mm512_srli_epi64(a, 32), m);  // lanes 1,3,..,15
+  const __m512i odd_hi = _mm512_setr_epi32(1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31);
+  const __m512i even_lo = _mm512_setr_epi32(0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30);
+  *hi = _mm512_permutex2var_epi32(pe, odd_hi, po);
+  *lo = _mm512_permutex2var_epi32(pe, even_lo, po);
+}
+
+MMK_TARGET_AVX512 void normals_tile_avx512(uint64_t seed, uint32_t tensor, uint64_t g0, float* z) {
+  alignas(64) uint32_t X[kTile / 4], Y[kTile / 4], Z[kTile / 4], W[kTile / 4];
+  const __m512i M0 = _mm512_set1_epi32((int)0xD2511F53u), M1 = _mm512_set1_epi32((int)0xCD9E8D57u);
+  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  constexpr int kBlocks = 4;  // independent blocks through the rounds together, as in the AVX2 tile
+  for (int g = 0; g < kTile / 4; g += 16 * kBlocks) {
+    __m512i c0[kBlocks], c1[kBlocks], c2[kBlocks], c3[kBlocks];
+    for (int b = 0; b < kBlocks; ++b) {
+      const uint64_t base = g0 + (uint64_t)(g + 16 * b);
+      const __m512i lo = _mm512_add_epi32(_mm512_set1_epi32((int)(uint32_t)base), lane);
+      const __m512i hi = _mm512_set1_epi32((int)(uint32_t)(base >> 32));
+      // the group counter's high word, plus one in the lanes where the low word wrapped past 2^32
+      const __mmask16 wrapped = _mm512_cmplt_epu32_mask(lo, _mm512_set1_epi32((int)(uint32_t)base));
+      c0[b] = lo;
+      c1[b] = _mm512_mask_add_epi32(hi, wrapped, hi, _mm512_set1_epi32(1));
+      c2[b] = _mm512_set1_epi32((int)tensor);
+      c3[b] = _mm512_set1_epi32(0x5ca1e5);
+    }
+    uint32_t k0 = (uint32_t)seed, k1 = (uint32_t)(seed >> 32);
+    for (int r = 0; r < 10; ++r) {
+      const __m512i vk0 = _mm512_set1_epi32((int)k0), vk1 = _mm512_set1_epi32((int)k1);
+      for (int b = 0; b < kBlocks; ++b) {
+        __m512i hi0, lo0, hi1, lo1;
+        mulhilo16(c0[b], M0, &hi0, &lo0);
+        mulhilo16(c2[b], M1, &hi1, &lo1);
+        c0[b] = _mm512_ternarylogic_epi32(hi1, c1[b], vk0, 0x96);  // 0x96: a ^ b ^ c
+        c2[b] = _mm512_ternarylogic_epi32(hi0, c3[b], vk1, 0x96);
+        c1[b] = lo1;
+        c3[b] = lo0;
+      }
+      k0 += 0x9E3779B9u;
+      k1 += 0xBB67AE85u;
+    }
+    for (int b = 0; b < kBlocks; ++b) {
+      _mm512_store_si512(X + g + 16 * b, c0[b]);
+      _mm512_store_si512(Y + g + 16 * b, c1[b]);
+      _mm512_store_si512(Z + g + 16 * b, c2[b]);
+      _mm512_store_si512(W + g + 16 * b, c3[b]);
+    }
+  }
+  MMK_BOX_MULLER_LOOP
+}
 
 void normals_tile(uint64_t seed, uint32_t tensor, uint64_t g0, float* z) {
-  if (use_avx2()) {
+  if (isa::avx512()) {
+    normals_tile_avx512(seed, tensor, g0, z);
+  } else if (isa::avx2()) {
     normals_tile_avx2(seed, tensor, g0, z);
   } else {
     normals_tile_generic(seed, tensor, g0, z);
@@ -227,20 +283,57 @@ __attribute__((target("avx2"))) bool scale_flag_avx2_f32(float* p, int64_t n, do
   return (i < n && scale_flag_body<Saturate>(p + i, n - i, coeff)) || bad;
 }
 
-bool use_avx2() {
-  static const bool avx2 = __builtin_cpu_supports("avx2") && std::getenv("MMKERNELS_NO_AVX2") == nullptr;
-  return avx2;
+// AVX-512: sixteen floats per vector, four vectors per iteration; NaN/Inf is an all-ones exponent, found as
+// the unsigned maximum of the exponent fields reaching 0x7f800000 (two operations per vector), and the tail
+// is one masked load and store instead of a scalar loop. No software prefetch: at 2x ResNet-18 w64 (22M fp32,
+// 1 thread, Zen 4) the AVX2 loop's 1 KB-ahead prefetch made this loop 0.74-0.82x torch._foreach_mul_, without
+// it 0.89-1.03x (the AVX2 loop: 0.77-0.89x), interleaved runs.
+template <bool Saturate>
+MMK_TARGET_AVX512 inline void scale_flag16(float* q, __m512 vc, __m512i& top, __mmask16 m = 0xffff) {
+  __m512 x = _mm512_maskz_loadu_ps(m, q);
+  // Keeps x in a register: GCC otherwise folds the load into both the AND and the multiply (two loads per
+  // vector), which ran 10% behind a plain load-multiply-store loop even on L1-resident data (Zen 4).
+  __asm__("" : "+v"(x));
+  const __m512i e = _mm512_and_si512(_mm512_castps_si512(x), _mm512_set1_epi32(0x7f800000));
+  top = _mm512_max_epu32(top, e);
+  __m512 v = _mm512_mul_ps(x, vc);
+  if constexpr (Saturate) {
+    const __m512 big = _mm512_set1_ps(std::numeric_limits<float>::max());
+    const __m512 s = _mm512_min_ps(_mm512_max_ps(v, _mm512_sub_ps(_mm512_setzero_ps(), big)), big);
+    const __mmask16 finite = _mm512_cmpneq_epi32_mask(e, _mm512_set1_epi32(0x7f800000));
+    v = _mm512_mask_blend_ps(finite, v, s);  // NaN/Inf inputs: the plain product
+  }
+  _mm512_mask_storeu_ps(q, m, v);
+}
+
+template <bool Saturate>
+MMK_TARGET_AVX512 bool scale_flag_avx512_f32(float* p, int64_t n, double coeff) {
+  const __m512 vc = _mm512_set1_ps(static_cast<float>(coeff));
+  __m512i top = _mm512_setzero_si512();
+  int64_t i = 0;
+  for (; i + 64 <= n; i += 64) {
+    scale_flag16<Saturate>(p + i, vc, top);
+    scale_flag16<Saturate>(p + i + 16, vc, top);
+    scale_flag16<Saturate>(p + i + 32, vc, top);
+    scale_flag16<Saturate>(p + i + 48, vc, top);
+  }
+  for (; i + 16 <= n; i += 16) scale_flag16<Saturate>(p + i, vc, top);
+  if (i < n) scale_flag16<Saturate>(p + i, vc, top, (__mmask16)((1u << (n - i)) - 1));
+  return _mm512_reduce_max_epu32(top) == 0x7f800000u;
 }
 
 template <typename T>
 bool scale_flag(T* p, int64_t n, double coeff) {
   if constexpr (std::is_same_v<T, float>) {
-    if (use_avx2())
+    if (isa::avx512())
+      return std::fabs(coeff) <= 1.0 ? scale_flag_avx512_f32<false>(p, n, coeff)
+                                     : scale_flag_avx512_f32<true>(p, n, coeff);
+    if (isa::avx2())
       return std::fabs(coeff) <= 1.0 ? scale_flag_avx2_f32<false>(p, n, coeff) : scale_flag_avx2_f32<true>(p, n, coeff);
   }
   if (std::fabs(coeff) <= 1.0)
-    return use_avx2() ? scale_flag_avx2<false>(p, n, coeff) : scale_flag_generic<false>(p, n, coeff);
-  return use_avx2() ? scale_flag_avx2<true>(p, n, coeff) : scale_flag_generic<true>(p, n, coeff);
+    return isa::avx2() ? scale_flag_avx2<false>(p, n, coeff) : scale_flag_generic<false>(p, n, coeff);
+  return isa::avx2() ? scale_flag_avx2<true>(p, n, coeff) : scale_flag_generic<true>(p, n, coeff);
 }
 
 struct Partial {
@@ -326,7 +419,7 @@ __attribute__((target("avx2"))) Partial shifted_sums_avx2_f32(const float* p, in
 
 template <typename T>
 Partial shifted_sums(const T* p, int64_t n, double shift) {
-  if (!use_avx2()) return shifted_sums_generic(p, n, shift);
+  if (!isa::avx2()) return shifted_sums_generic(p, n, shift);
   if constexpr (std::is_same_v<T, float>) return shifted_sums_avx2_f32(p, n, shift);
   return shifted_sums_avx2(p, n, shift);
 }
@@ -359,8 +452,14 @@ __attribute__((target("avx2"))) void scale_add_noise_avx2(T* p, int64_t begin, i
   scale_add_noise_body(p, begin, end, coeff, sd, seed, tensor);
 }
 template <typename T>
+MMK_TARGET_AVX512 void scale_add_noise_avx512(T* p, int64_t begin, int64_t end, double coeff, float sd,
+                                              uint64_t seed, uint32_t tensor) {
+  scale_add_noise_body(p, begin, end, coeff, sd, seed, tensor);
+}
+template <typename T>
 void scale_add_noise(T* p, int64_t begin, int64_t end, double coeff, float sd, uint64_t seed, uint32_t tensor) {
-  if (use_avx2()) return scale_add_noise_avx2(p, begin, end, coeff, sd, seed, tensor);
+  if (isa::avx512()) return scale_add_noise_avx512(p, begin, end, coeff, sd, seed, tensor);
+  if (isa::avx2()) return scale_add_noise_avx2(p, begin, end, coeff, sd, seed, tensor);
   scale_add_noise_body(p, begin, end, coeff, sd, seed, tensor);
 }
 

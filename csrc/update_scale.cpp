@@ -9,13 +9,13 @@
 #include <torch/library.h>
 
 #include <cmath>
-#include <cstdlib>
 #if defined(__x86_64__)
 #include <immintrin.h>
 #endif
 #include <type_traits>
 #include <vector>
 
+#include "cpu_isa.h"
 #include "multi_tensor_apply.h"
 #include "noise.h"
 #include "update_scale.h"
@@ -42,11 +42,6 @@ void pull_range(T* p, const T* s, int64_t n, double k) {
 }
 
 #if defined(__x86_64__)
-bool pull_avx2() {
-  static const bool on = __builtin_cpu_supports("avx2") && std::getenv("MMKERNELS_NO_AVX2") == nullptr;
-  return on;
-}
-
 __attribute__((target("avx2"))) void pull_range_f32_avx2(float* p, const float* s, int64_t n, float c) {
   const __m256 vc = _mm256_set1_ps(c);
   int64_t i = 0;
@@ -68,7 +63,7 @@ template <typename T>
 void pull(T* p, const T* s, int64_t n, double k) {
 #if defined(__x86_64__)
   if constexpr (std::is_same_v<T, float>) {
-    if (pull_avx2()) return pull_range_f32_avx2(p, s, n, static_cast<float>(k));
+    if (isa::avx2()) return pull_range_f32_avx2(p, s, n, static_cast<float>(k));
   }
 #endif
   pull_range(p, s, n, k);

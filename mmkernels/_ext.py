@@ -117,6 +117,15 @@ def warn_missing_once() -> None:
         warnings.warn(_error, RuntimeWarning, stacklevel=3)
 
 
+def cpu_vector_isa() -> str | None:
+    """The vector loops the extension's CPU kernels run in this process: "avx512", "avx2" or "portable" (chosen
+    once from the CPU's features; ``MMKERNELS_NO_AVX512`` / ``MMKERNELS_NO_AVX2`` narrow it); None without
+    the extension."""
+    if load() is None or not hasattr(ops(), "cpu_vector_isa"):
+        return None
+    return str(ops().cpu_vector_isa())
+
+
 def empty_cpu_cache() -> int:
     """Return the CPU memory blocks that the C++ kernels keep for reuse to the system; the bytes released.
 

@@ -87,7 +87,8 @@ def run_script(script: str, env: dict, expect: str) -> None:
     assert out.returncode == 0 and expect in out.stdout, out.stderr[-3000:]
 
 
-def run_portable_kernels(script: str) -> None:
-    """Run ``script`` with the extension's non-AVX2 loops forced (the choice is made once per process); it must
-    print "portable ok"."""
-    run_script(script, {"MMKERNELS_NO_AVX2": "1"}, "portable ok")
+def run_portable_kernels(script: str, forced: str = "MMKERNELS_NO_AVX2") -> None:
+    """Run ``script`` with the extension's loops for a lesser CPU forced (the choice is made once per process):
+    ``MMKERNELS_NO_AVX2`` the portable loops, ``MMKERNELS_NO_AVX512`` the AVX2 ones where a kernel has AVX-512
+    versions. It must print "portable ok"."""
+    run_script(script, {forced: "1"}, "portable ok")

@@ -188,7 +188,7 @@ def test_group_grad_stats_opcheck():
         torch.library.opcheck(_ext.ops().group_grad_stats.default, (a, b, [1, 1], 2))
 
 
-# ------------------------------------------------ AVX2 and portable loops of the group-gradient kernels
+# ---------------------------------------- AVX-512, AVX2 and portable loops of the group-gradient kernels
 # float32 lengths around the 16-lane blocks and the 16384-element chunks; the same seed in both processes
 _LANE_SCRIPT = """
 import torch
@@ -217,17 +217,19 @@ if "PATH" in globals():
 """
 
 
-def test_group_grad_kernels_portable_path_same_bits(tmp_path):
-    """The AVX2 float32 loops of group_grad_stats, group_grad_combine_ and proximal_fisher_ give the bits of the
-    portable loops (a fresh process with MMKERNELS_NO_AVX2=1), tails of the 16-lane blocks included; and
-    those bits are the float64 formulas' within rounding."""
+@pytest.mark.parametrize("forced", ["MMKERNELS_NO_AVX2", "MMKERNELS_NO_AVX512"])
+def test_group_grad_kernels_other_paths_same_bits(tmp_path, forced):
+    """The vector float32 loops of group_grad_stats, group_grad_combine_ and proximal_fisher_ this process picks
+    (AVX-512 or AVX2) give the bits of the portable loops (a fresh process with MMKERNELS_NO_AVX2=1) and of the
+    AVX2 ones (MMKERNELS_NO_AVX512=1), tails of the 16-lane blocks included; and those bits are the float64
+    formulas' within rounding."""
     from tests.helpers import run_portable_kernels
 
     if not (HAS_EXT and _ext.has_kernel("proximal_fisher_", "cpu") and _ext.has_kernel("group_grad_combine_", "cpu")):
         pytest.skip("mmkernels._C not built with the group-gradient kernels")
     path = tmp_path / "avx2.pt"
     here: dict = {}
-    exec(_LANE_SCRIPT, here)  # this process: the AVX2 loops where the CPU has them
+    exec(_LANE_SCRIPT, here)  # this process: the widest vector loops the CPU has
     torch.save(here["out"], path)
     per_tensor = here["out"][0][1]
     g = torch.Generator().manual_seed(11)
@@ -236,7 +238,7 @@ def test_group_grad_kernels_portable_path_same_bits(tmp_path):
     b = [torch.randn(k, generator=g, dtype=torch.float32).double() for k in n]
     want = torch.tensor([[float(x @ y), float(x @ x), float(y @ y)] for x, y in zip(a, b)], dtype=torch.float64)
     torch.testing.assert_close(per_tensor, want, rtol=1e-12, atol=1e-12)
-    run_portable_kernels(f"PATH = {str(path)!r}\n" + _LANE_SCRIPT)
+    run_portable_kernels(f"PATH = {str(path)!r}\n" + _LANE_SCRIPT, forced)
 
 
 # ---------------------------------------------------------------------------------------------- CUDA

@@ -283,6 +283,36 @@ print("cache off ok")
 """, {"MMKERNELS_CPU_CACHE_MB": "0"}, "cache off ok")
 
 
+@pytest.mark.parametrize("value", ["lots", "-5", "512MB", "1.5", "99999999999999999999999"])
+def test_cpu_output_cache_rejects_a_malformed_cap(value):
+    """A malformed MMKERNELS_CPU_CACHE_MB warns once, naming the variable and its value, and keeps the default
+    cap: the cache still hands a freed block out again (it was read as 0, cache off, or wrapped to no cap)."""
+    _need_cpu_kernel()
+    import sys
+
+    from tests.helpers import run_script
+
+    if not sys.platform.startswith("linux") or "MMKERNELS_NO_HUGEPAGES" in os.environ:
+        pytest.skip("the huge-page block cache is Linux-only")
+    run_script("""
+import warnings, torch, mmkernels
+x = torch.randn(4, 1 << 20, requires_grad=True)
+with warnings.catch_warnings(record=True) as seen:
+    warnings.simplefilter("always")
+    ptrs = []
+    for _ in range(2):
+        (g,) = torch.autograd.grad(mmkernels.grad_scale(x, torch.tensor(2.0)), x, torch.ones(4, 1 << 20))
+        assert torch.equal(g, torch.full_like(g, 2.0))
+        ptrs.append(g.data_ptr())
+        del g
+msgs = [str(w.message) for w in seen if "MMKERNELS_CPU_CACHE_MB" in str(w.message)]
+assert len(msgs) == 1 and %r in msgs[0] and "1024 MB" in msgs[0], msgs
+assert ptrs[0] == ptrs[1]  # the freed block came back: the default cap, not 0
+assert mmkernels.empty_cpu_cache() == 16 << 20
+print("cap ok")
+""" % value, {"MMKERNELS_CPU_CACHE_MB": value}, "cap ok")
+
+
 def test_portable_loops_of_this_area_match():
     """The non-AVX2 loops of grad_scale's, modality_drop's and update_scale_'s CPU kernels, in one fresh
     interpreter (the choice is made once per process), against the float64 formulas and the reference."""

@@ -342,20 +342,30 @@ def test_cuda_statistics_large():
     assert abs(noise.std().item() / (o.std().item() + 1e-8) - 1) < 1e-3
 
 
-def test_portable_cpu_path_same_bits(tmp_path):
-    """The non-AVX2 C++ path (used on CPUs without AVX2) draws the same noise bits as the AVX2 path."""
+@pytest.mark.parametrize("forced", ["MMKERNELS_NO_AVX2", "MMKERNELS_NO_AVX512"])
+def test_other_cpu_paths_same_bits(tmp_path, forced):
+    """The portable C++ loops (CPUs without AVX2) and the AVX2 ones (CPUs without AVX-512) draw the same noise
+    bits and write the same GE results as the loops this process picked, for every dtype and a tail that no
+    vector width divides."""
     if not HAS_EXT:
         pytest.skip("mmkernels._C not built")
     import os
     import subprocess
     import sys
 
-    out = tmp_path / "z.pt"
-    code = ("import torch; from mmkernels import _ext; _ext.load(); "
-            f"torch.save(_ext.ops().philox_normal(torch.tensor([77]), 2, 5000), {str(out)!r})")
-    env = dict(os.environ, MMKERNELS_NO_AVX2="1")
-    subprocess.run([sys.executable, "-c", code], check=True, env=env)
-    assert torch.equal(torch.load(out), _ext.ops().philox_normal(torch.tensor([77]), 2, 5000))
+    grads = _grads(torch.float32) + _grads(torch.float16) + _grads(torch.bfloat16) + _grads(torch.float64)
+    src, out = tmp_path / "in.pt", tmp_path / "out.pt"
+    torch.save(grads, src)
+    code = ("import torch, mmkernels; from mmkernels import _ext; _ext.load(); gs = torch.load(%r); "
+            "f = mmkernels.scale_grads_(gs, 1.3, noise='ge', generator=torch.Generator().manual_seed(5)); "
+            "torch.save((_ext.ops().philox_normal(torch.tensor([77]), 2, 5000), f, gs), %r)" % (str(src), str(out)))
+    subprocess.run([sys.executable, "-c", code], check=True, env=dict(os.environ, **{forced: "1"}))
+    z_other, f_other, other = torch.load(out)
+    assert torch.equal(z_other, _ext.ops().philox_normal(torch.tensor([77]), 2, 5000))
+    flags = mmkernels.scale_grads_(grads, 1.3, noise="ge", generator=torch.Generator().manual_seed(5))
+    assert torch.equal(flags, f_other)
+    for g, o in zip(grads, other):
+        assert torch.equal(g, o), (g.dtype, tuple(g.shape))
 
 
 def test_torch_compile_with_ge_noise():

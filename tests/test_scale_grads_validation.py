@@ -172,23 +172,70 @@ def test_kernel_opcheck():
 
 
 @needs_ext
-def test_portable_check_and_scale_loops_same_result(tmp_path):
-    """MMKERNELS_NO_AVX2=1 (CPUs without AVX2) runs the portable NaN/Inf check and scaling loops: same flags,
-    same bits as the AVX2 loops of this process."""
+@pytest.mark.parametrize("forced", ["MMKERNELS_NO_AVX2", "MMKERNELS_NO_AVX512"])
+@pytest.mark.parametrize("coeff", [0.37, 3.0])
+def test_other_check_and_scale_loops_same_result(tmp_path, forced, coeff):
+    """MMKERNELS_NO_AVX2=1 (CPUs without AVX2) runs the portable NaN/Inf check and scaling loops,
+    MMKERNELS_NO_AVX512=1 the AVX2 ones: same flags, same bits as the loops of this process, with |coeff| <= 1
+    and with the saturating loops (|coeff| > 1, a finite fp32 overflow among the inputs)."""
     import os
     import subprocess
     import sys
 
     torch.manual_seed(0)
-    tensors = [torch.randn(40_001), torch.randn(33).half(), torch.randn(70_000).bfloat16(), torch.randn(9).double()]
+    tensors = [torch.randn(40_001), torch.randn(33).half(), torch.randn(70_000).bfloat16(), torch.randn(9).double(),
+               torch.randn(1_000_003)]
     tensors[2][-1] = float("inf")
+    tensors[4][[5, 999_999]] = torch.tensor([3e38, -2e38])
+    tensors[4][1_000_001] = float("nan")
     src, out = tmp_path / "in.pt", tmp_path / "out.pt"
     torch.save(tensors, src)
-    code = ("import torch, mmkernels; ts = torch.load(%r); f = mmkernels.scale_grads_(ts, 0.37); "
-            "torch.save((f, ts), %r)" % (str(src), str(out)))
-    subprocess.run([sys.executable, "-c", code], check=True, env=dict(os.environ, MMKERNELS_NO_AVX2="1"))
-    flags_portable, portable = torch.load(out)
-    flags = mmkernels.scale_grads_(tensors, 0.37)
-    assert flags.tolist() == flags_portable.tolist() == [False, False, True, False]
-    for a, b in zip(tensors, portable):
+    code = ("import torch, mmkernels; ts = torch.load(%r); f = mmkernels.scale_grads_(ts, %r); "
+            "torch.save((f, ts), %r)" % (str(src), coeff, str(out)))
+    subprocess.run([sys.executable, "-c", code], check=True, env=dict(os.environ, **{forced: "1"}))
+    flags_other, other = torch.load(out)
+    flags = mmkernels.scale_grads_(tensors, coeff)
+    assert flags.tolist() == flags_other.tolist() == [False, False, True, False, True]
+    for a, b in zip(tensors, other):
         assert torch.equal(a.nan_to_num(), b.nan_to_num()) and torch.equal(a.isinf(), b.isinf())
+        assert torch.equal(a.isnan(), b.isnan())
+    expected = torch.finfo(torch.float32).max if coeff > 1 else (torch.tensor(3e38) * torch.tensor(coeff)).item()
+    assert tensors[4][5].item() == expected
+
+
+def _cpu_flags() -> set:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+@needs_ext
+@pytest.mark.parametrize("forced, want", [(None, None), ("MMKERNELS_NO_AVX512", "avx2"),
+                                          ("MMKERNELS_NO_AVX2", "portable")])
+def test_vector_isa_follows_the_cpu_and_the_switches(forced, want):
+    """The loops the CPU kernels pick: the widest the CPU has, narrowed by the two switches (so the tests that
+    compare the forced paths' bits compare different loops)."""
+    import os
+    import subprocess
+    import sys
+
+    flags = _cpu_flags()
+    if not flags or "avx2" not in flags:
+        pytest.skip("needs /proc/cpuinfo and an AVX2 CPU")
+    widest = "avx512" if {"avx512f", "fma", "f16c"} <= flags else "avx2"
+    env = {k: v for k, v in os.environ.items() if k not in ("MMKERNELS_NO_AVX512", "MMKERNELS_NO_AVX2")}
+    env["MMKERNELS_JIT"] = "0"  # the build this process loaded
+    if forced:
+        env[forced] = "1"
+    code = "from mmkernels import _ext; print(_ext.cpu_vector_isa())"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == (want or widest)
+

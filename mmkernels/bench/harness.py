@@ -235,6 +235,9 @@ def environment(device: str) -> dict:
     else:
         env["device_name"] = cpu_model()
         env["cpu_capability"] = torch.backends.cpu.get_cpu_capability()  # the vector ISA ATen's kernels use
+        from mmkernels import _ext
+
+        env["kernel_isa"] = _ext.cpu_vector_isa()  # and the one this library's C++ kernels use
         env["cpu_threads"] = torch.get_num_threads()
         env["cpu_count"] = os.cpu_count()
     return env

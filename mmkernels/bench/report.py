@@ -229,6 +229,8 @@ def _env_line(name: str, env: dict) -> str:
         parts.append(f"CUDA {env.get('cuda')}, driver {env.get('driver')}")
     if env.get("cpu_capability"):
         parts.append(f"ATen kernels {env['cpu_capability']}")
+    if env.get("kernel_isa"):
+        parts.append(f"mmkernels C++ loops {env['kernel_isa']}")
     if env.get("cpu_threads"):
         parts.append(f"{env['cpu_threads']} threads")
     if env.get("read_gbps"):
