@@ -74,6 +74,9 @@ def main():
                 json.dump({"world": world, "identical": identical, "coefficients": k,
                            "steps": bal.num_steps, "params": gathered[0][:-2].tolist(),
                            "per_rank_coefficients": [t[-2:].tolist() for t in gathered]}, f)
+    # Both ranks leave together: a gloo rank that tears its group down while its peer is still writing the
+    # output can abort at exit ("terminate called without an active exception"), seen on a loaded 2-core CI.
+    dist.barrier()
     dist.destroy_process_group()
     raise SystemExit(0 if identical else 1)
 
