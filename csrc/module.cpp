@@ -31,8 +31,10 @@ TORCH_LIBRARY(mmkernels_C, m) {
   // In place on every tensor: g <- g*coeff (+ std(g)-scaled Philox normals when seed is given); returns one
   // bool per tensor, true where it was left unchanged (NaN/Inf in it, or a non-finite coeff).
   m.def("scale_grads_(Tensor(a!)[] tensors, Tensor coeff, Tensor? seed) -> Tensor");
-  // The standard normals that list entry `tensor` gets for `seed` (the noise stream of scale_grads_).
-  m.def("philox_normal(Tensor seed, int tensor, int numel) -> Tensor");
+  // The standard normals that list entry `tensor` gets for `seed` (the noise stream of scale_grads_), from
+  // element `offset` of that stream on (a multiple of 4: one Philox counter gives 4 normals). The offset lets
+  // the tests reach counters past 2^32 without a 2^34-element tensor.
+  m.def("philox_normal(Tensor seed, int tensor, int numel, int offset=0) -> Tensor");
   // In place: params[i] <- snapshots[i] + coeffs[group[i]] * (params[i] - snapshots[i]); returns one bool per
   // group, true where its coefficient was NaN/Inf and its parameters were left unchanged.
   m.def("update_scale_(Tensor(a!)[] params, Tensor[] snapshots, Tensor coeffs, int[] group) -> Tensor");

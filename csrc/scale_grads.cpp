@@ -542,9 +542,10 @@ at::Tensor scale_grads_cpu(at::TensorList tensors, const at::Tensor& coeff, cons
   return flags;
 }
 
-at::Tensor philox_normal_cpu(const at::Tensor& seed, int64_t tensor, int64_t numel) {
+at::Tensor philox_normal_cpu(const at::Tensor& seed, int64_t tensor, int64_t numel, int64_t offset) {
   TORCH_CHECK(seed.numel() == 1 && seed.scalar_type() == at::kLong, "philox_normal: seed must be a 1-element int64 tensor");
   TORCH_CHECK(numel >= 0, "philox_normal: numel must be >= 0, got ", numel);
+  TORCH_CHECK(offset >= 0 && offset % 4 == 0, "philox_normal: offset must be a multiple of 4 and >= 0, got ", offset);
   auto out = at::empty({numel}, at::TensorOptions().dtype(at::kFloat));
   float* o = out.data_ptr<float>();
   const uint64_t s = (uint64_t)seed.item<int64_t>();
@@ -552,7 +553,7 @@ at::Tensor philox_normal_cpu(const at::Tensor& seed, int64_t tensor, int64_t num
     alignas(64) float z[kTile];
     for (int64_t t = b; t < e; ++t) {
       const int64_t t0 = t * kTile;
-      normals_tile(s, (uint32_t)tensor, (uint64_t)(t0 / 4), z);
+      normals_tile(s, (uint32_t)tensor, (uint64_t)((offset + t0) / 4), z);
       std::copy(z, z + std::min<int64_t>(kTile, numel - t0), o + t0);
     }
   });

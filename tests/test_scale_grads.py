@@ -137,6 +137,28 @@ def test_cpp_noise_matches_pytorch_mirror():
         assert torch.equal(a, b), (seed, idx, n)
 
 
+# Counters whose low word wraps past 2^32 inside one vector of the kernels' tiles (the AVX-512 tile adds the
+# carry per lane, the AVX2 and portable ones split a 64-bit counter): 4096 normals either side of group 2^32,
+# and a stream start that is not a tile boundary.
+_PAST_2_32 = [(5, 1, 8192, 4 * ((1 << 32) - 1024)), (2**40 + 3, 9, 1000, 4 * ((1 << 32) - 5)),
+              (-7, 0, 300, 4 * (3 << 32))]
+
+
+def test_cpp_noise_counters_past_2_32_match_pytorch_mirror():
+    if not HAS_EXT:
+        pytest.skip("mmkernels._C not built")
+    for seed, idx, n, offset in _PAST_2_32:
+        a = _ext.ops().philox_normal(torch.tensor([seed]), idx, n, offset)
+        b = sg.philox_normal_ref(seed, idx, n, offset=offset)
+        assert torch.equal(a, b), (seed, idx, n, offset)
+    # an offset continues the stream from 0 (a small one checks the indexing of both)
+    head = sg.philox_normal_ref(11, 2, 64)
+    assert torch.equal(sg.philox_normal_ref(11, 2, 32, offset=32), head[32:])
+    assert torch.equal(_ext.ops().philox_normal(torch.tensor([11]), 2, 32, 32), head[32:])
+    with pytest.raises(RuntimeError, match="offset must be a multiple of 4"):
+        _ext.ops().philox_normal(torch.tensor([11]), 2, 8, 6)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_low_precision_no_overflow(path, dtype):
     big = torch.finfo(dtype).max
@@ -306,6 +328,9 @@ def test_cuda_noise_stream_matches_cpu():
     for seed, idx, n in [(1, 0, 1 << 20), (-5, 9, 1001)]:
         on_gpu = _ext.ops().philox_normal(torch.tensor([seed], device="cuda"), idx, n).cpu()
         assert torch.equal(on_gpu, _ext.ops().philox_normal(torch.tensor([seed]), idx, n))
+    for seed, idx, n, offset in _PAST_2_32:
+        on_gpu = _ext.ops().philox_normal(torch.tensor([seed], device="cuda"), idx, n, offset).cpu()
+        assert torch.equal(on_gpu, sg.philox_normal_ref(seed, idx, n, offset=offset)), (seed, idx, n, offset)
 
 
 @pytest.mark.gpu
@@ -358,10 +383,14 @@ def test_other_cpu_paths_same_bits(tmp_path, forced):
     torch.save(grads, src)
     code = ("import torch, mmkernels; from mmkernels import _ext; _ext.load(); gs = torch.load(%r); "
             "f = mmkernels.scale_grads_(gs, 1.3, noise='ge', generator=torch.Generator().manual_seed(5)); "
-            "torch.save((_ext.ops().philox_normal(torch.tensor([77]), 2, 5000), f, gs), %r)" % (str(src), str(out)))
+            "far = [_ext.ops().philox_normal(torch.tensor([s]), i, n, o) for s, i, n, o in %r]; "
+            "torch.save((_ext.ops().philox_normal(torch.tensor([77]), 2, 5000), f, gs, far), %r)"
+            % (str(src), _PAST_2_32, str(out)))
     subprocess.run([sys.executable, "-c", code], check=True, env=dict(os.environ, **{forced: "1"}))
-    z_other, f_other, other = torch.load(out)
+    z_other, f_other, other, far_other = torch.load(out)
     assert torch.equal(z_other, _ext.ops().philox_normal(torch.tensor([77]), 2, 5000))
+    for (s, i, n, o), z in zip(_PAST_2_32, far_other):
+        assert torch.equal(z, _ext.ops().philox_normal(torch.tensor([s]), i, n, o)), (s, i, n, o)
     flags = mmkernels.scale_grads_(grads, 1.3, noise="ge", generator=torch.Generator().manual_seed(5))
     assert torch.equal(flags, f_other)
     for g, o in zip(grads, other):

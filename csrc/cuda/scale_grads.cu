@@ -189,11 +189,12 @@ struct ScaleAddNoise {
   }
 };
 
-__global__ void philox_normal_kernel(const int64_t* seed, uint32_t tensor, int64_t numel, float* out) {
+__global__ void philox_normal_kernel(const int64_t* seed, uint32_t tensor, int64_t numel, int64_t first_group,
+                                     float* out) {
   const int64_t g = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
   if (4 * g >= numel) return;
   float z[4];
-  normal4((uint64_t)*seed, tensor, (uint64_t)g, z);
+  normal4((uint64_t)*seed, tensor, (uint64_t)(first_group + g), z);
   for (int k = 0; k < 4; ++k)
     if (4 * g + k < numel) out[4 * g + k] = z[k];
 }
@@ -231,11 +232,13 @@ cudaError_t launch_scale_grads(const std::vector<GradRef>& grads, const double* 
   return cudaSuccess;
 }
 
-cudaError_t launch_philox_normal(const int64_t* seed, uint32_t tensor, int64_t numel, float* out, cudaStream_t stream) {
+cudaError_t launch_philox_normal(const int64_t* seed, uint32_t tensor, int64_t numel, int64_t first_group, float* out,
+                                 cudaStream_t stream) {
   if (numel <= 0) return cudaSuccess;
   const int64_t groups = (numel + 3) / 4;
   const int threads = 256;
-  philox_normal_kernel<<<(unsigned)((groups + threads - 1) / threads), threads, 0, stream>>>(seed, tensor, numel, out);
+  philox_normal_kernel<<<(unsigned)((groups + threads - 1) / threads), threads, 0, stream>>>(seed, tensor, numel,
+                                                                                           first_group, out);
   return cudaGetLastError();
 }
 

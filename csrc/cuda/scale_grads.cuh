@@ -30,7 +30,8 @@ cudaError_t launch_scale_grads(const std::vector<GradRef>& grads, const double* 
                                const ScaleGradsWorkspace& work, cudaStream_t stream);
 
 // out[i] = the standard normal of element i of list entry `tensor` for *seed (the CPU kernel's stream).
-cudaError_t launch_philox_normal(const int64_t* seed, uint32_t tensor, int64_t numel, float* out, cudaStream_t stream);
+cudaError_t launch_philox_normal(const int64_t* seed, uint32_t tensor, int64_t numel, int64_t first_group, float* out,
+                                 cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace mmk

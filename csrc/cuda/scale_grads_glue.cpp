@@ -54,13 +54,15 @@ at::Tensor scale_grads_cuda(at::TensorList tensors, const at::Tensor& coeff, con
   return flags;
 }
 
-at::Tensor philox_normal_cuda(const at::Tensor& seed, int64_t tensor, int64_t numel) {
+at::Tensor philox_normal_cuda(const at::Tensor& seed, int64_t tensor, int64_t numel, int64_t offset) {
   TORCH_CHECK(seed.numel() == 1 && seed.scalar_type() == at::kLong, "philox_normal: seed must be a 1-element int64 tensor");
   TORCH_CHECK(numel >= 0, "philox_normal: numel must be >= 0, got ", numel);
+  TORCH_CHECK(offset >= 0 && offset % 4 == 0, "philox_normal: offset must be a multiple of 4 and >= 0, got ", offset);
   const c10::cuda::CUDAGuard guard(seed.device());
   auto out = at::empty({numel}, seed.options().dtype(at::kFloat));
   const cudaError_t err = cuda::launch_philox_normal(seed.const_data_ptr<int64_t>(), (uint32_t)tensor, numel,
-                                                     out.data_ptr<float>(), c10::cuda::getCurrentCUDAStream().stream());
+                                                     offset / 4, out.data_ptr<float>(),
+                                                     c10::cuda::getCurrentCUDAStream().stream());
   TORCH_CHECK(err == cudaSuccess, "philox_normal: CUDA launch failed: ", cudaGetErrorString(err));
   return out;
 }

@@ -127,9 +127,13 @@ def _box_muller(a, b):
     return r * cs, r * sn
 
 
-def philox_normal_ref(seed, tensor: int, numel: int, device=None) -> torch.Tensor:
+def philox_normal_ref(seed, tensor: int, numel: int, device=None, offset: int = 0) -> torch.Tensor:
     """The ``numel`` standard normals that list entry ``tensor`` gets for ``seed`` (an int or a 1-element int64
-    tensor; a tensor stays on its device, no host sync), computed with PyTorch ops. Matches ``csrc/noise.h``."""
+    tensor; a tensor stays on its device, no host sync), computed with PyTorch ops. Matches ``csrc/noise.h``.
+    ``offset`` (a multiple of 4) starts at that element of the entry's stream: element i uses Philox counter
+    (offset + i) // 4."""
+    if offset < 0 or offset % 4:
+        raise ValueError(f"philox_normal_ref: offset must be a multiple of 4 and >= 0, got {offset}")
     if isinstance(seed, torch.Tensor):
         device = seed.device
         seed = seed.reshape(()).to(torch.int64)
@@ -138,7 +142,7 @@ def philox_normal_ref(seed, tensor: int, numel: int, device=None) -> torch.Tenso
         seed = int(seed) & ((1 << 64) - 1)
         k0, k1 = seed & _MASK, seed >> 32
     groups = (numel + 3) // 4
-    g = torch.arange(groups, dtype=torch.int64, device=device)
+    g = torch.arange(offset // 4, offset // 4 + groups, dtype=torch.int64, device=device)
     c2 = torch.full_like(g, int(tensor) & _MASK)
     c3 = torch.full_like(g, 0x5CA1E5)
     r0, r1, r2, r3 = _philox4x32_10(g & _MASK, g >> 32, c2, c3, k0, k1)
@@ -184,7 +188,7 @@ def _apply_ref(tensors: Sequence[torch.Tensor], coeff: torch.Tensor, seed: Optio
 # torch.ops.mmkernels_C.scale_grads_ (the dispatcher picks its CPU or CUDA implementation) or the reference
 # ----------------------------------------------------------------------------------------------------------
 _ext.register_fake("scale_grads_", lambda tensors, coeff, seed: coeff.new_empty(len(tensors), dtype=torch.bool))
-_ext.register_fake("philox_normal", lambda seed, tensor, numel: seed.new_empty(numel, dtype=torch.float32))
+_ext.register_fake("philox_normal", lambda seed, tensor, numel, offset=0: seed.new_empty(numel, dtype=torch.float32))
 
 
 def _use_extension(device: torch.device) -> bool:
