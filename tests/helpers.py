@@ -73,14 +73,16 @@ def select_backend(name: str, device, kernel: str, what: str):
         yield name
 
 
-def run_script(script: str, env: dict, expect: str) -> None:
+def run_script(script: str, env: dict, expect: str, unset: tuple = ()) -> None:
     """Run ``script`` in a fresh interpreter from the repository root with ``env`` added to the environment
-    (settings the extension reads once per process) and the cached build only; it must print ``expect``."""
+    (settings the extension reads once per process), the variables in ``unset`` removed, and the cached build
+    only; it must print ``expect``."""
     import os
     import subprocess
     import sys
 
-    full = dict(os.environ, MMKERNELS_JIT="0", **env)
+    full = {k: v for k, v in os.environ.items() if k not in unset}
+    full.update(MMKERNELS_JIT="0", **env)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     out = subprocess.run([sys.executable, "-c", script], cwd=root, env=full, capture_output=True, text=True,
                          timeout=120)

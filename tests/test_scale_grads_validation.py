@@ -203,39 +203,19 @@ def test_other_check_and_scale_loops_same_result(tmp_path, forced, coeff):
     assert tensors[4][5].item() == expected
 
 
-def _cpu_flags() -> set:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
 @needs_ext
 @pytest.mark.parametrize("forced, want", [(None, None), ("MMKERNELS_NO_AVX512", "avx2"),
                                           ("MMKERNELS_NO_AVX2", "portable")])
 def test_vector_isa_follows_the_cpu_and_the_switches(forced, want):
     """The loops the CPU kernels pick: the widest the CPU has, narrowed by the two switches (so the tests that
     compare the forced paths' bits compare different loops)."""
-    import os
-    import subprocess
-    import sys
+    from mmkernels.bench.harness import cpu_info
+    from tests.helpers import run_script
 
-    flags = _cpu_flags()
-    if not flags or "avx2" not in flags:
+    flags = set(cpu_info().get("flags", "").split())
+    if "avx2" not in flags:
         pytest.skip("needs /proc/cpuinfo and an AVX2 CPU")
-    widest = "avx512" if {"avx512f", "fma", "f16c"} <= flags else "avx2"
-    env = {k: v for k, v in os.environ.items() if k not in ("MMKERNELS_NO_AVX512", "MMKERNELS_NO_AVX2")}
-    env["MMKERNELS_JIT"] = "0"  # the build this process loaded
-    if forced:
-        env[forced] = "1"
-    code = "from mmkernels import _ext; print(_ext.cpu_vector_isa())"
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True,
-                         timeout=120)
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.strip() == (want or widest)
+    want = want or ("avx512" if {"avx512f", "fma", "f16c"} <= flags else "avx2")
+    script = f"from mmkernels import _ext; isa = _ext.cpu_vector_isa(); assert isa == {want!r}, isa; print('isa ok')"
+    run_script(script, {forced: "1"} if forced else {}, "isa ok", unset=("MMKERNELS_NO_AVX512", "MMKERNELS_NO_AVX2"))
 

@@ -243,9 +243,8 @@ def environment(device: str) -> dict:
     return env
 
 
-def cpu_model() -> str:
-    """The CPU's model name with its family and model numbers, from /proc/cpuinfo (a VM's model name can be as
-    vague as "AMD EPYC", and CPUs of one name differ by generation); the machine type elsewhere."""
+def cpu_info() -> dict:
+    """The first processor's fields of /proc/cpuinfo ("model name", "flags", ...); empty where there is none."""
     fields: dict = {}
     try:
         with open("/proc/cpuinfo") as f:
@@ -256,6 +255,13 @@ def cpu_model() -> str:
                 fields.setdefault(key.strip(), value.strip())
     except OSError:
         pass
+    return fields
+
+
+def cpu_model() -> str:
+    """The CPU's model name with its family and model numbers, from /proc/cpuinfo (a VM's model name can be as
+    vague as "AMD EPYC", and CPUs of one name differ by generation); the machine type elsewhere."""
+    fields = cpu_info()
     name = fields.get("model name") or platform.processor() or platform.machine()
     if "cpu family" in fields and "model" in fields:
         name += f" (family {fields['cpu family']}, model {fields['model']})"
