@@ -374,9 +374,7 @@ def test_other_cpu_paths_same_bits(tmp_path, forced):
     vector width divides."""
     if not HAS_EXT:
         pytest.skip("mmkernels._C not built")
-    import os
-    import subprocess
-    import sys
+    from tests.helpers import run_script
 
     grads = _grads(torch.float32) + _grads(torch.float16) + _grads(torch.bfloat16) + _grads(torch.float64)
     src, out = tmp_path / "in.pt", tmp_path / "out.pt"
@@ -384,9 +382,9 @@ def test_other_cpu_paths_same_bits(tmp_path, forced):
     code = ("import torch, mmkernels; from mmkernels import _ext; _ext.load(); gs = torch.load(%r); "
             "f = mmkernels.scale_grads_(gs, 1.3, noise='ge', generator=torch.Generator().manual_seed(5)); "
             "far = [_ext.ops().philox_normal(torch.tensor([s]), i, n, o) for s, i, n, o in %r]; "
-            "torch.save((_ext.ops().philox_normal(torch.tensor([77]), 2, 5000), f, gs, far), %r)"
+            "torch.save((_ext.ops().philox_normal(torch.tensor([77]), 2, 5000), f, gs, far), %r); print('saved')"
             % (str(src), _PAST_2_32, str(out)))
-    subprocess.run([sys.executable, "-c", code], check=True, env=dict(os.environ, **{forced: "1"}))
+    run_script(code, {forced: "1"}, "saved")
     z_other, f_other, other, far_other = torch.load(out)
     assert torch.equal(z_other, _ext.ops().philox_normal(torch.tensor([77]), 2, 5000))
     for (s, i, n, o), z in zip(_PAST_2_32, far_other):

@@ -178,9 +178,7 @@ def test_other_check_and_scale_loops_same_result(tmp_path, forced, coeff):
     """MMKERNELS_NO_AVX2=1 (CPUs without AVX2) runs the portable NaN/Inf check and scaling loops,
     MMKERNELS_NO_AVX512=1 the AVX2 ones: same flags, same bits as the loops of this process, with |coeff| <= 1
     and with the saturating loops (|coeff| > 1, a finite fp32 overflow among the inputs)."""
-    import os
-    import subprocess
-    import sys
+    from tests.helpers import run_script
 
     torch.manual_seed(0)
     tensors = [torch.randn(40_001), torch.randn(33).half(), torch.randn(70_000).bfloat16(), torch.randn(9).double(),
@@ -191,8 +189,8 @@ def test_other_check_and_scale_loops_same_result(tmp_path, forced, coeff):
     src, out = tmp_path / "in.pt", tmp_path / "out.pt"
     torch.save(tensors, src)
     code = ("import torch, mmkernels; ts = torch.load(%r); f = mmkernels.scale_grads_(ts, %r); "
-            "torch.save((f, ts), %r)" % (str(src), coeff, str(out)))
-    subprocess.run([sys.executable, "-c", code], check=True, env=dict(os.environ, **{forced: "1"}))
+            "torch.save((f, ts), %r); print('saved')" % (str(src), coeff, str(out)))
+    run_script(code, {forced: "1"}, "saved")
     flags_other, other = torch.load(out)
     flags = mmkernels.scale_grads_(tensors, coeff)
     assert flags.tolist() == flags_other.tolist() == [False, False, True, False, True]
