@@ -157,6 +157,9 @@ def test_cpp_noise_counters_past_2_32_match_pytorch_mirror():
     assert torch.equal(_ext.ops().philox_normal(torch.tensor([11]), 2, 32, 32), head[32:])
     with pytest.raises(RuntimeError, match="offset must be a multiple of 4"):
         _ext.ops().philox_normal(torch.tensor([11]), 2, 8, 6)
+    for bad in (6, -4):
+        with pytest.raises(ValueError, match=f"offset must be a multiple of 4 and >= 0, got {bad}"):
+            sg.philox_normal_ref(11, 2, 8, offset=bad)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
